@@ -1,0 +1,134 @@
+"""Where adapters go in each supported encoder family, under architecture-independent names.
+
+A *site* is one Linear module that can carry an adapter. Sites are named
+``layer.<i>.<kind>`` (for example ``layer.0.attention.query``) whatever the
+family calls the module, so metrics, API responses and configs read the same
+for BERT, RoBERTa and DistilBERT.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Module naming of one encoder family."""
+
+    kinds: dict[str, str]
+    """Module kind -> regex on the module path, with the layer index as group 1."""
+
+    head_linears: tuple[str, ...]
+    """Linear modules of the sequence-classification head, in forward order."""
+
+    peft_modules_to_save: tuple[str, ...]
+    """How PEFT names the head in ``modules_to_save`` for this family."""
+
+
+_BERT_LIKE = Architecture(
+    kinds={
+        "attention.query": r"layer\.(\d+)\.attention\.self\.query$",
+        "attention.key": r"layer\.(\d+)\.attention\.self\.key$",
+        "attention.value": r"layer\.(\d+)\.attention\.self\.value$",
+        "attention.output": r"layer\.(\d+)\.attention\.output\.dense$",
+        "ffn.up": r"layer\.(\d+)\.intermediate\.dense$",
+        "ffn.down": r"layer\.(\d+)\.output\.dense$",
+    },
+    head_linears=("classifier",),
+    peft_modules_to_save=("classifier",),
+)
+
+_ROBERTA_LIKE = Architecture(
+    kinds=_BERT_LIKE.kinds,
+    head_linears=("classifier.dense", "classifier.out_proj"),
+    peft_modules_to_save=("classifier",),
+)
+
+_DISTILBERT = Architecture(
+    kinds={
+        "attention.query": r"layer\.(\d+)\.attention\.q_lin$",
+        "attention.key": r"layer\.(\d+)\.attention\.k_lin$",
+        "attention.value": r"layer\.(\d+)\.attention\.v_lin$",
+        "attention.output": r"layer\.(\d+)\.attention\.out_lin$",
+        "ffn.up": r"layer\.(\d+)\.ffn\.lin1$",
+        "ffn.down": r"layer\.(\d+)\.ffn\.lin2$",
+    },
+    head_linears=("pre_classifier", "classifier"),
+    peft_modules_to_save=("pre_classifier", "classifier"),
+)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "bert": _BERT_LIKE,
+    "roberta": _ROBERTA_LIKE,
+    "xlm-roberta": _ROBERTA_LIKE,
+    "distilbert": _DISTILBERT,
+}
+
+#: Sites of one layer that read the same tensor: their routers share one pooling.
+_SHARED_INPUT_KINDS = ("attention.query", "attention.key", "attention.value")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One adapter site of an encoder."""
+
+    index: int
+    module_path: str
+    """Path in the Hugging Face model, e.g. ``bert.encoder.layer.0.attention.self.query``."""
+    layer: int
+    kind: str
+    in_features: int
+    out_features: int
+
+    @property
+    def name(self) -> str:
+        return f"layer.{self.layer}.{self.kind}"
+
+    @property
+    def input_group(self) -> str:
+        """Sites in one group receive the same input tensor (pooled once)."""
+        if self.kind in _SHARED_INPUT_KINDS:
+            return f"layer.{self.layer}.attention.input"
+        return self.name
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"model type {model_type!r} is not supported by CoGaLoRA; supported model types: {sorted(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def find_sites(model: nn.Module, kinds: tuple[str, ...]) -> list[Site]:
+    """Locate the Linear modules of the requested kinds, ordered by layer then kind."""
+    arch = architecture_of(model)
+    patterns = {kind: re.compile(arch.kinds[kind]) for kind in kinds}
+    found: list[tuple[int, int, str, nn.Linear]] = []
+    for path, module in model.named_modules():
+        for kind_order, pattern in enumerate(patterns.values()):
+            match = pattern.search(path)
+            if match and isinstance(module, nn.Linear):
+                found.append((int(match.group(1)), kind_order, path, module))
+    if not found:
+        raise ValueError(
+            f"no target modules {list(kinds)} found in model type "
+            f"{model.config.model_type!r}: its module names do not match the expected layout"
+        )
+    found.sort(key=lambda item: (item[0], item[1]))
+    kind_names = list(patterns)
+    return [
+        Site(
+            index=i,
+            module_path=path,
+            layer=layer,
+            kind=kind_names[kind_order],
+            in_features=module.in_features,
+            out_features=module.out_features,
+        )
+        for i, (layer, kind_order, path, module) in enumerate(found)
+    ]

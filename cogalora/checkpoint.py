@@ -1,0 +1,287 @@
+"""Checkpoint files (DESIGN.md §4): PEFT-compatible adapter + CoGaLoRA routers and metadata.
+
+::
+
+    <name>/
+      adapter_config.json        PEFT LoraConfig (all gates on)
+      adapter_model.safetensors  PEFT LoRA weights + head ("modules_to_save")
+      cogalora.json              metadata, see CheckpointMeta
+      routers.safetensors        router weights (cogalora only)
+      model.safetensors          full weights (method "full" only; no adapter files)
+
+Only JSON and safetensors are read. Every failure raises :class:`CheckpointError`
+naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from cogalora.config import ALL_MODULE_KINDS, CoGaLoRAConfig
+from cogalora.weights import AdapterWeights, RouterWeights
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "cogalora.json"
+PEFT_CONFIG_FILE = "adapter_config.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+ROUTER_FILE = "routers.safetensors"
+FULL_MODEL_FILE = "model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+_ROUTER_PARTS = ("w1", "b1", "w2", "b2")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged or does not fit; the message names file and field."""
+
+
+class RouterSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hidden: int = Field(ge=1)
+    activation: Literal["relu"] = "relu"
+    pooling: Literal["masked_mean"] = "masked_mean"
+
+
+class CheckpointMeta(BaseModel):
+    """Contents of ``cogalora.json``."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+
+    format_version: int = Field(ge=1, le=FORMAT_VERSION)
+    method: Literal["full", "lora", "galora", "cogalora"]
+    base_model: str = Field(min_length=1)
+    labels: list[str] = Field(min_length=2)
+    max_length: int = Field(ge=2)
+    rank: int = Field(ge=1)
+    alpha: float
+    target_modules: list[str]
+    """Module kinds the adapter was trained on (``attention.query`` ...)."""
+    sites: list[str] = []
+    """Site names that still carry an adapter (after pruning / the freezing trick)."""
+    tau: float = Field(ge=0.0, le=1.0)
+    sparsity_lambda: float = Field(alias="lambda", ge=0.0)
+    router: RouterSpec | None = None
+    head_modules: list[str] = []
+    metrics: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+
+    def to_config(self) -> CoGaLoRAConfig:
+        return CoGaLoRAConfig(
+            method=self.method,
+            rank=self.rank,
+            alpha=self.alpha,
+            target_modules=tuple(kind for kind in self.target_modules if kind in ALL_MODULE_KINDS),
+            router_hidden=self.router.hidden if self.router else 4,
+            tau=self.tau,
+            sparsity_lambda=self.sparsity_lambda,
+            head_modules=tuple(self.head_modules) or None,
+        )
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+
+def save_checkpoint(model, directory: str | Path, meta: CheckpointMeta, slot: int = 0) -> Path:
+    """Write the adapter in ``slot`` of a :class:`~cogalora.model.CoGaLoRAModel` to ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if meta.method == "full":
+        state = {key: value.detach().contiguous() for key, value in model.model.state_dict().items()}
+        for path, head in model.head_layers.items():
+            weight, bias = head.get_slot(slot)
+            for key in [k for k in state if k.startswith(f"{path}.")]:
+                del state[key]
+            state[f"{path}.weight"], state[f"{path}.bias"] = weight.contiguous(), bias.contiguous()
+        save_file(state, str(directory / FULL_MODEL_FILE), metadata={"format": "pt"})
+    else:
+        if any(layer.galora_gate is not None for layer in model.gated_layers.values()):
+            raise ValueError("GaLoRA gates are not folded yet: call model.finalize_galora() before saving")
+        weights = model.adapter_weights(slot)
+        adapter_tensors: dict[str, Tensor] = {}
+        for path, (lora_A, lora_B) in weights.lora.items():
+            adapter_tensors[f"{_PEFT_PREFIX}{path}.lora_A.weight"] = lora_A.contiguous()
+            adapter_tensors[f"{_PEFT_PREFIX}{path}.lora_B.weight"] = lora_B.contiguous()
+        for path, (weight, bias) in weights.head.items():
+            adapter_tensors[f"{_PEFT_PREFIX}{path}.weight"] = weight.contiguous()
+            adapter_tensors[f"{_PEFT_PREFIX}{path}.bias"] = bias.contiguous()
+        save_file(adapter_tensors, str(directory / ADAPTER_FILE), metadata={"format": "pt"})
+        _write_json(directory / PEFT_CONFIG_FILE, _peft_config(model, meta, sorted(weights.lora)))
+        router_file = directory / ROUTER_FILE
+        if weights.routers:
+            router_tensors = {
+                f"{path}.router.{part}": getattr(router, part).contiguous()
+                for path, router in weights.routers.items()
+                for part in _ROUTER_PARTS
+            }
+            save_file(router_tensors, str(router_file), metadata={"format": "pt"})
+        elif router_file.exists():
+            router_file.unlink()
+        present = model.site_present(slot)
+        meta = meta.model_copy(update={"sites": [s.name for s, on in zip(model.sites, present, strict=True) if on]})
+    meta = meta.model_copy(update={"head_modules": list(model.head_layers)})
+    _write_json(directory / CONFIG_FILE, meta.model_dump(by_alias=True, mode="json"))
+    return directory
+
+
+def _peft_config(model, meta: CheckpointMeta, module_paths: list[str]) -> dict[str, Any]:
+    # Exact module paths: PEFT matches a target by equality or dotted suffix, so a pruned module
+    # simply is not listed, and PEFT injects exactly the modules this checkpoint has.
+    return {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "base_model_name_or_path": meta.base_model,
+        "r": meta.rank,
+        "lora_alpha": meta.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": module_paths,
+        "modules_to_save": list(model.architecture.peft_modules_to_save),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def update_meta(directory: str | Path, **changes: Any) -> CheckpointMeta:
+    """Rewrite fields of ``cogalora.json`` (for example a calibrated ``tau``), validated."""
+    path = Path(directory) / CONFIG_FILE
+    data = _read_json(path)
+    data.update(changes)
+    meta = _validate_meta(data, path)
+    _write_json(path, meta.model_dump(by_alias=True, mode="json"))
+    return meta
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _validate_meta(data: dict[str, Any], path: Path) -> CheckpointMeta:
+    try:
+        return CheckpointMeta.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "(root)"
+        raise CheckpointError(f"{path}: field {field!r}: {first['msg']}") from None
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def read_meta(directory: str | Path) -> CheckpointMeta:
+    path = Path(directory) / CONFIG_FILE
+    return _validate_meta(_read_json(path), path)
+
+
+def read_adapter(directory: str | Path) -> tuple[CheckpointMeta, AdapterWeights]:
+    """Read and cross-check an adapter checkpoint (not ``full``); no base model needed."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    if meta.method == "full":
+        raise CheckpointError(f"{directory / CONFIG_FILE}: field 'method': a full fine-tune has no adapter to load")
+    adapter_path = directory / ADAPTER_FILE
+    peft_config = _read_json(directory / PEFT_CONFIG_FILE)
+    if peft_config.get("r") != meta.rank:
+        raise CheckpointError(
+            f"{directory / PEFT_CONFIG_FILE}: field 'r': {peft_config.get('r')!r} disagrees with "
+            f"rank {meta.rank} in {CONFIG_FILE}"
+        )
+    tensors = _read_tensors(adapter_path)
+    weights = AdapterWeights(scaling=meta.alpha / meta.rank)
+    pending: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(_PEFT_PREFIX):
+            raise CheckpointError(f"{adapter_path}: tensor {key!r} does not start with {_PEFT_PREFIX!r}")
+        path = key[len(_PEFT_PREFIX) :]
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.weight"
+            if path.endswith(suffix):
+                pending.setdefault(path[: -len(suffix)], {})[part] = tensor
+                break
+        else:
+            module, _, kind = path.rpartition(".")
+            if kind not in ("weight", "bias") or not module:
+                raise CheckpointError(f"{adapter_path}: unexpected tensor {key!r}")
+            weights.head.setdefault(module, [None, None])[0 if kind == "weight" else 1] = tensor
+    for module, parts in pending.items():
+        if set(parts) != {"lora_A", "lora_B"}:
+            missing = {"lora_A", "lora_B"} - set(parts)
+            raise CheckpointError(f"{adapter_path}: module {module!r} lacks {sorted(missing)}")
+        lora_A, lora_B = parts["lora_A"], parts["lora_B"]
+        if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != meta.rank or lora_B.shape[1] != meta.rank:
+            raise CheckpointError(
+                f"{adapter_path}: tensor {_PEFT_PREFIX}{module}.lora_A/B has shapes {tuple(lora_A.shape)} / "
+                f"{tuple(lora_B.shape)}, expected rank {meta.rank} from {CONFIG_FILE}"
+            )
+        weights.lora[module] = (lora_A, lora_B)
+    for module, pair in list(weights.head.items()):
+        if pair[0] is None or pair[1] is None:
+            raise CheckpointError(f"{adapter_path}: head module {module!r} needs both weight and bias")
+        weights.head[module] = (pair[0], pair[1])
+    output = list(weights.head.values())[-1][0] if weights.head else None
+    if output is None or output.shape[0] != len(meta.labels):
+        raise CheckpointError(
+            f"{adapter_path}: head output has {None if output is None else output.shape[0]} rows, "
+            f"but {CONFIG_FILE} field 'labels' lists {len(meta.labels)}"
+        )
+    if meta.method == "cogalora":
+        weights.routers = _read_routers(directory / ROUTER_FILE, meta, set(weights.lora))
+    return meta, weights
+
+
+def _read_routers(path: Path, meta: CheckpointMeta, modules: set[str]) -> dict[str, RouterWeights]:
+    if meta.router is None:
+        raise CheckpointError(f"{path.parent / CONFIG_FILE}: field 'router': required for method 'cogalora'")
+    tensors = _read_tensors(path)
+    grouped: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, marker, part = key.rpartition(".router.")
+        if not marker or part not in _ROUTER_PARTS:
+            raise CheckpointError(f"{path}: unexpected tensor {key!r}")
+        grouped.setdefault(module, {})[part] = tensor
+    if set(grouped) != modules:
+        odd = sorted(set(grouped) ^ modules)
+        raise CheckpointError(f"{path}: routers and adapter modules differ, e.g. {odd[:3]}")
+    hidden = meta.router.hidden
+    routers = {}
+    for module, parts in grouped.items():
+        if set(parts) != set(_ROUTER_PARTS):
+            raise CheckpointError(f"{path}: router of {module!r} lacks {sorted(set(_ROUTER_PARTS) - set(parts))}")
+        d_in = parts["w1"].shape[-1]
+        expected = {"w1": (hidden, d_in), "b1": (hidden,), "w2": (hidden,), "b2": (1,)}
+        for part, shape in expected.items():
+            if tuple(parts[part].shape) != shape:
+                raise CheckpointError(
+                    f"{path}: tensor {module}.router.{part} has shape {tuple(parts[part].shape)}, expected {shape}"
+                )
+        routers[module] = RouterWeights(**parts)
+    return routers

@@ -1,0 +1,66 @@
+"""Building a CoGaLoRA model: fresh for training, or from a checkpoint directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cogalora.base_model import load_base_model, load_tokenizer
+from cogalora.checkpoint import FULL_MODEL_FILE, CheckpointError, CheckpointMeta, _read_tensors, read_adapter, read_meta
+from cogalora.config import CoGaLoRAConfig
+from cogalora.model import CoGaLoRAModel
+
+
+@dataclass
+class LoadedModel:
+    model: CoGaLoRAModel
+    tokenizer: object
+    meta: CheckpointMeta
+
+
+def new_model(
+    base_model: str, config: CoGaLoRAConfig, labels: list[str], attn_implementation: str | None = None
+) -> CoGaLoRAModel:
+    """A base encoder with a fresh adapter and head in slot 0, ready to train."""
+    base = load_base_model(base_model, num_labels=len(labels), attn_implementation=attn_implementation)
+    model = CoGaLoRAModel(base, config)
+    model.prepare_for_training(labels)
+    return model
+
+
+def load_model(
+    directory: str | Path, device: str | torch.device = "cpu", attn_implementation: str | None = None
+) -> LoadedModel:
+    """Load a checkpoint of any method onto its base model, in eval mode."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    config = meta.to_config()
+    model = new_model(meta.base_model, config, meta.labels, attn_implementation)
+    source = str(directory)
+    if meta.method == "full":
+        state = _read_tensors(directory / FULL_MODEL_FILE)
+        head_state = {}
+        for path in model.head_layers:
+            head_state[path] = (state.pop(f"{path}.weight", None), state.pop(f"{path}.bias", None))
+        missing, unexpected = model.model.load_state_dict(state, strict=False)
+        missing = [key for key in missing if not any(key.startswith(f"{p}.") for p in model.head_layers)]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{directory / FULL_MODEL_FILE}: weights do not fit base {meta.base_model!r} "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        for path, (weight, bias) in head_state.items():
+            if weight is None or bias is None:
+                raise CheckpointError(f"{directory / FULL_MODEL_FILE}: head tensors of {path!r} missing")
+            model.head_layers[path].set_slot(0, weight, bias, source=source)
+    else:
+        _, weights = read_adapter(directory)
+        try:
+            model.set_adapter(0, weights, meta.labels, source=source)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+    model.requires_grad_(False)
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=load_tokenizer(meta.base_model), meta=meta)

@@ -1,0 +1,34 @@
+"""Plain containers for one adapter's tensors, independent of files and of slots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class RouterWeights:
+    """One module's router: ``sigmoid(w2 . relu(w1 @ pooled + b1) + b2)``."""
+
+    w1: Tensor  # [hidden, d_in]
+    b1: Tensor  # [hidden]
+    w2: Tensor  # [hidden]
+    b2: Tensor  # [1]
+
+
+@dataclass
+class AdapterWeights:
+    """Everything an adapter adds to the shared base model.
+
+    Keys are module paths in the Hugging Face model (``bert.encoder.layer.0.attention.self.query``).
+    A site missing from ``lora`` has no adapter (pruned, or dropped by the freezing trick).
+    """
+
+    scaling: float
+    lora: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    """module path -> (A ``[r, d_in]``, B ``[d_out, r]``)"""
+    routers: dict[str, RouterWeights] = field(default_factory=dict)
+    """module path -> router; empty for plain LoRA and (folded) GaLoRA"""
+    head: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    """head Linear path -> (weight, bias)"""
