@@ -69,3 +69,59 @@ def batch(lengths: list[int], vocab: int = 60, seed: int = 0) -> tuple[torch.Ten
         ids[row, :length] = torch.randint(5, vocab, (length,), generator=generator)
         mask[row, :length] = 1
     return ids, mask
+
+
+def synthetic_checkpoint(
+    directory: Path,
+    base_model: str,
+    labels: list[str],
+    method: str = "cogalora",
+    seed: int = 0,
+    router_bias: float = 0.0,
+    max_length: int = 128,
+) -> Path:
+    """Save a deterministic, untrained-but-non-trivial adapter: random B, routers near p = 0.5.
+
+    Routers with a zero output bias put gate probabilities on both sides of 0.5, so gates differ
+    between inputs: what correctness tests need, independent of any training run.
+    """
+    from cogalora import CheckpointMeta, new_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    config = CoGaLoRAConfig(method=method, rank=8, alpha=16.0, router_init_bias=router_bias)
+    model = new_model(base_model, config, labels)
+    randomize_adapter(model, seed=seed + 1)
+    with torch.no_grad():
+        for layer in model.gated_layers.values():
+            layer.routers.w2.mul_(40.0)  # spread p well away from tau, so gates are not knife-edge
+    meta = CheckpointMeta(
+        format_version=1,
+        method=method,
+        base_model=base_model,
+        labels=labels,
+        max_length=max_length,
+        rank=config.rank,
+        alpha=config.alpha,
+        target_modules=list(config.target_modules),
+        tau=0.5,
+        router={"hidden": config.router_hidden} if method == "cogalora" else None,
+        metrics={"synthetic": True},
+        **{"lambda": 0.0},
+    )
+    return save_checkpoint(model, directory, meta)
+
+
+@pytest.fixture(scope="session")
+def minilm_model_dir(tmp_path_factory) -> Path:
+    """A model repository on the real packaged all-MiniLM-L6-v2: two routed adapters and a plain LoRA.
+
+    ``sst2`` (negative/positive) and ``agnews`` (four topics) are CoGaLoRA, ``plain`` is LoRA.
+    Weights are synthetic (seeded), so tests do not depend on a training run's outcome.
+    """
+    from cogalora import PACKAGED_MODEL_ID
+
+    root = tmp_path_factory.mktemp("models")
+    synthetic_checkpoint(root / "sst2", PACKAGED_MODEL_ID, ["negative", "positive"], seed=0)
+    synthetic_checkpoint(root / "agnews", PACKAGED_MODEL_ID, ["World", "Sports", "Business", "Sci/Tech"], seed=10)
+    synthetic_checkpoint(root / "plain", PACKAGED_MODEL_ID, ["negative", "positive"], method="lora", seed=20)
+    return root
