@@ -38,15 +38,18 @@ def _quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def load_base_model(name_or_path: str, num_labels: int = 2, attn_implementation: str | None = None) -> nn.Module:
+def load_base_model(
+    name_or_path: str, num_labels: int | None = None, attn_implementation: str | None = None
+) -> nn.Module:
     """Load the encoder with a sequence-classification head (the head is replaced by the adapter's)."""
     from transformers import AutoModelForSequenceClassification
 
     _quiet_transformers()
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
     model = AutoModelForSequenceClassification.from_pretrained(
         resolve_base_model(name_or_path),
-        num_labels=num_labels,
         trust_remote_code=False,
         use_safetensors=True,
         **kwargs,

@@ -24,7 +24,8 @@ def new_model(
     base_model: str, config: CoGaLoRAConfig, labels: list[str], attn_implementation: str | None = None
 ) -> CoGaLoRAModel:
     """A base encoder with a fresh adapter and head in slot 0, ready to train."""
-    base = load_base_model(base_model, num_labels=len(labels), attn_implementation=attn_implementation)
+    # The base keeps its own head width; prepare_for_training swaps in one with len(labels) outputs.
+    base = load_base_model(base_model, attn_implementation=attn_implementation)
     model = CoGaLoRAModel(base, config)
     model.prepare_for_training(labels)
     return model
@@ -37,8 +38,10 @@ def load_model(
     directory = Path(directory)
     meta = read_meta(directory)
     config = meta.to_config()
-    model = new_model(meta.base_model, config, meta.labels, attn_implementation)
     source = str(directory)
+    # Read and cross-check the adapter files first: a damaged checkpoint fails before the base loads.
+    weights = None if meta.method == "full" else read_adapter(directory)[1]
+    model = new_model(meta.base_model, config, meta.labels, attn_implementation)
     if meta.method == "full":
         state = _read_tensors(directory / FULL_MODEL_FILE)
         head_state = {}
@@ -56,7 +59,6 @@ def load_model(
                 raise CheckpointError(f"{directory / FULL_MODEL_FILE}: head tensors of {path!r} missing")
             model.head_layers[path].set_slot(0, weight, bias, source=source)
     else:
-        _, weights = read_adapter(directory)
         try:
             model.set_adapter(0, weights, meta.labels, source=source)
         except ValueError as exc:
