@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Create .venv and install CoGaLoRA Serve into it.
+#   bash scripts/setup.sh          runtime only (serve, train, evaluate)
+#   bash scripts/setup.sh --dev    + test tools, and the Debian packages the integration tests run
+#                                  (prometheus, docker-compose)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dev=0
+[ "${1:-}" = "--dev" ] && dev=1
+
+if [ "$dev" = 1 ] && command -v apt-get >/dev/null 2>&1; then
+  missing=()
+  command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+  command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    echo "setup: installing Debian packages: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+py=.venv/bin/python
+$py -m pip install -q --upgrade pip
+# The CPU build of torch 2.13 lies on this workplace's disk; pinning it first keeps pip from
+# resolving a multi-GB CUDA build. Elsewhere pip downloads it from PyPI.
+$py -m pip install -q "torch==2.13.0"
+if [ "$dev" = 1 ]; then
+  $py -m pip install -q -e ".[dev]"
+else
+  $py -m pip install -q -e .
+fi
+echo "setup: done ($($py -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"
