@@ -48,8 +48,14 @@ class FlopModel:
     router_per_example: int
 
     @classmethod
-    def for_slot(cls, model: nn.Module, slot: int = 0, rank: int | None = None) -> FlopModel:
-        """Coefficients for the adapter in ``slot`` of a :class:`~cogalora.model.CoGaLoRAModel`."""
+    def for_slot(
+        cls, model: nn.Module, slot: int = 0, rank: int | None = None, router_hidden: int | None = None
+    ) -> FlopModel:
+        """Coefficients for the adapter in ``slot`` of a :class:`~cogalora.model.CoGaLoRAModel`.
+
+        ``rank`` / ``router_hidden`` default to the model's config; a serving model whose slots hold
+        adapters of different shapes passes the adapter's own values.
+        """
         hf_model = model.model
         config = hf_model.config
         linear_per_token = 0
@@ -75,7 +81,7 @@ class FlopModel:
             site_rank = rank or model.config.rank
             adapter.append(2 * site_rank * (site.in_features + site.out_features))
             if bool(layer.slot_routed[slot]):
-                hidden_units = model.config.router_hidden
+                hidden_units = router_hidden or model.config.router_hidden
                 router += 2 * site.in_features * hidden_units + 2 * hidden_units
                 if site.input_group not in pooled_groups:
                     pooled_groups.add(site.input_group)

@@ -45,8 +45,14 @@ class SlotRouters(nn.Module):
     def hidden(self) -> int:
         return self.w1.shape[1]
 
-    def forward(self, pooled: Tensor, row_slot: Tensor) -> Tensor:
-        """Gate probability of each row under its own slot's router: ``[B]``."""
+    def forward(self, pooled: Tensor, row_slot: Tensor, slot: int | None = None) -> Tensor:
+        """Gate probability of each row under its own slot's router: ``[B]``.
+
+        ``slot``: every row belongs to this one slot (the caller knows), so only its router is scored.
+        """
+        if slot is not None:
+            hidden_act = torch.relu(F.linear(pooled, self.w1[slot], self.b1[slot]))
+            return torch.sigmoid(torch.addmv(self.b2[slot], hidden_act, self.w2[slot]))
         num_slots, hidden, _ = self.w1.shape
         # Scoring every row under every slot is one small matmul; cheaper than gathering weights per row.
         all_hidden = F.linear(pooled, self.w1.reshape(num_slots * hidden, -1), self.b1.reshape(-1))
@@ -219,6 +225,8 @@ class GatedLoraLinear(nn.Module):
         state = self.routing
         if not state.active:
             return out
+        if not self.training:
+            return self._forward_eval(x, out)
         row_slot = state.row_slot
         present = self.slot_present[row_slot]
         routed = self.slot_routed[row_slot]
@@ -228,10 +236,44 @@ class GatedLoraLinear(nn.Module):
         else:
             probs = torch.ones(x.shape[0], device=x.device, dtype=out.dtype)
         probs = probs * present
+        return self._forward_train(x, out, probs, routed, present)
 
-        if self.training:
-            return self._forward_train(x, out, probs, routed, present)
+    def _forward_eval(self, x: Tensor, out: Tensor) -> Tensor:
+        """Hard gates; only rows whose gate is on are multiplied.
 
+        The common case, every row of the batch on one slot, takes a short path (fewer small
+        kernels); a mixed batch gathers per-row flags. Both compute the same values.
+        """
+        state = self.routing
+        row_slot = state.row_slot
+        batch_slots = state.batch_slots
+        present_host = self.slot_present.tolist()
+        routed_host = self.slot_routed.tolist()
+        slots_here = [slot for slot in batch_slots if present_host[slot]]
+        if not slots_here:
+            state.record(self.site.index, state.zeros(out.dtype), state.zeros(torch.bool))
+            return out
+        if len(batch_slots) == 1:
+            slot = batch_slots[0]
+            if not routed_host[slot]:
+                probs = state.ones(out.dtype)
+                gates = state.ones(torch.bool)
+            else:
+                probs = self.routers(state.pooled(x), row_slot, slot=slot)
+                gates = probs > state.row_tau
+            if state.force == "on":
+                gates = state.ones(torch.bool)
+            elif state.force == "off":
+                gates = state.zeros(torch.bool)
+            state.record(self.site.index, probs, gates)
+            return self._add_active_rows(x, out, gates, row_slot, single_slot=slot)
+        present = self.slot_present[row_slot]
+        routed = self.slot_routed[row_slot]
+        if any(routed_host[slot] for slot in slots_here):
+            probs = self.routers(state.pooled(x), row_slot)
+            probs = torch.where(routed, probs, torch.ones_like(probs)) * present
+        else:
+            probs = present.to(out.dtype)
         if state.force == "on":
             gates = present
         elif state.force == "off":
@@ -260,25 +302,49 @@ class GatedLoraLinear(nn.Module):
         state.record(self.site.index, probs, hard.bool())
         return out + delta * (gate * scale)[:, None, None]
 
-    def _add_active_rows(self, x: Tensor, out: Tensor, gates: Tensor, row_slot: Tensor) -> Tensor:
-        """Add ``B A x`` to the rows whose gate is on, one product per slot present among them."""
+    def _add_active_rows(
+        self, x: Tensor, out: Tensor, gates: Tensor, row_slot: Tensor, single_slot: int | None = None
+    ) -> Tensor:
+        """Add ``B A x`` to the rows whose gate is on, one product per slot present among them.
+
+        ``out`` is this layer's fresh base output, so the adapter result is added into it in place.
+        ``single_slot``: every row belongs to that slot (skips the grouping by slot).
+        """
+        if single_slot is not None:
+            rows = gates.nonzero().squeeze(1)
+            count = rows.shape[0]
+            if count:
+                self._add_slot(x, out, rows, count, single_slot)
+            return out
         active_slot = torch.where(gates, row_slot, torch.full_like(row_slot, -1))
         counts = torch.bincount(active_slot + 1, minlength=self.num_slots + 1).tolist()
         if counts[0] == x.shape[0]:
             return out
         order = torch.argsort(active_slot, stable=True)
         offset = counts[0]
-        galora = self.galora_gate
         for slot, count in enumerate(counts[1:]):
             if count == 0:
                 continue
-            rows = order[offset : offset + count]
+            self._add_slot(x, out, order[offset : offset + count], count, slot)
             offset += count
-            scale = self.scaling[slot] if galora is None else self.scaling[slot] * galora[slot]
-            delta = (x.index_select(0, rows) @ self.lora_A[slot].t()) @ self.lora_B[slot].t()
-            out = out.index_add(0, rows, delta * scale)
-            self.routing.adapter_rows += count
         return out
+
+    def _add_slot(self, x: Tensor, out: Tensor, rows: Tensor, count: int, slot: int) -> None:
+        """``out[rows] += B_s A_s x[rows] * scale_s``; all rows at once without a gather when every row is on."""
+        full = count == x.shape[0]
+        x_rows = x if full else x.index_select(0, rows)
+        delta = F.linear(F.linear(x_rows, self.lora_A[slot]), self.lora_B[slot])
+        galora = self.galora_gate
+        if galora is None:
+            scale = float(self.scaling[slot])
+        else:
+            delta = delta * (self.scaling[slot] * galora[slot])
+            scale = 1.0
+        if full:
+            out.add_(delta, alpha=scale)
+        else:
+            out.index_add_(0, rows, delta, alpha=scale)
+        self.routing.adapter_rows += count
 
 
 class SlotLinear(nn.Module):

@@ -32,6 +32,9 @@ class RoutingState:
         self.row_tau: Tensor | None = None
         self.force: ForceGates = None
         self.slot_counts: list[int] = []
+        self.batch_slots: list[int] = []
+        """Distinct slots among the rows, ascending (host list, built once per forward)."""
+        self._constants: dict[tuple[int, torch.dtype], Tensor] = {}
         self._mean_weights: Tensor | None = None
         self._pooled: dict[int, tuple[Tensor, Tensor]] = {}
         self._probs: dict[int, Tensor] = {}
@@ -56,6 +59,9 @@ class RoutingState:
         self._mean_weights = (mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)).unsqueeze(1)
         self.row_slot = row_slot
         self.row_tau = row_tau
+        self.batch_slots = torch.unique(row_slot).tolist()
+        self._batch_size = row_slot.shape[0]
+        self._device = row_slot.device
         self.force = force
         self.active = True
         try:
@@ -63,6 +69,7 @@ class RoutingState:
         finally:
             self.active = False
             self._pooled.clear()
+            self._constants.clear()
             self._mean_weights = None
 
     def pooled(self, x: Tensor) -> Tensor:
@@ -75,6 +82,22 @@ class RoutingState:
         # Keep a reference to x so that its id cannot be reused by another tensor in this forward.
         self._pooled[id(x)] = (x, pooled)
         return pooled
+
+    def zeros(self, dtype: torch.dtype) -> Tensor:
+        """A ``[B]`` zero vector, shared by every site of this forward (treat as read-only)."""
+        return self._constant(0, dtype)
+
+    def ones(self, dtype: torch.dtype) -> Tensor:
+        """A ``[B]`` vector of ones, shared by every site of this forward (treat as read-only)."""
+        return self._constant(1, dtype)
+
+    def _constant(self, value: int, dtype: torch.dtype) -> Tensor:
+        key = (value, dtype)
+        tensor = self._constants.get(key)
+        if tensor is None:
+            tensor = torch.full((self._batch_size,), value, dtype=dtype, device=self._device)
+            self._constants[key] = tensor
+        return tensor
 
     def record(self, site_index: int, probs: Tensor, gates: Tensor) -> None:
         self._probs[site_index] = probs

@@ -1,0 +1,1 @@
+"""CoGaLoRA Serve: the HTTP service (FastAPI app, batcher, engine, model repository, metrics)."""

@@ -1,0 +1,221 @@
+"""The app on the real repository, engine and batcher (packaged MiniLM): answers, overload, timeouts, admin."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_api_helpers import assert_envelope, running
+
+from service.app import create_app, load_engine, make_batcher
+from service.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+TEXTS = [
+    "an absolutely wonderful film with a moving story",
+    "the plot was dull and the acting was worse",
+    "ok",
+    "stocks rallied after the central bank cut interest rates again this quarter",
+    "the team won the championship in overtime",
+]
+
+
+class GatedEngine:
+    """The real engine, but ``run_batch`` waits for ``release`` (so a test can fill the queue deterministically)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.release = threading.Event()
+        self.release.set()
+        self.entered = threading.Event()
+
+    def run_batch(self, rows):
+        self.entered.set()
+        self.release.wait(timeout=60)
+        return self.engine.run_batch(rows)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+@pytest.fixture(scope="module")
+def loaded(minilm_model_dir):
+    """Repository and engine loaded once for the module (loading MiniLM is the slow part)."""
+    return load_engine(Settings(model_dir=minilm_model_dir))
+
+
+def app_on(loaded, minilm_model_dir, gated: GatedEngine | None = None, **overrides):
+    repository, engine = loaded
+    settings = Settings(model_dir=minilm_model_dir, **overrides)
+
+    async def components(settings_, listener):
+        return repository, make_batcher(gated or engine, settings_, listener)
+
+    return create_app(settings, components=components)
+
+
+async def classify(client, inputs, adapter="sst2", **extra):
+    response = await client.post("/classify", json={"inputs": inputs, "adapter": adapter, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()["results"]
+
+
+async def test_answers_have_the_contract_shape(loaded, minilm_model_dir):
+    async with running(app_on(loaded, minilm_model_dir)) as client:
+        adapters = {a["name"]: a for a in (await client.get("/adapters")).json()["adapters"]}
+        assert set(adapters) == {"sst2", "agnews", "plain"}
+        for name, adapter in adapters.items():
+            rows = await classify(client, TEXTS, adapter=name)
+            assert len(rows) == len(TEXTS)
+            for row in rows:
+                assert row["scores"][0]["label"] == row["label"]
+                assert sorted(entry["label"] for entry in row["scores"]) == sorted(adapter["labels"])
+                assert row["active_adapters"] == len(row["active_modules"]) <= row["total_adapters"] == 36
+                assert set(row["flops"]) == {"total", "adapter", "adapter_saved"}
+                if adapter["method"] == "lora":
+                    assert row["active_adapters"] == 36 and row["flops"]["adapter_saved"] == 0
+        single = await classify(client, TEXTS[0])
+        assert len(single) == 1
+
+
+async def test_batched_answer_equals_solo_answers(loaded, minilm_model_dir):
+    async with running(app_on(loaded, minilm_model_dir)) as client:
+        together = await classify(client, TEXTS)
+        solo = await asyncio.gather(*(classify(client, text) for text in TEXTS))
+    for row, (alone,) in zip(together, solo, strict=True):
+        assert row["label"] == alone["label"]
+        assert row["active_modules"] == alone["active_modules"]
+        assert row["score"] == pytest.approx(alone["score"], abs=1e-5)
+
+
+async def test_threshold_override_switches_gates(loaded, minilm_model_dir):
+    async with running(app_on(loaded, minilm_model_dir)) as client:
+        everything = await classify(client, TEXTS, threshold=0.0)
+        nothing = await classify(client, TEXTS, threshold=1.0)
+        default = await classify(client, TEXTS)
+    assert all(row["active_adapters"] == row["total_adapters"] for row in everything)
+    assert all(row["active_adapters"] == 0 and row["flops"]["adapter"] == 0 for row in nothing)
+    assert any(0 < row["active_adapters"] < row["total_adapters"] for row in default)
+
+
+async def test_truncate_false_rejects_long_input(loaded, minilm_model_dir):
+    long_text = " ".join(["word"] * 400)
+    async with running(app_on(loaded, minilm_model_dir)) as client:
+        response = await client.post(
+            "/classify", json={"inputs": ["ok", long_text], "truncate": False, "adapter": "sst2"}
+        )
+        assert_envelope(response, 413, "input_too_long")
+        rows = await classify(client, ["ok", long_text])
+        assert rows[1]["tokens"] == 128  # the checkpoint's max_length
+
+
+async def test_overload_rejects_fast_and_answers_every_accepted_request(loaded, minilm_model_dir):
+    _, engine = loaded
+    gated = GatedEngine(engine)
+    gated.release.clear()
+    app = app_on(loaded, minilm_model_dir, gated=gated, max_queue=12, max_batch_size=4, max_wait_ms=0)
+    async with running(app) as client:
+        sent = 40
+        tasks = [
+            asyncio.create_task(client.post("/classify", json={"inputs": TEXTS[:3], "adapter": "agnews"}))
+            for _ in range(sent)
+        ]
+        # the engine is held; every request is either rejected (answered) or accepted (waiting)
+        batcher = app.state.service.batcher
+
+        async def settled() -> None:
+            while sum(task.done() for task in tasks) + batcher.inflight < sent:
+                await asyncio.sleep(0.005)
+
+        await asyncio.wait_for(settled(), 60)
+        assert not gated.release.is_set()
+        rejected = [task.result() for task in tasks if task.done()]
+        assert len(rejected) == sent - batcher.inflight > 0
+        for response in rejected:
+            assert_envelope(response, 503, "queue_full")
+            assert int(response.headers["retry-after"]) >= 1
+        gated.release.set()
+        responses = await asyncio.gather(*tasks)
+        codes = Counter(response.status_code for response in responses)
+        assert set(codes) == {200, 503} and codes[200] + codes[503] == sent
+        assert codes[503] == len(rejected)
+        assert codes[200] >= 4  # 12 queued rows are 4 requests, plus the batch the engine holds
+        expected = await classify(client, TEXTS[:3], adapter="agnews")
+        for response in responses:
+            if response.status_code == 200:
+                rows = response.json()["results"]
+                assert [r["label"] for r in rows] == [r["label"] for r in expected]
+                assert [r["active_modules"] for r in rows] == [r["active_modules"] for r in expected]
+
+
+async def test_timeout_gives_504_and_the_server_recovers(loaded, minilm_model_dir):
+    _, engine = loaded
+    gated = GatedEngine(engine)
+    gated.release.clear()
+    app = app_on(loaded, minilm_model_dir, gated=gated, request_timeout_s=0.2)
+    async with running(app) as client:
+        response = await client.post("/classify", json={"inputs": "hello", "adapter": "sst2"})
+        assert_envelope(response, 504, "timeout")
+        gated.release.set()
+        assert len(await classify(client, "hello again")) == 1
+
+
+async def test_metrics_match_the_responses(loaded, minilm_model_dir):
+    async with running(app_on(loaded, minilm_model_dir)) as client:
+        rows = []
+        batches = [TEXTS[:2], TEXTS[2:], [TEXTS[0]], TEXTS]
+        for texts in batches:
+            rows += await classify(client, texts, adapter="agnews")
+        page = (await client.get("/metrics")).text
+    values = {}
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            if sample.labels.get("adapter") in (None, "agnews"):
+                key = (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k != "adapter")))
+                values[key] = sample.value
+    assert values[("cogalora_requests_total", (("code", "200"),))] == len(batches)
+    assert values[("cogalora_request_duration_seconds_count", ())] == len(batches)
+    assert values[("cogalora_inputs_total", ())] == len(rows)
+    assert values[("cogalora_active_adapters_count", ())] == len(rows)
+    assert values[("cogalora_active_adapters_sum", ())] == sum(row["active_adapters"] for row in rows)
+    assert values[("cogalora_input_tokens_sum", ())] == sum(row["tokens"] for row in rows)
+    assert values[("cogalora_batch_size_sum", ())] == len(rows)
+    sites = Counter(site for row in rows for site in row["active_modules"])
+    for site, count in sites.items():
+        _, layer, module = site.split(".", 2)
+        assert values[("cogalora_module_activations_total", (("layer", layer), ("module", module)))] == count
+
+
+async def test_admin_unload_and_reload_for_real(loaded, minilm_model_dir):
+    async with running(app_on(loaded, minilm_model_dir)) as client:
+        before = await classify(client, TEXTS[:2], adapter="plain")
+        assert (await client.delete("/adapters/plain")).status_code == 200
+        assert_envelope(
+            await client.post("/classify", json={"inputs": "x", "adapter": "plain"}), 404, "unknown_adapter"
+        )
+        assert_envelope(await client.delete("/adapters/plain"), 404, "unknown_adapter")
+        reloaded = await client.post("/adapters/plain")
+        assert reloaded.status_code == 201, reloaded.text
+        assert reloaded.json()["method"] == "lora"
+        assert_envelope(await client.post("/adapters/plain"), 409, "adapter_conflict")
+        after = await classify(client, TEXTS[:2], adapter="plain")
+    assert [row["label"] for row in after] == [row["label"] for row in before]
+    assert [row["score"] for row in after] == pytest.approx([row["score"] for row in before], abs=1e-5)
+
+
+async def test_admin_load_of_a_broken_folder_is_422(loaded, minilm_model_dir):
+    broken = minilm_model_dir / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "cogalora.json").write_text("{not json", encoding="utf-8")
+    try:
+        async with running(app_on(loaded, minilm_model_dir)) as client:
+            body = assert_envelope(await client.post("/adapters/broken"), 422, "adapter_load_failed")
+            assert str(minilm_model_dir) not in body["error"]
+            assert len(await classify(client, "still fine")) == 1
+    finally:
+        (broken / "cogalora.json").unlink()
+        broken.rmdir()

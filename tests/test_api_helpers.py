@@ -1,0 +1,165 @@
+"""Helpers for the API tests (no tests here): an in-process lifespan client and a fake engine side."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from service.errors import InputTooLongError, QueueFullError, UnknownAdapterError
+from service.types import AdapterInfo, BatchStats, ClassifyRequest, RowResult
+
+SITES = [f"layer.{i}.{kind}" for i in range(2) for kind in ("attention.query", "ffn.down")]
+
+
+@asynccontextmanager
+async def running(app: FastAPI, wait_ready: bool = True) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan around an httpx client that talks to it in-process."""
+    async with app.router.lifespan_context(app):
+        if wait_ready:
+            await asyncio.wait_for(app.state.service.ready_event.wait(), 120)
+            assert app.state.service.state == "ready"
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60) as client:
+            yield client
+
+
+def info(name: str, labels: tuple[str, ...] = ("negative", "positive")) -> AdapterInfo:
+    return AdapterInfo(
+        name=name,
+        base_model="fake-base",
+        method="cogalora",
+        labels=list(labels),
+        tau=0.5,
+        max_length=16,
+        total_adapters=len(SITES),
+        site_names=list(SITES),
+        metrics={"dev_accuracy": 0.9},
+    )
+
+
+class FakeRepository:
+    """Adapters by name; ``available`` are the folders an admin load may pick up."""
+
+    def __init__(self, names: list[str], available: list[str] | None = None) -> None:
+        self.loaded = {name: info(name) for name in names}
+        self.available = set(available or []) | set(names)
+
+    def adapters(self) -> list[AdapterInfo]:
+        return list(self.loaded.values())
+
+    def info(self, name: str) -> AdapterInfo:
+        if name not in self.loaded:
+            raise UnknownAdapterError(f"unknown adapter {name!r}")
+        return self.loaded[name]
+
+    def load(self, name: str) -> AdapterInfo:
+        self.loaded[name] = info(name)
+        return self.loaded[name]
+
+    def unload(self, name: str) -> None:
+        self.loaded.pop(name)
+
+
+def fake_row(text: str, labels: list[str]) -> RowResult:
+    """Deterministic: label = 'positive' iff the text contains 'good'; one active module per word."""
+    label = labels[1] if "good" in text else labels[0]
+    words = len(text.split())
+    active = SITES[: min(words, len(SITES))]
+    return RowResult(
+        label=label,
+        score=0.9,
+        scores=[
+            {"label": label, "score": 0.9},
+            *({"label": other, "score": 0.1} for other in labels if other != label),
+        ],
+        active_adapters=len(active),
+        total_adapters=len(SITES),
+        active_modules=active,
+        tokens=words + 2,
+        flops={
+            "total": 1000.0 + words,
+            "adapter": 10.0 * len(active),
+            "adapter_saved": 10.0 * (len(SITES) - len(active)),
+        },
+        queue_seconds=0.001,
+        inference_seconds=0.002,
+    )
+
+
+class FakeBatcher:
+    """Answers at once, or holds every request while ``gate`` is clear; rejects beyond ``max_queue`` rows."""
+
+    def __init__(self, repository: FakeRepository, listener: Any, max_queue: int = 1000) -> None:
+        self.repository = repository
+        self.listener = listener
+        self.max_queue = max_queue
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.queue_depth = 0
+        self.inflight = 0
+        self.started = False
+        self.stopped = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    async def submit(self, request: ClassifyRequest) -> list[RowResult]:
+        if self.queue_depth + len(request.texts) > self.max_queue:
+            raise QueueFullError("queue full", retry_after=2)
+        labels = self.repository.info(request.adapter).labels
+        if not request.truncate and any(len(text.split()) > 14 for text in request.texts):
+            raise InputTooLongError("input longer than max_length 16")
+        self.queue_depth += len(request.texts)
+        self.inflight += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.queue_depth -= len(request.texts)
+            self.inflight -= 1
+        rows = [fake_row(text, labels) for text in request.texts]
+        self.listener.on_batch(
+            BatchStats(
+                rows=len(rows),
+                requests=1,
+                padded_tokens=0,
+                real_tokens=0,
+                adapters={request.adapter: len(rows)},
+                inference_seconds=0.002,
+                adapter_rows_multiplied=0,
+            )
+        )
+        return rows
+
+
+def fake_components(names: list[str], available: list[str] | None = None, max_queue: int = 1000, hold=None):
+    """A components factory for ``create_app``; ``hold`` (an asyncio.Event) delays loading until set."""
+    made: dict[str, Any] = {}
+
+    async def factory(settings, listener):
+        if hold is not None:
+            await hold.wait()
+        repository = FakeRepository(names, available)
+        batcher = FakeBatcher(repository, listener, max_queue=max_queue)
+        made.update(repository=repository, batcher=batcher)
+        return repository, batcher
+
+    factory.made = made
+    return factory
+
+
+def assert_envelope(response: httpx.Response, status: int, error_type: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "error_type"}, body
+    assert body["error_type"] == error_type, body
+    assert isinstance(body["error"], str) and body["error"]
+    assert response.headers.get("x-request-id")
+    return body

@@ -1,0 +1,301 @@
+"""Static checks of the deployment files: Dockerfile, compose, Prometheus and Grafana provisioning.
+
+No Docker engine is needed: compose files are validated with ``docker-compose config`` (or
+``docker compose config``), Prometheus configuration with ``promtool``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_observability_support import REPO, SERVICE_COMMAND
+
+DOCKER = REPO / "docker"
+DOCKERFILE = DOCKER / "Dockerfile"
+COMPOSE = DOCKER / "compose.yaml"
+PROMETHEUS = DOCKER / "prometheus.yml"
+DATASOURCES = DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+DASHBOARD_PROVIDERS = DOCKER / "grafana" / "provisioning" / "dashboards" / "cogalora.yml"
+DASHBOARD = DOCKER / "grafana" / "dashboards" / "cogalora.json"
+
+
+# ---- Dockerfile ------------------------------------------------------------------------------
+
+
+def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with comments dropped and line continuations joined."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        keyword, _, rest = line.partition(" ")
+        instructions.append((keyword.upper(), rest.strip()))
+    assert not pending, "Dockerfile ends inside a line continuation"
+    return instructions
+
+
+def exec_form(arguments: str) -> list[str]:
+    """A JSON exec-form argument list (``["python", "-m", ...]``); shell form is parsed with shlex."""
+    if arguments.startswith("["):
+        value = json.loads(arguments)
+        assert isinstance(value, list) and all(isinstance(item, str) for item in value)
+        return value
+    return shlex.split(arguments)
+
+
+def last(instructions: list[tuple[str, str]], keyword: str) -> str | None:
+    values = [rest for kw, rest in instructions if kw == keyword]
+    return values[-1] if values else None
+
+
+def test_dockerfile_cmd_is_the_tested_start_command():
+    instructions = dockerfile_instructions()
+    cmd = last(instructions, "CMD")
+    assert cmd is not None and cmd.startswith("["), "CMD must be in exec form (signals reach the server)"
+    assert exec_form(cmd) == SERVICE_COMMAND
+    assert last(instructions, "ENTRYPOINT") is None, "an ENTRYPOINT would change what CMD runs"
+
+
+def test_dockerfile_runs_as_non_root_with_healthcheck():
+    instructions = dockerfile_instructions()
+    user = last(instructions, "USER")
+    assert user is not None, "the image must switch to an unprivileged USER"
+    name = user.split(":")[0]
+    assert name not in ("root", "0"), user
+    # USER comes after every RUN that needs root, and before the CMD.
+    keywords = [kw for kw, _ in instructions]
+    assert keywords.index("CMD") > max(i for i, kw in enumerate(keywords) if kw == "USER")
+
+    healthcheck = last(instructions, "HEALTHCHECK")
+    assert healthcheck is not None and not healthcheck.upper().startswith("NONE")
+    command = healthcheck[healthcheck.index("CMD") + 3 :].strip()
+    probe = exec_form(command)
+    assert probe[0] == "python" and "urllib" in " ".join(probe) and "/health" in " ".join(probe)
+    assert "curl" not in healthcheck and "wget" not in healthcheck
+
+
+def test_dockerfile_torch_index_models_and_install():
+    instructions = dockerfile_instructions()
+    args = {
+        rest.split("=")[0]: rest.split("=", 1)[1] if "=" in rest else None for kw, rest in instructions if kw == "ARG"
+    }
+    assert args.get("TORCH_VARIANT") == "cpu"
+    assert "download.pytorch.org/whl/" in (args.get("TORCH_INDEX") or "")
+    runs = [rest for kw, rest in instructions if kw == "RUN"]
+    torch_run = next(i for i, run in enumerate(runs) if "torch==" in run)
+    project_run = next(i for i, run in enumerate(runs) if re.search(r"pip install (\S+ )*\.(\s|$)", run))
+    assert "--index-url" in runs[torch_run] and torch_run < project_run, "torch from its index before the project"
+
+    envs = " ".join(rest for kw, rest in instructions if kw == "ENV")
+    assert "COGALORA_MODEL_DIR=/models" in envs
+    copies = [rest.split() for kw, rest in instructions if kw == "COPY"]
+    assert ["models", "/models"] in copies
+    # Every COPY source exists in the build context (the repository root) and is not dockerignored.
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".venv", ".git"} <= ignored
+    for parts in copies:
+        for source in [p for p in parts[:-1] if not p.startswith("--")]:
+            assert (REPO / source).exists(), f"COPY source {source!r} missing from the build context"
+            assert source not in ignored, f"COPY source {source!r} is excluded by .dockerignore"
+
+
+# ---- compose ---------------------------------------------------------------------------------
+
+
+def compose_command() -> list[str] | None:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    return None
+
+
+@pytest.fixture(scope="module")
+def compose_config() -> dict:
+    command = compose_command()
+    if command is None:
+        pytest.skip(
+            "neither docker-compose nor the docker compose plugin is installed (apt-get install docker-compose)"
+        )
+    done = subprocess.run([*command, "-f", str(COMPOSE), "config"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"{' '.join(command)} config failed:\n{done.stderr}"
+    return yaml.safe_load(done.stdout)
+
+
+def test_compose_config_is_valid_and_complete(compose_config: dict):
+    services = compose_config["services"]
+    assert {"cogalora", "prometheus", "grafana"} <= set(services)
+    build = services["cogalora"]["build"]
+    assert Path(build["context"]).resolve() == REPO
+    assert (Path(build["context"]) / build["dockerfile"]).resolve() == DOCKERFILE
+    for name, service in services.items():
+        assert "healthcheck" in service, f"{name} has no healthcheck"
+    assert services["prometheus"]["depends_on"]["cogalora"]["condition"] == "service_healthy"
+    assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    environment = services["grafana"]["environment"]
+    assert str(environment["GF_AUTH_ANONYMOUS_ENABLED"]).lower() == "true"
+    assert environment["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+
+
+def test_compose_runs_the_tested_start_command(compose_config: dict):
+    service = compose_config["services"]["cogalora"]
+    command = service.get("command")
+    command = shlex.split(command) if isinstance(command, str) else command
+    assert command == SERVICE_COMMAND
+    assert not service.get("entrypoint"), "an entrypoint would change what the command runs"
+    ports = service["ports"]
+    assert any(str(port.get("target")) == "8000" for port in ports if isinstance(port, dict)) or any(
+        str(port).endswith(":8000") for port in ports
+    )
+
+
+def _mounts(service: dict) -> dict[str, Path]:
+    """container path -> host path of a compose service's bind mounts (after ``config``)."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            if volume.get("type") == "bind":
+                mounts[volume["target"]] = Path(volume["source"])
+        else:
+            source, target = volume.split(":")[:2]
+            mounts[target] = Path(source)
+    return mounts
+
+
+def test_compose_mounts_the_files_in_this_repository(compose_config: dict):
+    services = compose_config["services"]
+    prometheus_mounts = _mounts(services["prometheus"])
+    config_flag = next(a for a in services["prometheus"]["command"] if a.startswith("--config.file="))
+    assert prometheus_mounts[config_flag.split("=", 1)[1]].resolve() == PROMETHEUS
+    grafana_mounts = _mounts(services["grafana"])
+    assert grafana_mounts["/etc/grafana/provisioning"].resolve() == DOCKER / "grafana" / "provisioning"
+    providers = yaml.safe_load(DASHBOARD_PROVIDERS.read_text(encoding="utf-8"))["providers"]
+    dashboards_path = providers[0]["options"]["path"]
+    assert grafana_mounts[dashboards_path].resolve() == DASHBOARD.parent
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{dashboards_path}/{DASHBOARD.name}"
+
+
+# ---- Prometheus and Grafana ------------------------------------------------------------------
+
+
+def _seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration.strip())
+    assert match, f"unsupported duration {duration!r}"
+    return float(match.group(1)) * units[match.group(2)]
+
+
+def _datasource() -> dict:
+    datasources = yaml.safe_load(DATASOURCES.read_text(encoding="utf-8"))["datasources"]
+    assert len(datasources) == 1
+    return datasources[0]
+
+
+def test_scrape_interval_equals_grafana_time_interval():
+    prometheus = yaml.safe_load(PROMETHEUS.read_text(encoding="utf-8"))
+    global_interval = prometheus["global"]["scrape_interval"]
+    job = next(job for job in prometheus["scrape_configs"] if job["job_name"] == "cogalora")
+    interval = job.get("scrape_interval", global_interval)
+    assert _seconds(interval) == _seconds(_datasource()["jsonData"]["timeInterval"]) == 5
+
+
+def test_prometheus_and_grafana_point_at_the_compose_services():
+    prometheus = yaml.safe_load(PROMETHEUS.read_text(encoding="utf-8"))
+    job = next(job for job in prometheus["scrape_configs"] if job["job_name"] == "cogalora")
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    assert job["static_configs"][0]["targets"] == ["cogalora:8000"]
+    compose = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    assert "cogalora" in compose["services"]
+    datasource = _datasource()
+    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+    assert "prometheus" in compose["services"]
+
+
+def test_promtool_accepts_prometheus_config():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    done = subprocess.run([promtool, "check", "config", str(PROMETHEUS)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def dashboard_panels(dashboard: dict) -> list[dict]:
+    """Every panel, including those nested in (collapsed) rows."""
+    found = []
+    for panel in dashboard["panels"]:
+        found.append(panel)
+        found.extend(panel.get("panels", []))
+    return found
+
+
+def test_every_dashboard_panel_uses_the_provisioned_datasource():
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    uid = _datasource()["uid"]
+    assert dashboard["uid"] == "cogalora-serve"
+    panels = [panel for panel in dashboard_panels(dashboard) if panel["type"] != "row"]
+    assert len(panels) >= 10
+    for panel in panels:
+        assert panel["datasource"]["uid"] == uid, panel["title"]
+        assert panel["targets"], f"panel {panel['title']!r} has no query"
+        for target in panel["targets"]:
+            assert target.get("datasource", panel["datasource"])["uid"] == uid, panel["title"]
+            assert target["expr"].strip(), panel["title"]
+    variables = dashboard["templating"]["list"]
+    adapter = next(v for v in variables if v["name"] == "adapter")
+    assert adapter["datasource"]["uid"] == uid
+    assert adapter["definition"] == "label_values(cogalora_requests_total, adapter)"
+    ids = [panel["id"] for panel in dashboard_panels(dashboard)]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+
+
+def test_dashboard_covers_the_required_metrics():
+    text = DASHBOARD.read_text(encoding="utf-8")
+    for metric in (
+        "cogalora_requests_total",
+        "cogalora_request_duration_seconds_bucket",
+        "cogalora_queue_duration_seconds",
+        "cogalora_inference_duration_seconds",
+        "cogalora_batch_size",
+        "cogalora_active_adapters",
+        "cogalora_module_activations_total",
+        "cogalora_inputs_total",
+        "cogalora_adapter_flops_total",
+        "cogalora_adapter_flops_saved_total",
+        "cogalora_queue_depth",
+        "cogalora_inflight_requests",
+    ):
+        assert metric in text, metric
+
+
+def test_dashboard_json_is_generated_from_its_script():
+    done = subprocess.run(
+        [sys.executable, str(DOCKER / "grafana" / "make_dashboard.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr

@@ -1,0 +1,321 @@
+"""Execution engine: train/serve equivalence, batch invariance, zero work when off, per-row errors."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED_DATA, synthetic_checkpoint
+from transformers import BertTokenizerFast
+
+from cogalora import PACKAGED_MODEL_ID, load_base_model, load_model, read_adapter
+from service.engine import Engine, PreparedRow, length_chunks
+from service.errors import (
+    AdapterUnloadedError,
+    InferenceError,
+    InputTooLongError,
+    InvalidRequestError,
+    UnknownAdapterError,
+)
+from service.repository import ModelRepository
+from service.types import ClassifyRequest, RowResult
+
+FALLBACK_SENTENCES = [
+    "a gorgeous , witty , seductive movie .",
+    "the plot is nothing but boilerplate clichés from start to finish",
+    "it 's a charming and often affecting journey .",
+    "unflinchingly bleak and desperate",
+    "the acting , costumes , music , cinematography and sound are all astounding given the production 's "
+    "austere locales .",
+    "bad",
+    "the film is strictly routine .",
+    "a masterpiece four years in the making , and one of the most thoughtful films about art , ethics , "
+    "and the cost of moral compromise in recent memory",
+]
+
+
+def sentences(count: int) -> list[str]:
+    """Real SST-2 dev sentences when the shared data is present, else a fixed fallback list."""
+    path = SHARED_DATA / "sst2" / "dev.tsv"
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines()[1 : count + 1]
+        return [line.split("\t")[0] for line in lines]
+    return list(itertools.islice(itertools.cycle(FALLBACK_SENTENCES), count))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: these tests compare results, and one thread keeps them quick on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def minilm_engine(minilm_model_dir: Path) -> Engine:
+    repo = ModelRepository(minilm_model_dir)
+    assert repo.load_all() == {}
+    return Engine(repo, tune_malloc=False)
+
+
+def word_level_tokenizer(base_dir: Path) -> Path:
+    """Re-save the tiny base's tokenizer so that its vocabulary is really used.
+
+    (``BertTokenizerFast(vocab_file=...)`` in conftest silently yields an empty vocabulary under
+    transformers 5, so every word became [UNK]; ``vocab=`` loads the file.)
+    """
+    tokenizer = BertTokenizerFast(vocab=str(base_dir / "vocab.txt"), do_lower_case=True)
+    assert tokenizer.convert_tokens_to_ids("awful") != tokenizer.unk_token_id
+    tokenizer.save_pretrained(base_dir)
+    return base_dir
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path, tiny_base_dir: Path) -> Path:
+    word_level_tokenizer(tiny_base_dir)
+    root = tmp_path / "models"
+    synthetic_checkpoint(root / "two", str(tiny_base_dir), ["neg", "pos"], seed=0, max_length=16)
+    synthetic_checkpoint(root / "three", str(tiny_base_dir), ["x", "y", "z"], seed=4)
+    synthetic_checkpoint(root / "other", str(tiny_base_dir), ["neg", "pos"], seed=8)
+    return root
+
+
+@pytest.fixture
+def tiny_engine(tiny_dir: Path) -> Engine:
+    repo = ModelRepository(tiny_dir)
+    assert repo.load_all() == {}
+    return Engine(repo, tune_malloc=False)
+
+
+def tiny_text(words: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(["good", "bad", "movie", "plot", "the", "w3", "w7", "w11"]) for _ in range(words))
+
+
+def run_request(engine: Engine, request: ClassifyRequest) -> list[RowResult]:
+    results = engine.run(engine.prepare(request))
+    for result in results:
+        assert isinstance(result, RowResult), result
+    return results
+
+
+def probabilities(result: RowResult, labels: list[str]) -> list[float]:
+    by_label = {item["label"]: item["score"] for item in result.scores}
+    return [by_label[label] for label in labels]
+
+
+# ---- equivalence with the training model ----------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("adapter", ["sst2", "agnews", "plain"])
+def test_engine_matches_training_model_in_eval(minilm_engine: Engine, minilm_model_dir: Path, adapter: str) -> None:
+    texts = sentences(12)
+    loaded = load_model(minilm_model_dir / adapter)
+    labels = loaded.meta.labels
+    encoded = loaded.tokenizer(
+        texts, padding=True, truncation=True, max_length=loaded.meta.max_length, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        reference = loaded.model(**encoded)
+    ref_probs = torch.softmax(reference.logits, dim=-1)
+    site_names = loaded.model.site_names
+
+    results = run_request(minilm_engine, ClassifyRequest(texts=texts, adapter=adapter))
+    any_on = any_off = False
+    for row, result in enumerate(results):
+        expected_modules = [name for name, on in zip(site_names, reference.gates[row].tolist(), strict=True) if on]
+        assert result.active_modules == expected_modules
+        assert probabilities(result, labels) == pytest.approx(ref_probs[row].tolist(), abs=1e-4)
+        assert result.total_adapters == len(site_names)
+        assert result.tokens == int(encoded["attention_mask"][row].sum())
+        any_on |= bool(expected_modules)
+        any_off |= len(expected_modules) < len(site_names)
+    assert any_on, "the comparison must include active adapters"
+    if adapter != "plain":
+        assert any_off, "routed adapters must switch some modules off on these inputs"
+
+
+# ---- batch invariance ------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_batch_invariance_mixed_adapters_lengths_and_taus(minilm_engine: Engine) -> None:
+    texts = sentences(64)
+    adapters = ["sst2", "agnews", "plain"]
+    taus = [None, 0.3, 0.7]
+    requests = [
+        ClassifyRequest(texts=[text], adapter=adapters[i % 3], threshold=taus[(i // 3) % 3])
+        for i, text in enumerate(texts)
+    ]
+    alone = [run_request(minilm_engine, request)[0] for request in requests]
+    assert len({result.tokens for result in alone}) > 10, "needs mixed lengths"
+    assert len({len(result.active_modules) for result in alone}) > 3, "needs varied gate patterns"
+    for split_by_length in (True, False):
+        engine = Engine(minilm_engine.repository, split_by_length=split_by_length, tune_malloc=False)
+        rows: list[PreparedRow] = [row for request in requests for row in engine.prepare(request)]
+        outcome = engine.run_batch(rows)
+        assert outcome.stats[0].rows == 64
+        for single, in_batch in zip(alone, outcome.results, strict=True):
+            assert isinstance(in_batch, RowResult)
+            assert in_batch.active_modules == single.active_modules
+            assert in_batch.label == single.label
+            labels = [item["label"] for item in single.scores]
+            assert probabilities(in_batch, labels) == pytest.approx(probabilities(single, labels), abs=1e-5)
+            assert in_batch.flops == single.flops
+
+
+# ---- zero work when off ----------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_tau_one_does_no_adapter_work_and_equals_base_plus_head(minilm_engine: Engine, minilm_model_dir: Path) -> None:
+    texts = sentences(10)
+    rows = []
+    for adapter in ("sst2", "agnews"):
+        rows += minilm_engine.prepare(ClassifyRequest(texts=texts, adapter=adapter, threshold=1.0))
+    outcome = minilm_engine.run_batch(rows)
+    assert [stats.adapter_rows_multiplied for stats in outcome.stats] == [0]
+
+    for adapter, results in (("sst2", outcome.results[:10]), ("agnews", outcome.results[10:])):
+        meta, weights = read_adapter(minilm_model_dir / adapter)
+        plain = load_base_model(PACKAGED_MODEL_ID, num_labels=len(meta.labels))
+        with torch.no_grad():
+            plain.classifier.weight.copy_(weights.head["classifier"][0])
+            plain.classifier.bias.copy_(weights.head["classifier"][1])
+        tokenizer = minilm_engine.repository.get(adapter).base.tokenizer
+        encoded = tokenizer(texts, padding=True, truncation=True, max_length=meta.max_length, return_tensors="pt")
+        with torch.inference_mode():
+            expected = torch.softmax(plain(**encoded).logits, dim=-1)
+        for row, result in enumerate(results):
+            assert isinstance(result, RowResult)
+            assert result.active_modules == [] and result.active_adapters == 0
+            assert result.flops["adapter"] == 0 and result.flops["adapter_saved"] > 0
+            assert probabilities(result, meta.labels) == pytest.approx(expected[row].tolist(), abs=1e-5)
+
+
+def test_work_counter_counts_multiplied_rows(tiny_engine: Engine) -> None:
+    texts = [tiny_text(n, seed=n) for n in (3, 5, 8, 2)]
+    rows = tiny_engine.prepare(ClassifyRequest(texts=texts, adapter="two"))
+    outcome = tiny_engine.run_batch(rows)
+    active = sum(result.active_adapters for result in outcome.results)
+    assert active > 0
+    assert outcome.stats[0].adapter_rows_multiplied == active, "one multiplied row per active (row, site)"
+    forced_off = tiny_engine.run_batch(tiny_engine.prepare(ClassifyRequest(texts=texts, adapter="two", threshold=1.0)))
+    assert forced_off.stats[0].adapter_rows_multiplied == 0
+
+
+# ---- results, labels, errors -----------------------------------------------------------------
+
+
+def test_mixed_label_counts_are_sliced_per_row(tiny_engine: Engine) -> None:
+    rows = tiny_engine.prepare(ClassifyRequest(texts=["good movie", "bad plot the"], adapter="two"))
+    rows += tiny_engine.prepare(ClassifyRequest(texts=["the plot"], adapter="three", threshold=0.2))
+    results = tiny_engine.run(rows)
+    assert [len(result.scores) for result in results] == [2, 2, 3]
+    for result in results:
+        scores = [item["score"] for item in result.scores]
+        assert scores == sorted(scores, reverse=True)
+        assert sum(scores) == pytest.approx(1.0, abs=1e-6)
+        assert result.label == result.scores[0]["label"] and result.score == scores[0]
+        assert result.active_adapters == len(result.active_modules)
+        assert result.flops["total"] > result.flops["adapter"]
+    assert {item["label"] for item in results[2].scores} == {"x", "y", "z"}
+
+
+def test_prepare_errors(tiny_engine: Engine) -> None:
+    with pytest.raises(UnknownAdapterError):
+        tiny_engine.prepare(ClassifyRequest(texts=["good"], adapter="nope"))
+    with pytest.raises(InvalidRequestError):
+        tiny_engine.prepare(ClassifyRequest(texts=["good"], adapter="two", threshold=1.5))
+    with pytest.raises(InvalidRequestError):
+        tiny_engine.prepare(ClassifyRequest(texts=[], adapter="two"))
+    long_text = tiny_text(40)
+    with pytest.raises(InputTooLongError, match="16"):
+        tiny_engine.prepare(ClassifyRequest(texts=["good", long_text], adapter="two", truncate=False))
+    rows = tiny_engine.prepare(ClassifyRequest(texts=["good", long_text], adapter="two"))
+    assert [row.tokens for row in rows] == [3, 16]
+    assert run_request(tiny_engine, ClassifyRequest(texts=[long_text], adapter="two"))[0].tokens == 16
+
+
+def test_unloaded_adapter_rows_fail_alone_even_when_the_slot_is_reused(
+    tiny_engine: Engine, tiny_dir: Path, tiny_base_dir: Path
+) -> None:
+    repo = tiny_engine.repository
+    doomed = tiny_engine.prepare(ClassifyRequest(texts=["good movie"], adapter="two"))
+    kept = tiny_engine.prepare(ClassifyRequest(texts=["bad plot"], adapter="three"))
+    old_slot = repo.get("two").slot
+    repo.unload("two")
+    synthetic_checkpoint(tiny_dir / "newcomer", str(tiny_base_dir), ["p", "q"], seed=11)
+    repo.load("newcomer")
+    assert repo.get("newcomer").slot == old_slot, "the freed slot now holds another adapter"
+    results = tiny_engine.run(doomed + kept)
+    assert isinstance(results[0], AdapterUnloadedError)
+    assert isinstance(results[1], RowResult)
+
+
+def test_a_failing_row_does_not_fail_its_batch_mates(tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = tiny_engine.repository.get("two").base
+    poison = base.tokenizer.convert_tokens_to_ids("awful")
+    assert poison != base.tokenizer.unk_token_id
+    original = base.model.forward
+
+    def fragile_forward(input_ids, *args, **kwargs):
+        if bool((input_ids == poison).any()):
+            raise RuntimeError("simulated kernel failure")
+        return original(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(base.model, "forward", fragile_forward)
+    texts = ["good movie", "awful plot", "the plot", "bad"]
+    results = tiny_engine.run(tiny_engine.prepare(ClassifyRequest(texts=texts, adapter="two")))
+    assert isinstance(results[1], InferenceError)
+    assert all(isinstance(results[i], RowResult) for i in (0, 2, 3))
+    monkeypatch.undo()
+    clean = tiny_engine.run(tiny_engine.prepare(ClassifyRequest(texts=texts, adapter="two")))
+    for i in (0, 2, 3):
+        assert results[i].label == clean[i].label
+        assert results[i].score == pytest.approx(clean[i].score, abs=1e-5)
+
+
+def test_batch_stats(tiny_engine: Engine) -> None:
+    rows = tiny_engine.prepare(ClassifyRequest(texts=["good", tiny_text(12)], adapter="two"))
+    rows += tiny_engine.prepare(ClassifyRequest(texts=["bad plot"], adapter="three"))
+    stats = tiny_engine.run_batch(rows).stats
+    assert len(stats) == 1
+    assert stats[0].rows == 3 and stats[0].requests == 2
+    assert stats[0].adapters == {"two": 2, "three": 1}
+    assert stats[0].real_tokens == sum(row.tokens for row in rows)
+    assert stats[0].padded_tokens >= stats[0].real_tokens
+    assert stats[0].inference_seconds > 0
+
+
+# ---- length chunking -------------------------------------------------------------------------
+
+
+def brute_force_cost(lengths: list[int], overhead: int) -> int:
+    best = None
+    for cuts in itertools.product([False, True], repeat=len(lengths) - 1):
+        cost, start = 0, 0
+        for i, cut in enumerate([*cuts, True]):
+            if cut:
+                cost += lengths[i] * (i + 1 - start) + overhead
+                start = i + 1
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_length_chunks_are_optimal_and_cover_every_row(seed: int) -> None:
+    rng = random.Random(seed)
+    lengths = sorted(rng.randint(2, 40) for _ in range(rng.randint(1, 10)))
+    overhead = rng.choice([0, 8, 48, 500])
+    chunks = length_chunks(lengths, overhead)
+    assert chunks[0][0] == 0 and chunks[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))
+    cost = sum(lengths[stop - 1] * (stop - start) + overhead for start, stop in chunks)
+    assert cost == brute_force_cost(lengths, overhead)
+    assert length_chunks(lengths, -1) == [(0, len(lengths))]

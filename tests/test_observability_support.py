@@ -1,0 +1,191 @@
+"""Helpers (no tests) shared by the deploy, load-test and observability tests.
+
+Real processes: the service started exactly as the Docker image starts it (``python -m service
+--host ... --port ...``), and a real Prometheus. Every wait polls with a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: How the Docker image (CMD) and compose start the service; the tests start it the same way.
+SERVICE_COMMAND = ["python", "-m", "service", "--host", "0.0.0.0", "--port", "8000"]
+
+SERVICE_START_TIMEOUT_S = 180.0
+
+
+def service_command(host: str, port: int, model_dir: Path | str | None = None) -> list[str]:
+    """``SERVICE_COMMAND`` with another host and port (and optionally a model directory)."""
+    command = list(SERVICE_COMMAND)
+    command[command.index("--host") + 1] = host
+    command[command.index("--port") + 1] = str(port)
+    if model_dir is not None:
+        command += ["--model-dir", str(model_dir)]
+    return command
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check: Callable[[], Any], timeout: float, interval: float = 0.25, what: str = "condition") -> Any:
+    """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except (httpx.HTTPError, OSError, ValueError, KeyError) as exc:
+            last_error, value = exc, None
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what}: not reached within {timeout:.0f} s (last error: {last_error!r})")
+
+
+class ManagedProcess:
+    """A child process with its output in a log file; stopped (TERM, then KILL) on close."""
+
+    def __init__(self, name: str, command: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.command = command
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            command, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    def log_tail(self, chars: int = 4000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
+
+    def check_alive(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            raise RuntimeError(f"{self.name} exited with {code}:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+class ServiceProcess(ManagedProcess):
+    """``python -m service`` on a free loopback port, serving ``model_dir``."""
+
+    def __init__(self, model_dir: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = service_command("127.0.0.1", self.port, model_dir)
+        command[0] = sys.executable
+        env = {key: value for key, value in os.environ.items() if not key.startswith("COGALORA_")}
+        env.update({"COGALORA_LOG_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"})
+        env.update(extra_env or {})
+        super().__init__("service", command, log_path, env)
+
+    def wait_ready(self, timeout: float = SERVICE_START_TIMEOUT_S) -> None:
+        def ready() -> bool:
+            self.check_alive()
+            response = httpx.get(f"{self.url}/ready", timeout=2.0, trust_env=False)
+            if response.status_code == 503 and "failed" in response.text:
+                # The service stays up with /ready = 503 "not ready: failed": no point waiting.
+                raise RuntimeError(f"service failed to load its models:\n{self.log_tail()}")
+            return response.status_code == 200
+
+        try:
+            wait_until(ready, timeout, what=f"service {self.url}/ready")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n--- service log ---\n{self.log_tail()}") from exc
+
+    def metrics_text(self) -> str:
+        response = httpx.get(f"{self.url}/metrics", timeout=5.0, trust_env=False)
+        response.raise_for_status()
+        return response.text
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` (exact sample name, e.g. ``cogalora_requests_total``) matching labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def prometheus_binary() -> str | None:
+    return shutil.which("prometheus")
+
+
+class PrometheusProcess(ManagedProcess):
+    """A real Prometheus scraping ``targets`` every ``scrape_interval``, with storage in ``workdir``."""
+
+    def __init__(self, workdir: Path, job: str, targets: list[str], scrape_interval: str = "1s") -> None:
+        binary = prometheus_binary()
+        if binary is None:
+            raise RuntimeError("prometheus is not installed")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = workdir / "prometheus.yml"
+        quoted = ", ".join(f'"{target}"' for target in targets)
+        config.write_text(
+            "global:\n"
+            f"  scrape_interval: {scrape_interval}\n"
+            f"  evaluation_interval: {scrape_interval}\n"
+            "scrape_configs:\n"
+            f"  - job_name: {job}\n"
+            "    metrics_path: /metrics\n"
+            f"    static_configs:\n      - targets: [{quoted}]\n",
+            encoding="utf-8",
+        )
+        command = [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn",
+        ]
+        super().__init__("prometheus", command, workdir / "prometheus.log")
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        def ready() -> bool:
+            self.check_alive()
+            return httpx.get(f"{self.url}/-/ready", timeout=2.0, trust_env=False).status_code == 200
+
+        wait_until(ready, timeout, what="prometheus /-/ready")
+
+    def query(self, expr: str) -> dict:
+        """Instant query; returns ``data`` (``resultType``, ``result``); raises on a PromQL error."""
+        response = httpx.post(f"{self.url}/api/v1/query", data={"query": expr}, timeout=10.0, trust_env=False)
+        body = response.json()
+        if response.status_code != 200 or body.get("status") != "success":
+            raise AssertionError(f"query failed ({response.status_code}): {expr}\n{body}")
+        return body["data"]
+
+    def scalar(self, expr: str) -> float | None:
+        """The single value of a one-series instant query, or None when it returns nothing."""
+        result = self.query(expr)["result"]
+        if not result:
+            return None
+        return float(result[0]["value"][1])

@@ -1,0 +1,207 @@
+"""A real ``python -m service`` process on the packaged MiniLM: end to end, JSON logs, and SIGTERM draining."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """``python -m service --host 127.0.0.1 --port <free> --model-dir <dir>``, logging to a file."""
+
+    def __init__(self, model_dir: Path, log_path: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        environ = {key: value for key, value in os.environ.items() if not key.startswith("COGALORA_")}
+        # the flags must win over these variables
+        environ.update({"COGALORA_PORT": "1", "COGALORA_HOST": "203.0.113.1", "TOKENIZERS_PARALLELISM": "false"})
+        environ.update(env)
+        command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--model-dir", str(model_dir)]
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(command, cwd=REPO, env=environ, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"server never became ready:\n{self.log_text()[-3000:]}"
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2, trust_env=False).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        self._log.close()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+@pytest.fixture(scope="module")
+def server(minilm_model_dir, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("server") / "service.log"
+    process = Server(minilm_model_dir, log_path, COGALORA_API_KEY="test-key", COGALORA_LOG_FORMAT="json")
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.close()
+
+
+def test_help_names_every_flag_and_its_env_var():
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    for text in ("--host", "--port", "--model-dir", "COGALORA_HOST", "COGALORA_PORT", "COGALORA_MODEL_DIR"):
+        assert text in result.stdout
+
+
+def test_invalid_setting_exits_cleanly():
+    env = {**os.environ, "COGALORA_MAX_QUEUE": "lots"}
+    result = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "max_queue" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_real_server_end_to_end(server):
+    auth = {"Authorization": "Bearer test-key"}
+    with httpx.Client(base_url=server.url, timeout=30, trust_env=False) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        assert client.get("/classify").status_code == 401
+        assert client.get("/classify", headers=auth).status_code == 405
+        assert client.post("/classify", json={"inputs": "x", "adapter": "sst2"}).status_code == 401
+
+        adapters = {a["name"]: a for a in client.get("/adapters", headers=auth).json()["adapters"]}
+        assert set(adapters) == {"sst2", "agnews", "plain"}
+        assert adapters["agnews"]["labels"] == ["World", "Sports", "Business", "Sci/Tech"]
+        assert adapters["plain"]["method"] == "lora"
+
+        texts = ["a wonderful, moving film", "the plot made no sense at all", "ok"]
+        response = client.post("/classify", json={"inputs": texts, "adapter": "sst2"}, headers=auth)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["adapter"] == "sst2" and len(body["results"]) == 3
+        for row in body["results"]:
+            assert row["label"] in ("negative", "positive")
+            assert row["score"] == max(entry["score"] for entry in row["scores"])
+            assert sum(entry["score"] for entry in row["scores"]) == pytest.approx(1.0, abs=1e-4)
+            assert row["total_adapters"] == 36
+            assert row["active_adapters"] == len(row["active_modules"])
+            assert all(site.startswith("layer.") for site in row["active_modules"])
+            assert row["tokens"] >= 3
+        for header in ("x-request-id", "x-queue-time-ms", "x-inference-time-ms"):
+            assert header in response.headers
+        request_id = response.headers["x-request-id"]
+
+        solo = client.post("/classify", json={"inputs": texts[1], "adapter": "sst2"}, headers=auth).json()
+        assert solo["results"][0]["label"] == body["results"][1]["label"]
+        assert solo["results"][0]["active_modules"] == body["results"][1]["active_modules"]
+
+        missing = client.post("/classify", json={"inputs": "x", "adapter": "nope"}, headers={"X-API-Key": "test-key"})
+        assert missing.status_code == 404 and missing.json()["error_type"] == "unknown_adapter"
+        assert client.get("/docs").status_code == 200
+        assert "/classify" in client.get("/openapi.json").json()["paths"]
+
+        metrics = client.get("/metrics").text
+        assert metric(metrics, "cogalora_requests_total", adapter="sst2", code="200") == 2
+        assert metric(metrics, "cogalora_inputs_total", adapter="sst2") == 4
+        assert metric(metrics, "cogalora_adapters_loaded") == 3
+        active = sum(row["active_adapters"] for row in body["results"] + solo["results"])
+        assert metric(metrics, "cogalora_active_adapters_sum", adapter="sst2") == active
+
+    lines = [json.loads(line) for line in server.log_text().splitlines() if line.startswith("{")]
+    access = [line for line in lines if line.get("logger") == "cogalora.access" and line["request_id"] == request_id]
+    assert len(access) == 1
+    assert (access[0]["status"], access[0]["adapter"], access[0]["inputs"]) == (200, "sst2", 3)
+    assert "latency_ms" in access[0]
+    assert "wonderful" not in server.log_text()
+
+
+async def test_sigterm_finishes_every_accepted_request(minilm_model_dir, tmp_path):
+    """A burst is accepted, SIGTERM arrives while it is queued: every accepted request is answered, then exit."""
+    process = Server(minilm_model_dir, tmp_path / "service.log", COGALORA_MAX_BATCH_SIZE="2", COGALORA_MAX_WAIT_MS="0")
+    try:
+        process.wait_ready()
+        texts = [f"review number {i}: {'great' if i % 2 else 'dull'} acting and a long, winding plot" for i in range(8)]
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=process.url, timeout=120, limits=limits, trust_env=False) as client:
+            reference = (await client.post("/classify", json={"inputs": texts, "adapter": "agnews"})).json()
+            before = metric((await client.get("/metrics")).text, "cogalora_requests_total")
+            burst = 24
+            tasks = [
+                asyncio.create_task(client.post("/classify", json={"inputs": texts, "adapter": "agnews"}))
+                for _ in range(burst)
+            ]
+            # every request of the burst has reached the handler (in flight or already answered)
+            while True:
+                page = (await client.get("/metrics")).text
+                inflight = metric(page, "cogalora_inflight_requests")
+                done = metric(page, "cogalora_requests_total") - before
+                if inflight + done >= burst:
+                    break
+                assert process.proc.poll() is None
+                await asyncio.sleep(0.01)
+            os.kill(process.proc.pid, signal.SIGTERM)
+            assert inflight > 0, "the burst finished before the signal; nothing was drained"
+
+            try:  # after the signal: either the listener is closed or the server says it is draining
+                late = await client.get("/ready")
+                assert late.status_code == 503 and late.json()["error_type"] == "not_ready"
+            except httpx.TransportError:
+                pass
+
+            responses = await asyncio.gather(*tasks)
+        assert [r.status_code for r in responses] == [200] * burst
+        expected = [(row["label"], row["active_modules"]) for row in reference["results"]]
+        for response in responses:
+            rows = response.json()["results"]
+            assert [(row["label"], row["active_modules"]) for row in rows] == expected
+            for row, ref in zip(rows, reference["results"], strict=True):
+                assert row["score"] == pytest.approx(ref["score"], abs=1e-4)
+        assert process.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        log = process.log_text()
+        assert "draining" in log and "stopped" in log
+        assert "Traceback" not in log
+    finally:
+        process.close()

@@ -1,0 +1,381 @@
+"""The training package on tiny random encoders and generated toy data (no real data, no download)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertTokenizer
+
+from cogalora import load_model, read_meta
+from cogalora.base_model import load_tokenizer
+from training.calibrate import parse_taus
+from training.cli import main
+from training.data import (
+    Columns,
+    DataError,
+    EncodedDataset,
+    infer_label_names,
+    label_indices,
+    parse_label_names,
+    read_examples,
+    training_batches,
+)
+from training.evaluation import Predictions, never_fired
+from training.loop import TrainConfig, build_model, gates_forced_on
+from training.sweep import load_sweep, run_sweep
+
+FILLER = [f"w{i}" for i in range(40)] + ["movie", "plot", "the", "a"]
+
+
+def toy_rows(count: int, seed: int, label_style: str = "name") -> list[tuple[str, str]]:
+    """Separable sentiment: one of good/great (positive) or bad/awful (negative) among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        positive = i % 2 == 0
+        words = rng.choices(FILLER, k=rng.randint(2, 10))
+        words.insert(rng.randrange(len(words) + 1), rng.choice(["good", "great"] if positive else ["bad", "awful"]))
+        label = ("positive" if positive else "negative") if label_style == "name" else str(int(positive))
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_tsv(path: Path, rows: list[tuple[str, str]], header: tuple[str, str] = ("sentence", "label")) -> Path:
+    lines = ["\t".join(header)] + [f"{text}\t{label}" for text, label in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_base(tiny_base_dir: Path) -> Path:
+    """``tiny_base_dir`` with a working tokenizer.
+
+    conftest builds it with ``BertTokenizerFast(vocab_file=...)``, which transformers 5 ignores: the
+    saved tokenizer knows only the special tokens and maps every word to [UNK]. ``vocab=`` works.
+    """
+    BertTokenizer(vocab=str(tiny_base_dir / "vocab.txt"), do_lower_case=True).save_pretrained(tiny_base_dir)
+    ids = load_tokenizer(str(tiny_base_dir))("good w3")["input_ids"]
+    assert ids[1:3] == [65, 8], ids
+    return tiny_base_dir
+
+
+@pytest.fixture
+def toy_data(tmp_path: Path) -> tuple[Path, Path]:
+    train = write_tsv(tmp_path / "train.tsv", toy_rows(192, seed=1, label_style="index"))
+    dev = write_tsv(tmp_path / "dev.tsv", toy_rows(60, seed=2, label_style="index"))
+    return train, dev
+
+
+def train_argv(base: Path, train: Path, dev: Path, output: Path, method: str = "cogalora", *extra: str) -> list[str]:
+    return [
+        "train",
+        "--train", str(train),
+        "--dev", str(dev),
+        "--output", str(output),
+        "--base-model", str(base),
+        "--method", method,
+        "--label-names", "negative,positive",
+        "--rank", "4",
+        "--lr", "1e-2",
+        "--router-lr", "1e-2",
+        "--epochs", "3",
+        "--batch-size", "8",
+        "--max-length", "16",
+        "--threads", "1",
+        "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def test_labels_may_be_names_or_indices(tmp_path: Path) -> None:
+    path = write_tsv(tmp_path / "mixed.tsv", [("good movie", "positive"), ("bad plot", "0"), ("great", "1")])
+    examples = read_examples(path)
+    assert label_indices(examples, ["negative", "positive"], str(path)) == [1, 0, 1]
+
+
+def test_names_win_over_indices_and_defaults_are_sorted_unique(tmp_path: Path) -> None:
+    path = write_tsv(tmp_path / "digits.tsv", [("a", "1"), ("b", "0"), ("c", "1")])
+    examples = read_examples(path)
+    names = infer_label_names(examples)
+    assert names == ["0", "1"]
+    # With the names "1","0" (reversed), the label "1" means the *name* "1", index 0.
+    assert label_indices(examples, ["1", "0"], "x") == [0, 1, 0]
+
+
+def test_bad_label_names_file_and_line(tmp_path: Path) -> None:
+    path = write_tsv(tmp_path / "bad.tsv", [("good", "positive"), ("meh", "neutral")])
+    with pytest.raises(DataError, match=r"bad\.tsv:3: label 'neutral' is neither one of"):
+        label_indices(read_examples(path), ["negative", "positive"], str(path))
+    with pytest.raises(DataError, match=r"index 0\.\.1"):
+        label_indices(read_examples(write_tsv(tmp_path / "b.tsv", [("x", "2")])), ["n", "p"], "b.tsv")
+
+
+@pytest.mark.parametrize("text", ["solo", "a,,b", "a,a"])
+def test_label_names_option_is_validated(text: str) -> None:
+    with pytest.raises(DataError, match="--label-names"):
+        parse_label_names(text)
+
+
+def test_one_label_only_is_an_error(tmp_path: Path) -> None:
+    path = write_tsv(tmp_path / "one.tsv", [("good", "positive"), ("great", "positive")])
+    with pytest.raises(DataError, match="at least two distinct labels"):
+        infer_label_names(read_examples(path))
+
+
+def test_csv_reader_with_quotes_and_named_columns(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "label", "review"])
+        writer.writerow(["1", "pos", 'good, "really" good'])
+        writer.writerow(["2", "neg", "bad"])
+    examples = read_examples(path, Columns(text="review", label="label"))
+    assert [(e.text, e.label) for e in examples] == [('good, "really" good', "pos"), ("bad", "neg")]
+    # Defaults: first column is the text, last the label.
+    assert [(e.text, e.label) for e in read_examples(path)] == [("1", 'good, "really" good'), ("2", "bad")]
+    with pytest.raises(DataError, match=r"no text column 'body'; the header has \['id', 'label', 'review'\]"):
+        read_examples(path, Columns(text="body"))
+
+
+def test_jsonl_reader_and_its_errors(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "good", "label": 1}\n\n{"text": "bad", "label": "negative"}\n', encoding="utf-8")
+    assert [(e.text, e.label, e.line) for e in read_examples(path)] == [("good", "1", 1), ("bad", "negative", 3)]
+    custom = tmp_path / "custom.jsonl"
+    custom.write_text('{"body": "good", "y": "p"}\n', encoding="utf-8")
+    assert read_examples(custom, Columns("body", "y"))[0].label == "p"
+    with pytest.raises(DataError, match=r"custom\.jsonl:1: no key 'text'"):
+        read_examples(custom)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "a", "label": 0}\n{oops\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"broken\.jsonl:2: not valid JSON"):
+        read_examples(broken)
+
+
+def test_ragged_tsv_and_unknown_format(tmp_path: Path) -> None:
+    path = tmp_path / "ragged.tsv"
+    path.write_text("sentence\tlabel\ngood\t1\nbad\t0\textra\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"ragged\.tsv:3: expected 2 fields"):
+        read_examples(path)
+    with pytest.raises(DataError, match="unknown format"):
+        read_examples(write_tsv(tmp_path / "data.txt", [("a", "b")]))
+    with pytest.raises(DataError, match="file not found"):
+        read_examples(tmp_path / "missing.tsv")
+
+
+def test_training_batches_cover_everything_once_grouped_and_deterministic() -> None:
+    rng = random.Random(0)
+    dataset = EncodedDataset([[1] * rng.randint(1, 40) for _ in range(500)], [0] * 500, pad_token_id=0)
+    batches = training_batches(dataset, batch_size=16, seed=3, bucket_batches=4)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    assert batches == training_batches(dataset, batch_size=16, seed=3, bucket_batches=4)
+    assert batches != training_batches(dataset, batch_size=16, seed=4, bucket_batches=4)
+    lengths = dataset.lengths()
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 10  # random batches of lengths 1..40 would spread ~35
+
+
+def test_never_fired_ignores_absent_sites() -> None:
+    gates = torch.tensor([[True, False, False], [False, False, False]])
+    predictions = Predictions(torch.zeros(2), gates, gates.float(), torch.ones(2))
+    assert never_fired(predictions, [True, True, False]) == [1]
+
+
+# ---- training, evaluation, calibration, sweeps ---------------------------------------------------
+
+
+def test_cli_train_then_evaluate_json(tiny_base: Path, toy_data, tmp_path: Path, capsys) -> None:
+    train, dev = toy_data
+    output = tmp_path / "model"
+    assert main(train_argv(tiny_base, train, dev, output, "cogalora", "--lambda", "0.01")) == 0
+    meta = read_meta(output)
+    assert meta.method == "cogalora" and meta.labels == ["negative", "positive"]
+    assert meta.base_model == str(tiny_base) and meta.router is not None and meta.training["lr"] == 1e-2
+    for key in ("accuracy", "mean_active_fraction", "mean_flops", "per_module_activation_rate", "train_seconds"):
+        assert key in meta.metrics
+    capsys.readouterr()
+
+    assert main(["evaluate", "--model", str(output), "--data", str(dev), "--json", "--threads", "1"]) == 0
+    result = last_json(capsys.readouterr().out)
+    for key in ("accuracy", "examples", "mean_active_adapters", "mean_active_fraction", "mean_flops"):
+        assert key in result
+    assert result["examples"] == 60
+    assert 0.0 <= result["mean_active_fraction"] <= 1.0
+    assert result["accuracy"] > 0.8  # an easy, separable toy task: far above chance after 72 steps
+    assert result["mean_adapter_flops"] <= result["mean_flops"]
+
+    # Recompute accuracy and active adapters one example at a time, independently of the batching.
+    loaded = load_model(output)
+    rows = list(csv.reader(dev.open(encoding="utf-8"), delimiter="\t"))[1:]
+    correct, active = 0, 0
+    for text, label in rows:
+        encoded = loaded.tokenizer(text, truncation=True, max_length=16, return_tensors="pt")
+        out = loaded.model(encoded["input_ids"], encoded["attention_mask"], encoded["token_type_ids"])
+        correct += int(out.logits.argmax(dim=1).item() == int(label))
+        active += int(out.gates.sum())
+    assert result["accuracy"] == pytest.approx(correct / len(rows), abs=1e-6)
+    assert result["mean_active_adapters"] == pytest.approx(active / len(rows), abs=1e-5)
+
+    # Without --json: a table first, the JSON object still last.
+    assert main(["evaluate", "--model", str(output), "--data", str(dev), "--tau", "1.0"]) == 0
+    text = capsys.readouterr().out
+    assert "active fraction" in text
+    assert last_json(text)["mean_active_adapters"] == 0.0  # p > 1 never holds: every gate off
+
+
+def test_training_is_deterministic_given_the_seed(tiny_base: Path, toy_data, tmp_path: Path) -> None:
+    train, dev = toy_data
+    for name in ("a", "b"):
+        argv = train_argv(tiny_base, train, dev, tmp_path / name, "cogalora", "--epochs", "1")
+        assert main([*argv, "--keep-never-fired"]) == 0
+    a, b = (load_model(tmp_path / name).model.adapter_weights() for name in ("a", "b"))
+    assert sorted(a.lora) == sorted(b.lora)
+    for path in a.lora:
+        assert torch.equal(a.lora[path][1], b.lora[path][1])
+        assert torch.equal(a.routers[path].w1, b.routers[path].w1)
+
+
+@pytest.mark.parametrize(("method", "fraction"), [("full", 0.0), ("lora", 1.0)])
+def test_baselines_report_consistent_active_counts(
+    method: str, fraction: float, tiny_base: Path, toy_data, tmp_path: Path, capsys
+) -> None:
+    train, dev = toy_data
+    output = tmp_path / method
+    assert main(train_argv(tiny_base, train, dev, output, method, "--epochs", "1", "--lr", "1e-3")) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(output), "--data", str(dev), "--json"]) == 0
+    result = last_json(capsys.readouterr().out)
+    assert result["method"] == method
+    assert result["mean_active_fraction"] == fraction
+    assert result["total_adapters"] == (0 if method == "full" else 12)
+
+
+def test_galora_is_finalized_and_prunes_with_strong_penalty(tiny_base: Path, toy_data, tmp_path: Path) -> None:
+    train, dev = toy_data
+    output = tmp_path / "galora"
+    argv = train_argv(tiny_base, train, dev, output, "galora", "--lambda", "50", "--router-lr", "0.2")
+    assert main(argv) == 0
+    meta = read_meta(output)
+    assert meta.metrics["dropped_sites"], "a huge L1 penalty with a fast gate LR should prune some modules"
+    assert len(meta.sites) == 12 - len(meta.metrics["dropped_sites"])
+    assert load_model(output).model.site_present().count(True) == len(meta.sites)
+
+
+def test_warmup_forces_gates_on_and_restores_routing(tiny_base: Path, toy_data, tmp_path: Path) -> None:
+    train, dev = toy_data
+    config = TrainConfig(train=str(train), dev=str(dev), output="", base_model=str(tiny_base), rank=4)
+    model = build_model(config, ["negative", "positive"])
+    ids = torch.randint(5, 40, (8, 6))
+    mask = torch.ones_like(ids)
+    model.train()
+    with gates_forced_on(model, True):
+        out = model(ids, mask)
+        assert bool(out.gates.all())
+        assert not any(model.site_routed())
+    assert all(model.site_routed())
+    torch.manual_seed(0)
+    model.eval()
+    with torch.no_grad():
+        for layer in model.gated_layers.values():
+            layer.routers.b2.fill_(-10.0)  # routers say "off"
+    assert not bool(model(ids, mask).gates.any())
+
+
+def test_calibrate_writes_a_tau_meeting_the_target(tiny_base: Path, toy_data, tmp_path: Path, capsys) -> None:
+    train, dev = toy_data
+    output = tmp_path / "model"
+    assert main(train_argv(tiny_base, train, dev, output, "cogalora", "--lambda", "0.0", "--epochs", "1")) == 0
+    capsys.readouterr()
+    code = main(
+        ["calibrate", "--model", str(output), "--data", str(dev), "--target-active-fraction", "0.3", "--step", "0.1"]
+    )
+    assert code == 0
+    payload = last_json(capsys.readouterr().out)
+    chosen = payload["chosen"]
+    assert payload["written"] and chosen["active_fraction"] <= 0.3
+    feasible = [p["accuracy"] for p in payload["points"] if p["active_fraction"] <= 0.3]
+    assert chosen["accuracy"] == max(feasible)
+    assert read_meta(output).tau == chosen["tau"]
+    assert main(["evaluate", "--model", str(output), "--data", str(dev), "--json"]) == 0
+    assert last_json(capsys.readouterr().out)["mean_active_fraction"] <= 0.3
+
+    code = main(["calibrate", "--model", str(output), "--data", str(dev), "--target-active-fraction", "-0.1"])
+    assert code == 2
+    # An explicit candidate list; none of them can meet an impossible target: nothing is written.
+    argv = ["calibrate", "--model", str(output), "--data", str(dev), "--taus", "0.0,0.1", "--json"]
+    assert main([*argv, "--target-active-fraction", "0.0"]) == 1
+    payload = last_json(capsys.readouterr().out)
+    assert [p["tau"] for p in payload["points"]] == [0.0, 0.1] and not payload["written"]
+    assert read_meta(output).tau == chosen["tau"]
+
+
+def test_cli_reports_bad_labels_clearly(tiny_base: Path, tmp_path: Path, capsys) -> None:
+    train = write_tsv(tmp_path / "train.tsv", [("good", "positive"), ("bad", "negative"), ("meh", "5")])
+    argv = train_argv(tiny_base, train, train, tmp_path / "out", "lora")
+    assert main(argv) == 2
+    assert "label '5' is neither one of ['negative', 'positive']" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sweep_is_resumable(tiny_base: Path, toy_data, tmp_path: Path) -> None:
+    train, dev = toy_data
+    config = {
+        "output": str(tmp_path / "sweep"),
+        "common": {
+            "train": str(train),
+            "dev": str(dev),
+            "base_model": str(tiny_base),
+            "label_names": "negative,positive",
+            "rank": 4,
+            "max_length": 16,
+            "max_train_examples": 64,
+            "batch_size": 16,
+            "threads": 1,
+        },
+        "runs": [{"name": "lora", "method": "lora"}, {"name": "co", "method": "cogalora", "lambda": 0.5}],
+    }
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    output, rows, skipped = run_sweep(path, progress=False)
+    assert skipped == [] and [row["name"] for row in rows] == ["lora", "co"]
+    assert rows[0]["mean_active_fraction"] == 1.0
+    for name in ("results.csv", "results.md", "tradeoff.png"):
+        assert (output / name).stat().st_size > 0
+    stamp = (output / "lora" / "adapter_model.safetensors").stat().st_mtime_ns
+
+    _, rows_again, skipped = run_sweep(path, progress=False)
+    assert skipped == ["lora", "co"]
+    assert rows_again == rows
+    assert (output / "lora" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    with (output / "results.csv").open(encoding="utf-8") as handle:
+        assert [row["name"] for row in csv.DictReader(handle)] == ["lora", "co"]
+
+
+def test_sweep_config_errors(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"output": "x", "runs": [{"name": "a", "method": "lora", "bogus": 1}]}))
+    with pytest.raises(ValueError, match=r"runs\[0\]: unknown settings \['bogus'\]"):
+        load_sweep(path)
+    path.write_text(json.dumps({"output": "x", "runs": [{"name": "a", "method": "lora"}]}))
+    with pytest.raises(ValueError, match="has no 'train'"):
+        load_sweep(path)
+
+
+def test_parse_taus_validates_and_sorts() -> None:
+    assert parse_taus("0.9, 0.8,0.85,0.8") == [0.8, 0.85, 0.9]
+    with pytest.raises(DataError, match="in \\[0, 1\\]"):
+        parse_taus("0.5,1.5")
+    with pytest.raises(DataError, match="comma-separated numbers"):
+        parse_taus("0.5,high")

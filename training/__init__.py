@@ -1,0 +1,1 @@
+"""Training, evaluation, tau calibration and sweeps for CoGaLoRA classifiers (``python -m training``)."""

@@ -1,0 +1,85 @@
+"""Choosing the inference threshold tau for a target compute budget.
+
+Gates at later layers depend on the hidden states that earlier gates produced, so every
+candidate tau needs its own forward pass; the grid is therefore modest (0.05 steps by
+default) and the data may be subsampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cogalora import CoGaLoRAModel
+from training.data import DataError, EncodedDataset
+from training.evaluation import evaluate
+
+
+@dataclass(frozen=True)
+class TauPoint:
+    tau: float
+    accuracy: float
+    active_fraction: float
+    mean_active_adapters: float
+    mean_adapter_flops: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    points: list[TauPoint]
+    chosen: TauPoint | None
+    """Best accuracy among points with ``active_fraction <= target`` (ties: fewer active); None if none."""
+    target_active_fraction: float
+
+
+def tau_grid(step: float = 0.05) -> list[float]:
+    count = round(1.0 / step)
+    return [round(i * step, 6) for i in range(count + 1)]
+
+
+def parse_taus(text: str) -> list[float]:
+    try:
+        taus = sorted({float(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise DataError(f"--taus must be comma-separated numbers, got {text!r}") from None
+    if not taus or not all(0.0 <= tau <= 1.0 for tau in taus):
+        raise DataError(f"--taus must list values in [0, 1], got {text!r}")
+    return taus
+
+
+def calibrate(
+    model: CoGaLoRAModel,
+    dataset: EncodedDataset,
+    target_active_fraction: float,
+    taus: list[float],
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> Calibration:
+    points = []
+    for tau in taus:
+        metrics, _ = evaluate(model, dataset, batch_size, tau=tau, device=device)
+        points.append(
+            TauPoint(
+                tau=tau,
+                accuracy=metrics["accuracy"],
+                active_fraction=metrics["mean_active_fraction"],
+                mean_active_adapters=metrics["mean_active_adapters"],
+                mean_adapter_flops=metrics["mean_adapter_flops"],
+            )
+        )
+    feasible = [point for point in points if point.active_fraction <= target_active_fraction + 1e-12]
+    chosen = max(feasible, key=lambda p: (p.accuracy, -p.active_fraction, -p.tau)) if feasible else None
+    return Calibration(points=points, chosen=chosen, target_active_fraction=target_active_fraction)
+
+
+def format_calibration(calibration: Calibration) -> str:
+    lines = [f"{'tau':>6} {'accuracy':>9} {'active':>7} {'adapters':>9} {'adapter FLOPs':>14}"]
+    for p in calibration.points:
+        mark = "  <- chosen" if p == calibration.chosen else ""
+        meets = "" if p.active_fraction <= calibration.target_active_fraction + 1e-12 else " (over budget)"
+        lines.append(
+            f"{p.tau:6.2f} {p.accuracy:9.4f} {p.active_fraction:7.3f} {p.mean_active_adapters:9.2f} "
+            f"{p.mean_adapter_flops:14.4g}{meets}{mark}"
+        )
+    return "\n".join(lines)

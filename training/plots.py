@@ -1,0 +1,44 @@
+"""The sweep's figure: dev accuracy against the adapter compute each method spends per example."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_MARKERS = {"full": "s", "lora": "o", "galora": "^", "cogalora": "D"}
+
+
+def plot_tradeoff(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Two panels: accuracy vs mean active adapters, and vs mean adapter FLOPs per example."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on training machines
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = (
+        ("mean_active_adapters", "active adapters per example"),
+        ("mean_adapter_flops", "adapter FLOPs per example"),
+    )
+    for axis, (key, label) in zip(axes, panels, strict=True):
+        for method, marker in _MARKERS.items():
+            points = [row for row in rows if row["method"] == method]
+            if not points:
+                continue
+            points.sort(key=lambda row: float(row[key]))
+            xs = [float(row[key]) for row in points]
+            ys = [100 * float(row["accuracy"]) for row in points]
+            axis.plot(xs, ys, marker=marker, linestyle="-" if method == "cogalora" else "none", label=method)
+            for row, x, y in zip(points, xs, ys, strict=True):
+                axis.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        axis.set_xlabel(label)
+        axis.set_ylabel("dev accuracy (%)")
+        axis.grid(alpha=0.3)
+    axes[0].legend(loc="lower right")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
