@@ -43,7 +43,9 @@ def sentences(count: int) -> list[str]:
     if path.is_file():
         lines = path.read_text(encoding="utf-8").splitlines()[1 : count + 1]
         return [line.split("\t")[0] for line in lines]
-    return list(itertools.islice(itertools.cycle(FALLBACK_SENTENCES), count))
+    # Without the shared data: prefixes of the fixed sentences, so lengths still vary widely.
+    words = " ".join(FALLBACK_SENTENCES).split()
+    return [" ".join(words[i % 7 : i % 7 + 1 + (5 * i) % 37]) for i in range(count)]
 
 
 @pytest.fixture(scope="module", autouse=True)
