@@ -241,28 +241,24 @@ def _head(checkpoint: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return read_adapter(checkpoint)[1].head
 
 
+def _print_figures(report: dict, sizes: list[int], per_second: str, ratio: str, unit: str) -> None:
+    print("| variant | " + " | ".join(f"batch {size}" for size in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for name, label in VARIANTS.items():
+        cells = []
+        for entry in report["results"]:
+            figures = entry["variants"][name]
+            cells.append(f"{figures[per_second]:.0f}/{unit} ({figures[ratio]:.2f}x)")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
 def print_table(report: dict) -> None:
     sizes = [entry["batch_size"] for entry in report["results"]]
-    header = "| variant | " + " | ".join(f"batch {size}" for size in sizes) + " |"
     print()
-    print(header)
-    print("|---|" + "---|" * len(sizes))
-    for name, label in VARIANTS.items():
-        cells = []
-        for entry in report["results"]:
-            figures = entry["variants"][name]
-            cells.append(f"{figures['sentences_per_s']:.0f}/s ({figures['ratio_to_base']:.2f}x)")
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    _print_figures(report, sizes, "sentences_per_s", "ratio_to_base", "s")
     print()
     print("Process CPU time instead of wall time (robust to other processes on the machine):")
-    print(header)
-    print("|---|" + "---|" * len(sizes))
-    for name, label in VARIANTS.items():
-        cells = []
-        for entry in report["results"]:
-            figures = entry["variants"][name]
-            cells.append(f"{figures['sentences_per_cpu_s']:.0f}/cpu-s ({figures['cpu_ratio_to_base']:.2f}x)")
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    _print_figures(report, sizes, "sentences_per_cpu_s", "cpu_ratio_to_base", "cpu-s")
     print("| active adapters (c) | " + " | ".join(f"{e['active_fraction']:.0%}" for e in report["results"]) + " |")
 
 

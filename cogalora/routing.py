@@ -31,7 +31,6 @@ class RoutingState:
         self.row_slot: Tensor | None = None
         self.row_tau: Tensor | None = None
         self.force: ForceGates = None
-        self.slot_counts: list[int] = []
         self.batch_slots: list[int] = []
         """Distinct slots among the rows, ascending (host list, built once per forward)."""
         self._constants: dict[tuple[int, torch.dtype], Tensor] = {}
