@@ -19,8 +19,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -188,13 +189,22 @@ def _validate_meta(data: dict[str, Any], path: Path) -> CheckpointMeta:
         raise CheckpointError(f"{path}: field {field!r}: {first['msg']}") from None
 
 
-def _read_tensors(path: Path) -> dict[str, Tensor]:
+def _read_tensors(path: Path, data: bool = True) -> dict[str, Tensor]:
+    """The tensors of a safetensors file; ``data=False``: shape-only ``meta`` tensors from its header."""
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
-        return load_file(str(path))
+        if data:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def read_full_weights(directory: str | Path) -> dict[str, Tensor]:
+    """The encoder and head weights of a ``full`` fine-tune (``model.safetensors``)."""
+    return _read_tensors(Path(directory) / FULL_MODEL_FILE)
 
 
 def read_meta(directory: str | Path) -> CheckpointMeta:
@@ -202,8 +212,12 @@ def read_meta(directory: str | Path) -> CheckpointMeta:
     return _validate_meta(_read_json(path), path)
 
 
-def read_adapter(directory: str | Path) -> tuple[CheckpointMeta, AdapterWeights]:
-    """Read and cross-check an adapter checkpoint (not ``full``); no base model needed."""
+def read_adapter(directory: str | Path, data: bool = True) -> tuple[CheckpointMeta, AdapterWeights]:
+    """Read and cross-check an adapter checkpoint (not ``full``); no base model needed.
+
+    ``data=False`` validates the same names and shapes from the safetensors headers alone (the
+    weights come back as shape-only ``meta`` tensors): cheap enough to check a whole repository.
+    """
     directory = Path(directory)
     meta = read_meta(directory)
     if meta.method == "full":
@@ -215,7 +229,7 @@ def read_adapter(directory: str | Path) -> tuple[CheckpointMeta, AdapterWeights]
             f"{directory / PEFT_CONFIG_FILE}: field 'r': {peft_config.get('r')!r} disagrees with "
             f"rank {meta.rank} in {CONFIG_FILE}"
         )
-    tensors = _read_tensors(adapter_path)
+    tensors = _read_tensors(adapter_path, data)
     weights = AdapterWeights(scaling=meta.alpha / meta.rank)
     pending: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
@@ -254,14 +268,14 @@ def read_adapter(directory: str | Path) -> tuple[CheckpointMeta, AdapterWeights]
             f"but {CONFIG_FILE} field 'labels' lists {len(meta.labels)}"
         )
     if meta.method == "cogalora":
-        weights.routers = _read_routers(directory / ROUTER_FILE, meta, set(weights.lora))
+        weights.routers = _read_routers(directory / ROUTER_FILE, meta, set(weights.lora), data)
     return meta, weights
 
 
-def _read_routers(path: Path, meta: CheckpointMeta, modules: set[str]) -> dict[str, RouterWeights]:
+def _read_routers(path: Path, meta: CheckpointMeta, modules: set[str], data: bool) -> dict[str, RouterWeights]:
     if meta.router is None:
         raise CheckpointError(f"{path.parent / CONFIG_FILE}: field 'router': required for method 'cogalora'")
-    tensors = _read_tensors(path)
+    tensors = _read_tensors(path, data)
     grouped: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
         module, marker, part = key.rpartition(".router.")

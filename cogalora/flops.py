@@ -10,10 +10,10 @@ activations) is not counted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from cogalora.layer import GatedLoraLinear, SlotLinear
+if TYPE_CHECKING:
+    from cogalora.model import CoGaLoRAModel
 
 
 @dataclass(frozen=True)
@@ -48,58 +48,43 @@ class FlopModel:
     router_per_example: int
 
     @classmethod
-    def for_slot(
-        cls, model: nn.Module, slot: int = 0, rank: int | None = None, router_hidden: int | None = None
-    ) -> FlopModel:
+    def for_slot(cls, model: CoGaLoRAModel, slot: int = 0) -> FlopModel:
         """Coefficients for the adapter in ``slot`` of a :class:`~cogalora.model.CoGaLoRAModel`.
 
-        ``rank`` / ``router_hidden`` default to the model's config; a serving model whose slots hold
-        adapters of different shapes passes the adapter's own values.
+        Each site counts the adapter's own rank there and its own router width, so a serving model
+        whose slots hold adapters of different shapes gets each adapter's true cost.
         """
-        hf_model = model.model
-        config = hf_model.config
-        linear_per_token = 0
-        head = 0
-        for path, module in hf_model.named_modules():
-            if isinstance(module, nn.Linear):
-                flops = 2 * module.in_features * module.out_features
-                if ".layer." in path:
-                    linear_per_token += flops
-                else:
-                    head += flops
-            elif isinstance(module, SlotLinear):
-                head += 2 * module.in_features * module.slot_out_features[slot]
+        config = model.model.config
         hidden = getattr(config, "hidden_size", None) or config.dim
         num_layers = getattr(config, "num_hidden_layers", None) or config.n_layers
-        adapter, pooled_groups, router = [], set(), 0
-        pooling = 0
-        for site in model.sites:
-            layer: GatedLoraLinear = model.gated_layers[site.module_path]
-            if not bool(layer.slot_present[slot]):
-                adapter.append(0)
-                continue
-            site_rank = rank or model.config.rank
-            adapter.append(2 * site_rank * (site.in_features + site.out_features))
-            if bool(layer.slot_routed[slot]):
-                hidden_units = router_hidden or model.config.router_hidden
-                router += 2 * site.in_features * hidden_units + 2 * hidden_units
+        per_token, per_example, per_label = model.linear_flops
+        labels = model.output_head.slot_out_features.get(slot, 0)
+        router_hidden = model.router_hidden(slot)
+        adapter, pooled_groups, router, pooling = [], set(), 0, 0
+        for site, rank, routed in zip(model.sites, model.site_ranks(slot), model.site_routed(slot), strict=True):
+            adapter.append(2 * rank * (site.in_features + site.out_features))
+            if routed:
+                router += 2 * site.in_features * router_hidden + 2 * router_hidden
                 if site.input_group not in pooled_groups:
                     pooled_groups.add(site.input_group)
                     pooling += 2 * site.in_features
         return cls(
-            linear_per_token=linear_per_token,
+            linear_per_token=per_token,
             # QK^T and attention-weighted V: 2 * T * T * hidden each, per layer.
             attention_per_token_pair=4 * hidden * num_layers,
-            head_per_example=head,
+            head_per_example=per_example + per_label * labels,
             adapter_per_token=tuple(adapter),
             pooling_per_token=pooling,
             router_per_example=router,
         )
 
-    def request(self, tokens: int, gates: list[bool]) -> FlopBreakdown:
-        """FLOPs of one request of ``tokens`` tokens whose site gates are ``gates``."""
+    def request(self, tokens: int, gates: list[bool], routers: bool = True) -> FlopBreakdown:
+        """FLOPs of one request of ``tokens`` tokens whose site gates are ``gates``.
+
+        ``routers=False``: gates were forced (all on or all off), so no router ran.
+        """
         base = tokens * self.linear_per_token + tokens * tokens * self.attention_per_token_pair + self.head_per_example
-        router = tokens * self.pooling_per_token + self.router_per_example
+        router = tokens * self.pooling_per_token + self.router_per_example if routers else 0
         active = sum(flops for flops, on in zip(self.adapter_per_token, gates, strict=True) if on)
         all_on = sum(self.adapter_per_token)
         adapter = tokens * active

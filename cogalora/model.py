@@ -1,22 +1,25 @@
 """Injection of gated LoRA into a Hugging Face encoder, and the routed forward pass.
 
-:class:`CoGaLoRAModel` wraps an ``AutoModelForSequenceClassification`` model: every
-target Linear becomes a :class:`~cogalora.layer.GatedLoraLinear`, every head Linear a
-:class:`~cogalora.layer.SlotLinear`. Training uses slot 0; the serving engine loads
-many adapters into the slots of one such model (``set_adapter`` / ``reset_adapter``).
+:class:`CoGaLoRAModel` wraps an ``AutoModelForSequenceClassification`` model: every target
+Linear becomes a :class:`~cogalora.layer.GatedLoraLinear`, every head Linear a
+:class:`~cogalora.layer.SlotHead`. Training uses slot 0 (``prepare_for_training``); the serving
+repository loads many adapters into slots of one such model (``set_adapter`` / ``reset_adapter``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
 
 from cogalora.architectures import Site, architecture_of, find_sites
 from cogalora.config import CoGaLoRAConfig
-from cogalora.layer import GatedLoraLinear, SlotLinear
+from cogalora.layer import GatedLoraLinear, SlotHead
 from cogalora.routing import ForceGates, RoutingState
+from cogalora.slots import SlotEntry, SlotTable
 from cogalora.weights import AdapterWeights
 
 
@@ -41,175 +44,240 @@ def _replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 class CoGaLoRAModel(nn.Module):
-    """A frozen encoder with slot-indexed gated LoRA adapters and classification heads."""
+    """A frozen encoder with per-slot gated LoRA adapters and classification heads."""
 
-    def __init__(self, base_model: nn.Module, config: CoGaLoRAConfig, num_slots: int = 1) -> None:
+    def __init__(self, base_model: nn.Module, config: CoGaLoRAConfig) -> None:
         super().__init__()
         self.model = base_model
         self.config = config
         self.architecture = architecture_of(base_model)
         self.sites: list[Site] = find_sites(base_model, config.target_modules) if config.has_adapters else []
-        self.routing = RoutingState(len(self.sites))
+        self.slot_table = SlotTable(len(self.sites))
+        self.routing = RoutingState(self.slot_table)
         self.gated_layers: dict[str, GatedLoraLinear] = {}
         for site in self.sites:
-            layer = GatedLoraLinear(
-                base_model.get_submodule(site.module_path),
-                site,
-                self.routing,
-                num_slots=num_slots,
-                rank=config.rank,
-                router_hidden=config.router_hidden,
-                dropout=config.dropout,
-            )
+            layer = GatedLoraLinear(base_model.get_submodule(site.module_path), site, self.routing, config.dropout)
             _replace_module(base_model, site.module_path, layer)
             self.gated_layers[site.module_path] = layer
-        self.head_layers: dict[str, SlotLinear] = {}
+        self.layers: list[GatedLoraLinear] = list(self.gated_layers.values())
+        """Gated layers in site order (``layers[i].site.index == i``)."""
+        self.head_layers: dict[str, SlotHead] = {}
+        # The heads as the base model was loaded: prepare_for_training starts from them. A plain dict,
+        # not submodules: they are templates, never part of a forward.
         self._head_templates: dict[str, nn.Linear] = {}
         for path in config.head_modules or self.architecture.head_linears:
             template = base_model.get_submodule(path)
             if not isinstance(template, nn.Linear):
                 raise ValueError(f"head module {path!r} of {base_model.config.model_type!r} is not a Linear layer")
-            head = SlotLinear(template, self.routing, num_slots, out_capacity=template.out_features)
+            head = SlotHead(template, self.routing)
             _replace_module(base_model, path, head)
             self.head_layers[path] = head
             self._head_templates[path] = template
-        self.slot_labels: list[list[str] | None] = [None] * num_slots
+        self.slot_labels: dict[int, list[str]] = {}
+        self.slot_scaling: dict[int, float] = {}
 
-    # ---- set-up ---------------------------------------------------------------------------
-
-    @property
-    def num_slots(self) -> int:
-        return len(self.slot_labels)
+    # ---- properties -----------------------------------------------------------------------
 
     @property
     def site_names(self) -> list[str]:
         return [site.name for site in self.sites]
 
+    @property
+    def output_head(self) -> SlotHead:
+        return list(self.head_layers.values())[-1]
+
+    @cached_property
+    def linear_flops(self) -> tuple[int, int, int]:
+        """FLOPs of the base model's Linear layers: ``(per token, per example, per output label)``.
+
+        Per token: every Linear inside the encoder layers. Per example: the rest (BERT's pooler) and
+        the hidden head layers. Per label: the output head layer, whose width is the adapter's.
+        """
+        per_token = per_example = 0
+        for path, module in self.model.named_modules():
+            if isinstance(module, nn.Linear):
+                flops = 2 * module.in_features * module.out_features
+                if ".layer." in path:
+                    per_token += flops
+                else:
+                    per_example += flops
+        heads = list(self.head_layers.values())
+        per_example += sum(2 * head.in_features * head.out_capacity for head in heads[:-1])
+        return per_token, per_example, 2 * heads[-1].in_features
+
+    # ---- training set-up ------------------------------------------------------------------
+
     def prepare_for_training(self, labels: list[str]) -> None:
         """Fresh adapter and head in slot 0; freeze what the method does not train."""
         config = self.config
-        self.slot_labels[0] = list(labels)
         for param in self.model.parameters():
             param.requires_grad_(config.method == "full")
-        for layer in self.gated_layers.values():
-            layer.init_slot_for_training(0, config.scaling, config.has_routers, config.router_init_bias)
+        for layer in self.layers:
+            bank_index = layer.bank_for(config.rank, config.router_hidden, fold_scaling=False)
+            bank = layer.banks[bank_index]
+            row = bank.allocate()
+            bank.init_for_training(row, config.scaling, config.has_routers, config.router_init_bias)
+            self.slot_table.set(0, layer.site.index, SlotEntry(bank_index, row, config.has_routers))
+            bank.lora_A.requires_grad_(True)
+            bank.lora_B.requires_grad_(True)
+            for name in ("router_w1", "router_b1", "router_w2", "router_b2"):
+                getattr(bank, name).requires_grad_(config.has_routers)
             if config.method == "galora":
                 layer.enable_galora_gate()
-            for param in (layer.lora_A, layer.lora_B):
-                param.requires_grad_(True)
-            for param in layer.routers.parameters():
-                param.requires_grad_(config.has_routers)
         for path, head in self.head_layers.items():
             template = self._head_templates[path]
             weight, bias = template.weight.data, template.bias.data
-            if path == list(self.head_layers)[-1] and weight.shape[0] != len(labels):
+            if head is self.output_head and weight.shape[0] != len(labels):
                 # The base was loaded with another label count: a fresh output layer of the right width.
                 std = getattr(self.model.config, "initializer_range", 0.02)
-                weight = torch.empty(len(labels), template.in_features).normal_(0.0, std).to(weight)
+                weight = torch.empty(len(labels), head.in_features).normal_(0.0, std).to(weight)
                 bias = torch.zeros(len(labels)).to(bias)
-                head = SlotLinear(nn.Linear(template.in_features, len(labels)), self.routing, 1, len(labels))
-                _replace_module(self.model, path, head)
-                self.head_layers[path] = head
             head.set_slot(0, weight, bias)
             head.weight.requires_grad_(True)
             head.bias.requires_grad_(True)
+        self.slot_labels[0] = list(labels)
+        self.slot_scaling[0] = config.scaling
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [param for param in self.parameters() if param.requires_grad]
 
     # ---- slots (serving) ------------------------------------------------------------------
 
-    def resize_slots(self, num_slots: int, rank: int, router_hidden: int, num_labels: int) -> None:
-        """Grow capacity so that an adapter of this rank, router width and label count fits."""
-        for layer in self.gated_layers.values():
-            layer.resize(num_slots, rank, router_hidden)
-        output_path = list(self.head_layers)[-1]
-        for path, head in self.head_layers.items():
-            head.resize(num_slots, num_labels if path == output_path else head.weight.shape[1])
-        self.slot_labels += [None] * (num_slots - len(self.slot_labels))
-
     def set_adapter(self, slot: int, weights: AdapterWeights, labels: list[str], source: str = "adapter") -> None:
-        """Load an adapter into ``slot``; its missing sites are left without adapter."""
+        """Load an adapter into ``slot``; its missing sites are left without adapter.
+
+        Shapes are checked before anything is written, so a failure leaves the slot unchanged.
+        """
         unknown = sorted(set(weights.lora) - set(self.gated_layers))
         if unknown:
             raise ValueError(f"{source}: adapter modules {unknown[:3]} are not adapter sites of this base model")
         missing_heads = sorted(set(self.head_layers) - set(weights.head))
         if missing_heads:
             raise ValueError(f"{source}: head weights missing for {missing_heads}")
-        ranks = {a.shape[0] for a, _ in weights.lora.values()}
-        hidden = {r.w1.shape[0] for r in weights.routers.values()}
-        self.resize_slots(
-            max(self.num_slots, slot + 1),
-            max(ranks, default=1),
-            max(hidden, default=1),
-            weights.head[list(self.head_layers)[-1]][0].shape[0],
-        )
-        for path, layer in self.gated_layers.items():
-            if path in weights.lora:
-                lora_A, lora_B = weights.lora[path]
-                layer.set_slot(slot, lora_A, lora_B, weights.scaling, weights.routers.get(path), source)
-            else:
-                layer.reset_slot(slot)
-        for path, head in self.head_layers.items():
-            head.set_slot(slot, *weights.head[path], source=f"{source}: {path}")
+        for path, (lora_A, lora_B) in weights.lora.items():
+            layer = self.gated_layers[path]
+            rank = lora_A.shape[0]
+            expected_a, expected_b = (rank, layer.base.in_features), (layer.base.out_features, rank)
+            if tuple(lora_A.shape) != expected_a or tuple(lora_B.shape) != expected_b:
+                raise ValueError(
+                    f"{source}: LoRA weights for {path} have shapes A{tuple(lora_A.shape)} B{tuple(lora_B.shape)}, "
+                    f"the base model needs A{expected_a} B{expected_b}"
+                )
+        self.reset_adapter(slot)
+        for layer in self.layers:
+            path = layer.site.module_path
+            if path not in weights.lora:
+                continue
+            lora_A, lora_B = weights.lora[path]
+            router = weights.routers.get(path)
+            hidden = router.w1.shape[0] if router is not None else 1
+            bank_index = layer.bank_for(lora_A.shape[0], hidden)
+            bank = layer.banks[bank_index]
+            row = bank.allocate()
+            bank.write(row, lora_A.to(bank.lora_A), lora_B.to(bank.lora_B), weights.scaling, router)
+            self.slot_table.set(slot, layer.site.index, SlotEntry(bank_index, row, router is not None))
+        try:
+            for path, head in self.head_layers.items():
+                weight, bias = weights.head[path]
+                head.set_slot(slot, weight.to(head.weight), bias.to(head.bias), source=f"{source}: {path}")
+        except ValueError:
+            self.reset_adapter(slot)
+            raise
         self.slot_labels[slot] = list(labels)
+        self.slot_scaling[slot] = weights.scaling
 
     def reset_adapter(self, slot: int) -> None:
-        for layer in self.gated_layers.values():
-            layer.reset_slot(slot)
+        """Remove the adapter in ``slot`` (its bank rows are reused by later loads)."""
+        for layer in self.layers:
+            self._drop(layer, slot)
         for head in self.head_layers.values():
             head.reset_slot(slot)
-        self.slot_labels[slot] = None
+        self.slot_labels.pop(slot, None)
+        self.slot_scaling.pop(slot, None)
+
+    def _drop(self, layer: GatedLoraLinear, slot: int) -> None:
+        entry = self.slot_table.entry(slot, layer.site.index)
+        if entry is not None:
+            layer.banks[entry.bank].release(entry.row)
+            self.slot_table.set(slot, layer.site.index, None)
 
     def adapter_weights(self, slot: int = 0) -> AdapterWeights:
-        """The adapter in ``slot``, trimmed to its true rank and present sites (for saving)."""
-        weights = AdapterWeights(scaling=self.config.scaling)
-        for path, layer in self.gated_layers.items():
-            if not bool(layer.slot_present[slot]):
+        """The adapter in ``slot`` as a checkpoint stores it: own rank, present sites, ``B`` unscaled."""
+        scaling = self.slot_scaling.get(slot, self.config.scaling)
+        weights = AdapterWeights(scaling=scaling)
+        for layer, entry in zip(self.layers, self.slot_table.entries(slot), strict=True):
+            if entry is None:
                 continue
-            rank = self.config.rank
-            weights.scaling = float(layer.scaling[slot])
-            weights.lora[path] = (
-                layer.lora_A[slot, :rank].detach().clone(),
-                layer.lora_B[slot, :, :rank].detach().clone(),
-            )
-            if bool(layer.slot_routed[slot]):
-                weights.routers[path] = layer.routers.get_slot(slot)
+            lora_A, lora_B, router = layer.banks[entry.bank].read(entry.row, scaling)
+            weights.lora[layer.site.module_path] = (lora_A, lora_B)
+            if router is not None:
+                weights.routers[layer.site.module_path] = router
         for path, head in self.head_layers.items():
             weights.head[path] = head.get_slot(slot)
         return weights
 
     def site_present(self, slot: int = 0) -> list[bool]:
-        return [bool(self.gated_layers[site.module_path].slot_present[slot]) for site in self.sites]
+        return [entry is not None for entry in self.slot_table.entries(slot)]
 
     def site_routed(self, slot: int = 0) -> list[bool]:
-        return [bool(self.gated_layers[site.module_path].slot_routed[slot]) for site in self.sites]
+        return [entry is not None and entry.routed for entry in self.slot_table.entries(slot)]
+
+    def site_ranks(self, slot: int = 0) -> list[int]:
+        """The adapter's rank at each site (0 where it has none)."""
+        return [
+            0 if entry is None else layer.banks[entry.bank].rank
+            for layer, entry in zip(self.layers, self.slot_table.entries(slot), strict=True)
+        ]
+
+    def router_hidden(self, slot: int = 0) -> int:
+        """Hidden width of the slot's routers (its banks' width; 0 without routers)."""
+        widths = [
+            layer.banks[entry.bank].router_hidden
+            for layer, entry in zip(self.layers, self.slot_table.entries(slot), strict=True)
+            if entry is not None and entry.routed
+        ]
+        return max(widths, default=0)
 
     @torch.no_grad()
     def drop_sites(self, site_indices: list[int], slot: int = 0) -> None:
         """Remove adapters from sites (the freezing trick: routers that never fire)."""
         for index in site_indices:
-            self.gated_layers[self.sites[index].module_path].reset_slot(slot)
+            self._drop(self.layers[index], slot)
 
     @torch.no_grad()
     def finalize_galora(self, slot: int = 0) -> list[str]:
         """Prune GaLoRA modules with ``|g| < eps`` and fold the remaining gates into B."""
         pruned = []
-        for site in self.sites:
-            layer = self.gated_layers[site.module_path]
-            if layer.galora_gate is None:
+        for layer, entry in zip(self.layers, self.slot_table.entries(slot), strict=True):
+            gate = layer.galora_gate
+            if gate is None:
                 continue
-            if abs(float(layer.galora_gate[slot])) < self.config.galora_prune_eps:
-                layer.reset_slot(slot)
-                pruned.append(site.name)
-            layer.fold_galora_gate()
+            layer.galora_gate = None
+            if entry is None:
+                continue
+            if abs(float(gate)) < self.config.galora_prune_eps:
+                self._drop(layer, slot)
+                pruned.append(layer.site.name)
+            else:
+                layer.banks[entry.bank].lora_B[entry.row].mul_(gate.detach().to(layer.banks[entry.bank].lora_B))
         return pruned
 
-    def galora_gates(self, slot: int = 0) -> list[float]:
-        return [
-            float(layer.galora_gate[slot]) if layer.galora_gate is not None else 1.0
-            for layer in self.gated_layers.values()
+    def galora_penalty(self) -> Tensor:
+        gates = [layer.galora_gate.abs() for layer in self.layers if layer.galora_gate is not None]
+        return torch.stack(gates).mean() if gates else torch.zeros(())
+
+    def cast(self, dtype: torch.dtype) -> CoGaLoRAModel:
+        """Cast the encoder, adapters and heads to ``dtype``; routers stay float32 (gate decisions)."""
+        routers = [
+            (bank, name, getattr(bank, name).data)
+            for layer in self.layers
+            for bank in layer.banks
+            for name in ("router_w1", "router_b1", "router_w2", "router_b2")
         ]
+        self.to(dtype)
+        for bank, name, data in routers:
+            getattr(bank, name).data = data
+        return self
 
     # ---- forward --------------------------------------------------------------------------
 
@@ -219,23 +287,30 @@ class CoGaLoRAModel(nn.Module):
         attention_mask: Tensor,
         token_type_ids: Tensor | None = None,
         *,
-        slots: Tensor | None = None,
-        taus: Tensor | None = None,
+        slots: Sequence[int] | Tensor | None = None,
+        taus: Sequence[float] | Tensor | None = None,
         force_gates: ForceGates = None,
+        gather: bool = False,
     ) -> RoutedOutput:
-        """Routed forward: each row uses the adapter in ``slots[row]`` with threshold ``taus[row]``."""
+        """Routed forward: row ``i`` uses the adapter in ``slots[i]`` with gate threshold ``taus[i]``.
+
+        ``slots`` and ``taus`` are best given as host lists (a tensor is read back once); by default
+        every row uses slot 0 and the config's tau. ``force_gates``: every present adapter on
+        (``"on"``, e.g. plain-LoRA warm-up or a dense teacher) or off (``"off"``: the base model).
+        ``gather``: per-row gathered adapter products even for a one-adapter batch (see routing).
+        """
         batch_size = input_ids.shape[0]
-        device = input_ids.device
-        if slots is None:
-            slots = torch.zeros(batch_size, dtype=torch.long, device=device)
+        slots = [0] * batch_size if slots is None else (slots.tolist() if isinstance(slots, Tensor) else slots)
         if taus is None:
-            taus = torch.full((batch_size,), self.config.tau, device=device)
+            taus = [self.config.tau] * batch_size
+        elif isinstance(taus, Tensor):
+            taus = taus.tolist()
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
-        with self.routing.route(attention_mask, slots, taus, force_gates) as state:
+        with self.routing.route(attention_mask, slots, taus, force_gates, self.training, gather) as state:
             logits = self.model(**inputs).logits
-            gate_probs, gates = state.collect(batch_size, device)
+            gate_probs, gates = state.collect()
             adapter_rows = state.adapter_rows
         return RoutedOutput(logits=logits, gate_probs=gate_probs, gates=gates, adapter_rows=adapter_rows)
 
@@ -245,6 +320,5 @@ class CoGaLoRAModel(nn.Module):
         if config.method == "cogalora" and output.gate_probs.numel():
             return config.sparsity_lambda * output.gate_probs.mean()
         if config.method == "galora":
-            gates = [layer.galora_gate[0].abs() for layer in self.gated_layers.values()]
-            return config.sparsity_lambda * torch.stack(gates).mean()
+            return config.sparsity_lambda * self.galora_penalty()
         return output.logits.new_zeros(())

@@ -8,7 +8,14 @@ from pathlib import Path
 import torch
 
 from cogalora.base_model import load_base_model, load_tokenizer
-from cogalora.checkpoint import FULL_MODEL_FILE, CheckpointError, CheckpointMeta, _read_tensors, read_adapter, read_meta
+from cogalora.checkpoint import (
+    FULL_MODEL_FILE,
+    CheckpointError,
+    CheckpointMeta,
+    read_adapter,
+    read_full_weights,
+    read_meta,
+)
 from cogalora.config import CoGaLoRAConfig
 from cogalora.model import CoGaLoRAModel
 
@@ -41,9 +48,9 @@ def load_model(
     source = str(directory)
     # Read and cross-check the adapter files first: a damaged checkpoint fails before the base loads.
     weights = None if meta.method == "full" else read_adapter(directory)[1]
-    model = new_model(meta.base_model, config, meta.labels, attn_implementation)
+    model = CoGaLoRAModel(load_base_model(meta.base_model, attn_implementation=attn_implementation), config)
     if meta.method == "full":
-        state = _read_tensors(directory / FULL_MODEL_FILE)
+        state = read_full_weights(directory)
         head_state = {}
         for path in model.head_layers:
             head_state[path] = (state.pop(f"{path}.weight", None), state.pop(f"{path}.bias", None))
@@ -58,6 +65,7 @@ def load_model(
             if weight is None or bias is None:
                 raise CheckpointError(f"{directory / FULL_MODEL_FILE}: head tensors of {path!r} missing")
             model.head_layers[path].set_slot(0, weight, bias, source=source)
+        model.slot_labels[0] = list(meta.labels)
     else:
         try:
             model.set_adapter(0, weights, meta.labels, source=source)

@@ -1,112 +1,227 @@
-"""Per-forward routing metadata shared by every gated layer of one model.
+"""Per-forward routing metadata, built once and read by every gated site.
 
-A forward pass through a :class:`~cogalora.model.CoGaLoRAModel` opens a
-:class:`RoutingState` once: which adapter slot each row belongs to, each row's
-threshold, and the attention mask that routers need to pool over real tokens.
-Every gated layer reads it instead of taking extra arguments, so the Hugging
-Face forward code stays untouched, and records its gate decisions into it.
+A forward pass through a :class:`~cogalora.model.CoGaLoRAModel` opens a :class:`RoutingState`
+once: from the batch's adapter slots and thresholds and the :class:`~cogalora.slots.SlotTable` it
+works out, for every site, which bank rows the batch rows use and the gate-logit threshold of each
+row (like the LoRA kernel metadata of vLLM: built once per forward, not once per module). Every gated
+layer reads its :class:`BankRoute` instead of taking extra arguments, so the Hugging Face forward
+code stays untouched, and records its gate decisions into the state.
+
+Gates compare logits, not probabilities: ``sigmoid(l) > tau`` is ``l > log(tau / (1 - tau))``, one
+comparison per site instead of a sigmoid; probabilities are computed once, for all sites, when the
+forward collects them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from cogalora.slots import SlotTable
+
 ForceGates = Literal["on", "off"] | None
+INF = float("inf")
+
+
+def tau_logit(tau: float) -> float:
+    """The logit threshold equivalent to ``p > tau`` (``-inf`` for tau 0, ``+inf`` for tau 1)."""
+    if tau <= 0.0:
+        return -INF
+    if tau >= 1.0:
+        return INF
+    return math.log(tau) - math.log1p(-tau)
+
+
+@dataclass(frozen=True)
+class BankRoute:
+    """The rows of one forward that use one bank at one site."""
+
+    bank: int
+    rows: int | Tensor
+    """One bank row for every batch row (single-adapter batch), or ``[B]`` bank rows (mixed batch)."""
+    threshold: Tensor
+    """``[B]`` gate-logit threshold: a row's adapter runs where ``logit > threshold`` (``+inf``: not here)."""
+    routed: bool
+    """Whether routers must be evaluated; False when every row here is un-routed or gates are forced on."""
+    present: Tensor | None
+    """``[B]`` bool, the rows in this bank; ``None`` when every batch row is."""
 
 
 class RoutingState:
     """What one routed forward needs to know, built once and read by every site."""
 
-    def __init__(self, num_sites: int) -> None:
-        self.num_sites = num_sites
+    def __init__(self, table: SlotTable) -> None:
+        self.table = table
         self.active = False
         self._reset()
 
+    @property
+    def num_sites(self) -> int:
+        return self.table.num_sites
+
     def _reset(self) -> None:
-        self.row_slot: Tensor | None = None
-        self.row_tau: Tensor | None = None
-        self.force: ForceGates = None
-        self.batch_slots: list[int] = []
-        """Distinct slots among the rows, ascending (host list, built once per forward)."""
-        self._constants: dict[tuple[int, torch.dtype], Tensor] = {}
+        self.routes: list[tuple[BankRoute, ...]] = [()] * self.table.num_sites
+        self.single_slot: int | None = None
+        """The slot of every row, when the batch uses one adapter."""
+        self.row_slots: Tensor | None = None
+        self.training = False
+        self._present: Tensor | None = None
         self._mean_weights: Tensor | None = None
         self._pooled: dict[int, tuple[Tensor, Tensor]] = {}
-        self._probs: dict[int, Tensor] = {}
-        self._gates: dict[int, Tensor] = {}
+        self._records: dict[int, tuple[Tensor | None, Tensor]] = {}
+        self._batch_size = 0
         self.adapter_rows = 0
+        """Rows multiplied by an adapter in this forward, summed over sites."""
 
     @contextmanager
     def route(
         self,
         attention_mask: Tensor,
-        row_slot: Tensor,
-        row_tau: Tensor,
+        slots: Sequence[int],
+        taus: Sequence[float],
         force: ForceGates = None,
+        training: bool = False,
+        gather: bool = False,
     ) -> Iterator[RoutingState]:
-        """Open the state for one forward; always closed afterwards, also on error."""
+        """Open the state for one forward; always closed afterwards, also on error.
+
+        ``gather``: use the per-row gathered products even when every row has the same adapter
+        (the path of mixed batches; tests and benchmarks compare the two).
+        """
         if self.active:
             raise RuntimeError("a routed forward is already running on this model (forwards are not reentrant)")
+        if len(slots) != attention_mask.shape[0] or len(taus) != attention_mask.shape[0]:
+            raise ValueError(f"{len(slots)} slots and {len(taus)} taus for a batch of {attention_mask.shape[0]} rows")
         self._reset()
+        device = attention_mask.device
         mask = attention_mask.to(torch.float32)
         # Mean-pooling weights: 1/len on real tokens, 0 on padding. One bmm per distinct input then
         # gives the masked mean, and padding contributes exact zeros (batch invariance).
         self._mean_weights = (mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)).unsqueeze(1)
-        self.row_slot = row_slot
-        self.row_tau = row_tau
-        self.batch_slots = torch.unique(row_slot).tolist()
-        self._batch_size = row_slot.shape[0]
-        self._device = row_slot.device
-        self.force = force
+        self._batch_size = len(slots)
+        self.training = training
+        thresholds = torch.tensor([tau_logit(float(tau)) for tau in taus], dtype=torch.float32, device=device)
+        distinct = set(slots)
+        if len(distinct) == 1 and not gather:
+            self.single_slot = next(iter(distinct))
+            self._route_single(self.single_slot, thresholds, force)
+        else:
+            if training and len(distinct) > 1:
+                raise ValueError("training runs one adapter per forward; got rows of several slots")
+            self.row_slots = torch.tensor(list(slots), dtype=torch.long, device=device)
+            self._route_mixed(self.row_slots, thresholds, force)
         self.active = True
         try:
             yield self
         finally:
             self.active = False
             self._pooled.clear()
-            self._constants.clear()
             self._mean_weights = None
 
+    def _route_single(self, slot: int, thresholds: Tensor, force: ForceGates) -> None:
+        if force == "off":
+            return
+        always_on = torch.full_like(thresholds, -INF)
+        routes: list[tuple[BankRoute, ...]] = []
+        for entry in self.table.entries(slot):
+            if entry is None:
+                routes.append(())
+                continue
+            routed = entry.routed and force is None
+            routes.append((BankRoute(entry.bank, entry.row, thresholds if routed else always_on, routed, None),))
+        self.routes = routes
+
+    def _route_mixed(self, slots: Tensor, thresholds: Tensor, force: ForceGates) -> None:
+        if force == "off":
+            return
+        banks, rows, routed = self.table.gather(slots)
+        present = banks >= 0
+        self._present = present
+        if force == "on":
+            routed = torch.zeros_like(routed)
+        threshold = torch.where(routed, thresholds, -INF).masked_fill_(~present, INF)
+        banks_host = banks.tolist()
+        routed_host = routed.any(dim=1).tolist()
+        per_site = zip(banks_host, routed_host, rows.unbind(0), threshold.unbind(0), present.unbind(0), strict=True)
+        routes: list[tuple[BankRoute, ...]] = []
+        for site, (site_banks, site_routed, site_rows, site_threshold, site_present) in enumerate(per_site):
+            distinct = sorted(set(site_banks) - {-1})
+            everywhere = -1 not in site_banks
+            if len(distinct) <= 1:
+                routes.append(
+                    tuple(
+                        BankRoute(bank, site_rows, site_threshold, site_routed, None if everywhere else site_present)
+                        for bank in distinct
+                    )
+                )
+                continue
+            # Rows of this site live in banks of different ranks: one route per bank.
+            bank_routes = []
+            for bank in distinct:
+                member = banks[site] == bank
+                bank_routes.append(
+                    BankRoute(bank, site_rows, site_threshold.masked_fill(~member, INF), site_routed, member)
+                )
+            routes.append(tuple(bank_routes))
+        self.routes = routes
+
+    # ---- what sites call ----------------------------------------------------------------------
+
     def pooled(self, x: Tensor) -> Tensor:
-        """Masked mean of ``x`` ([B, T, d]) over real tokens, computed once per distinct tensor."""
+        """Masked mean of ``x`` ([B, T, d]) over real tokens, in float32, once per distinct tensor."""
         cached = self._pooled.get(id(x))
         if cached is not None and cached[0] is x:
             return cached[1]
-        weights = self._mean_weights.to(dtype=x.dtype, device=x.device)
-        pooled = torch.bmm(weights, x).squeeze(1)
+        pooled = torch.bmm(self._mean_weights, x.to(torch.float32)).squeeze(1)
         # Keep a reference to x so that its id cannot be reused by another tensor in this forward.
         self._pooled[id(x)] = (x, pooled)
         return pooled
 
-    def zeros(self, dtype: torch.dtype) -> Tensor:
-        """A ``[B]`` zero vector, shared by every site of this forward (treat as read-only)."""
-        return self._constant(0, dtype)
+    def record(self, site: int, values: Tensor | None, gates: Tensor, present: Tensor | None = None) -> None:
+        """A site's gate decisions: ``values`` are logits (eval) or probabilities (training), ``None``
+        when no router ran (every row here always on); ``present`` limits them to one bank's rows."""
+        previous = self._records.get(site)
+        if previous is not None and present is not None:
+            old_values, old_gates = previous
+            if values is None:
+                values = gates.to(torch.float32) if self.training else torch.where(gates, INF, -INF)
+            if old_values is None:
+                old_values = old_gates.to(torch.float32) if self.training else torch.where(old_gates, INF, -INF)
+            values, gates = torch.where(present, values, old_values), gates | old_gates
+        self._records[site] = (values, gates)
 
-    def ones(self, dtype: torch.dtype) -> Tensor:
-        """A ``[B]`` vector of ones, shared by every site of this forward (treat as read-only)."""
-        return self._constant(1, dtype)
-
-    def _constant(self, value: int, dtype: torch.dtype) -> Tensor:
-        key = (value, dtype)
-        tensor = self._constants.get(key)
-        if tensor is None:
-            tensor = torch.full((self._batch_size,), value, dtype=dtype, device=self._device)
-            self._constants[key] = tensor
-        return tensor
-
-    def record(self, site_index: int, probs: Tensor, gates: Tensor) -> None:
-        self._probs[site_index] = probs
-        self._gates[site_index] = gates
-
-    def collect(self, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def collect(self) -> tuple[Tensor, Tensor]:
         """Gate probabilities (with grad in training) and hard gates, both ``[B, num_sites]``."""
-        zeros = torch.zeros(batch_size, device=device)
-        probs = [self._probs.get(i, zeros) for i in range(self.num_sites)]
-        gates = [self._gates.get(i, zeros.bool()) for i in range(self.num_sites)]
-        if not probs:
-            return zeros.new_zeros(batch_size, 0), zeros.new_zeros(batch_size, 0, dtype=torch.bool)
-        return torch.stack(probs, dim=1), torch.stack(gates, dim=1)
+        size = self._batch_size
+        device = self._mean_weights.device if self._mean_weights is not None else None
+        if self.num_sites == 0:
+            return torch.zeros(size, 0, device=device), torch.zeros(size, 0, dtype=torch.bool, device=device)
+        off = torch.zeros(size, dtype=torch.bool, device=device)
+        # Sites without a record have no adapter for any row: probability 0 (logit -inf).
+        absent = torch.zeros(size, device=device) if self.training else torch.full((size,), -INF, device=device)
+        values, gates = [], []
+        for site in range(self.num_sites):
+            record = self._records.get(site)
+            if record is None:
+                values.append(absent)
+                gates.append(off)
+                continue
+            value, gate = record
+            if value is None:  # no router ran: every present row is on
+                value = gate.to(torch.float32) if self.training else torch.where(gate, INF, -INF)
+            values.append(value)
+            gates.append(gate)
+        gate_matrix = torch.stack(gates, dim=1)
+        value_matrix = torch.stack(values, dim=1)
+        if self.training:
+            return value_matrix, gate_matrix
+        probs = torch.sigmoid(value_matrix)
+        if self._present is not None:  # mixed batch: logits of rows without an adapter here are meaningless
+            probs = probs * self._present.t()
+        return probs, gate_matrix

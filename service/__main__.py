@@ -10,7 +10,8 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
-from service.app import Service, create_app
+from service.app import create_app
+from service.lifecycle import Service
 from service.logs import configure_logging
 from service.settings import DEFAULT_MODEL_DIR, Settings
 
@@ -33,9 +34,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model-dir",
         default=None,
         help=(
-            "Model repository: one checkpoint folder per adapter, all loaded at start. "
+            "Model repository: one checkpoint folder per adapter (scanned at start, loaded on demand). "
             f"Env: COGALORA_MODEL_DIR (default {DEFAULT_MODEL_DIR})."
         ),
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default=None,
+        help="Encoder precision; auto = the fastest the device runs natively (bfloat16 on CPUs with avx512_bf16). "
+        "Env: COGALORA_DTYPE (default float32).",
+    )
+    parser.add_argument(
+        "--max-loaded-adapters",
+        type=int,
+        default=None,
+        help="Adapters kept in memory; the least recently used idle one is evicted beyond it, and adapters "
+        "load on their first request. Env: COGALORA_MAX_LOADED_ADAPTERS (default 256).",
     )
     return parser.parse_args(argv)
 
@@ -56,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {
         key: value
-        for key, value in {"host": args.host, "port": args.port, "model_dir": args.model_dir}.items()
+        for key, value in {
+            "host": args.host,
+            "port": args.port,
+            "model_dir": args.model_dir,
+            "dtype": args.dtype,
+            "max_loaded_adapters": args.max_loaded_adapters,
+        }.items()
         if value is not None
     }
     try:

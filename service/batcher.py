@@ -1,10 +1,15 @@
-"""Dynamic batching on asyncio: collect rows from many requests, run them as one engine batch off the loop.
+"""Dynamic batching on asyncio: admit, pin the adapter, tokenize off the loop, queue, batch, run.
 
-A batch closes when it holds ``max_batch_size`` rows, or ``max_batch_tokens`` tokens, or when its
-oldest row has waited ``max_wait_s``, or at once while stopping. Rows are taken first in, first out
-(a request larger than a batch spans several); the engine sorts each batch by length and cuts it
-into length chunks. Inference runs on one worker thread, so the event loop keeps accepting requests
-while a batch runs. The clock and the timer are injectable so tests drive ``max_wait_s`` by hand.
+``submit`` follows the order of text-embeddings-inference's router: *admission* first (a request
+that would overflow the queue is refused at once, before any work), then the adapter is pinned
+(loaded on demand by a worker thread; other traffic keeps flowing), then the texts are tokenized
+in one call on a tokenizer thread, then the rows are queued. A batch closes when it holds
+``max_batch_size`` rows, or when its padded size (rows x longest row) would pass
+``max_batch_tokens``, or when its oldest row has waited ``max_wait_s``, or at once while stopping.
+Rows are taken first in, first out (a request larger than a batch spans several); the engine sorts
+each batch by length and cuts it into length chunks. Inference runs on one worker thread, so the
+event loop keeps accepting requests while a batch runs. The clock and the timer are injectable so
+tests drive ``max_wait_s`` by hand.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from service.engine import Engine, EngineRun, PreparedRow
@@ -27,7 +32,9 @@ from service.errors import (
     ServiceError,
     ShuttingDownError,
 )
-from service.types import BatchListener, ClassifyRequest, RowResult
+from service.repository import LoadedAdapter
+from service.schemas import RowResult
+from service.types import BatchListener, ClassifyRequest
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +44,14 @@ class BatcherConfig:
     max_batch_size: int = 32
     """Rows per engine batch."""
     max_batch_tokens: int = 8192
-    """Real (unpadded) tokens per engine batch; a single longer row still runs, alone."""
+    """Padded tokens per engine batch (rows x longest row, what the engine runs at most); a single
+    longer row still runs, alone."""
     max_wait_s: float = 0.005
     """How long the oldest queued row may wait for batch-mates."""
     max_queue: int = 1024
-    """Rows waiting (not yet running) before new requests are refused with QueueFullError."""
+    """Rows admitted and not yet running before new requests are refused with QueueFullError."""
     request_timeout_s: float = 30.0
-    """From submit to answer; RequestTimeoutError after that."""
+    """From submit to answer (loading, tokenizing, queueing, running); RequestTimeoutError after that."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
@@ -57,11 +65,12 @@ class BatcherConfig:
 
 @dataclass(eq=False)
 class _Pending:
-    """One accepted request: its rows, how many are still queued, its answers so far."""
+    """One queued request: its rows, how many are still queued, its answers so far."""
 
     rows: list[PreparedRow]
     future: asyncio.Future
     enqueued_at: float
+    tokenize_seconds: float
     next_row: int = 0
     """Rows before this index have been taken into a batch."""
     results: list[RowResult | ServiceError | None] = field(default_factory=list)
@@ -88,16 +97,20 @@ class Batcher:
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.engine = engine
+        self.repository = engine.repository
         self.config = config or BatcherConfig()
         self.listener = listener
         self._clock = clock
         self._sleep = sleep
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
-        self._inflight = 0
+        self._admitted_rows = 0
+        """Rows of requests admitted but not queued yet (pinning or tokenizing)."""
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._engine_thread: ThreadPoolExecutor | None = None
+        self._tokenizer_thread: ThreadPoolExecutor | None = None
+        self._loader_threads: ThreadPoolExecutor | None = None
         self._stopping = False
         self._rows_per_second = 0.0
 
@@ -105,13 +118,18 @@ class Batcher:
 
     @property
     def queue_depth(self) -> int:
-        """Rows accepted and waiting for a batch."""
+        """Rows admitted and not running yet (including those being tokenized)."""
+        return self._queued_rows + self._admitted_rows
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows tokenized and waiting for a batch."""
         return self._queued_rows
 
     @property
-    def inflight(self) -> int:
-        """Requests accepted and not yet answered (queued or running)."""
-        return self._inflight
+    def stopping(self) -> bool:
+        """True from the moment ``stop`` is called: new requests are refused."""
+        return self._stopping
 
     @property
     def running(self) -> bool:
@@ -124,11 +142,13 @@ class Batcher:
             return
         self._stopping = False
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cogalora-engine")
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cogalora-engine")
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cogalora-tokenize")
+        self._loader_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cogalora-load")
         self._task = asyncio.create_task(self._schedule(), name="cogalora-batcher")
 
     async def stop(self) -> None:
-        """Refuse new requests, answer every accepted one, then stop the worker."""
+        """Refuse new requests, answer every admitted one, then stop the workers."""
         self._stopping = True
         if self._task is None:
             return
@@ -137,9 +157,10 @@ class Batcher:
             await self._task
         finally:
             self._task = None
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+            for pool in (self._engine_thread, self._tokenizer_thread, self._loader_threads):
+                if pool is not None:
+                    pool.shutdown(wait=True)
+            self._engine_thread = self._tokenizer_thread = self._loader_threads = None
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -147,39 +168,71 @@ class Batcher:
         """Results in input order; raises the ServiceError of the first failing input."""
         if self._stopping or not self.running:
             raise ShuttingDownError("the service is shutting down; retry on another instance", retry_after=1.0)
-        rows = self.engine.prepare(request)
+        count = len(request.texts)
         config = self.config
-        if len(rows) > config.max_queue:
-            raise PayloadTooLargeError(f"{len(rows)} inputs exceed the queue capacity of {config.max_queue} inputs")
-        if self._queued_rows + len(rows) > config.max_queue:
+        if count > config.max_queue:
+            raise PayloadTooLargeError(f"{count} inputs exceed the queue capacity of {config.max_queue} inputs")
+        if self.queue_depth + count > config.max_queue:
             raise QueueFullError(
-                f"queue full ({self._queued_rows} inputs waiting); retry later", retry_after=self._retry_after()
+                f"queue full ({self.queue_depth} inputs waiting); retry later", retry_after=self._retry_after()
             )
-        pending = _Pending(rows=rows, future=asyncio.get_running_loop().create_future(), enqueued_at=self._clock())
-        self._queue.append(pending)
-        self._queued_rows += len(rows)
-        self._inflight += 1
-        self._poke()
+        self._admitted_rows += count
+        admitted = True
+        adapter: LoadedAdapter | None = None
+        pending: _Pending | None = None
         try:
-            return await asyncio.wait_for(asyncio.shield(pending.future), config.request_timeout_s)
+            async with asyncio.timeout(config.request_timeout_s):
+                adapter = await self._pin(request.adapter, config.request_timeout_s)
+                began = time.perf_counter()
+                rows = await asyncio.get_running_loop().run_in_executor(
+                    self._tokenizer_thread,
+                    self.engine.tokenize,
+                    adapter,
+                    list(request.texts),
+                    request.truncate,
+                    request.threshold,
+                )
+                future = asyncio.get_running_loop().create_future()
+                pending = _Pending(rows, future, self._clock(), time.perf_counter() - began)
+                self._admitted_rows -= count
+                admitted = False
+                self._queue.append(pending)
+                self._queued_rows += count
+                self._poke()
+                return await asyncio.shield(future)
         except TimeoutError:
-            self._withdraw(pending)
             raise RequestTimeoutError(
                 f"no answer within {config.request_timeout_s:g} s; the service is overloaded, retry later"
             ) from None
-        except asyncio.CancelledError:
-            self._withdraw(pending)
-            raise
         finally:
-            self._inflight -= 1
+            if admitted:
+                self._admitted_rows -= count
+            if pending is not None:
+                self._withdraw(pending)
+            if adapter is not None:
+                self.repository.release(adapter)
+            self._poke()
+
+    async def _pin(self, name: str, timeout: float) -> LoadedAdapter:
+        """Pin the adapter: at once when it is loaded, else by a loader thread (loading it)."""
+        adapter = self.repository.try_acquire(name)
+        if adapter is not None:
+            return adapter
+        job: Future = self._loader_threads.submit(self.repository.acquire, name, timeout)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            # Nobody will use the pin the loader thread is still taking: give it back when it comes.
+            job.add_done_callback(lambda done: done.exception() is None and self.repository.release(done.result()))
+            raise
 
     def _retry_after(self) -> float:
         if self._rows_per_second <= 0:
             return 1.0
-        return max(1.0, self._queued_rows / self._rows_per_second)
+        return max(1.0, self.queue_depth / self._rows_per_second)
 
     def _withdraw(self, pending: _Pending) -> None:
-        """Drop a request nobody waits for any more: its queued rows are not run."""
+        """Forget a request that is answered or abandoned: its still-queued rows are not run."""
         if not pending.future.done():
             pending.future.cancel()
         if pending in self._queue:
@@ -198,7 +251,7 @@ class Batcher:
         while True:
             self._wakeup.clear()
             if not self._queue:
-                if self._stopping:
+                if self._stopping and self._admitted_rows == 0:
                     return
                 await self._wakeup.wait()
                 continue
@@ -206,20 +259,23 @@ class Batcher:
             if wait > 0:
                 await self._wait(wait)
                 continue
-            taken = self._take_batch()
-            await self._execute(loop, taken)
+            await self._execute(loop, self._take_batch())
+
+    def _fits(self, rows: int, longest: int) -> bool:
+        return rows <= self.config.max_batch_size and rows * longest <= self.config.max_batch_tokens
 
     def _time_to_close(self) -> float:
         """Seconds until the current batch must close; 0 when it is full or we are draining."""
         if self._stopping:
             return 0.0
         config = self.config
-        rows = tokens = 0
+        rows = longest = 0
         for pending in self._queue:
             for row in pending.rows[pending.next_row :]:
-                rows += 1
-                tokens += row.tokens
-                if rows >= config.max_batch_size or tokens >= config.max_batch_tokens:
+                if rows and not self._fits(rows + 1, max(longest, row.tokens)):
+                    return 0.0  # the next row does not fit: the batch is as full as it gets
+                rows, longest = rows + 1, max(longest, row.tokens)
+                if rows >= config.max_batch_size or rows * longest >= config.max_batch_tokens:
                     return 0.0
         return self._queue[0].enqueued_at + config.max_wait_s - self._clock()
 
@@ -237,17 +293,16 @@ class Batcher:
                 await asyncio.gather(timer, woken, return_exceptions=True)
 
     def _take_batch(self) -> list[tuple[_Pending, int, PreparedRow]]:
-        config = self.config
         taken: list[tuple[_Pending, int, PreparedRow]] = []
-        tokens = 0
+        longest = 0
         while self._queue:
             pending = self._queue[0]
             while pending.next_row < len(pending.rows):
                 row = pending.rows[pending.next_row]
-                if taken and (len(taken) >= config.max_batch_size or tokens + row.tokens > config.max_batch_tokens):
+                if taken and not self._fits(len(taken) + 1, max(longest, row.tokens)):
                     return taken
                 taken.append((pending, pending.next_row, row))
-                tokens += row.tokens
+                longest = max(longest, row.tokens)
                 pending.next_row += 1
                 self._queued_rows -= 1
             self._queue.popleft()
@@ -258,7 +313,7 @@ class Batcher:
         now = self._clock()
         began = time.perf_counter()
         try:
-            outcome: EngineRun = await loop.run_in_executor(self._executor, self.engine.run_batch, rows)
+            outcome: EngineRun | None = await loop.run_in_executor(self._engine_thread, self.engine.run_batch, rows)
             results: list = outcome.results
         except Exception:
             logger.exception("engine batch of %d rows failed", len(rows))
@@ -271,6 +326,7 @@ class Batcher:
         for (pending, index, _), result in zip(taken, results, strict=True):
             if isinstance(result, RowResult):
                 result.queue_seconds = max(0.0, now - pending.enqueued_at)
+                result.tokenize_seconds = pending.tokenize_seconds
             pending.results[index] = result
             pending.remaining -= 1
             if pending.remaining == 0 and not pending.future.done():

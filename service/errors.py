@@ -45,6 +45,20 @@ class AdapterUnloadedError(ServiceError):
     error_type = "adapter_unloaded"
 
 
+class AdapterLoadError(ServiceError):
+    """A checkpoint folder exists but cannot be served (damaged, ``method: full``, wrong base)."""
+
+    status_code = 422
+    error_type = "adapter_load_failed"
+
+
+class AdapterCapacityError(ServiceError):
+    """Every loaded adapter is in use by queued work, so another one cannot be loaded yet."""
+
+    status_code = 503
+    error_type = "adapters_busy"
+
+
 class AdapterConflictError(ServiceError):
     status_code = 409
     error_type = "adapter_conflict"
@@ -63,6 +77,13 @@ class InputTooLongError(ServiceError):
 class QueueFullError(ServiceError):
     status_code = 503
     error_type = "queue_full"
+
+
+class NotReadyError(ServiceError):
+    """The models are still loading (or failed to load)."""
+
+    status_code = 503
+    error_type = "not_ready"
 
 
 class ShuttingDownError(ServiceError):

@@ -1,10 +1,20 @@
-"""The model repository: every checkpoint folder under one directory, one shared encoder per base model.
+"""The model repository: a catalogue of checkpoint folders, a bounded set of adapters in memory, and
+one shared encoder per base model.
 
-Adapters on the same base model live in the slots of one :class:`~cogalora.CoGaLoRAModel`; each
-holds only its LoRA matrices, routers, head and labels. Loading and unloading at run time take the
-base's lock, which the engine also holds for the length of a forward, so a forward never sees a slot
-change half-way. Every load gets a fresh ``generation`` number: a row prepared for an adapter that
-was unloaded (or reloaded) meanwhile is detected and answered with ``AdapterUnloadedError``.
+- :meth:`ModelRepository.scan` validates every folder's metadata and weight *headers* (no tensors
+  are read): the catalogue of servable adapters, and the reasons the others are not.
+- :meth:`~ModelRepository.acquire` pins an adapter for a request, loading it first when needed;
+  :meth:`~ModelRepository.release` unpins it. At most ``max_loaded`` adapters stay in memory:
+  loading one more evicts the least recently used adapter that no queued or running row needs.
+  When every loaded adapter is pinned, a load waits for a release.
+- Adapters on the same base model live in slots of one :class:`~cogalora.CoGaLoRAModel`; each holds
+  only its own LoRA matrices, routers and head. Slot changes take the encoder's lock, which the
+  engine also holds for a forward, so a forward never sees a slot change half-way.
+- Every load gets a fresh ``generation``: a row prepared for an adapter that an admin unloaded or
+  reloaded meanwhile is detected by the engine and answered with ``AdapterUnloadedError``.
+
+Thread-safe: the event loop pins loaded adapters directly (:meth:`try_acquire`, never blocks on a
+load); worker threads do the loading.
 """
 
 from __future__ import annotations
@@ -13,9 +23,12 @@ import itertools
 import logging
 import re
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import AutoConfig
@@ -33,26 +46,35 @@ from cogalora import (
     read_meta,
     resolve_base_model,
 )
-from service.errors import AdapterConflictError, InvalidRequestError, ServiceError, UnknownAdapterError
-from service.types import AdapterInfo
+from cogalora.checkpoint import CONFIG_FILE
+from service.errors import (
+    AdapterCapacityError,
+    AdapterConflictError,
+    AdapterLoadError,
+    AdapterRequiredError,
+    InvalidRequestError,
+    UnknownAdapterError,
+)
+from service.schemas import ADAPTER_NAME_PATTERN, AdapterInfo
 
 logger = logging.getLogger(__name__)
 
-#: Adapter (folder) names the repository accepts: no separators, no leading dot, at most 64 characters.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-CONFIG_FILE = "cogalora.json"
+_NAME = re.compile(ADAPTER_NAME_PATTERN)
+
+#: Default bound on adapters held in memory (MiniLM adapters are ~1 MB each at rank 8).
+DEFAULT_MAX_LOADED = 256
 
 
-class AdapterLoadError(ServiceError):
-    """A checkpoint folder exists but cannot be served (damaged, ``method: full``, wrong base)."""
+class RepositoryListener(Protocol):
+    """What the repository reports (the metrics implement it)."""
 
-    status_code = 422
-    error_type = "adapter_load_failed"
+    def on_adapter_loaded(self, name: str, seconds: float) -> None: ...
+    def on_adapter_evicted(self, name: str) -> None: ...
 
 
 @dataclass
-class BaseModel:
-    """One shared encoder and the adapters loaded into its slots."""
+class SharedEncoder:
+    """One base encoder and the adapters loaded into its slots."""
 
     key: str
     """Resolved base-model id or path (adapters with the same key share this encoder)."""
@@ -66,28 +88,54 @@ class BaseModel:
     slots: dict[int, str] = field(default_factory=dict)
     """slot -> adapter name"""
 
-    @property
+    @cached_property
     def site_names(self) -> list[str]:
         return self.model.site_names
+
+    @cached_property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def free_slot(self) -> int:
         return next(slot for slot in itertools.count() if slot not in self.slots)
 
 
+@dataclass(frozen=True)
+class _BaseSpec:
+    """What the catalogue needs to know about a base model without loading its weights."""
+
+    key: str
+    num_layers: int
+    max_positions: int
+
+
 @dataclass
+class _Entry:
+    """One servable checkpoint folder."""
+
+    name: str
+    directory: Path
+    meta: CheckpointMeta
+    info: AdapterInfo
+    error: str | None = None
+    """Why its last load failed (its requests fail fast with it until an admin reloads it)."""
+
+
+@dataclass(eq=False)
 class LoadedAdapter:
-    """One adapter as served: where it lives and what a request needs to know about it."""
+    """One adapter in memory: where it lives and what a request needs to know about it."""
 
     name: str
     meta: CheckpointMeta
-    base: BaseModel
+    encoder: SharedEncoder
     slot: int
     generation: int
     max_length: int
     """The checkpoint's max_length, capped by the encoder's position embeddings."""
-    site_present: list[bool]
     flops: FlopModel
-    info: AdapterInfo
+    total_adapters: int
+    pins: int = 0
+    """Requests holding it (queued or running); a pinned adapter is never evicted."""
 
     @property
     def labels(self) -> list[str]:
@@ -95,118 +143,143 @@ class LoadedAdapter:
 
 
 class ModelRepository:
-    """Loads checkpoint folders from ``model_dir`` onto shared base encoders."""
+    """Checkpoint folders under ``model_dir``, served from shared base encoders."""
 
-    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        max_loaded: int = DEFAULT_MAX_LOADED,
+        listener: RepositoryListener | None = None,
+    ) -> None:
+        if max_loaded < 1:
+            raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
         self.model_dir = Path(model_dir).expanduser()
         self.device = torch.device(device)
         self.dtype = dtype
-        self._adapters: dict[str, LoadedAdapter] = {}
-        self._bases: dict[str, BaseModel] = {}
+        self.max_loaded = max_loaded
+        self.listener = listener
+        self._catalogue: dict[str, _Entry] = {}
         self._failures: dict[str, str] = {}
-        self._lock = threading.RLock()
+        self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        """Least recently used first."""
+        self._loading: set[str] = set()
+        self._encoders: dict[str, SharedEncoder] = {}
+        self._specs: dict[str, _BaseSpec] = {}
+        self._cond = threading.Condition(threading.RLock())
         self._generations = itertools.count(1)
 
-    # ---- queries ------------------------------------------------------------------------------
+    # ---- catalogue ----------------------------------------------------------------------------
+
+    def scan(self) -> dict[str, str]:
+        """(Re)read every checkpoint folder's metadata and weight headers; returns name -> why it is
+        not servable. Folders without ``cogalora.json`` are not checkpoints and are ignored."""
+        if not self.model_dir.is_dir():
+            raise FileNotFoundError(f"model directory {self.model_dir} does not exist or is not a directory")
+        names = sorted(p.name for p in self.model_dir.iterdir() if (p / CONFIG_FILE).is_file())
+        for name in names:
+            try:
+                self._add_to_catalogue(name)
+            except (AdapterLoadError, InvalidRequestError) as exc:
+                logger.warning("skipping checkpoint %r: %s", name, exc.message)
+        with self._cond:
+            return dict(self._failures)
 
     @property
     def failures(self) -> dict[str, str]:
-        """Folder name -> why it could not be loaded (by the last ``load_all`` or ``load``)."""
-        with self._lock:
+        """Folder name -> why it cannot be served (found by a scan or a failed load)."""
+        with self._cond:
             return dict(self._failures)
 
     def names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._adapters)
+        """Every servable adapter, loaded or not."""
+        with self._cond:
+            return sorted(self._catalogue)
 
     def adapters(self) -> list[AdapterInfo]:
-        with self._lock:
-            return [self._adapters[name].info for name in sorted(self._adapters)]
+        with self._cond:
+            return [
+                entry.info.model_copy(update={"loaded": name in self._loaded})
+                for name, entry in sorted(self._catalogue.items())
+            ]
+
+    def resolve(self, requested: str | None) -> str:
+        """The adapter a request means: the one named, or the only one there is."""
+        with self._cond:
+            if requested is None:
+                if len(self._catalogue) == 1:
+                    return next(iter(self._catalogue))
+                raise AdapterRequiredError(f"'adapter' is required: {len(self._catalogue)} adapters are available")
+            return self._entry(requested).name
 
     def info(self, name: str) -> AdapterInfo:
-        return self.get(name).info
+        with self._cond:
+            entry = self._entry(name)
+            return entry.info.model_copy(update={"loaded": name in self._loaded})
 
-    def get(self, name: str) -> LoadedAdapter:
-        with self._lock:
-            adapter = self._adapters.get(name)
-            if adapter is None:
-                loaded = ", ".join(sorted(self._adapters)) or "none"
-                raise UnknownAdapterError(f"adapter {name!r} is not loaded (loaded: {loaded})")
-            return adapter
+    def loaded_names(self) -> list[str]:
+        """Adapters in memory, least recently used first."""
+        with self._cond:
+            return list(self._loaded)
 
-    def is_current(self, name: str, generation: int) -> bool:
-        """Whether ``name`` is still loaded as the same load (not unloaded, not replaced)."""
-        adapter = self._adapters.get(name)
-        return adapter is not None and adapter.generation == generation
+    def in_use(self) -> dict[str, int]:
+        """Loaded adapters pinned by queued or running requests, and how many requests each."""
+        with self._cond:
+            return {name: adapter.pins for name, adapter in self._loaded.items() if adapter.pins > 0}
 
-    def bases(self) -> list[BaseModel]:
-        with self._lock:
-            return list(self._bases.values())
+    def encoders(self) -> list[SharedEncoder]:
+        with self._cond:
+            return list(self._encoders.values())
 
-    # ---- loading ------------------------------------------------------------------------------
+    def _entry(self, name: str) -> _Entry:
+        entry = self._catalogue.get(name)
+        if entry is None:
+            shown = name if len(name) <= 64 else name[:64] + "..."
+            raise UnknownAdapterError(f"unknown adapter {shown!r}")
+        return entry
 
-    def scan(self) -> list[str]:
-        """Names of the checkpoint folders (folders with ``cogalora.json``) under ``model_dir``."""
-        if not self.model_dir.is_dir():
-            raise FileNotFoundError(f"model directory {self.model_dir} does not exist or is not a directory")
-        return sorted(p.name for p in self.model_dir.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file())
-
-    def load_all(self) -> dict[str, str]:
-        """Load every checkpoint folder; broken ones are logged and skipped. Returns name -> error."""
-        failures: dict[str, str] = {}
-        for name in self.scan():
-            if name in self._adapters:
-                continue
-            try:
-                self.load(name)
-            except ServiceError as exc:
-                failures[name] = exc.message
-                logger.warning("skipping checkpoint %r: %s", name, exc.message)
-        with self._lock:
-            self._failures = failures
-        return failures
-
-    def load(self, name: str, replace: bool = False) -> AdapterInfo:
-        """Load the checkpoint folder ``model_dir/name`` into a slot of its base model.
-
-        ``replace``: an adapter of that name already loaded is swapped for the new load; without it
-        that is an ``AdapterConflictError``.
-        """
+    def _add_to_catalogue(self, name: str) -> _Entry:
         directory = self._folder(name)
-        with self._lock:
-            if name in self._adapters and not replace:
-                raise AdapterConflictError(f"adapter {name!r} is already loaded; unload it first or replace it")
         try:
-            adapter = self._load(name, directory)
+            meta = read_meta(directory)
+            if meta.method == "full":
+                raise CheckpointError(
+                    f"{name}/{CONFIG_FILE}: field 'method': a full fine-tune ('full') carries its own encoder "
+                    "weights and cannot share a base model; serve a lora, galora or cogalora checkpoint instead"
+                )
+            read_adapter(directory, data=False)
+            spec = self._spec(meta)
         except Exception as exc:  # any failure of one folder is that folder's problem, never the server's
-            if not isinstance(exc, CheckpointError | ValueError | OSError):
-                logger.exception("unexpected error loading checkpoint %r", name)
-            message = self._client_message(str(exc))
-            with self._lock:
-                self._failures[name] = message
-            raise AdapterLoadError(f"checkpoint {name!r} cannot be loaded: {message}") from exc
-        with self._lock:
+            raise self._failed(name, exc) from exc
+        kinds = [kind for kind in meta.target_modules if kind in ALL_MODULE_KINDS]
+        info = AdapterInfo(
+            name=name,
+            base_model=meta.base_model,
+            method=meta.method,
+            labels=list(meta.labels),
+            tau=meta.tau,
+            max_length=min(meta.max_length, spec.max_positions),
+            total_adapters=len(kinds) * spec.num_layers,
+            loaded=False,
+            metrics=dict(meta.metrics),
+        )
+        entry = _Entry(name=name, directory=directory, meta=meta, info=info)
+        with self._cond:
+            self._catalogue[name] = entry
             self._failures.pop(name, None)
-            old = self._adapters.get(name)
-            self._adapters[name] = adapter
-        if old is not None:
-            self._release(old)
-        logger.info("loaded adapter %r (%s) on %s, slot %d", name, adapter.meta.method, adapter.base.key, adapter.slot)
-        return adapter.info
+        return entry
 
-    def unload(self, name: str) -> None:
-        """Remove an adapter; rows already prepared for it get ``AdapterUnloadedError`` from the engine."""
-        with self._lock:
-            adapter = self._adapters.pop(name, None)
-        if adapter is None:
-            raise UnknownAdapterError(f"adapter {name!r} is not loaded")
-        self._release(adapter)
-        logger.info("unloaded adapter %r", name)
-
-    # ---- internals ----------------------------------------------------------------------------
+    def _failed(self, name: str, exc: Exception) -> AdapterLoadError:
+        if not isinstance(exc, CheckpointError | ValueError | OSError):
+            logger.exception("unexpected error reading checkpoint %r", name)
+        message = self._client_message(str(exc))
+        with self._cond:
+            self._failures[name] = message
+        return AdapterLoadError(f"checkpoint {name!r} cannot be loaded: {message}")
 
     def _folder(self, name: str) -> Path:
-        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             shown = repr(name)[:70]
             raise InvalidRequestError(
                 f"invalid adapter name {shown}: use 1-64 letters, digits, '_', '.' or '-', "
@@ -226,70 +299,162 @@ class ModelRepository:
             message = message.replace(prefix + "/", "").replace(prefix, ".")
         return message
 
-    def _load(self, name: str, directory: Path) -> LoadedAdapter:
-        meta = read_meta(directory)
-        if meta.method == "full":
-            raise CheckpointError(
-                f"{name}/{CONFIG_FILE}: field 'method': a full fine-tune ('full') carries its own encoder "
-                "weights and cannot share a base model; serve a lora, galora or cogalora checkpoint instead"
-            )
-        meta, weights = read_adapter(directory)
-        base = self._base_for(meta)
-        with base.lock:
-            slot = base.free_slot()
-            try:
-                base.model.set_adapter(slot, weights, meta.labels, source=name)
-            except ValueError:
-                base.model.reset_adapter(slot)
-                raise
-            base.slots[slot] = name
-        site_present = base.model.site_present(slot)
-        router_hidden = meta.router.hidden if meta.router else None
-        flops = FlopModel.for_slot(base.model, slot, rank=meta.rank, router_hidden=router_hidden)
-        max_length = min(meta.max_length, base.max_positions)
-        info = AdapterInfo(
-            name=name,
-            base_model=meta.base_model,
-            method=meta.method,
-            labels=list(meta.labels),
-            tau=meta.tau,
-            max_length=max_length,
-            total_adapters=sum(site_present),
-            site_names=base.site_names,
-            metrics=dict(meta.metrics),
-        )
-        return LoadedAdapter(
-            name=name,
+    def _spec(self, meta: CheckpointMeta) -> _BaseSpec:
+        key = resolve_base_model(meta.base_model)
+        spec = self._specs.get(key)
+        if spec is not None:
+            return spec
+        try:
+            config = AutoConfig.from_pretrained(key, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"base model {meta.base_model!r} cannot be loaded ({exc})") from exc
+        positions = getattr(config, "max_position_embeddings", None) or 512
+        if getattr(config, "model_type", "") in ("roberta", "xlm-roberta"):
+            positions -= 2  # RoBERTa position ids start after the padding index
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", 0)
+        spec = _BaseSpec(key=key, num_layers=layers, max_positions=positions)
+        self._specs[key] = spec
+        return spec
+
+    # ---- pinning and loading ------------------------------------------------------------------
+
+    def try_acquire(self, name: str) -> LoadedAdapter | None:
+        """Pin ``name`` if it is in memory (never blocks on a load); None when it must be loaded."""
+        with self._cond:
+            entry = self._entry(name)
+            if entry.error is not None:
+                raise AdapterLoadError(entry.error)
+            adapter = self._loaded.get(name)
+            if adapter is not None:
+                adapter.pins += 1
+                self._loaded.move_to_end(name)
+            return adapter
+
+    def acquire(self, name: str, timeout: float | None = None) -> LoadedAdapter:
+        """Pin ``name``, loading it first when needed (blocking; call from a worker thread).
+
+        Raises ``UnknownAdapterError``, ``AdapterLoadError`` (damaged checkpoint) or, when every
+        loaded adapter stays pinned for ``timeout`` seconds, ``AdapterCapacityError``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                adapter = self.try_acquire(name)
+                if adapter is not None:
+                    return adapter
+                if name not in self._loading:
+                    room, victim = self._make_room()
+                    if room:
+                        self._loading.add(name)
+                        entry = self._catalogue[name]
+                        break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise AdapterCapacityError(
+                        f"all {self.max_loaded} loaded adapters are in use; retry shortly "
+                        "(or raise max_loaded_adapters)",
+                        retry_after=1.0,
+                    )
+                self._cond.wait(remaining)
+        if victim is not None:
+            self._release_slot(victim)
+            if self.listener is not None:
+                self.listener.on_adapter_evicted(victim.name)
+        try:
+            adapter = self._load(entry)
+        except Exception as exc:
+            error = self._failed(name, exc)
+            with self._cond:
+                self._loading.discard(name)
+                if name in self._catalogue:
+                    self._catalogue[name].error = error.message
+                self._cond.notify_all()
+            raise error from exc
+        with self._cond:
+            self._loading.discard(name)
+            adapter.pins = 1
+            self._loaded[name] = adapter
+            self._cond.notify_all()
+        return adapter
+
+    def release(self, adapter: LoadedAdapter) -> None:
+        """Unpin an adapter taken by :meth:`acquire` or :meth:`try_acquire`."""
+        with self._cond:
+            adapter.pins -= 1
+            if adapter.pins <= 0:
+                self._cond.notify_all()
+
+    def is_current(self, adapter: LoadedAdapter) -> bool:
+        """Whether ``adapter`` is still loaded as the same load (not unloaded, not replaced)."""
+        return self._loaded.get(adapter.name) is adapter
+
+    def _make_room(self) -> tuple[bool, LoadedAdapter | None]:
+        """Room for one more load (under the lock); evicts the least recently used unpinned adapter."""
+        if len(self._loaded) + len(self._loading) < self.max_loaded:
+            return True, None
+        for name, adapter in self._loaded.items():
+            if adapter.pins <= 0:
+                del self._loaded[name]
+                logger.info("evicting adapter %r (least recently used)", name)
+                return True, adapter
+        return False, None
+
+    def _load(self, entry: _Entry) -> LoadedAdapter:
+        started = time.perf_counter()
+        meta, weights = read_adapter(entry.directory)
+        encoder = self._encoder_for(meta)
+        with encoder.lock:
+            slot = encoder.free_slot()
+            encoder.model.set_adapter(slot, weights, meta.labels, source=entry.name)
+            encoder.slots[slot] = entry.name
+        adapter = LoadedAdapter(
+            name=entry.name,
             meta=meta,
-            base=base,
+            encoder=encoder,
             slot=slot,
             generation=next(self._generations),
-            max_length=max_length,
-            site_present=site_present,
-            flops=flops,
-            info=info,
+            max_length=min(meta.max_length, encoder.max_positions),
+            flops=FlopModel.for_slot(encoder.model, slot),
+            total_adapters=entry.info.total_adapters,
         )
+        seconds = time.perf_counter() - started
+        logger.info("loaded adapter %r (%s) into slot %d in %.1f ms", entry.name, meta.method, slot, seconds * 1e3)
+        if self.listener is not None:
+            self.listener.on_adapter_loaded(entry.name, seconds)
+        return adapter
 
-    def _base_for(self, meta: CheckpointMeta) -> BaseModel:
+    def _release_slot(self, adapter: LoadedAdapter) -> None:
+        encoder = adapter.encoder
+        with encoder.lock:
+            if encoder.slots.get(adapter.slot) == adapter.name:
+                del encoder.slots[adapter.slot]
+                encoder.model.reset_adapter(adapter.slot)
+
+    # ---- encoders -----------------------------------------------------------------------------
+
+    def load_encoders(self) -> list[SharedEncoder]:
+        """Load the base encoder of every catalogued adapter (start-up: adapters then load fast)."""
+        with self._cond:
+            metas = [entry.meta for entry in self._catalogue.values()]
+        for meta in metas:
+            self._encoder_for(meta)
+        return self.encoders()
+
+    def _encoder_for(self, meta: CheckpointMeta) -> SharedEncoder:
         key = resolve_base_model(meta.base_model)
-        with self._lock:
-            base = self._bases.get(key)
-        if base is not None:
-            return base
-        base = self._new_base(key, meta)  # slow: outside the lock, so requests keep flowing
-        with self._lock:
-            # Two loads may race to create the same base: the first one stored wins.
-            return self._bases.setdefault(key, base)
+        with self._cond:
+            encoder = self._encoders.get(key)
+        if encoder is not None:
+            return encoder
+        encoder = self._new_encoder(key, meta)  # slow: outside the lock, so requests keep flowing
+        with self._cond:
+            # Two loads may race to create the same encoder: the first one stored wins.
+            return self._encoders.setdefault(key, encoder)
 
-    def _new_base(self, key: str, meta: CheckpointMeta) -> BaseModel:
+    def _new_encoder(self, key: str, meta: CheckpointMeta) -> SharedEncoder:
         # Every adapter site kind is injected so that adapters with other target modules fit too.
         config = CoGaLoRAConfig(
-            method="cogalora",
-            rank=meta.rank,
-            alpha=meta.alpha,
-            target_modules=ALL_MODULE_KINDS,
-            router_hidden=meta.router.hidden if meta.router else 4,
-            head_modules=tuple(meta.head_modules) or None,
+            method="cogalora", target_modules=ALL_MODULE_KINDS, head_modules=tuple(meta.head_modules) or None
         )
         try:
             # The encoder's own head width (a local base may ship a classifier); the head is replaced anyway.
@@ -298,21 +463,57 @@ class ModelRepository:
             tokenizer = load_tokenizer(meta.base_model)
         except (OSError, ValueError, ImportError) as exc:
             raise CheckpointError(f"base model {meta.base_model!r} cannot be loaded ({exc})") from exc
-        model = CoGaLoRAModel(hf_model, config, num_slots=1)
+        model = CoGaLoRAModel(hf_model, config)
         model.requires_grad_(False)
         model.to(self.device).eval()
         if self.dtype is not None:
-            model.to(self.dtype)
-        positions = getattr(hf_model.config, "max_position_embeddings", None) or 512
-        if getattr(hf_model.config, "model_type", "") in ("roberta", "xlm-roberta"):
-            positions -= 2  # RoBERTa position ids start after the padding index
-        tokenizer_max = getattr(tokenizer, "model_max_length", positions) or positions
+            model.cast(self.dtype)
+        spec = self._spec(meta)
+        tokenizer_max = getattr(tokenizer, "model_max_length", spec.max_positions) or spec.max_positions
         logger.info("loaded base model %s (%d adapter sites)", key, len(model.sites))
-        return BaseModel(key=key, model=model, tokenizer=tokenizer, max_positions=min(positions, tokenizer_max))
+        return SharedEncoder(
+            key=key, model=model, tokenizer=tokenizer, max_positions=min(spec.max_positions, tokenizer_max)
+        )
 
-    def _release(self, adapter: LoadedAdapter) -> None:
-        base = adapter.base
-        with base.lock:
-            if base.slots.get(adapter.slot) == adapter.name:
-                del base.slots[adapter.slot]
-                base.model.reset_adapter(adapter.slot)
+    # ---- admin --------------------------------------------------------------------------------
+
+    def preload(self, count: int) -> list[str]:
+        """Load up to ``count`` adapters (name order, at most ``max_loaded``); returns the loaded names."""
+        for name in self.names()[: min(count, self.max_loaded)]:
+            try:
+                self.release(self.acquire(name))
+            except AdapterLoadError as exc:
+                logger.warning("skipping checkpoint %r: %s", name, exc.message)
+        return self.loaded_names()
+
+    def load(self, name: str, replace: bool = False) -> AdapterInfo:
+        """Admin: re-read the folder ``model_dir/name`` and load it now.
+
+        ``replace``: an adapter of that name already in memory is swapped for the new load; without
+        it that is an ``AdapterConflictError``.
+        """
+        self._folder(name)
+        with self._cond:
+            if name in self._loaded and not replace:
+                raise AdapterConflictError(f"adapter {name!r} is already loaded; unload it first or replace it")
+            old = self._loaded.pop(name, None)
+        if old is not None:
+            self._release_slot(old)
+        self._add_to_catalogue(name)
+        self.release(self.acquire(name))
+        return self.info(name)
+
+    def unload(self, name: str) -> None:
+        """Admin: drop ``name`` from memory and from the catalogue until it is loaded again.
+
+        Rows already queued for it are answered with ``AdapterUnloadedError`` by the engine.
+        """
+        with self._cond:
+            if name not in self._catalogue and name not in self._loaded:
+                raise UnknownAdapterError(f"adapter {name!r} is not loaded")
+            self._catalogue.pop(name, None)
+            adapter = self._loaded.pop(name, None)
+            self._cond.notify_all()
+        if adapter is not None:
+            self._release_slot(adapter)
+        logger.info("unloaded adapter %r", name)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    import torch
 
 #: The committed model repository: ``<repo>/models`` next to the ``service`` package.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -30,10 +33,34 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1, description="Largest request body (413 beyond).")
     api_key: SecretStr | None = Field(None, description="When set, /classify and /adapters need it.")
     device: str = Field("cpu", description='Torch device; "auto" picks cuda when available.')
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description='Encoder and adapter precision; "auto": the fastest the device runs natively (bfloat16 on '
+        "CPUs with avx512_bf16/AMX). Routers always decide in float32.",
+    )
     torch_threads: int = Field(0, ge=0, description="torch.set_num_threads; 0 keeps torch's default.")
+    max_loaded_adapters: int = Field(
+        256, ge=1, description="Adapters kept in memory; beyond it the least recently used idle one is evicted."
+    )
+    preload_adapters: int = Field(
+        16, ge=0, description="Adapters loaded (in name order) before /ready; the others load on first request."
+    )
+    metrics_adapter_labels: str = Field(
+        "all",
+        description='Per-adapter metric labels: "all", "top:N" (the N busiest, the rest "other") or a '
+        'comma-separated list of adapters (the rest "other").',
+    )
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON objects.")
     log_level: str = Field("INFO", description="Root log level (DEBUG, INFO, WARNING, ...).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 responses.")
+
+    @field_validator("metrics_adapter_labels")
+    @classmethod
+    def _known_label_mode(cls, value: str) -> str:
+        from service.metrics import AdapterLabels
+
+        AdapterLabels(value)  # raises ValueError with the accepted forms
+        return value
 
     def resolved_device(self) -> str:
         """The torch device to use: ``auto`` becomes ``cuda`` when available, else ``cpu``."""
@@ -42,6 +69,12 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> torch.dtype:
+        """The torch dtype to serve in (``auto`` resolved for the device)."""
+        from cogalora.precision import resolve_dtype
+
+        return resolve_dtype(self.dtype, self.resolved_device())
 
     def api_key_value(self) -> str | None:
         """The configured API key, or None when the service is open (an empty key counts as unset)."""

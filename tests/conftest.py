@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from cogalora import CoGaLoRAConfig, CoGaLoRAModel
+from cogalora.bank import AdapterBank
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -39,24 +41,54 @@ def tiny_model(config: CoGaLoRAConfig | None = None, labels: tuple[str, ...] = (
     return model
 
 
+def bank_row(model: CoGaLoRAModel, site: int, slot: int = 0) -> tuple[AdapterBank, int]:
+    """The bank and row holding ``slot``'s adapter at ``site`` (the live, trainable tensors)."""
+    entry = model.slot_table.entry(slot, site)
+    assert entry is not None, f"slot {slot} has no adapter at site {site}"
+    return model.layers[site].banks[entry.bank], entry.row
+
+
 def randomize_adapter(model: CoGaLoRAModel, seed: int = 1, slot: int = 0) -> None:
     """Give B non-zero values (fresh LoRA has B = 0, which would hide adapter bugs)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in model.gated_layers.values():
-            layer.lora_B[slot].copy_(torch.randn(layer.lora_B[slot].shape, generator=generator) * 0.5)
+        for site, present in enumerate(model.site_present(slot)):
+            if present:
+                bank, row = bank_row(model, site, slot)
+                bank.lora_B[row].copy_(torch.randn(bank.lora_B[row].shape, generator=generator) * 0.5)
+
+
+def spread_routers(model: CoGaLoRAModel, factor: float = 40.0, slot: int = 0) -> None:
+    """Scale the routers' output weights so gate probabilities sit far from tau (no knife-edge gates)."""
+    with torch.no_grad():
+        for site, routed in enumerate(model.site_routed(slot)):
+            if routed:
+                bank, row = bank_row(model, site, slot)
+                bank.router_w2[row].mul_(factor)
 
 
 @pytest.fixture
 def tiny_base_dir(tmp_path: Path) -> Path:
-    """A tiny random BERT with a word-level tokenizer saved as a local Hugging Face directory."""
+    """A tiny random BERT with a word-level tokenizer saved as a local Hugging Face directory.
+
+    The fast tokenizer is built with ``vocab=`` (``vocab_file=`` silently yields an empty vocabulary
+    under transformers 5, which would turn every word into [UNK]).
+    """
     torch.manual_seed(0)
     directory = tmp_path / "tiny-bert"
     BertForSequenceClassification(tiny_bert_config()).save_pretrained(directory, safe_serialization=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_WORDS]
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    BertTokenizer(vocab=str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(directory)
+    tokenizer = BertTokenizerFast(vocab=str(directory / "vocab.txt"), do_lower_case=True)
+    assert tokenizer.convert_tokens_to_ids("awful") != tokenizer.unk_token_id
+    tokenizer.save_pretrained(directory)
     return directory
+
+
+def tiny_text(words: int, seed: int = 0) -> str:
+    """A random text in the tiny tokenizer's vocabulary (one token per word)."""
+    rng = random.Random(seed)
+    return " ".join(rng.choice(["good", "bad", "movie", "plot", "the", "w3", "w7", "w11"]) for _ in range(words))
 
 
 def batch(lengths: list[int], vocab: int = 60, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,11 +111,13 @@ def synthetic_checkpoint(
     seed: int = 0,
     router_bias: float = 0.0,
     max_length: int = 128,
+    keep_sites: int | None = None,
 ) -> Path:
     """Save a deterministic, untrained-but-non-trivial adapter: random B, routers near p = 0.5.
 
     Routers with a zero output bias put gate probabilities on both sides of 0.5, so gates differ
-    between inputs: what correctness tests need, independent of any training run.
+    between inputs: what correctness tests need, independent of any training run. ``keep_sites``:
+    only the first N sites keep their adapter.
     """
     from cogalora import CheckpointMeta, new_model, save_checkpoint
 
@@ -91,9 +125,9 @@ def synthetic_checkpoint(
     config = CoGaLoRAConfig(method=method, rank=8, alpha=16.0, router_init_bias=router_bias)
     model = new_model(base_model, config, labels)
     randomize_adapter(model, seed=seed + 1)
-    with torch.no_grad():
-        for layer in model.gated_layers.values():
-            layer.routers.w2.mul_(40.0)  # spread p well away from tau, so gates are not knife-edge
+    spread_routers(model)
+    if keep_sites is not None:  # as the freezing trick leaves it: only the first sites keep an adapter
+        model.drop_sites(list(range(keep_sites, len(model.sites))))
     meta = CheckpointMeta(
         format_version=1,
         method=method,
@@ -125,3 +159,30 @@ def minilm_model_dir(tmp_path_factory) -> Path:
     synthetic_checkpoint(root / "agnews", PACKAGED_MODEL_ID, ["World", "Sports", "Business", "Sci/Tech"], seed=10)
     synthetic_checkpoint(root / "plain", PACKAGED_MODEL_ID, ["negative", "positive"], method="lora", seed=20)
     return root
+
+
+# ---- running the service -------------------------------------------------------------------------
+# Two ways, one fixture each: in process (``api_fakes.running(app)`` around an httpx ASGI client) and
+# as a real ``python -m service`` process (``start_service``).
+
+
+@pytest.fixture(scope="session")
+def start_service(tmp_path_factory):
+    """Start real ``python -m service`` processes and wait until ready: ``start_service(model_dir, **env)``.
+
+    Every process started is stopped at the end of the session (or earlier by the test).
+    """
+    from processes import ServiceProcess
+
+    started: list[ServiceProcess] = []
+
+    def start(model_dir: Path, wait: bool = True, **env: str) -> ServiceProcess:
+        process = ServiceProcess(model_dir, tmp_path_factory.mktemp("service") / "service.log", env)
+        started.append(process)
+        if wait:
+            process.wait_ready()
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

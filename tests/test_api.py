@@ -7,10 +7,11 @@ import json
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
-from test_api_helpers import assert_envelope, fake_components, running
+from api_fakes import assert_envelope, fake_components, running
 
 import service
 from service.app import create_app
@@ -381,10 +382,10 @@ def test_settings_defaults_and_cogalora_env(monkeypatch):
 
 
 def test_make_batcher_maps_settings():
-    from service.app import make_batcher
+    from service.lifecycle import make_batcher
 
     settings = Settings(max_batch_size=3, max_batch_tokens=99, max_wait_ms=7, max_queue=11, request_timeout_s=4)
-    config = make_batcher(object(), settings, listener=None).config
+    config = make_batcher(SimpleNamespace(repository=None), settings, listener=None).config
     assert (config.max_batch_size, config.max_batch_tokens, config.max_queue) == (3, 99, 11)
     assert config.max_wait_s == pytest.approx(0.007)
     assert config.request_timeout_s == 4

@@ -12,7 +12,9 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import checks
 from schemathesis.python import asgi
 
-from service.app import create_app, load_engine, make_batcher
+from service.app import create_app
+from service.lifecycle import build_engine, make_batcher
+from service.metrics import ServiceMetrics
 from service.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -30,7 +32,7 @@ CHECKS = [
 @pytest.fixture(scope="module")
 def loaded(minilm_model_dir):
     """Repository and engine on the packaged MiniLM, loaded once for the module."""
-    return load_engine(Settings(model_dir=minilm_model_dir))
+    return build_engine(Settings(model_dir=minilm_model_dir), ServiceMetrics())
 
 
 @pytest.fixture

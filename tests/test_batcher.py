@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import synthetic_checkpoint
-from test_engine import word_level_tokenizer
 
 from service.batcher import Batcher, BatcherConfig
 from service.engine import Engine, EngineRun, PreparedRow
@@ -26,37 +26,51 @@ from service.errors import (
     UnknownAdapterError,
 )
 from service.repository import ModelRepository
-from service.types import BatchStats, ClassifyRequest, RowResult
+from service.schemas import Flops, LabelScore, RowResult
+from service.types import BatchStats, ClassifyRequest
 
 pytestmark = pytest.mark.timeout(60)
+
+
+class FakeRepository:
+    """One adapter, "fake"; counts pins so tests can check every pin is given back."""
+
+    def __init__(self) -> None:
+        self.adapter = SimpleNamespace(name="fake")
+        self.pins = 0
+        self.unloaded = False
+
+    def try_acquire(self, name: str):
+        if name != "fake":
+            raise UnknownAdapterError(f"adapter {name!r} is not loaded")
+        self.pins += 1
+        return self.adapter
+
+    def acquire(self, name: str, timeout: float | None = None):
+        return self.try_acquire(name)
+
+    def release(self, adapter) -> None:
+        self.pins -= 1
 
 
 class FakeEngine:
     """Rows are texts; results echo them. ``boom`` fails its row; ``gate`` blocks batches until released."""
 
     def __init__(self) -> None:
+        self.repository = FakeRepository()
         self.batches: list[list[str]] = []
         self.gate = threading.Event()
         self.gate.set()
         self.started = threading.Event()
-        self._next_request = 0
-        self.texts: dict[tuple[int, int], str] = {}
 
-    def prepare(self, request: ClassifyRequest) -> list[PreparedRow]:
-        if request.adapter != "fake":
-            raise UnknownAdapterError(f"adapter {request.adapter!r} is not loaded")
-        self._next_request += 1
-        rows = []
-        for i, text in enumerate(request.texts):
-            tokens = tuple(range(len(text.split()) + 2))  # words + [CLS] + [SEP]
-            rows.append(PreparedRow("fake", 1, 0, tokens, None, 0.5, self._next_request, i))
-            self.texts[(self._next_request, i)] = text
-        return rows
+    def tokenize(self, adapter, texts: list[str], truncate: bool = True, tau: float | None = None) -> list[PreparedRow]:
+        # words + [CLS] + [SEP]; the text itself rides along in place of token ids
+        return [PreparedRow(adapter, [text] * (len(text.split()) + 2), 0.5, len(text.split()) + 2) for text in texts]
 
     def run_batch(self, rows: list[PreparedRow]) -> EngineRun:
         self.started.set()
         assert self.gate.wait(30), "test never released the engine"
-        texts = [self.texts[(row.request_id, row.index)] for row in rows]
+        texts = [row.input_ids[0] for row in rows]
         self.batches.append(texts)
         results = [
             InferenceError("inference failed for this input")
@@ -64,16 +78,16 @@ class FakeEngine:
             else RowResult(
                 label=text,
                 score=1.0,
-                scores=[{"label": text, "score": 1.0}],
+                scores=[LabelScore(label=text, score=1.0)],
                 active_adapters=0,
                 total_adapters=0,
                 active_modules=[],
                 tokens=row.tokens,
-                flops={"total": 1, "adapter": 0, "adapter_saved": 0},
+                flops=Flops(total=1, adapter=0, adapter_saved=0),
             )
             for row, text in zip(rows, texts, strict=True)
         ]
-        stats = BatchStats(len(rows), len({r.request_id for r in rows}), 0, 0, {"fake": len(rows)}, 0.0, 0)
+        stats = BatchStats(len(rows), 1, len(rows) * max(r.tokens for r in rows), sum(r.tokens for r in rows), 0.0, 0)
         return EngineRun(results=results, stats=[stats])
 
 
@@ -82,6 +96,7 @@ class FakeTimer:
 
     def __init__(self) -> None:
         self.requests: list[float] = []
+        self.fired = 0
         self.waiting = asyncio.Event()
         self._fire = asyncio.Event()
 
@@ -92,6 +107,7 @@ class FakeTimer:
         self._fire.clear()
 
     def fire(self) -> None:
+        self.fired += 1
         self._fire.set()
 
 
@@ -119,6 +135,21 @@ async def started(engine: FakeEngine) -> None:
     assert await asyncio.to_thread(engine.started.wait, 30)
 
 
+async def until(condition, timeout: float = 30) -> None:
+    """Poll ``condition()`` until it holds; fail after ``timeout`` seconds."""
+
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def queued(batcher: Batcher, rows: int) -> None:
+    """Until ``rows`` rows are tokenized and queued (tokenization runs on its own thread)."""
+    await until(lambda: batcher.queued_rows >= rows)
+
+
 @pytest.fixture
 async def parts():
     engine, timer, clock, listener = FakeEngine(), FakeTimer(), FakeClock(), Listener()
@@ -143,8 +174,8 @@ async def test_results_keep_input_order_and_requests_share_a_batch(parts) -> Non
     assert [r.label for r in await first] == ["a", "b c", "d e f"]
     assert [r.label for r in await second] == ["g"]
     assert engine.batches == [["a", "b c", "d e f", "g"]], "four rows fill one batch of max_batch_size 4"
-    assert listener.stats[0].rows == 4 and listener.stats[0].requests == 2
-    assert timer.requests == [], "a full batch never waits"
+    assert listener.stats[0].rows == 4 and engine.repository.pins == 0
+    assert timer.fired == 0, "a full batch closes without waiting for the timer"
 
 
 async def test_one_bad_request_does_not_fail_its_batch_mates(parts) -> None:
@@ -161,12 +192,12 @@ async def test_max_wait_closes_a_partial_batch_only_when_the_timer_fires(parts) 
     task = asyncio.create_task(batcher.submit(request("lonely")))
     await timer.waiting.wait()
     assert timer.requests == [pytest.approx(0.5)], "waits max_wait_s from the row's arrival"
-    assert engine.batches == [] and batcher.queue_depth == 1 and batcher.inflight == 1
+    assert engine.batches == [] and batcher.queue_depth == 1 and engine.repository.pins == 1
     clock.now += 0.5
     timer.fire()
     assert [r.label for r in await task] == ["lonely"]
     assert engine.batches == [["lonely"]]
-    assert batcher.queue_depth == 0 and batcher.inflight == 0
+    assert batcher.queue_depth == 0 and engine.repository.pins == 0
 
 
 async def test_late_arrivals_join_the_waiting_batch(parts) -> None:
@@ -203,17 +234,16 @@ async def test_queue_full_is_refused_immediately(parts) -> None:
     engine.gate.clear()
     running = asyncio.create_task(batcher.submit(request("a", "b", "c", "d")))
     await started(engine)  # the first batch is running and blocks the worker
-    queued = asyncio.create_task(batcher.submit(request("e", "f", "g", "h")))
-    while batcher.queue_depth < 4:
-        await asyncio.sleep(0)
+    second = asyncio.create_task(batcher.submit(request("e", "f", "g", "h")))
+    await queued(batcher, 4)
     with pytest.raises(QueueFullError) as refused:
         await batcher.submit(request("i", "j", "k"))  # 4 + 3 > max_queue 6
     assert refused.value.retry_after is not None and refused.value.retry_after >= 1
     with pytest.raises(PayloadTooLargeError):
         await batcher.submit(request(*"abcdefg"))  # more rows than the whole queue holds
-    assert batcher.inflight == 2
+    assert engine.repository.pins == 2
     engine.gate.set()
-    assert len(await running) == 4 and len(await queued) == 4
+    assert len(await running) == 4 and len(await second) == 4
 
 
 async def test_timeout(parts) -> None:
@@ -224,7 +254,7 @@ async def test_timeout(parts) -> None:
     try:
         with pytest.raises(RequestTimeoutError):
             await short.submit(request("stuck"))  # the engine is blocked: it cannot answer in time
-        assert short.inflight == 0
+        assert engine.repository.pins == 0, "a timed-out request gives its adapter back"
     finally:
         engine.gate.set()
         await short.stop()
@@ -236,26 +266,24 @@ async def test_stop_drains_accepted_requests_and_refuses_new_ones(parts) -> None
     first = asyncio.create_task(batcher.submit(request("a", "b", "c", "d")))
     await started(engine)
     waiting = [asyncio.create_task(batcher.submit(request(text))) for text in ("e", "f")]
-    while batcher.queue_depth < 2:
-        await asyncio.sleep(0)
+    await queued(batcher, 2)
     stopping = asyncio.create_task(batcher.stop())
-    while not batcher._stopping:
-        await asyncio.sleep(0)
+    await until(lambda: batcher.stopping)
     with pytest.raises(ShuttingDownError):
         await batcher.submit(request("late"))
     engine.gate.set()
     await stopping
     assert len(await first) == 4
     assert [(await task)[0].label for task in waiting] == ["e", "f"], "drained without waiting for max_wait"
-    assert timer.requests == []
-    assert batcher.inflight == 0 and batcher.queue_depth == 0
+    assert timer.fired == 0
+    assert engine.repository.pins == 0 and batcher.queue_depth == 0
 
 
 async def test_unknown_adapter_is_rejected_at_submit(parts) -> None:
     batcher, *_ = parts
     with pytest.raises(UnknownAdapterError):
         await batcher.submit(ClassifyRequest(texts=["x"], adapter="nope"))
-    assert batcher.inflight == 0
+    assert batcher.queue_depth == 0
 
 
 # ---- with the real engine ------------------------------------------------------------------------
@@ -263,11 +291,10 @@ async def test_unknown_adapter_is_rejected_at_submit(parts) -> None:
 
 @pytest.fixture
 def tiny_repository(tmp_path: Path, tiny_base_dir: Path) -> ModelRepository:
-    word_level_tokenizer(tiny_base_dir)
     synthetic_checkpoint(tmp_path / "models" / "keep", str(tiny_base_dir), ["neg", "pos"], seed=0)
     synthetic_checkpoint(tmp_path / "models" / "drop", str(tiny_base_dir), ["x", "y", "z"], seed=2)
     repository = ModelRepository(tmp_path / "models")
-    assert repository.load_all() == {}
+    assert repository.scan() == {}
     return repository
 
 
@@ -282,8 +309,7 @@ async def test_adapter_removed_while_queued(tiny_repository: ModelRepository) ->
     try:
         doomed = asyncio.create_task(batcher.submit(ClassifyRequest(texts=["good movie"], adapter="drop")))
         kept = asyncio.create_task(batcher.submit(ClassifyRequest(texts=["bad plot", "the"], adapter="keep")))
-        await timer.waiting.wait()
-        assert batcher.queue_depth == 3
+        await queued(batcher, 3)
         await asyncio.to_thread(tiny_repository.unload, "drop")
         clock.now += 1
         timer.fire()
@@ -291,7 +317,7 @@ async def test_adapter_removed_while_queued(tiny_repository: ModelRepository) ->
             await doomed
         results = await kept
         assert [len(r.scores) for r in results] == [2, 2]
-        assert listener.stats[-1].adapters == {"keep": 2}
+        assert listener.stats[-1].rows == 2
     finally:
         timer.fire()
         await batcher.stop()
@@ -311,6 +337,122 @@ async def test_real_engine_results_match_direct_engine_runs(tiny_repository: Mod
     finally:
         await batcher.stop()
     for req, answer in zip(requests, answers, strict=True):
-        direct = engine.run(engine.prepare(req))
+        direct = engine.classify(req)
         assert [a.active_modules for a in answer] == [d.active_modules for d in direct]
         assert [a.score for a in answer] == pytest.approx([d.score for d in direct], abs=1e-5)
+
+
+# ---- admission, tokenization, padded budget, pins ------------------------------------------------
+
+
+async def test_admission_comes_before_tokenization_which_runs_off_the_event_loop() -> None:
+    engine = FakeEngine()
+    tokenizing = threading.Event()
+    release = threading.Event()
+    tokenized: list[str] = []
+    real_tokenize = engine.tokenize
+
+    def slow_tokenize(adapter, texts, truncate=True, tau=None):
+        tokenized.extend(texts)
+        tokenizing.set()
+        assert release.wait(30)
+        return real_tokenize(adapter, texts, truncate, tau)
+
+    engine.tokenize = slow_tokenize
+    batcher = Batcher(engine, BatcherConfig(max_batch_size=8, max_wait_s=0, max_queue=4))
+    await batcher.start()
+    try:
+        first = asyncio.create_task(batcher.submit(request("a", "b", "c")))
+        assert await asyncio.to_thread(tokenizing.wait, 30)
+        # The event loop is free while "first" tokenizes, and its rows already count against the queue:
+        assert batcher.queue_depth == 3
+        with pytest.raises(QueueFullError):
+            await batcher.submit(request("d", "e"))
+        assert tokenized == ["a", "b", "c"], "a refused request is never tokenized"
+        release.set()
+        assert [r.label for r in await first] == ["a", "b", "c"]
+    finally:
+        release.set()
+        await batcher.stop()
+
+
+async def test_token_budget_counts_padded_tokens() -> None:
+    """1 word and 10 words: 15 real tokens fit a budget of 20, but 2 rows x 12 padded tokens do not."""
+    engine = FakeEngine()
+    config = BatcherConfig(max_batch_size=8, max_batch_tokens=20, max_wait_s=0, max_queue=100)
+    batcher = Batcher(engine, config)
+    engine.gate.clear()
+    await batcher.start()
+    try:
+        blocker = asyncio.create_task(batcher.submit(request("hold")))
+        await started(engine)  # the worker is busy: the next two requests queue up together
+        short = asyncio.create_task(batcher.submit(request("x")))
+        long = asyncio.create_task(batcher.submit(request(" ".join("y" * 10))))
+        await queued(batcher, 2)
+        engine.gate.set()
+        await asyncio.gather(blocker, short, long)
+        assert engine.batches[1:] == [["x"], [" ".join("y" * 10)]]
+    finally:
+        engine.gate.set()
+        await batcher.stop()
+
+
+async def test_a_cancelled_request_gives_its_adapter_back(parts) -> None:
+    batcher, engine, *_ = parts
+    engine.gate.clear()
+    running = asyncio.create_task(batcher.submit(request("a", "b", "c", "d")))
+    await started(engine)
+    abandoned = asyncio.create_task(batcher.submit(request("e")))
+    await queued(batcher, 1)
+    assert engine.repository.pins == 2
+    abandoned.cancel()  # the client went away
+    with pytest.raises(asyncio.CancelledError):
+        await abandoned
+    assert engine.repository.pins == 1 and batcher.queued_rows == 0, "its queued row is withdrawn"
+    engine.gate.set()
+    assert len(await running) == 4
+    assert engine.batches == [["a", "b", "c", "d"]], "the withdrawn row never ran"
+
+
+async def test_traffic_over_five_adapters_with_room_for_two(tmp_path: Path, tiny_base_dir: Path) -> None:
+    """max_loaded=2, five adapters, concurrent requests: every answer is right, at most two are ever
+    loaded, and no adapter is evicted under a queued or running row (that row would fail)."""
+    root = tmp_path / "models"
+    names = [f"m{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        synthetic_checkpoint(root / name, str(tiny_base_dir), ["neg", "pos", "mid"][: 2 + i % 2], seed=i)
+    reference = Engine(ModelRepository(root), tune_malloc=False)
+    reference.repository.scan()
+    events = SimpleNamespace(loads=0, evictions=0)
+    listener = SimpleNamespace(
+        on_adapter_loaded=lambda name, seconds: setattr(events, "loads", events.loads + 1),
+        on_adapter_evicted=lambda name: setattr(events, "evictions", events.evictions + 1),
+    )
+    bounded = ModelRepository(root, max_loaded=2, listener=listener)
+    bounded.scan()
+    engine = Engine(bounded, tune_malloc=False)
+    most_loaded = 0
+    real_run = engine.run_batch
+
+    def observed_run(rows):
+        nonlocal most_loaded
+        most_loaded = max(most_loaded, len(bounded.loaded_names()))
+        assert all(bounded.is_current(row.adapter) for row in rows), "a queued row's adapter was evicted"
+        return real_run(rows)
+
+    engine.run_batch = observed_run
+    batcher = Batcher(engine, BatcherConfig(max_batch_size=4, max_wait_s=0.002, request_timeout_s=60))
+    texts = ["good movie", "bad plot the", "w3 w7", "the the movie plot good", "awful"]
+    jobs = [ClassifyRequest(texts=[texts[i % 5]], adapter=names[(i * 3) % 5]) for i in range(40)]
+    await batcher.start()
+    try:
+        answers = await asyncio.gather(*(batcher.submit(job) for job in jobs))
+    finally:
+        await batcher.stop()
+    assert most_loaded <= 2 and len(bounded.loaded_names()) <= 2
+    for job, (answer,) in zip(jobs, answers, strict=True):
+        (expected,) = reference.classify(job)
+        assert answer.active_modules == expected.active_modules
+        assert answer.score == pytest.approx(expected.score, abs=1e-5)
+    assert bounded.in_use() == {}, "every pin was given back"
+    assert events.evictions >= 3 and events.loads == events.evictions + len(bounded.loaded_names())

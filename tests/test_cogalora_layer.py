@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import batch, randomize_adapter, tiny_bert_config, tiny_model
+from conftest import bank_row, batch, randomize_adapter, spread_routers, tiny_bert_config, tiny_model
 from transformers import BertForSequenceClassification
 
 from cogalora import CoGaLoRAConfig
@@ -21,21 +21,22 @@ def test_straight_through_gradients_reach_routers_and_lora():
     out = model(ids, mask)
     loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 1, 0, 1])) + 0.1 * out.gate_probs.mean()
     loss.backward()
-    for layer in model.gated_layers.values():
-        assert layer.routers.w1.grad is not None and layer.routers.w1.grad.abs().sum() > 0
-        assert layer.routers.b2.grad.abs().sum() > 0
-    assert any(layer.lora_A.grad.abs().sum() > 0 for layer in model.gated_layers.values())
-    assert any(layer.lora_B.grad.abs().sum() > 0 for layer in model.gated_layers.values())
+    banks = [bank_row(model, site)[0] for site in range(len(model.sites))]
+    for bank in banks:
+        assert bank.router_w1.grad is not None and bank.router_w1.grad.abs().sum() > 0
+        assert bank.router_b2.grad.abs().sum() > 0
+    assert any(bank.lora_A.grad.abs().sum() > 0 for bank in banks)
+    assert any(bank.lora_B.grad.abs().sum() > 0 for bank in banks)
 
 
 def test_row_sampled_off_gives_no_gradient_to_that_modules_lora():
     """One row; force its sampled gate at one site to 0 by a router that outputs p ~ 0."""
     model = tiny_model(CoGaLoRAConfig(rank=4))
     randomize_adapter(model)
-    site = model.gated_layers[model.sites[0].module_path]
+    site, row = bank_row(model, 0)
     with torch.no_grad():
-        site.routers.w2.zero_()
-        site.routers.b2.fill_(-60.0)  # p = sigmoid(-60) ~ 1e-26: Bernoulli samples 0
+        site.router_w2[row].zero_()
+        site.router_b2[row].fill_(-60.0)  # p = sigmoid(-60) ~ 1e-26: Bernoulli samples 0
     model.train()
     ids, mask = batch([5], seed=2)
     out = model(ids, mask)
@@ -43,7 +44,7 @@ def test_row_sampled_off_gives_no_gradient_to_that_modules_lora():
     out.logits.sum().backward()
     assert site.lora_A.grad.abs().sum() == 0
     assert site.lora_B.grad.abs().sum() == 0
-    other = model.gated_layers[model.sites[1].module_path]
+    other, _ = bank_row(model, 1)
     assert out.gates[0, 1] and other.lora_B.grad.abs().sum() > 0
 
 
@@ -73,9 +74,7 @@ def test_raising_lambda_lowers_mean_gate_probability():
 def test_batch_invariance_of_gates_and_probabilities():
     model = tiny_model(CoGaLoRAConfig(rank=4, router_init_bias=0.0))
     randomize_adapter(model)
-    with torch.no_grad():
-        for layer in model.gated_layers.values():
-            layer.routers.w2.mul_(40.0)
+    spread_routers(model)
     model.eval()
     lengths = [9, 3, 12, 5, 1, 7, 12, 2]
     ids, mask = batch(lengths, seed=4)
@@ -108,10 +107,11 @@ def _merged_reference(model, slot: int = 0) -> BertForSequenceClassification:
     state = {}
     for name, tensor in model.model.state_dict().items():
         state[name.replace(".base.", ".")] = tensor
+    weights = model.adapter_weights(slot)
     with torch.no_grad():
         for path, layer in model.gated_layers.items():
-            merged = layer.base.weight + layer.scaling[slot] * layer.lora_B[slot] @ layer.lora_A[slot]
-            state[f"{path}.weight"] = merged
+            lora_A, lora_B = weights.lora[path]
+            state[f"{path}.weight"] = layer.base.weight + weights.scaling * lora_B @ lora_A
         head = model.head_layers["classifier"]
         state["classifier.weight"], state["classifier.bias"] = head.get_slot(slot)
     reference.load_state_dict({k: v for k, v in state.items() if k in reference.state_dict()})
@@ -141,9 +141,7 @@ def test_all_gates_on_equals_plain_lora_and_all_off_equals_base_plus_head():
 
 def test_gated_off_rows_are_never_multiplied():
     model = tiny_model(CoGaLoRAConfig(rank=4, router_init_bias=0.0))
-    with torch.no_grad():
-        for layer in model.gated_layers.values():
-            layer.routers.w2.mul_(40.0)
+    spread_routers(model)
     model.eval()
     ids, mask = batch([5, 6, 7, 4], seed=7)
     with torch.no_grad():

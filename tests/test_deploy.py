@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_observability_support import REPO, SERVICE_COMMAND
+from processes import REPO, SERVICE_COMMAND
 
 DOCKER = REPO / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"

@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import itertools
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, synthetic_checkpoint
-from transformers import BertTokenizerFast
+from conftest import SHARED_DATA, synthetic_checkpoint, tiny_text
+from torch.utils.flop_counter import FlopCounterMode
 
 from cogalora import PACKAGED_MODEL_ID, load_base_model, load_model, read_adapter
 from service.engine import Engine, PreparedRow, length_chunks
-from service.errors import (
-    AdapterUnloadedError,
-    InferenceError,
-    InputTooLongError,
-    InvalidRequestError,
-    UnknownAdapterError,
-)
+from service.errors import AdapterUnloadedError, InferenceError, InputTooLongError, UnknownAdapterError
 from service.repository import ModelRepository
-from service.types import ClassifyRequest, RowResult
+from service.schemas import RowResult
+from service.types import ClassifyRequest
 
 FALLBACK_SENTENCES = [
     "a gorgeous , witty , seductive movie .",
@@ -38,12 +34,11 @@ FALLBACK_SENTENCES = [
 
 
 def sentences(count: int) -> list[str]:
-    """Real SST-2 dev sentences when the shared data is present, else a fixed fallback list."""
-    path = SHARED_DATA / "sst2" / "dev.tsv"
+    """Real full SST-2 sentences when the shared data is present, else prefixes of a fixed list."""
+    path = SHARED_DATA / "sst2-sentences" / "dev.tsv"
     if path.is_file():
         lines = path.read_text(encoding="utf-8").splitlines()[1 : count + 1]
         return [line.split("\t")[0] for line in lines]
-    # Without the shared data: prefixes of the fixed sentences, so lengths still vary widely.
     words = " ".join(FALLBACK_SENTENCES).split()
     return [" ".join(words[i % 7 : i % 7 + 1 + (5 * i) % 37]) for i in range(count)]
 
@@ -57,28 +52,19 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def scanned(model_dir: Path, **options) -> ModelRepository:
+    repository = ModelRepository(model_dir, **options)
+    assert repository.scan() == {}
+    return repository
+
+
 @pytest.fixture(scope="module")
 def minilm_engine(minilm_model_dir: Path) -> Engine:
-    repo = ModelRepository(minilm_model_dir)
-    assert repo.load_all() == {}
-    return Engine(repo, tune_malloc=False)
-
-
-def word_level_tokenizer(base_dir: Path) -> Path:
-    """Re-save the tiny base's tokenizer so that its vocabulary is really used.
-
-    (``BertTokenizerFast(vocab_file=...)`` in conftest silently yields an empty vocabulary under
-    transformers 5, so every word became [UNK]; ``vocab=`` loads the file.)
-    """
-    tokenizer = BertTokenizerFast(vocab=str(base_dir / "vocab.txt"), do_lower_case=True)
-    assert tokenizer.convert_tokens_to_ids("awful") != tokenizer.unk_token_id
-    tokenizer.save_pretrained(base_dir)
-    return base_dir
+    return Engine(scanned(minilm_model_dir), tune_malloc=False)
 
 
 @pytest.fixture
 def tiny_dir(tmp_path: Path, tiny_base_dir: Path) -> Path:
-    word_level_tokenizer(tiny_base_dir)
     root = tmp_path / "models"
     synthetic_checkpoint(root / "two", str(tiny_base_dir), ["neg", "pos"], seed=0, max_length=16)
     synthetic_checkpoint(root / "three", str(tiny_base_dir), ["x", "y", "z"], seed=4)
@@ -88,25 +74,18 @@ def tiny_dir(tmp_path: Path, tiny_base_dir: Path) -> Path:
 
 @pytest.fixture
 def tiny_engine(tiny_dir: Path) -> Engine:
-    repo = ModelRepository(tiny_dir)
-    assert repo.load_all() == {}
-    return Engine(repo, tune_malloc=False)
+    return Engine(scanned(tiny_dir), tune_malloc=False)
 
 
-def tiny_text(words: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(["good", "bad", "movie", "plot", "the", "w3", "w7", "w11"]) for _ in range(words))
-
-
-def run_request(engine: Engine, request: ClassifyRequest) -> list[RowResult]:
-    results = engine.run(engine.prepare(request))
-    for result in results:
-        assert isinstance(result, RowResult), result
-    return results
+def prepare(engine: Engine, request: ClassifyRequest) -> list[PreparedRow]:
+    """Tokenized rows of one request (the pin is returned at once: these tests unload nothing)."""
+    adapter = engine.repository.acquire(request.adapter)
+    engine.repository.release(adapter)
+    return engine.tokenize(adapter, list(request.texts), request.truncate, request.threshold)
 
 
 def probabilities(result: RowResult, labels: list[str]) -> list[float]:
-    by_label = {item["label"]: item["score"] for item in result.scores}
+    by_label = {item.label: item.score for item in result.scores}
     return [by_label[label] for label in labels]
 
 
@@ -127,13 +106,13 @@ def test_engine_matches_training_model_in_eval(minilm_engine: Engine, minilm_mod
     ref_probs = torch.softmax(reference.logits, dim=-1)
     site_names = loaded.model.site_names
 
-    results = run_request(minilm_engine, ClassifyRequest(texts=texts, adapter=adapter))
+    results = minilm_engine.classify(ClassifyRequest(texts=texts, adapter=adapter))
     any_on = any_off = False
     for row, result in enumerate(results):
         expected_modules = [name for name, on in zip(site_names, reference.gates[row].tolist(), strict=True) if on]
         assert result.active_modules == expected_modules
         assert probabilities(result, labels) == pytest.approx(ref_probs[row].tolist(), abs=1e-4)
-        assert result.total_adapters == len(site_names)
+        assert result.total_adapters == len(site_names) == 36
         assert result.tokens == int(encoded["attention_mask"][row].sum())
         any_on |= bool(expected_modules)
         any_off |= len(expected_modules) < len(site_names)
@@ -154,21 +133,51 @@ def test_batch_invariance_mixed_adapters_lengths_and_taus(minilm_engine: Engine)
         ClassifyRequest(texts=[text], adapter=adapters[i % 3], threshold=taus[(i // 3) % 3])
         for i, text in enumerate(texts)
     ]
-    alone = [run_request(minilm_engine, request)[0] for request in requests]
+    alone = [minilm_engine.classify(request)[0] for request in requests]
     assert len({result.tokens for result in alone}) > 10, "needs mixed lengths"
     assert len({len(result.active_modules) for result in alone}) > 3, "needs varied gate patterns"
     for split_by_length in (True, False):
         engine = Engine(minilm_engine.repository, split_by_length=split_by_length, tune_malloc=False)
-        rows: list[PreparedRow] = [row for request in requests for row in engine.prepare(request)]
+        rows: list[PreparedRow] = [row for request in requests for row in prepare(engine, request)]
         outcome = engine.run_batch(rows)
         assert outcome.stats[0].rows == 64
         for single, in_batch in zip(alone, outcome.results, strict=True):
             assert isinstance(in_batch, RowResult)
             assert in_batch.active_modules == single.active_modules
             assert in_batch.label == single.label
-            labels = [item["label"] for item in single.scores]
+            labels = [item.label for item in single.scores]
             assert probabilities(in_batch, labels) == pytest.approx(probabilities(single, labels), abs=1e-5)
             assert in_batch.flops == single.flops
+
+
+@pytest.mark.parametrize("adapters", [1, 3, 50])
+def test_gathered_path_equals_the_one_adapter_path(tmp_path: Path, tiny_base_dir: Path, adapters: int) -> None:
+    """Rows of 1, 3 or 50 adapters in one gathered batch: each as it scores alone on its own adapter."""
+    root = tmp_path / "models"
+    labels = [["neg", "pos"], ["x", "y", "z"], ["p", "q"]]
+    for index in range(adapters):
+        synthetic_checkpoint(root / f"a{index:02d}", str(tiny_base_dir), labels[index % 3], seed=index)
+    repository = scanned(root)
+    single = Engine(repository, tune_malloc=False)
+    gathered = Engine(repository, tune_malloc=False, always_gather=True)
+    rng = random.Random(adapters)
+    requests = [
+        ClassifyRequest(
+            texts=[tiny_text(rng.randint(1, 20), seed=i)],
+            adapter=f"a{i % adapters:02d}",
+            threshold=rng.choice([None, 0.2, 0.5, 0.8]),
+        )
+        for i in range(max(2 * adapters, 12))
+    ]
+    alone = [single.classify(request)[0] for request in requests]
+    together = gathered.run_batch([row for request in requests for row in prepare(gathered, request)]).results
+    gate_patterns = {tuple(result.active_modules) for result in alone}
+    assert len(gate_patterns) > 1, "the comparison needs varied gates"
+    for expected, result in zip(alone, together, strict=True):
+        assert isinstance(result, RowResult)
+        assert result.active_modules == expected.active_modules
+        labels = [item.label for item in expected.scores]
+        assert probabilities(result, labels) == pytest.approx(probabilities(expected, labels), abs=1e-5)
 
 
 # ---- zero work when off ----------------------------------------------------------------------
@@ -179,7 +188,7 @@ def test_tau_one_does_no_adapter_work_and_equals_base_plus_head(minilm_engine: E
     texts = sentences(10)
     rows = []
     for adapter in ("sst2", "agnews"):
-        rows += minilm_engine.prepare(ClassifyRequest(texts=texts, adapter=adapter, threshold=1.0))
+        rows += prepare(minilm_engine, ClassifyRequest(texts=texts, adapter=adapter, threshold=1.0))
     outcome = minilm_engine.run_batch(rows)
     assert [stats.adapter_rows_multiplied for stats in outcome.stats] == [0]
 
@@ -189,25 +198,35 @@ def test_tau_one_does_no_adapter_work_and_equals_base_plus_head(minilm_engine: E
         with torch.no_grad():
             plain.classifier.weight.copy_(weights.head["classifier"][0])
             plain.classifier.bias.copy_(weights.head["classifier"][1])
-        tokenizer = minilm_engine.repository.get(adapter).base.tokenizer
+        tokenizer = minilm_engine.repository.encoders()[0].tokenizer
         encoded = tokenizer(texts, padding=True, truncation=True, max_length=meta.max_length, return_tensors="pt")
         with torch.inference_mode():
             expected = torch.softmax(plain(**encoded).logits, dim=-1)
         for row, result in enumerate(results):
             assert isinstance(result, RowResult)
             assert result.active_modules == [] and result.active_adapters == 0
-            assert result.flops["adapter"] == 0 and result.flops["adapter_saved"] > 0
+            assert result.flops.adapter == 0 and result.flops.adapter_saved > 0
             assert probabilities(result, meta.labels) == pytest.approx(expected[row].tolist(), abs=1e-5)
 
 
-def test_work_counter_counts_multiplied_rows(tiny_engine: Engine) -> None:
-    texts = [tiny_text(n, seed=n) for n in (3, 5, 8, 2)]
-    rows = tiny_engine.prepare(ClassifyRequest(texts=texts, adapter="two"))
-    outcome = tiny_engine.run_batch(rows)
+def test_torch_counts_exactly_the_flops_the_results_report(tiny_engine: Engine) -> None:
+    """FlopCounterMode (torch's count, not ours) over a mixed batch of equal-length rows equals the sum of
+    the per-row analytic FLOPs: adapter products ran for the active (row, site) pairs and no others.
+    (FlopCounterMode does not see CPU scaled-dot-product attention, so that term is left out.)"""
+    texts = [tiny_text(6, seed=seed) for seed in range(6)]
+    rows = prepare(tiny_engine, ClassifyRequest(texts=texts[:3], adapter="two"))
+    rows += prepare(tiny_engine, ClassifyRequest(texts=texts[3:], adapter="three", threshold=0.3))
+    assert len({row.tokens for row in rows}) == 1, "equal lengths: no padding in the count"
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        outcome = tiny_engine.run_batch(rows)
+    attention = sum(row.adapter.flops.attention_per_token_pair * row.tokens**2 for row in rows)
+    reported = sum(result.flops.total for result in outcome.results) - attention
     active = sum(result.active_adapters for result in outcome.results)
-    assert active > 0
-    assert outcome.stats[0].adapter_rows_multiplied == active, "one multiplied row per active (row, site)"
-    forced_off = tiny_engine.run_batch(tiny_engine.prepare(ClassifyRequest(texts=texts, adapter="two", threshold=1.0)))
+    assert 0 < active < 12 * len(rows), "the check needs some gates on and some off"
+    per_site = rows[0].adapter.flops.adapter_per_token[0] * rows[0].tokens
+    assert counter.get_total_flops() == pytest.approx(reported, abs=per_site / 2), "off by a whole (row, site) pair"
+    assert outcome.stats[0].adapter_rows_multiplied == active
+    forced_off = tiny_engine.run_batch(prepare(tiny_engine, ClassifyRequest(texts=texts, adapter="two", threshold=1)))
     assert forced_off.stats[0].adapter_rows_multiplied == 0
 
 
@@ -215,84 +234,97 @@ def test_work_counter_counts_multiplied_rows(tiny_engine: Engine) -> None:
 
 
 def test_mixed_label_counts_are_sliced_per_row(tiny_engine: Engine) -> None:
-    rows = tiny_engine.prepare(ClassifyRequest(texts=["good movie", "bad plot the"], adapter="two"))
-    rows += tiny_engine.prepare(ClassifyRequest(texts=["the plot"], adapter="three", threshold=0.2))
-    results = tiny_engine.run(rows)
+    rows = prepare(tiny_engine, ClassifyRequest(texts=["good movie", "bad plot the"], adapter="two"))
+    rows += prepare(tiny_engine, ClassifyRequest(texts=["the plot"], adapter="three", threshold=0.2))
+    results = tiny_engine.run_batch(rows).results
     assert [len(result.scores) for result in results] == [2, 2, 3]
     for result in results:
-        scores = [item["score"] for item in result.scores]
+        scores = [item.score for item in result.scores]
         assert scores == sorted(scores, reverse=True)
         assert sum(scores) == pytest.approx(1.0, abs=1e-6)
-        assert result.label == result.scores[0]["label"] and result.score == scores[0]
+        assert result.label == result.scores[0].label and result.score == scores[0]
         assert result.active_adapters == len(result.active_modules)
-        assert result.flops["total"] > result.flops["adapter"]
-    assert {item["label"] for item in results[2].scores} == {"x", "y", "z"}
+        assert result.flops.total > result.flops.adapter
+    assert {item.label for item in results[2].scores} == {"x", "y", "z"}
 
 
-def test_prepare_errors(tiny_engine: Engine) -> None:
+def test_tokenization_limits(tiny_engine: Engine) -> None:
     with pytest.raises(UnknownAdapterError):
-        tiny_engine.prepare(ClassifyRequest(texts=["good"], adapter="nope"))
-    with pytest.raises(InvalidRequestError):
-        tiny_engine.prepare(ClassifyRequest(texts=["good"], adapter="two", threshold=1.5))
-    with pytest.raises(InvalidRequestError):
-        tiny_engine.prepare(ClassifyRequest(texts=[], adapter="two"))
+        tiny_engine.classify(ClassifyRequest(texts=["good"], adapter="nope"))
     long_text = tiny_text(40)
-    with pytest.raises(InputTooLongError, match="16"):
-        tiny_engine.prepare(ClassifyRequest(texts=["good", long_text], adapter="two", truncate=False))
-    rows = tiny_engine.prepare(ClassifyRequest(texts=["good", long_text], adapter="two"))
+    with pytest.raises(InputTooLongError, match=r"input 1 has 42 tokens.*16"):
+        prepare(tiny_engine, ClassifyRequest(texts=["good", long_text], adapter="two", truncate=False))
+    rows = prepare(tiny_engine, ClassifyRequest(texts=["good", long_text], adapter="two"))
     assert [row.tokens for row in rows] == [3, 16]
-    assert run_request(tiny_engine, ClassifyRequest(texts=[long_text], adapter="two"))[0].tokens == 16
+    assert [row.input_tokens for row in rows] == [3, 42], "the length before truncation is kept"
+    assert tiny_engine.classify(ClassifyRequest(texts=[long_text], adapter="two"))[0].tokens == 16
 
 
 def test_unloaded_adapter_rows_fail_alone_even_when_the_slot_is_reused(
     tiny_engine: Engine, tiny_dir: Path, tiny_base_dir: Path
 ) -> None:
     repo = tiny_engine.repository
-    doomed = tiny_engine.prepare(ClassifyRequest(texts=["good movie"], adapter="two"))
-    kept = tiny_engine.prepare(ClassifyRequest(texts=["bad plot"], adapter="three"))
-    old_slot = repo.get("two").slot
+    doomed = prepare(tiny_engine, ClassifyRequest(texts=["good movie"], adapter="two"))
+    kept = prepare(tiny_engine, ClassifyRequest(texts=["bad plot"], adapter="three"))
+    old_slot = doomed[0].adapter.slot
     repo.unload("two")
     synthetic_checkpoint(tiny_dir / "newcomer", str(tiny_base_dir), ["p", "q"], seed=11)
     repo.load("newcomer")
-    assert repo.get("newcomer").slot == old_slot, "the freed slot now holds another adapter"
-    results = tiny_engine.run(doomed + kept)
+    assert repo.acquire("newcomer").slot == old_slot, "the freed slot now holds another adapter"
+    results = tiny_engine.run_batch(doomed + kept).results
     assert isinstance(results[0], AdapterUnloadedError)
     assert isinstance(results[1], RowResult)
 
 
 def test_a_failing_row_does_not_fail_its_batch_mates(tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    base = tiny_engine.repository.get("two").base
-    poison = base.tokenizer.convert_tokens_to_ids("awful")
-    assert poison != base.tokenizer.unk_token_id
-    original = base.model.forward
+    rows = prepare(tiny_engine, ClassifyRequest(texts=["good movie", "awful plot", "the plot", "bad"], adapter="two"))
+    encoder = rows[0].adapter.encoder
+    poison = encoder.tokenizer.convert_tokens_to_ids("awful")
+    original = encoder.model.forward
 
     def fragile_forward(input_ids, *args, **kwargs):
         if bool((input_ids == poison).any()):
             raise RuntimeError("simulated kernel failure")
         return original(input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(base.model, "forward", fragile_forward)
-    texts = ["good movie", "awful plot", "the plot", "bad"]
-    results = tiny_engine.run(tiny_engine.prepare(ClassifyRequest(texts=texts, adapter="two")))
+    monkeypatch.setattr(encoder.model, "forward", fragile_forward)
+    results = tiny_engine.run_batch(rows).results
     assert isinstance(results[1], InferenceError)
     assert all(isinstance(results[i], RowResult) for i in (0, 2, 3))
     monkeypatch.undo()
-    clean = tiny_engine.run(tiny_engine.prepare(ClassifyRequest(texts=texts, adapter="two")))
+    clean = tiny_engine.run_batch(rows).results
     for i in (0, 2, 3):
         assert results[i].label == clean[i].label
         assert results[i].score == pytest.approx(clean[i].score, abs=1e-5)
 
 
 def test_batch_stats(tiny_engine: Engine) -> None:
-    rows = tiny_engine.prepare(ClassifyRequest(texts=["good", tiny_text(12)], adapter="two"))
-    rows += tiny_engine.prepare(ClassifyRequest(texts=["bad plot"], adapter="three"))
-    stats = tiny_engine.run_batch(rows).stats
-    assert len(stats) == 1
-    assert stats[0].rows == 3 and stats[0].requests == 2
-    assert stats[0].adapters == {"two": 2, "three": 1}
-    assert stats[0].real_tokens == sum(row.tokens for row in rows)
-    assert stats[0].padded_tokens >= stats[0].real_tokens
-    assert stats[0].inference_seconds > 0
+    rows = prepare(tiny_engine, ClassifyRequest(texts=["good", tiny_text(12)], adapter="two"))
+    rows += prepare(tiny_engine, ClassifyRequest(texts=["bad plot"], adapter="three"))
+    outcome = tiny_engine.run_batch(rows)
+    (stats,) = outcome.stats
+    assert stats.rows == 3 and stats.real_tokens == sum(row.tokens for row in rows) == 3 + 14 + 4
+    assert stats.forwards >= 1 and stats.padded_tokens >= stats.real_tokens
+    assert stats.adapter_rows_multiplied == sum(result.active_adapters for result in outcome.results)
+    assert stats.inference_seconds > 0
+
+
+def test_two_encoders_in_one_batch(tmp_path: Path, tiny_dir: Path, tiny_base_dir: Path) -> None:
+    """Adapters on two different base models share a batch: one forward group each, results in order."""
+    other_base = tmp_path / "other-base"
+    shutil.copytree(tiny_base_dir, other_base)
+    synthetic_checkpoint(tiny_dir / "elsewhere", str(other_base), ["neg", "pos"], seed=3)
+    engine = Engine(scanned(tiny_dir), tune_malloc=False)
+    texts = ["good", "bad plot", "the movie"]
+    rows = prepare(engine, ClassifyRequest(texts=texts[:2], adapter="two"))
+    rows += prepare(engine, ClassifyRequest(texts=texts[2:], adapter="elsewhere"))
+    outcome = engine.run_batch(rows)
+    assert len(outcome.stats) == 2 and len(engine.repository.encoders()) == 2
+    for text, row, result in zip(texts, rows, outcome.results, strict=True):
+        alone = engine.classify(ClassifyRequest(texts=[text], adapter=row.adapter.name))[0]
+        assert result.active_modules == alone.active_modules
+        assert result.score == pytest.approx(alone.score, abs=1e-5)
+        assert {item.label for item in result.scores} == set(row.adapter.labels)
 
 
 # ---- length chunking -------------------------------------------------------------------------

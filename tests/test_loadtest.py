@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_observability_support import REPO, ServiceProcess, metric_sum
+from processes import REPO, ServiceProcess, metric_sum
 
 from benchmarks.loadtest import (
     ERROR,
@@ -147,13 +147,10 @@ def test_read_texts(tmp_path: Path):
 
 
 @pytest.fixture(scope="module")
-def service(minilm_model_dir: Path, tmp_path_factory) -> ServiceProcess:
-    process = ServiceProcess(minilm_model_dir, tmp_path_factory.mktemp("loadtest") / "service.log")
-    try:
-        process.wait_ready()
-        yield process
-    finally:
-        process.stop()
+def service(minilm_model_dir: Path, start_service) -> ServiceProcess:
+    process = start_service(minilm_model_dir)
+    yield process
+    process.stop()
 
 
 def _assert_consistent(report: dict, sent: int, inputs_per_request: int) -> None:

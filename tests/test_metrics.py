@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+from api_fakes import fake_components, running
 from prometheus_client.parser import text_string_to_metric_families
-from test_api_helpers import fake_components, running
 
 from service.app import create_app
 from service.metrics import split_site

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_observability_support import (
+from processes import (
     REPO,
     PrometheusProcess,
-    ServiceProcess,
     metric_sum,
     prometheus_binary,
     wait_until,
@@ -62,18 +61,16 @@ def substitute(expr: str, adapter_regex: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(minilm_model_dir: Path, tmp_path_factory):
+def stack(minilm_model_dir: Path, tmp_path_factory, start_service):
     workdir = tmp_path_factory.mktemp("observability")
-    service = ServiceProcess(minilm_model_dir, workdir / "service.log")
-    prometheus = None
+    service = start_service(minilm_model_dir, wait=False)
+    prometheus = PrometheusProcess(workdir, "cogalora", [f"127.0.0.1:{service.port}"], scrape_interval="1s")
     try:
-        prometheus = PrometheusProcess(workdir, "cogalora", [f"127.0.0.1:{service.port}"], scrape_interval="1s")
         prometheus.wait_ready()
         service.wait_ready()
         yield service, prometheus
     finally:
-        if prometheus is not None:
-            prometheus.stop()
+        prometheus.stop()
         service.stop()
 
 

@@ -1,16 +1,25 @@
-"""Model repository: discovery, name safety, broken checkpoints, one shared base, run-time load/unload."""
+"""Model repository: catalogue, name safety, broken checkpoints, one shared encoder, lazy loading, LRU."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import threading
 from pathlib import Path
 
 import pytest
 from conftest import synthetic_checkpoint
 
-from service.errors import AdapterConflictError, InvalidRequestError, UnknownAdapterError
-from service.repository import AdapterLoadError, ModelRepository
+from service.errors import (
+    AdapterCapacityError,
+    AdapterConflictError,
+    AdapterLoadError,
+    AdapterRequiredError,
+    InvalidRequestError,
+    UnknownAdapterError,
+)
+from service.repository import ModelRepository
 
 
 @pytest.fixture
@@ -25,21 +34,48 @@ def model_dir(tmp_path: Path, tiny_base_dir: Path) -> Path:
     return root
 
 
-def test_load_all_shares_one_base_model(model_dir: Path) -> None:
+def copies(root: Path, source: Path, count: int, prefix: str = "a") -> list[str]:
+    """``count`` copies of a checkpoint folder under ``root`` (cheap: the tiny checkpoints are small)."""
+    names = [f"{prefix}{i:03d}" for i in range(count)]
+    for name in names:
+        shutil.copytree(source, root / name)
+    return names
+
+
+def test_scan_catalogues_without_loading_and_loads_share_one_encoder(model_dir: Path) -> None:
     repo = ModelRepository(model_dir)
-    assert repo.load_all() == {}
+    assert repo.scan() == {}
     assert repo.names() == ["alpha", "beta", "plain"]
-    assert len(repo.bases()) == 1
-    base = repo.bases()[0]
-    assert sorted(base.slots.values()) == ["alpha", "beta", "plain"]
-    assert len({repo.get(name).slot for name in repo.names()}) == 3
+    assert repo.loaded_names() == [] and repo.encoders() == [], "a scan reads metadata only"
     info = repo.info("beta")
-    assert info.labels == ["a", "b", "c"]
-    assert info.method == "cogalora"
+    assert (info.labels, info.method, info.loaded) == (["a", "b", "c"], "cogalora", False)
     assert info.total_adapters == 12  # 2 layers x 6 module kinds
-    assert info.site_names[0] == "layer.0.attention.query"
     assert info.max_length == 64  # capped by the tiny encoder's 64 positions
     assert info.metrics == {"synthetic": True}
+
+    assert repo.preload(10) == ["alpha", "beta", "plain"]
+    assert len(repo.encoders()) == 1
+    encoder = repo.encoders()[0]
+    assert sorted(encoder.slots.values()) == ["alpha", "beta", "plain"]
+    assert repo.info("beta").loaded
+    pinned = [repo.acquire(name) for name in repo.names()]
+    assert len({adapter.slot for adapter in pinned}) == 3
+    assert all(adapter.encoder is encoder for adapter in pinned)
+
+
+def test_resolve_names_the_adapter_a_request_means(model_dir: Path, tiny_base_dir: Path) -> None:
+    repo = ModelRepository(model_dir)
+    repo.scan()
+    assert repo.resolve("beta") == "beta"
+    with pytest.raises(AdapterRequiredError):
+        repo.resolve(None)
+    with pytest.raises(UnknownAdapterError):
+        repo.resolve("gamma")
+    single = model_dir.parent / "single"
+    synthetic_checkpoint(single / "only", str(tiny_base_dir), ["neg", "pos"], seed=1)
+    lonely = ModelRepository(single)
+    lonely.scan()
+    assert lonely.resolve(None) == "only"
 
 
 def test_broken_checkpoints_are_reported_and_skipped(model_dir: Path, tiny_base_dir: Path) -> None:
@@ -56,17 +92,36 @@ def test_broken_checkpoints_are_reported_and_skipped(model_dir: Path, tiny_base_
     meta_path.write_text(json.dumps(meta))
 
     repo = ModelRepository(model_dir)
-    failures = repo.load_all()
+    failures = repo.scan()
     assert sorted(failures) == ["badjson", "fullft", "truncated", "wrongbase"]
     assert repo.names() == ["alpha", "beta", "plain"]
     assert "not valid JSON" in failures["badjson"]
-    assert "safetensors" in failures["truncated"]
+    assert "safetensors" in failures["truncated"], "weight headers are checked by the scan"
     assert "'full'" in failures["fullft"] and "cannot share a base model" in failures["fullft"]
+    assert "cannot be loaded" in failures["wrongbase"]
     assert repo.failures == failures
     for message in failures.values():
         assert str(model_dir) not in message, "client-facing messages must not leak server paths"
     with pytest.raises(AdapterLoadError, match="cannot share a base model"):
         repo.load("fullft")
+    with pytest.raises(UnknownAdapterError):
+        repo.acquire("badjson")
+
+
+def test_weights_damaged_after_the_scan_fail_their_own_requests_only(model_dir: Path) -> None:
+    repo = ModelRepository(model_dir)
+    repo.scan()
+    good = repo.acquire("alpha")
+    weights = model_dir / "beta" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # header intact, data cut short
+    with pytest.raises(AdapterLoadError, match="beta") as failure:
+        repo.acquire("beta")
+    assert str(model_dir) not in failure.value.message
+    with pytest.raises(AdapterLoadError):  # fails fast until an admin reloads the folder
+        repo.try_acquire("beta")
+    assert "beta" in repo.failures
+    assert repo.is_current(good) and repo.acquire("plain").name == "plain"
+    assert repo.loaded_names() == ["alpha", "plain"]
 
 
 @pytest.mark.parametrize("name", ["../alpha", "alpha/../beta", ".hidden", "", "a" * 65, "a b", "/etc", "al\x00pha"])
@@ -82,7 +137,7 @@ def test_symlink_escaping_the_model_dir_is_rejected(model_dir: Path, tmp_path: P
     repo = ModelRepository(model_dir)
     with pytest.raises(InvalidRequestError, match="outside"):
         repo.load("escape")
-    assert "escape" in repo.load_all()  # reported, never loaded
+    repo.scan()
     assert "escape" not in repo.names()
 
 
@@ -93,37 +148,40 @@ def test_unknown_names(model_dir: Path) -> None:
     with pytest.raises(UnknownAdapterError):
         repo.load("notes")  # a folder, but not a checkpoint
     with pytest.raises(UnknownAdapterError):
-        repo.info("alpha")  # exists on disk, not loaded
+        repo.info("alpha")  # on disk, but not scanned yet
     with pytest.raises(UnknownAdapterError):
         repo.unload("alpha")
 
 
-def test_load_and_unload_at_run_time(model_dir: Path) -> None:
+def test_admin_load_unload_and_replace(model_dir: Path) -> None:
     repo = ModelRepository(model_dir)
     repo.load("alpha")
-    base = repo.bases()[0]
-    alpha = repo.get("alpha")
+    encoder = repo.encoders()[0]
+    alpha = repo.acquire("alpha")
+    repo.release(alpha)
     with pytest.raises(AdapterConflictError):
         repo.load("alpha")
     repo.load("beta")
-    assert repo.names() == ["alpha", "beta"]
-    assert len(repo.bases()) == 1, "a second adapter on the same base reuses the loaded encoder"
+    assert repo.names() == ["alpha", "beta"] and repo.loaded_names() == ["alpha", "beta"]
+    assert len(repo.encoders()) == 1, "a second adapter on the same base reuses the loaded encoder"
 
     repo.unload("alpha")
-    assert repo.names() == ["beta"]
-    assert not any(base.model.site_present(alpha.slot)), "an unloaded slot keeps no adapter weights"
-    assert not repo.is_current("alpha", alpha.generation)
+    assert repo.names() == ["beta"], "an unloaded adapter is not servable until loaded again"
+    assert not any(encoder.model.site_present(alpha.slot)), "an unloaded slot keeps no adapter weights"
+    assert not repo.is_current(alpha)
+    with pytest.raises(UnknownAdapterError):
+        repo.acquire("alpha")
 
-    again = repo.load("alpha")
-    assert again.name == "alpha"
-    reloaded = repo.get("alpha")
+    assert repo.load("alpha").name == "alpha"
+    reloaded = repo.acquire("alpha")
     assert reloaded.generation != alpha.generation
     assert reloaded.slot == alpha.slot, "freed slots are reused"
+    repo.release(reloaded)
 
-    replaced = repo.load("alpha", replace=True)
-    assert replaced.name == "alpha"
-    assert repo.get("alpha").generation != reloaded.generation
-    assert sorted(base.slots.values()) == ["alpha", "beta"]
+    assert repo.load("alpha", replace=True).name == "alpha"
+    replaced = repo.acquire("alpha")
+    assert replaced.generation != reloaded.generation and not repo.is_current(reloaded)
+    assert sorted(encoder.slots.values()) == ["alpha", "beta"]
 
 
 def test_an_unexpected_error_in_one_folder_does_not_stop_the_others(
@@ -133,13 +191,86 @@ def test_an_unexpected_error_in_one_folder_does_not_stop_the_others(
 
     real_read_adapter = repository_module.read_adapter
 
-    def flaky_read_adapter(directory):
+    def flaky_read_adapter(directory, data=True):
         if Path(directory).name == "beta":
             raise RuntimeError("simulated crash inside a library")
-        return real_read_adapter(directory)
+        return real_read_adapter(directory, data)
 
     monkeypatch.setattr(repository_module, "read_adapter", flaky_read_adapter)
     repo = ModelRepository(model_dir)
-    failures = repo.load_all()
+    failures = repo.scan()
     assert list(failures) == ["beta"] and "simulated crash" in failures["beta"]
     assert repo.names() == ["alpha", "plain"]
+
+
+# ---- bounded memory: lazy loads, least-recently-used eviction, pins -------------------------------
+
+
+def test_lru_keeps_at_most_max_loaded_and_evicts_the_least_recently_used_idle_one(
+    model_dir: Path, tiny_base_dir: Path
+) -> None:
+    names = copies(model_dir, model_dir / "alpha", 3, prefix="extra")
+    repo = ModelRepository(model_dir, max_loaded=2)
+    repo.scan()
+    for name in ("alpha", "beta"):
+        repo.release(repo.acquire(name))
+    repo.release(repo.acquire("alpha"))  # alpha is now the most recently used
+    repo.release(repo.acquire(names[0]))
+    assert repo.loaded_names() == ["alpha", names[0]], "beta, least recently used, was evicted"
+
+    held = repo.acquire("alpha")  # pinned: must survive whatever else loads
+    for name in [*names[1:], "plain", "beta"]:
+        adapter = repo.acquire(name)
+        assert "alpha" in repo.loaded_names() and len(repo.loaded_names()) <= 2
+        repo.release(adapter)
+    assert repo.is_current(held)
+    repo.release(held)
+
+
+def test_a_load_waits_while_every_loaded_adapter_is_pinned(model_dir: Path) -> None:
+    repo = ModelRepository(model_dir, max_loaded=1)
+    repo.scan()
+    held = repo.acquire("alpha")
+    with pytest.raises(AdapterCapacityError) as busy:
+        repo.acquire("beta", timeout=0.05)
+    assert busy.value.retry_after is not None
+    outcome: dict[str, object] = {}
+    waiter = threading.Thread(target=lambda: outcome.update(beta=repo.acquire("beta", timeout=30)))
+    waiter.start()
+    repo.release(held)  # the waiting load may now evict alpha
+    waiter.join(timeout=30)
+    assert outcome["beta"].name == "beta" and repo.loaded_names() == ["beta"]
+    assert not repo.is_current(held)
+
+
+def test_storage_follows_what_each_adapter_has_and_rows_are_reused(model_dir: Path, tiny_base_dir: Path) -> None:
+    repo = ModelRepository(model_dir)
+    repo.scan()
+    for name in repo.names():
+        repo.release(repo.acquire(name))
+    model = repo.encoders()[0].model
+    rows_used = [sum(bank.rows_used for bank in layer.banks) for layer in model.layers]
+    assert rows_used == [3] * len(model.layers), "three adapters, each on every site"
+
+    # An adapter that has only some sites takes rows only there.
+    synthetic_checkpoint(model_dir / "pruned", str(tiny_base_dir), ["neg", "pos"], seed=4, keep_sites=3)
+    repo.load("pruned")
+    now = [sum(bank.rows_used for bank in layer.banks) for layer in model.layers]
+    assert sum(now) - sum(rows_used) == 3, "the pruned adapter stores its 3 sites, not all 12"
+
+    capacity = [bank.capacity for layer in model.layers for bank in layer.banks]
+    repo.unload("alpha")
+    repo.load("alpha")
+    assert [bank.capacity for layer in model.layers for bank in layer.banks] == capacity, "released rows are reused"
+
+
+def test_scan_of_300_folders_loads_only_what_is_asked(tmp_path: Path, tiny_base_dir: Path) -> None:
+    root = tmp_path / "many"
+    source = synthetic_checkpoint(tmp_path / "source", str(tiny_base_dir), ["neg", "pos"], seed=2)
+    names = copies(root, source, 300)
+    repo = ModelRepository(root, max_loaded=50)
+    assert repo.scan() == {}
+    assert repo.names() == names and repo.loaded_names() == []
+    repo.load_encoders()
+    assert repo.preload(16) == names[:16]
+    assert repo.acquire(names[299]).name == names[299], "any other adapter loads on demand"

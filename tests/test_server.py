@@ -6,84 +6,28 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from processes import REPO, metric_sum
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[1]
-START_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """``python -m service --host 127.0.0.1 --port <free> --model-dir <dir>``, logging to a file."""
-
-    def __init__(self, model_dir: Path, log_path: Path, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        environ = {key: value for key, value in os.environ.items() if not key.startswith("COGALORA_")}
-        # the flags must win over these variables
-        environ.update({"COGALORA_PORT": "1", "COGALORA_HOST": "203.0.113.1", "TOKENIZERS_PARALLELISM": "false"})
-        environ.update(env)
-        command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)]
-        command += ["--model-dir", str(model_dir)]
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(command, cwd=REPO, env=environ, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"server never became ready:\n{self.log_text()[-3000:]}"
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2, trust_env=False).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-        self._log.close()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
+#: Start-up variables the command-line flags must win over (``ServiceProcess`` passes --host/--port).
+IGNORED_BY_FLAGS = {"COGALORA_PORT": "1", "COGALORA_HOST": "203.0.113.1"}
 
 
 @pytest.fixture(scope="module")
-def server(minilm_model_dir, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("server") / "service.log"
-    process = Server(minilm_model_dir, log_path, COGALORA_API_KEY="test-key", COGALORA_LOG_FORMAT="json")
-    try:
-        process.wait_ready()
-        yield process
-    finally:
-        process.close()
+def server(minilm_model_dir, start_service):
+    return start_service(
+        minilm_model_dir,
+        COGALORA_API_KEY="test-key",
+        COGALORA_LOG_FORMAT="json",
+        COGALORA_LOG_LEVEL="INFO",
+        **IGNORED_BY_FLAGS,
+    )
 
 
 def test_help_names_every_flag_and_its_env_var():
@@ -144,11 +88,11 @@ def test_real_server_end_to_end(server):
         assert "/classify" in client.get("/openapi.json").json()["paths"]
 
         metrics = client.get("/metrics").text
-        assert metric(metrics, "cogalora_requests_total", adapter="sst2", code="200") == 2
-        assert metric(metrics, "cogalora_inputs_total", adapter="sst2") == 4
-        assert metric(metrics, "cogalora_adapters_loaded") == 3
+        assert metric_sum(metrics, "cogalora_requests_total", adapter="sst2", code="200") == 2
+        assert metric_sum(metrics, "cogalora_inputs_total", adapter="sst2") == 4
+        assert metric_sum(metrics, "cogalora_adapters_loaded") == 3
         active = sum(row["active_adapters"] for row in body["results"] + solo["results"])
-        assert metric(metrics, "cogalora_active_adapters_sum", adapter="sst2") == active
+        assert metric_sum(metrics, "cogalora_active_adapters_sum", adapter="sst2") == active
 
     lines = [json.loads(line) for line in server.log_text().splitlines() if line.startswith("{")]
     access = [line for line in lines if line.get("logger") == "cogalora.access" and line["request_id"] == request_id]
@@ -158,16 +102,17 @@ def test_real_server_end_to_end(server):
     assert "wonderful" not in server.log_text()
 
 
-async def test_sigterm_finishes_every_accepted_request(minilm_model_dir, tmp_path):
+async def test_sigterm_finishes_every_accepted_request(minilm_model_dir, start_service):
     """A burst is accepted, SIGTERM arrives while it is queued: every accepted request is answered, then exit."""
-    process = Server(minilm_model_dir, tmp_path / "service.log", COGALORA_MAX_BATCH_SIZE="2", COGALORA_MAX_WAIT_MS="0")
+    process = start_service(
+        minilm_model_dir, COGALORA_MAX_BATCH_SIZE="2", COGALORA_MAX_WAIT_MS="0", COGALORA_LOG_LEVEL="INFO"
+    )
     try:
-        process.wait_ready()
         texts = [f"review number {i}: {'great' if i % 2 else 'dull'} acting and a long, winding plot" for i in range(8)]
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=process.url, timeout=120, limits=limits, trust_env=False) as client:
             reference = (await client.post("/classify", json={"inputs": texts, "adapter": "agnews"})).json()
-            before = metric((await client.get("/metrics")).text, "cogalora_requests_total")
+            before = metric_sum((await client.get("/metrics")).text, "cogalora_requests_total")
             burst = 24
             tasks = [
                 asyncio.create_task(client.post("/classify", json={"inputs": texts, "adapter": "agnews"}))
@@ -176,8 +121,8 @@ async def test_sigterm_finishes_every_accepted_request(minilm_model_dir, tmp_pat
             # every request of the burst has reached the handler (in flight or already answered)
             while True:
                 page = (await client.get("/metrics")).text
-                inflight = metric(page, "cogalora_inflight_requests")
-                done = metric(page, "cogalora_requests_total") - before
+                inflight = metric_sum(page, "cogalora_inflight_requests")
+                done = metric_sum(page, "cogalora_requests_total") - before
                 if inflight + done >= burst:
                     break
                 assert process.proc.poll() is None
@@ -204,4 +149,4 @@ async def test_sigterm_finishes_every_accepted_request(minilm_model_dir, tmp_pat
         assert "draining" in log and "stopped" in log
         assert "Traceback" not in log
     finally:
-        process.close()
+        process.stop()

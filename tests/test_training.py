@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import bank_row
 from transformers import BertTokenizer
 
 from cogalora import load_model, read_meta
@@ -26,7 +27,7 @@ from training.data import (
     training_batches,
 )
 from training.evaluation import Predictions, never_fired
-from training.loop import TrainConfig, build_model, gates_forced_on
+from training.loop import TrainConfig, build_model
 from training.sweep import load_sweep, run_sweep
 
 FILLER = [f"w{i}" for i in range(40)] + ["movie", "plot", "the", "a"]
@@ -273,23 +274,25 @@ def test_galora_is_finalized_and_prunes_with_strong_penalty(tiny_base: Path, toy
     assert load_model(output).model.site_present().count(True) == len(meta.sites)
 
 
-def test_warmup_forces_gates_on_and_restores_routing(tiny_base: Path, toy_data, tmp_path: Path) -> None:
+def test_warmup_forces_gates_on_without_touching_routers(tiny_base: Path, toy_data, tmp_path: Path) -> None:
     train, dev = toy_data
     config = TrainConfig(train=str(train), dev=str(dev), output="", base_model=str(tiny_base), rank=4)
     model = build_model(config, ["negative", "positive"])
     ids = torch.randint(5, 40, (8, 6))
     mask = torch.ones_like(ids)
-    model.train()
-    with gates_forced_on(model, True):
-        out = model(ids, mask)
-        assert bool(out.gates.all())
-        assert not any(model.site_routed())
-    assert all(model.site_routed())
-    torch.manual_seed(0)
-    model.eval()
     with torch.no_grad():
-        for layer in model.gated_layers.values():
-            layer.routers.b2.fill_(-10.0)  # routers say "off"
+        for site in range(len(model.sites)):
+            bank, row = bank_row(model, site)
+            bank.router_b2[row].fill_(-10.0)  # routers say "off"
+    model.train()
+    out = model(ids, mask, force_gates="on")
+    assert bool(out.gates.all())
+    out.logits.sum().backward()
+    banks = [bank_row(model, site)[0] for site in range(len(model.sites))]
+    assert all(bank.router_w1.grad is None or not bank.router_w1.grad.any() for bank in banks)
+    assert any(bank.lora_B.grad is not None and bank.lora_B.grad.any() for bank in banks)  # fresh LoRA: B = 0
+    assert all(model.site_routed())
+    model.eval()
     assert not bool(model(ids, mask).gates.any())
 
 

@@ -10,8 +10,6 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -101,26 +99,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@contextmanager
-def gates_forced_on(model: CoGaLoRAModel, enabled: bool) -> Iterator[None]:
-    """Run the routed adapters as plain LoRA (every gate on, routers untouched) while active.
-
-    A remedy for routers that switch adapters off before the adapters have learned anything:
-    marking the sites un-routed makes the layer skip its router (gate = 1, no router gradient).
-    """
-    layers = [layer for layer in model.gated_layers.values() if bool(layer.slot_routed[0])]
-    if not enabled or not layers:
-        yield
-        return
-    for layer in layers:
-        layer.slot_routed[0] = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.slot_routed[0] = True
-
-
 def _optimizer(model: CoGaLoRAModel, config: TrainConfig) -> torch.optim.Optimizer:
     lr = config.learning_rate
     router_lr = config.router_lr if config.router_lr is not None else lr
@@ -128,7 +106,7 @@ def _optimizer(model: CoGaLoRAModel, config: TrainConfig) -> torch.optim.Optimiz
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (routers if ".routers." in name or name.endswith("galora_gate") else others).append(param)
+        (routers if ".router_" in name or name.endswith("galora_gate") else others).append(param)
     groups = [{"params": others, "lr": lr}]
     if routers:
         groups.append({"params": routers, "lr": router_lr})
@@ -194,11 +172,14 @@ def run_training(config: TrainConfig) -> TrainResult:
             batch = batch.to(device)
             _set_lr(optimizer, step, total_steps, warmup)
             warming = step < config.warmup_gates_on_steps
-            with gates_forced_on(model, warming):
-                out = model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-                loss = F.cross_entropy(out.logits, batch.labels)
-                if not warming:
-                    loss = loss + model.sparsity_penalty(out)
+            # Warm-up: plain LoRA (every gate on, routers untouched, no penalty), so adapters learn
+            # before routers can switch them off.
+            out = model(
+                batch.input_ids, batch.attention_mask, batch.token_type_ids, force_gates="on" if warming else None
+            )
+            loss = F.cross_entropy(out.logits, batch.labels)
+            if not warming:
+                loss = loss + model.sparsity_penalty(out)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), 1.0)

@@ -1,4 +1,4 @@
-"""Helpers (no tests) shared by the deploy, load-test and observability tests.
+"""Real processes for the tests (no tests here): the service and Prometheus.
 
 Real processes: the service started exactly as the Docker image starts it (``python -m service
 --host ... --port ...``), and a real Prometheus. Every wait polls with a deadline.
@@ -69,9 +69,13 @@ class ManagedProcess:
             command, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
 
+    def log_text(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
     def log_tail(self, chars: int = 4000) -> str:
-        self._log.flush()
-        return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
+        return self.log_text()[-chars:]
 
     def check_alive(self) -> None:
         code = self.proc.poll()
@@ -79,6 +83,7 @@ class ManagedProcess:
             raise RuntimeError(f"{self.name} exited with {code}:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 20.0) -> None:
+        """TERM, then KILL after ``timeout``; safe to call twice."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -86,7 +91,8 @@ class ManagedProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
 
 
 class ServiceProcess(ManagedProcess):

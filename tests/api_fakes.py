@@ -1,4 +1,8 @@
-"""Helpers for the API tests (no tests here): an in-process lifespan client and a fake engine side."""
+"""A fake engine side for the HTTP contract tests: adapters by name, answers computed from the text.
+
+``running(app)`` runs an app's lifespan around an in-process httpx client (the in-process way of
+running the service; ``processes.ServiceProcess`` is the real-process way).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,15 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
-from service.errors import InputTooLongError, QueueFullError, UnknownAdapterError
-from service.types import AdapterInfo, BatchStats, ClassifyRequest, RowResult
+from service.errors import (
+    AdapterConflictError,
+    AdapterRequiredError,
+    InputTooLongError,
+    QueueFullError,
+    UnknownAdapterError,
+)
+from service.schemas import AdapterInfo, Flops, LabelScore, RowResult
+from service.types import BatchStats, ClassifyRequest
 
 SITES = [f"layer.{i}.{kind}" for i in range(2) for kind in ("attention.query", "ffn.down")]
 
@@ -37,7 +48,7 @@ def info(name: str, labels: tuple[str, ...] = ("negative", "positive")) -> Adapt
         tau=0.5,
         max_length=16,
         total_adapters=len(SITES),
-        site_names=list(SITES),
+        loaded=True,
         metrics={"dev_accuracy": 0.9},
     )
 
@@ -45,24 +56,46 @@ def info(name: str, labels: tuple[str, ...] = ("negative", "positive")) -> Adapt
 class FakeRepository:
     """Adapters by name; ``available`` are the folders an admin load may pick up."""
 
+    max_loaded = 8
+
     def __init__(self, names: list[str], available: list[str] | None = None) -> None:
         self.loaded = {name: info(name) for name in names}
         self.available = set(available or []) | set(names)
+        self.failures: dict[str, str] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self.loaded)
+
+    def loaded_names(self) -> list[str]:
+        return sorted(self.loaded)
+
+    def resolve(self, requested: str | None) -> str:
+        if requested is None:
+            if len(self.loaded) == 1:
+                return next(iter(self.loaded))
+            raise AdapterRequiredError(f"'adapter' is required: {len(self.loaded)} adapters are available")
+        self.info(requested)
+        return requested
 
     def adapters(self) -> list[AdapterInfo]:
         return list(self.loaded.values())
 
     def info(self, name: str) -> AdapterInfo:
         if name not in self.loaded:
-            raise UnknownAdapterError(f"unknown adapter {name!r}")
+            raise UnknownAdapterError(f"unknown adapter {name[:64]!r}")
         return self.loaded[name]
 
     def load(self, name: str) -> AdapterInfo:
+        if name not in self.available:
+            raise UnknownAdapterError(f"no checkpoint named {name!r}")
+        if name in self.loaded:
+            raise AdapterConflictError(f"adapter {name!r} is already loaded")
         self.loaded[name] = info(name)
         return self.loaded[name]
 
     def unload(self, name: str) -> None:
-        self.loaded.pop(name)
+        if self.loaded.pop(name, None) is None:
+            raise UnknownAdapterError(f"adapter {name!r} is not loaded")
 
 
 def fake_row(text: str, labels: list[str]) -> RowResult:
@@ -74,18 +107,14 @@ def fake_row(text: str, labels: list[str]) -> RowResult:
         label=label,
         score=0.9,
         scores=[
-            {"label": label, "score": 0.9},
-            *({"label": other, "score": 0.1} for other in labels if other != label),
+            LabelScore(label=label, score=0.9),
+            *(LabelScore(label=other, score=0.1) for other in labels if other != label),
         ],
         active_adapters=len(active),
         total_adapters=len(SITES),
         active_modules=active,
         tokens=words + 2,
-        flops={
-            "total": 1000.0 + words,
-            "adapter": 10.0 * len(active),
-            "adapter_saved": 10.0 * (len(SITES) - len(active)),
-        },
+        flops=Flops(total=1000.0 + words, adapter=10.0 * len(active), adapter_saved=10.0 * (len(SITES) - len(active))),
         queue_seconds=0.001,
         inference_seconds=0.002,
     )
@@ -94,10 +123,11 @@ def fake_row(text: str, labels: list[str]) -> RowResult:
 class FakeBatcher:
     """Answers at once, or holds every request while ``gate`` is clear; rejects beyond ``max_queue`` rows."""
 
-    def __init__(self, repository: FakeRepository, listener: Any, max_queue: int = 1000) -> None:
+    def __init__(self, repository: FakeRepository, listener: Any, max_queue: int = 1000, timeout_s: float = 30) -> None:
         self.repository = repository
         self.listener = listener
         self.max_queue = max_queue
+        self.timeout_s = timeout_s
         self.gate = asyncio.Event()
         self.gate.set()
         self.queue_depth = 0
@@ -120,7 +150,12 @@ class FakeBatcher:
         self.queue_depth += len(request.texts)
         self.inflight += 1
         try:
-            await self.gate.wait()
+            async with asyncio.timeout(self.timeout_s):
+                await self.gate.wait()
+        except TimeoutError:
+            from service.errors import RequestTimeoutError
+
+            raise RequestTimeoutError(f"no answer within {self.timeout_s:g} s") from None
         finally:
             self.queue_depth -= len(request.texts)
             self.inflight -= 1
@@ -128,12 +163,11 @@ class FakeBatcher:
         self.listener.on_batch(
             BatchStats(
                 rows=len(rows),
-                requests=1,
-                padded_tokens=0,
-                real_tokens=0,
-                adapters={request.adapter: len(rows)},
+                forwards=1,
+                padded_tokens=sum(r.tokens for r in rows),
+                real_tokens=sum(r.tokens for r in rows),
                 inference_seconds=0.002,
-                adapter_rows_multiplied=0,
+                adapter_rows_multiplied=sum(r.active_adapters for r in rows),
             )
         )
         return rows
@@ -147,7 +181,7 @@ def fake_components(names: list[str], available: list[str] | None = None, max_qu
         if hold is not None:
             await hold.wait()
         repository = FakeRepository(names, available)
-        batcher = FakeBatcher(repository, listener, max_queue=max_queue)
+        batcher = FakeBatcher(repository, listener, max_queue=max_queue, timeout_s=settings.request_timeout_s)
         made.update(repository=repository, batcher=batcher)
         return repository, batcher
 

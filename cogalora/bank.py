@@ -1,0 +1,197 @@
+"""Stacked storage for many adapters at one site: one bank per LoRA rank, rows reused after release.
+
+The lifecycle follows vLLM's LoRA layers: a bank *creates* zero-filled stacked tensors, rows are
+*written* and *released*. Capacity grows by doubling, so loading N adapters costs O(N) copies in
+all, and a site stores only the adapters that really have an adapter there, each at its own rank.
+
+Routers are kept in float32 whatever the model's dtype: their input is only ``[batch, d_in]``, and
+gate decisions should not move when the encoder runs in half precision.
+
+An un-routed adapter (plain LoRA, folded GaLoRA) gets router weights of zero and an output bias of
+``+inf``: its gate logit is ``+inf`` (probability 1, always on) without any special case in the
+forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cogalora.weights import RouterWeights
+
+ALWAYS_ON_LOGIT = float("inf")
+
+
+def _grown(tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A zero tensor of ``shape`` (each dim >= the old one) holding ``tensor`` in its leading corner."""
+    grown = tensor.new_zeros(shape)
+    grown[tuple(slice(0, n) for n in tensor.shape)] = tensor
+    return grown
+
+
+class AdapterBank(nn.Module):
+    """The adapters of one rank at one site: ``A [cap, r, d_in]``, ``B [cap, d_out, r]`` and their routers.
+
+    ``fold_scaling``: serving banks store ``B * alpha / r`` so the forward pass never multiplies by a
+    per-row scale. A training bank (one adapter, ``fold_scaling=False``) keeps ``B`` as PEFT does,
+    since folding would change the optimiser's effective learning rate for ``B``; its
+    ``output_scale`` is the adapter's ``alpha / r``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        router_hidden: int,
+        *,
+        capacity: int = 1,
+        fold_scaling: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.fold_scaling = fold_scaling
+        self.output_scale = 1.0
+        """Host factor applied to ``B A x`` (1 when the scaling is folded into ``B``)."""
+        weights = dict(device=device, dtype=dtype)
+        router = dict(device=device, dtype=torch.float32)
+        self.lora_A = nn.Parameter(torch.zeros(capacity, rank, in_features, **weights), requires_grad=False)
+        self.lora_B = nn.Parameter(torch.zeros(capacity, out_features, rank, **weights), requires_grad=False)
+        self.router_w1 = nn.Parameter(torch.zeros(capacity, router_hidden, in_features, **router), requires_grad=False)
+        self.router_b1 = nn.Parameter(torch.zeros(capacity, router_hidden, **router), requires_grad=False)
+        self.router_w2 = nn.Parameter(torch.zeros(capacity, router_hidden, **router), requires_grad=False)
+        self.router_b2 = nn.Parameter(torch.zeros(capacity, **router), requires_grad=False)
+        self._free = list(range(capacity - 1, -1, -1))
+
+    # ---- capacity -----------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def router_hidden(self) -> int:
+        return self.router_w1.shape[1]
+
+    @property
+    def rows_used(self) -> int:
+        return self.capacity - len(self._free)
+
+    def allocate(self) -> int:
+        """A free row (zero-filled), growing the bank by doubling when it is full."""
+        if not self._free:
+            self._resize(2 * self.capacity, self.router_hidden)
+        return self._free.pop()
+
+    @torch.no_grad()
+    def release(self, row: int) -> None:
+        """Zero ``row`` and make it available again."""
+        for tensor in self._tensors():
+            tensor[row].zero_()
+        self._free.append(row)
+
+    @torch.no_grad()
+    def _resize(self, capacity: int, router_hidden: int) -> None:
+        old = self.capacity
+        shapes = {
+            "lora_A": (capacity, self.rank, self.in_features),
+            "lora_B": (capacity, self.out_features, self.rank),
+            "router_w1": (capacity, router_hidden, self.in_features),
+            "router_b1": (capacity, router_hidden),
+            "router_w2": (capacity, router_hidden),
+            "router_b2": (capacity,),
+        }
+        for name, shape in shapes.items():
+            param = getattr(self, name)
+            setattr(self, name, nn.Parameter(_grown(param.data, shape), requires_grad=param.requires_grad))
+        # New rows are handed out lowest first.
+        self._free = list(range(capacity - 1, old - 1, -1)) + self._free
+
+    def _tensors(self) -> tuple[Tensor, ...]:
+        return (self.lora_A, self.lora_B, self.router_w1, self.router_b1, self.router_w2, self.router_b2)
+
+    # ---- rows ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def write(self, row: int, lora_A: Tensor, lora_B: Tensor, scaling: float, router: RouterWeights | None) -> None:
+        """Store one adapter in ``row``; shapes were validated by the caller."""
+        if router is not None and router.w1.shape[0] > self.router_hidden:
+            self._resize(self.capacity, router.w1.shape[0])
+        if self.fold_scaling:
+            lora_B = lora_B * scaling
+        else:
+            self.output_scale = float(scaling)
+        self.lora_A[row].copy_(lora_A)
+        self.lora_B[row].copy_(lora_B)
+        for tensor in (self.router_w1, self.router_b1, self.router_w2):
+            tensor[row].zero_()
+        if router is None:
+            self.router_b2[row] = ALWAYS_ON_LOGIT
+            return
+        hidden = router.w1.shape[0]
+        self.router_w1[row, :hidden] = router.w1
+        self.router_b1[row, :hidden] = router.b1
+        self.router_w2[row, :hidden] = router.w2
+        self.router_b2[row] = router.b2.reshape(())
+
+    def read(self, row: int, scaling: float) -> tuple[Tensor, Tensor, RouterWeights | None]:
+        """``(A, B, router)`` of ``row`` with ``B`` unscaled, as a checkpoint stores them."""
+        lora_B = self.lora_B[row].detach().clone()
+        if self.fold_scaling:
+            lora_B = lora_B / scaling
+        router = None
+        if self.router_b2[row].item() != ALWAYS_ON_LOGIT:
+            router = RouterWeights(
+                w1=self.router_w1[row].detach().clone(),
+                b1=self.router_b1[row].detach().clone(),
+                w2=self.router_w2[row].detach().clone(),
+                b2=self.router_b2[row].detach().reshape(1).clone(),
+            )
+        return self.lora_A[row].detach().clone(), lora_B, router
+
+    @torch.no_grad()
+    def init_for_training(self, row: int, scaling: float, routed: bool, router_init_bias: float) -> None:
+        """A fresh adapter as PEFT initialises it (A Kaiming-uniform, B zero): the model starts as the base."""
+        for tensor in self._tensors():
+            tensor[row].zero_()
+        nn.init.kaiming_uniform_(self.lora_A[row], a=5**0.5)
+        self.output_scale = 1.0 if self.fold_scaling else float(scaling)
+        if not routed:
+            self.router_b2[row] = ALWAYS_ON_LOGIT
+            return
+        bound = 1.0 / self.in_features**0.5
+        self.router_w1[row].uniform_(-bound, bound)
+        self.router_w2[row].uniform_(-0.5, 0.5)
+        self.router_b2[row] = router_init_bias
+
+    # ---- forward pieces -----------------------------------------------------------------------
+
+    def router_logits(self, pooled: Tensor, rows: int | Tensor) -> Tensor:
+        """Gate logit of each row of ``pooled`` ([B, d_in], float32) under its own adapter's router.
+
+        ``rows``: one bank row for every batch row, or a ``[B]`` tensor of bank rows (gathered: the
+        cost does not depend on how many adapters the bank holds).
+        """
+        if isinstance(rows, int):
+            hidden = torch.relu(F.linear(pooled, self.router_w1[rows], self.router_b1[rows]))
+            return torch.addmv(self.router_b2[rows], hidden, self.router_w2[rows])
+        w1 = self.router_w1.index_select(0, rows)
+        hidden = torch.baddbmm(self.router_b1.index_select(0, rows).unsqueeze(2), w1, pooled.unsqueeze(2))
+        hidden = torch.relu(hidden.squeeze(2))
+        return (hidden * self.router_w2.index_select(0, rows)).sum(1) + self.router_b2.index_select(0, rows)
+
+    def delta(self, x: Tensor, rows: int | Tensor) -> Tensor:
+        """``B A x`` (scaling folded or not, see ``output_scale``) for ``x`` ([n, T, d_in]).
+
+        ``rows``: one bank row for all of ``x`` (two plain products), or ``[n]`` bank rows, one per
+        row of ``x`` (two batched products over per-row gathered ``A`` and ``B``: BGMV-style).
+        """
+        if isinstance(rows, int):
+            return F.linear(F.linear(x, self.lora_A[rows]), self.lora_B[rows])
+        down = torch.bmm(x, self.lora_A.index_select(0, rows).transpose(1, 2))
+        return torch.bmm(down, self.lora_B.index_select(0, rows).transpose(1, 2))

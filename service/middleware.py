@@ -1,0 +1,156 @@
+"""The raw ASGI edge of the service: request ids, API key, body size limit, access log, request metrics.
+
+Plain ASGI rather than Starlette middleware so that a rejected request (bad key, oversized body)
+costs no routing, no body parsing and no exception handling, and every request, rejected or not,
+gets exactly one access-log line and one request metric.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from fastapi.responses import Response
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import PayloadTooLargeError, UnauthorizedError
+from service.lifecycle import Service
+from service.logs import ACCESS_LOGGER
+from service.metrics import UNKNOWN_ADAPTER
+from service.responses import service_error_response, short
+
+access_log = logging.getLogger(ACCESS_LOGGER)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+#: Routes that need the API key when one is configured (probes and /metrics stay open).
+PROTECTED_PREFIXES = ("/classify", "/adapters")
+#: Routes whose calls are counted in the request metrics.
+COUNTED_ROUTES = {("POST", "/classify")}
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _is_protected(path: str) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in PROTECTED_PREFIXES)
+
+
+def _key_matches(scope: Scope, key: str) -> bool:
+    expected = key.encode()
+    offered = _header(scope, b"x-api-key")
+    authorization = _header(scope, b"authorization")
+    if authorization and authorization[:7].lower() == "bearer ":
+        offered = authorization[7:].strip()
+    return hmac.compare_digest((offered or "").encode("utf-8", "replace"), expected)
+
+
+class EdgeMiddleware:
+    """Everything that must happen before (and around) routing, as plain ASGI."""
+
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        offered_id = _header(scope, b"x-request-id")
+        request_id = offered_id if offered_id and _REQUEST_ID.match(offered_id) else uuid.uuid4().hex
+        info: dict[str, Any] = {"request_id": request_id}
+        scope.setdefault("state", {})["cogalora"] = info
+        status = 500
+        path, method = scope.get("path", ""), scope.get("method", "")
+        counted = (method, path) in COUNTED_ROUTES
+        shown_path = short(path, 200)  # client-controlled: bounded in the log
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append("X-Request-Id", request_id)
+            await send(message)
+
+        if counted:
+            self.service.metrics.inflight.inc()
+        try:
+            rejection = self._check_auth(scope)
+            if rejection is None:
+                receive, rejection = await self._buffer_body(scope, receive)
+            if rejection is not None:
+                await rejection(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            adapter = info.get("adapter", UNKNOWN_ADAPTER)
+            if counted:
+                self.service.metrics.inflight.dec()
+                self.service.metrics.observe_request(adapter, status, elapsed)
+            access_log.info(
+                "%s %s %s",
+                method,
+                shown_path,
+                status,
+                extra={
+                    "request_id": request_id,
+                    "method": method,
+                    "path": shown_path,
+                    "status": status,
+                    "adapter": info.get("adapter"),
+                    "inputs": info.get("inputs"),
+                    "latency_ms": round(elapsed * 1000, 3),
+                },
+            )
+
+    def _check_auth(self, scope: Scope) -> Response | None:
+        key = self.service.settings.api_key_value()
+        if key is None or not _is_protected(scope.get("path", "")):
+            return None
+        if _key_matches(scope, key):
+            return None
+        return service_error_response(UnauthorizedError("missing or invalid API key"))
+
+    async def _buffer_body(self, scope: Scope, receive: Receive) -> tuple[Receive, Response | None]:
+        """Read the whole body up to the limit (Content-Length first, then the streamed size)."""
+        limit = self.service.settings.max_body_bytes
+        too_large = service_error_response(PayloadTooLargeError(f"request body exceeds {limit} bytes"))
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            return receive, too_large
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return _replay([], message, receive), None  # client went away; let the app see it
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return receive, too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return _replay(chunks, None, receive), None
+
+
+def _replay(chunks: list[bytes], pending: Message | None, receive: Receive) -> Receive:
+    """A receive callable that first yields the buffered body, then defers to the real one."""
+    queue: list[Message] = [pending] if pending else [{"type": "http.request", "body": b"".join(chunks)}]
+
+    async def replay() -> Message:
+        if queue:
+            return queue.pop(0)
+        return await receive()
+
+    return replay

@@ -1,0 +1,143 @@
+"""The HTTP routes (DESIGN.md §5). A classification crosses this file once:
+
+``POST /classify`` -> body validated by :class:`~service.schemas.ClassifyBody` and
+:func:`~service.schemas.check_texts` -> adapter resolved by the repository -> ``batcher.submit``
+(admission, adapter pinning, tokenization, queue, engine) -> :class:`~service.schemas.ClassifyResponse`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Request
+from fastapi import Path as PathParam
+from fastapi.responses import Response
+
+from service.lifecycle import Service
+from service.metrics import CONTENT_TYPE
+from service.responses import documented_errors, error_response
+from service.schemas import (
+    ADAPTER_NAME_PATTERN,
+    AdapterInfo,
+    AdaptersResponse,
+    ClassifyBody,
+    ClassifyResponse,
+    StatusResponse,
+    UnloadResponse,
+    check_texts,
+)
+from service.types import ClassifyRequest
+
+log = logging.getLogger("cogalora.service")
+
+router = APIRouter()
+
+AdapterName = Annotated[
+    str, PathParam(pattern=ADAPTER_NAME_PATTERN, max_length=64, description="Checkpoint folder name.")
+]
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses=documented_errors(401, 404, 413, 422, 429, 503, 504),
+    summary="Classify one text or a list of texts with an adapter.",
+)
+async def classify(body: ClassifyBody, request: Request) -> Response:
+    service = _service(request)
+    info = request.scope["state"]["cogalora"]
+    texts = body.texts
+    info["inputs"] = len(texts)
+    settings = service.settings
+    check_texts(texts, settings.max_client_batch, settings.max_input_chars)
+    repository, batcher = service.require_ready()
+    adapter = repository.resolve(body.adapter)
+    info["adapter"] = adapter
+    job = ClassifyRequest(texts=texts, adapter=adapter, threshold=body.threshold, truncate=body.truncate)
+    results = await batcher.submit(job)
+    queue_s, inference_s = service.metrics.observe_results(adapter, results)
+    content = ClassifyResponse.model_construct(adapter=adapter, results=results).model_dump_json()
+    headers = {"X-Queue-Time-Ms": f"{queue_s * 1000:.3f}", "X-Inference-Time-Ms": f"{inference_s * 1000:.3f}"}
+    return Response(content, media_type="application/json", headers=headers)
+
+
+@router.get("/health", response_model=StatusResponse, summary="Liveness: 200 while the process runs.")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/ready",
+    response_model=StatusResponse,
+    responses=documented_errors(503),
+    summary="Readiness: 200 once the encoders are loaded and warmed up; 503 before and while draining.",
+)
+async def ready(request: Request) -> Response:
+    service = _service(request)
+    if service.state == "ready":
+        return Response('{"status":"ready"}', media_type="application/json")
+    return error_response(503, f"not ready: {service.state}", "not_ready", service.settings.retry_after_s)
+
+
+@router.get(
+    "/adapters",
+    response_model=AdaptersResponse,
+    responses=documented_errors(401, 503),
+    summary="Every servable adapter (loaded in memory or not), the memory bound and unservable folders.",
+)
+async def adapters(request: Request) -> AdaptersResponse:
+    repository, _ = _service(request).require_ready()
+    return AdaptersResponse(
+        adapters=repository.adapters(),
+        loaded=len(repository.loaded_names()),
+        max_loaded=repository.max_loaded,
+        unavailable=repository.failures,
+    )
+
+
+@router.post(
+    "/adapters/{name}",
+    status_code=201,
+    response_model=AdapterInfo,
+    responses=documented_errors(401, 404, 409, 422, 503),
+    summary="Admin: (re)read the checkpoint folder <model_dir>/<name> and load it now.",
+)
+async def load_adapter(name: AdapterName, request: Request) -> AdapterInfo:
+    service = _service(request)
+    repository, _ = service.require_ready()
+    async with service.admin_lock:
+        loaded = await asyncio.to_thread(repository.load, name)
+    request.scope["state"]["cogalora"]["adapter"] = name
+    log.info("adapter loaded", extra={"adapter": name})
+    return loaded
+
+
+@router.delete(
+    "/adapters/{name}",
+    response_model=UnloadResponse,
+    responses=documented_errors(401, 404, 422, 503),
+    summary="Admin: unload an adapter until it is loaded again (requests still queued for it get 404).",
+)
+async def unload_adapter(name: AdapterName, request: Request) -> UnloadResponse:
+    service = _service(request)
+    repository, _ = service.require_ready()
+    async with service.admin_lock:
+        await asyncio.to_thread(repository.unload, name)
+    log.info("adapter unloaded", extra={"adapter": name})
+    return UnloadResponse(name=name)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition."}},
+    summary="Prometheus metrics.",
+)
+async def metrics(request: Request) -> Response:
+    return Response(_service(request).metrics.render(), media_type=CONTENT_TYPE)
