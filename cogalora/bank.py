@@ -195,3 +195,18 @@ class AdapterBank(nn.Module):
             return F.linear(F.linear(x, self.lora_A[rows]), self.lora_B[rows])
         down = torch.bmm(x, self.lora_A.index_select(0, rows).transpose(1, 2))
         return torch.bmm(down, self.lora_B.index_select(0, rows).transpose(1, 2))
+
+    def add_delta(self, out: Tensor, x: Tensor, rows: int | Tensor, alpha: float) -> None:
+        """``out += alpha * B A x`` in place, for ``x`` and ``out`` of the same rows ([n, T, *]).
+
+        The up-projection accumulates straight into ``out`` (one fused product, no ``[n, T, d_out]``
+        temporary): at rank 8 the adapter's cost is mostly memory traffic over that tensor. The
+        ``out=`` form (rather than ``addmm_``) keeps the product visible to torch's FLOP counter.
+        """
+        if isinstance(rows, int):
+            down = torch.mm(x.reshape(-1, self.in_features), self.lora_A[rows].t())
+            flat = out.view(-1, self.out_features)
+            torch.addmm(flat, down, self.lora_B[rows].t(), alpha=alpha, out=flat)
+            return
+        down = torch.bmm(x, self.lora_A.index_select(0, rows).transpose(1, 2))
+        torch.baddbmm(out, down, self.lora_B.index_select(0, rows).transpose(1, 2), alpha=alpha, out=out)

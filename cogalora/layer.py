@@ -96,25 +96,26 @@ class GatedLoraLinear(nn.Module):
             rows = None
         else:
             rows = active.nonzero().squeeze(1)
-            count = rows.shape[0]
-            if count == 0:
+            if rows.shape[0] == 0:
                 return
-            if count == size:
+            if rows.shape[0] == size:
                 rows = None
         state.adapter_rows += size if rows is None else rows.shape[0]
-        bank_rows = route.rows
-        if rows is not None:
-            x = x.index_select(0, rows)
-            if not isinstance(bank_rows, int):
-                bank_rows = bank_rows.index_select(0, rows)
-        delta = bank.delta(x, bank_rows)
-        scale = bank.output_scale
-        if self.galora_gate is not None:
-            delta = delta * self.galora_gate
+        alpha = bank.output_scale
+        if self.galora_gate is not None:  # only while training GaLoRA: a tensor, so no in-place fusion
+            scale = self.galora_gate * alpha
+            if rows is None:
+                out.add_(bank.delta(x, route.rows) * scale)
+            else:
+                out.index_add_(0, rows, bank.delta(x.index_select(0, rows), _subset(route.rows, rows)) * scale)
+            return
         if rows is None:
-            out.add_(delta, alpha=scale)
-        else:
-            out.index_add_(0, rows, delta, alpha=scale)
+            bank.add_delta(out, x, route.rows, alpha)
+            return
+        bank_rows = _subset(route.rows, rows)
+        partial = out.new_zeros(rows.shape[0], *out.shape[1:])
+        bank.add_delta(partial, x.index_select(0, rows), bank_rows, 1.0)
+        out.index_add_(0, rows, partial, alpha=alpha)
 
     def _forward_train(self, x: Tensor, out: Tensor, routes: tuple[BankRoute, ...]) -> Tensor:
         """Dense adapter on every row, times a straight-through Bernoulli gate.
@@ -227,3 +228,8 @@ class SlotHead(nn.Module):
         # Gathered per-row heads: [B, C, d] @ [B, d, 1]; the head input is one vector per row.
         weight = self.weight.index_select(0, rows)
         return torch.baddbmm(self.bias.index_select(0, rows).unsqueeze(2), weight, x.unsqueeze(2)).squeeze(2)
+
+
+def _subset(bank_rows: int | Tensor, rows: Tensor) -> int | Tensor:
+    """The bank rows of the batch rows ``rows`` (one shared bank row stays an int)."""
+    return bank_rows if isinstance(bank_rows, int) else bank_rows.index_select(0, rows)
