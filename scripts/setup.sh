@@ -2,7 +2,8 @@
 # Create .venv and install CoGaLoRA Serve into it.
 #   bash scripts/setup.sh          runtime only (serve, train, evaluate)
 #   bash scripts/setup.sh --dev    + test tools, and the Debian packages the integration tests run
-#                                  (prometheus, docker-compose)
+#                                  (prometheus, docker-compose; docker.io and debootstrap for the
+#                                  image test, which builds its base images locally)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,8 @@ if [ "$dev" = 1 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
   command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
   command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+  command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+  command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
   if [ "${#missing[@]}" -gt 0 ]; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"

@@ -6,13 +6,14 @@ Real processes: the service started exactly as the Docker image starts it (``pyt
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,18 +96,17 @@ class ManagedProcess:
             self._log.close()
 
 
-class ServiceProcess(ManagedProcess):
-    """``python -m service`` on a free loopback port, serving ``model_dir``."""
+class ServiceAPI:
+    """A running service's HTTP endpoints at ``url`` (a process started here, or a container)."""
 
-    def __init__(self, model_dir: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = service_command("127.0.0.1", self.port, model_dir)
-        command[0] = sys.executable
-        env = {key: value for key, value in os.environ.items() if not key.startswith("COGALORA_")}
-        env.update({"COGALORA_LOG_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"})
-        env.update(extra_env or {})
-        super().__init__("service", command, log_path, env)
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def check_alive(self) -> None:
+        """Raise when the server is known to be gone (overridden where its process or container is known)."""
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return ""
 
     def wait_ready(self, timeout: float = SERVICE_START_TIMEOUT_S) -> None:
         def ready() -> bool:
@@ -128,6 +128,20 @@ class ServiceProcess(ManagedProcess):
         return response.text
 
 
+class ServiceProcess(ManagedProcess, ServiceAPI):
+    """``python -m service`` on a free loopback port, serving ``model_dir``."""
+
+    def __init__(self, model_dir: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        ServiceAPI.__init__(self, f"http://127.0.0.1:{self.port}")
+        command = service_command("127.0.0.1", self.port, model_dir)
+        command[0] = sys.executable
+        env = {key: value for key, value in os.environ.items() if not key.startswith("COGALORA_")}
+        env.update({"COGALORA_LOG_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"})
+        env.update(extra_env or {})
+        super().__init__("service", command, log_path, env)
+
+
 def metric_sum(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` (exact sample name, e.g. ``cogalora_requests_total``) matching labels."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -140,39 +154,45 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
+async def burst_across_a_stop(
+    url: str, payload: dict, burst: int, stop: Callable[[httpx.AsyncClient], Awaitable[None]], timeout: float = 60
+) -> tuple[list[httpx.Response], float]:
+    """Send ``burst`` concurrent /classify requests, and once every one has reached the service (in flight
+    or answered, by its own metrics), await ``stop(client)`` while they finish.
+
+    Returns the responses in order and how many requests were in flight when ``stop`` began. One
+    connection per request, so a stop that closes idle keep-alive connections cannot drop any.
+    """
+    limits = httpx.Limits(max_connections=burst + 8, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, trust_env=False) as client:
+        before = metric_sum((await client.get("/metrics")).text, "cogalora_requests_total")
+        tasks = [asyncio.create_task(client.post("/classify", json=payload)) for _ in range(burst)]
+        deadline = time.monotonic() + timeout
+        while True:
+            page = (await client.get("/metrics")).text
+            inflight = metric_sum(page, "cogalora_inflight_requests")
+            done = metric_sum(page, "cogalora_requests_total") - before
+            if inflight + done >= burst:
+                break
+            assert time.monotonic() < deadline, f"only {inflight + done:.0f} of {burst} requests reached the service"
+            await asyncio.sleep(0.01)
+        await stop(client)
+        responses = await asyncio.gather(*tasks)
+    return list(responses), inflight
+
+
 def prometheus_binary() -> str | None:
     return shutil.which("prometheus")
 
 
-class PrometheusProcess(ManagedProcess):
-    """A real Prometheus scraping ``targets`` every ``scrape_interval``, with storage in ``workdir``."""
+class PrometheusAPI:
+    """A Prometheus server's HTTP API at ``url`` (a process started here, or one in a container)."""
 
-    def __init__(self, workdir: Path, job: str, targets: list[str], scrape_interval: str = "1s") -> None:
-        binary = prometheus_binary()
-        if binary is None:
-            raise RuntimeError("prometheus is not installed")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = workdir / "prometheus.yml"
-        quoted = ", ".join(f'"{target}"' for target in targets)
-        config.write_text(
-            "global:\n"
-            f"  scrape_interval: {scrape_interval}\n"
-            f"  evaluation_interval: {scrape_interval}\n"
-            "scrape_configs:\n"
-            f"  - job_name: {job}\n"
-            "    metrics_path: /metrics\n"
-            f"    static_configs:\n      - targets: [{quoted}]\n",
-            encoding="utf-8",
-        )
-        command = [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={workdir / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{self.port}",
-            "--log.level=warn",
-        ]
-        super().__init__("prometheus", command, workdir / "prometheus.log")
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def check_alive(self) -> None:
+        """Raise when the server is known to be gone (overridden where the process is ours)."""
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         def ready() -> bool:
@@ -195,3 +215,34 @@ class PrometheusProcess(ManagedProcess):
         if not result:
             return None
         return float(result[0]["value"][1])
+
+
+class PrometheusProcess(ManagedProcess, PrometheusAPI):
+    """A real Prometheus scraping ``targets`` every ``scrape_interval``, with storage in ``workdir``."""
+
+    def __init__(self, workdir: Path, job: str, targets: list[str], scrape_interval: str = "1s") -> None:
+        binary = prometheus_binary()
+        if binary is None:
+            raise RuntimeError("prometheus is not installed")
+        self.port = free_port()
+        PrometheusAPI.__init__(self, f"http://127.0.0.1:{self.port}")
+        config = workdir / "prometheus.yml"
+        quoted = ", ".join(f'"{target}"' for target in targets)
+        config.write_text(
+            "global:\n"
+            f"  scrape_interval: {scrape_interval}\n"
+            f"  evaluation_interval: {scrape_interval}\n"
+            "scrape_configs:\n"
+            f"  - job_name: {job}\n"
+            "    metrics_path: /metrics\n"
+            f"    static_configs:\n      - targets: [{quoted}]\n",
+            encoding="utf-8",
+        )
+        command = [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn",
+        ]
+        super().__init__("prometheus", command, workdir / "prometheus.log")

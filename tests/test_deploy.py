@@ -7,6 +7,7 @@ No Docker engine is needed: compose files are validated with ``docker-compose co
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -16,39 +17,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from containers import COMPOSE_FILE, DOCKER_DIR, DOCKERFILE, compose_command, dockerfile_args, dockerfile_instructions
+from dashboard import DASHBOARD
 from processes import REPO, SERVICE_COMMAND
 
-DOCKER = REPO / "docker"
-DOCKERFILE = DOCKER / "Dockerfile"
-COMPOSE = DOCKER / "compose.yaml"
-PROMETHEUS = DOCKER / "prometheus.yml"
-DATASOURCES = DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
-DASHBOARD_PROVIDERS = DOCKER / "grafana" / "provisioning" / "dashboards" / "cogalora.yml"
-DASHBOARD = DOCKER / "grafana" / "dashboards" / "cogalora.json"
+PROMETHEUS = DOCKER_DIR / "prometheus.yml"
+DATASOURCES = DOCKER_DIR / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+DASHBOARD_PROVIDERS = DOCKER_DIR / "grafana" / "provisioning" / "dashboards" / "cogalora.yml"
 
 
 # ---- Dockerfile ------------------------------------------------------------------------------
-
-
-def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, with comments dropped and line continuations joined."""
-    instructions: list[tuple[str, str]] = []
-    pending = ""
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if pending and line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        line = pending + line
-        pending = ""
-        keyword, _, rest = line.partition(" ")
-        instructions.append((keyword.upper(), rest.strip()))
-    assert not pending, "Dockerfile ends inside a line continuation"
-    return instructions
 
 
 def exec_form(arguments: str) -> list[str]:
@@ -105,7 +83,7 @@ def test_dockerfile_torch_index_models_and_install():
 
     envs = " ".join(rest for kw, rest in instructions if kw == "ENV")
     assert "COGALORA_MODEL_DIR=/models" in envs
-    copies = [rest.split() for kw, rest in instructions if kw == "COPY"]
+    copies = [rest.split() for kw, rest in instructions if kw == "COPY" and not rest.startswith("--from=")]
     assert ["models", "/models"] in copies
     # Every COPY source exists in the build context (the repository root) and is not dockerignored.
     ignored = {
@@ -120,17 +98,54 @@ def test_dockerfile_torch_index_models_and_install():
             assert source not in ignored, f"COPY source {source!r} is excluded by .dockerignore"
 
 
+def stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """The instructions of each build stage (each starts with its FROM)."""
+    found: list[list[tuple[str, str]]] = []
+    for keyword, rest in instructions:
+        if keyword == "FROM":
+            found.append([])
+        if found:
+            found[-1].append((keyword, rest))
+    return found
+
+
+def test_dockerfile_builds_on_any_debian_base_in_a_venv():
+    instructions = dockerfile_instructions()
+    assert dockerfile_args()["BASE_IMAGE"] == "python:3.11-slim"
+    build, runtime = stages(instructions)
+    assert build[0][1].split()[0] == runtime[0][1].split()[0] == "${BASE_IMAGE}"
+    # A venv from python3 (what plain Debian has), first on PATH in both stages, copied whole.
+    assert any(kw == "RUN" and rest.startswith("python3 -m venv /opt/venv") for kw, rest in build)
+    for stage in (build, runtime):
+        assert any(kw == "ENV" and "PATH=/opt/venv/bin:$PATH" in rest for kw, rest in stage)
+    assert ("COPY", "--from=build /opt/venv /opt/venv") in runtime
+
+
+def test_dockerfile_wheelhouse_and_certificates_stay_in_the_build_stage():
+    build, runtime = stages(dockerfile_instructions())
+    copies = {tuple(rest.split()) for kw, rest in build if kw == "COPY"}
+    assert ("docker/wheels/", "/wheels/") in copies
+    assert any(source == "docker/certs/" for source, *_ in copies)
+    runs = " ".join(rest for kw, rest in build if kw == "RUN")
+    assert "update-ca-certificates" in runs and "--no-index" in runs
+    assert any(kw == "ENV" and "PIP_FIND_LINKS=/wheels" in rest for kw, rest in build)
+    runtime_text = " ".join(rest for _, rest in runtime)
+    assert "wheels" not in runtime_text and "certs" not in runtime_text and "PIP_CERT" not in runtime_text
+
+
+def test_wheelhouse_and_certificates_are_ignored_by_git_but_present():
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for folder in ("wheels", "certs"):
+        assert (DOCKER_DIR / folder / "README.md").is_file(), "the folder must exist in a fresh clone (COPY needs it)"
+        probe = f"docker/{folder}/example.whl" if folder == "wheels" else f"docker/{folder}/proxy.crt"
+        ignored = subprocess.run(["git", "check-ignore", "-q", probe], cwd=REPO, timeout=30)
+        assert ignored.returncode == 0, f"{probe} is not ignored by git"
+        kept = subprocess.run(["git", "check-ignore", "-q", f"docker/{folder}/README.md"], cwd=REPO, timeout=30)
+        assert kept.returncode == 1, f"docker/{folder}/README.md is ignored"
+
+
 # ---- compose ---------------------------------------------------------------------------------
-
-
-def compose_command() -> list[str] | None:
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    if shutil.which("docker"):
-        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
-        if probe.returncode == 0:
-            return ["docker", "compose"]
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +155,7 @@ def compose_config() -> dict:
         pytest.skip(
             "neither docker-compose nor the docker compose plugin is installed (apt-get install docker-compose)"
         )
-    done = subprocess.run([*command, "-f", str(COMPOSE), "config"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*command, "-f", str(COMPOSE_FILE), "config"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, f"{' '.join(command)} config failed:\n{done.stderr}"
     return yaml.safe_load(done.stdout)
 
@@ -158,6 +173,33 @@ def test_compose_config_is_valid_and_complete(compose_config: dict):
     environment = services["grafana"]["environment"]
     assert str(environment["GF_AUTH_ANONYMOUS_ENABLED"]).lower() == "true"
     assert environment["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+
+
+def test_compose_takes_images_and_build_args_from_variables():
+    raw = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))["services"]
+    assert raw["cogalora"]["image"] == "${COGALORA_IMAGE:-cogalora-serve:latest}"
+    assert raw["prometheus"]["image"] == "${PROMETHEUS_IMAGE:-prom/prometheus:v2.53.2}"
+    assert raw["grafana"]["image"] == "${GRAFANA_IMAGE:-grafana/grafana:11.2.2}"
+    # compose repeats the Dockerfile's defaults (1.29 passes an unset variable as ""): they must agree.
+    defaults = dockerfile_args()
+    for name, value in raw["cogalora"]["build"]["args"].items():
+        assert value == f"${{{name}:-{defaults[name]}}}", name
+
+    command = compose_command()
+    if command is None:
+        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+    variables = {"COGALORA_IMAGE": "registry.example/cogalora:1", "BASE_IMAGE": "mirror.example/python:3.11-slim"}
+    done = subprocess.run(
+        [*command, "-f", str(COMPOSE_FILE), "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **variables},
+    )
+    assert done.returncode == 0, done.stderr
+    service = yaml.safe_load(done.stdout)["services"]["cogalora"]
+    assert service["image"] == variables["COGALORA_IMAGE"]
+    assert service["build"]["args"]["BASE_IMAGE"] == variables["BASE_IMAGE"]
 
 
 def test_compose_runs_the_tested_start_command(compose_config: dict):
@@ -191,7 +233,7 @@ def test_compose_mounts_the_files_in_this_repository(compose_config: dict):
     config_flag = next(a for a in services["prometheus"]["command"] if a.startswith("--config.file="))
     assert prometheus_mounts[config_flag.split("=", 1)[1]].resolve() == PROMETHEUS
     grafana_mounts = _mounts(services["grafana"])
-    assert grafana_mounts["/etc/grafana/provisioning"].resolve() == DOCKER / "grafana" / "provisioning"
+    assert grafana_mounts["/etc/grafana/provisioning"].resolve() == DOCKER_DIR / "grafana" / "provisioning"
     providers = yaml.safe_load(DASHBOARD_PROVIDERS.read_text(encoding="utf-8"))["providers"]
     dashboards_path = providers[0]["options"]["path"]
     assert grafana_mounts[dashboards_path].resolve() == DASHBOARD.parent
@@ -228,7 +270,7 @@ def test_prometheus_and_grafana_point_at_the_compose_services():
     job = next(job for job in prometheus["scrape_configs"] if job["job_name"] == "cogalora")
     assert job.get("metrics_path", "/metrics") == "/metrics"
     assert job["static_configs"][0]["targets"] == ["cogalora:8000"]
-    compose = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    compose = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
     assert "cogalora" in compose["services"]
     datasource = _datasource()
     assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
@@ -293,7 +335,7 @@ def test_dashboard_covers_the_required_metrics():
 
 def test_dashboard_json_is_generated_from_its_script():
     done = subprocess.run(
-        [sys.executable, str(DOCKER / "grafana" / "make_dashboard.py"), "--check"],
+        [sys.executable, str(DOCKER_DIR / "grafana" / "make_dashboard.py"), "--check"],
         capture_output=True,
         text=True,
         timeout=60,

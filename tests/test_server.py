@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -11,7 +10,7 @@ import sys
 
 import httpx
 import pytest
-from processes import REPO, metric_sum
+from processes import REPO, burst_across_a_stop, metric_sum
 
 pytestmark = pytest.mark.integration
 
@@ -109,34 +108,20 @@ async def test_sigterm_finishes_every_accepted_request(minilm_model_dir, start_s
     )
     try:
         texts = [f"review number {i}: {'great' if i % 2 else 'dull'} acting and a long, winding plot" for i in range(8)]
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
-        async with httpx.AsyncClient(base_url=process.url, timeout=120, limits=limits, trust_env=False) as client:
-            reference = (await client.post("/classify", json={"inputs": texts, "adapter": "agnews"})).json()
-            before = metric_sum((await client.get("/metrics")).text, "cogalora_requests_total")
-            burst = 24
-            tasks = [
-                asyncio.create_task(client.post("/classify", json={"inputs": texts, "adapter": "agnews"}))
-                for _ in range(burst)
-            ]
-            # every request of the burst has reached the handler (in flight or already answered)
-            while True:
-                page = (await client.get("/metrics")).text
-                inflight = metric_sum(page, "cogalora_inflight_requests")
-                done = metric_sum(page, "cogalora_requests_total") - before
-                if inflight + done >= burst:
-                    break
-                assert process.proc.poll() is None
-                await asyncio.sleep(0.01)
-            os.kill(process.proc.pid, signal.SIGTERM)
-            assert inflight > 0, "the burst finished before the signal; nothing was drained"
+        payload = {"inputs": texts, "adapter": "agnews"}
+        reference = httpx.post(f"{process.url}/classify", json=payload, timeout=60, trust_env=False).json()
 
+        async def terminate(client: httpx.AsyncClient) -> None:
+            os.kill(process.proc.pid, signal.SIGTERM)
             try:  # after the signal: either the listener is closed or the server says it is draining
                 late = await client.get("/ready")
                 assert late.status_code == 503 and late.json()["error_type"] == "not_ready"
             except httpx.TransportError:
                 pass
 
-            responses = await asyncio.gather(*tasks)
+        burst = 24
+        responses, inflight = await burst_across_a_stop(process.url, payload, burst, terminate)
+        assert inflight > 0, "the burst finished before the signal; nothing was drained"
         assert [r.status_code for r in responses] == [200] * burst
         expected = [(row["label"], row["active_modules"]) for row in reference["results"]]
         for response in responses:
