@@ -1,7 +1,9 @@
 """Real processes for the tests (no tests here): the service and Prometheus.
 
 Real processes: the service started exactly as the Docker image starts it (``python -m service
---host ... --port ...``), and a real Prometheus. Every wait polls with a deadline.
+--host ... --port ...``), and a real Prometheus. ``ServiceAPI`` and ``PrometheusAPI`` talk to either
+by URL, so the same checks run against the containers of tests/test_docker.py. Every wait polls
+with a deadline.
 """
 
 from __future__ import annotations

@@ -78,8 +78,9 @@ def test_dockerfile_torch_index_models_and_install():
     assert "download.pytorch.org/whl/" in (args.get("TORCH_INDEX") or "")
     runs = [rest for kw, rest in instructions if kw == "RUN"]
     torch_run = next(i for i, run in enumerate(runs) if "torch==" in run)
-    project_run = next(i for i, run in enumerate(runs) if re.search(r"pip install (\S+ )*\.(\s|$)", run))
+    project_run = next(i for i, run in enumerate(runs) if re.search(r"pip install .*--no-deps", run))
     assert "--index-url" in runs[torch_run] and torch_run < project_run, "torch from its index before the project"
+    assert "--no-index" in runs[project_run], "the project installs from the venv's dependencies alone"
 
     envs = " ".join(rest for kw, rest in instructions if kw == "ENV")
     assert "COGALORA_MODEL_DIR=/models" in envs
