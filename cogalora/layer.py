@@ -112,10 +112,12 @@ class GatedLoraLinear(nn.Module):
         if rows is None:
             bank.add_delta(out, x, route.rows, alpha)
             return
-        bank_rows = _subset(route.rows, rows)
-        partial = out.new_zeros(rows.shape[0], *out.shape[1:])
-        bank.add_delta(partial, x.index_select(0, rows), bank_rows, 1.0)
-        out.index_add_(0, rows, partial, alpha=alpha)
+        # The active rows' outputs are gathered, updated by the same fused product as above and put
+        # back: a row's arithmetic (one rounding of out + alpha B A x) must not depend on whether its
+        # batch-mates' gates are on, or half precision loses batch invariance.
+        active_out = out.index_select(0, rows)
+        bank.add_delta(active_out, x.index_select(0, rows), _subset(route.rows, rows), alpha)
+        out.index_copy_(0, rows, active_out)
 
     def _forward_train(self, x: Tensor, out: Tensor, routes: tuple[BankRoute, ...]) -> Tensor:
         """Dense adapter on every row, times a straight-through Bernoulli gate.

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from cogalora.architectures import Site, architecture_of, find_sites
+from cogalora.attention import LengthGroups, install_length_grouped_attention
 from cogalora.config import CoGaLoRAConfig
 from cogalora.layer import GatedLoraLinear, SlotHead
 from cogalora.routing import ForceGates, RoutingState
@@ -51,6 +52,8 @@ class CoGaLoRAModel(nn.Module):
         self.model = base_model
         self.config = config
         self.architecture = architecture_of(base_model)
+        self.length_grouped = install_length_grouped_attention(base_model)
+        """Padding-free attention (``cogalora.attention``): batch invariant in every dtype."""
         self.sites: list[Site] = find_sites(base_model, config.target_modules) if config.has_adapters else []
         self.slot_table = SlotTable(len(self.sites))
         self.routing = RoutingState(self.slot_table)
@@ -291,6 +294,7 @@ class CoGaLoRAModel(nn.Module):
         taus: Sequence[float] | Tensor | None = None,
         force_gates: ForceGates = None,
         gather: bool = False,
+        lengths: Sequence[int] | None = None,
     ) -> RoutedOutput:
         """Routed forward: row ``i`` uses the adapter in ``slots[i]`` with gate threshold ``taus[i]``.
 
@@ -298,6 +302,7 @@ class CoGaLoRAModel(nn.Module):
         every row uses slot 0 and the config's tau. ``force_gates``: every present adapter on
         (``"on"``, e.g. plain-LoRA warm-up or a dense teacher) or off (``"off"``: the base model).
         ``gather``: per-row gathered adapter products even for a one-adapter batch (see routing).
+        ``lengths``: the rows' real token counts if the caller knows them (else read from the mask).
         """
         batch_size = input_ids.shape[0]
         slots = [0] * batch_size if slots is None else (slots.tolist() if isinstance(slots, Tensor) else slots)
@@ -308,6 +313,12 @@ class CoGaLoRAModel(nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
+        if self.length_grouped:
+            inputs["length_groups"] = (
+                LengthGroups.from_mask(attention_mask)
+                if lengths is None
+                else LengthGroups.from_lengths(lengths, attention_mask.device)
+            )
         with self.routing.route(attention_mask, slots, taus, force_gates, self.training, gather) as state:
             logits = self.model(**inputs).logits
             gate_probs, gates = state.collect()

@@ -235,6 +235,7 @@ class Engine:
                     taus=[rows[p].tau for p in live],
                     force_gates=self.force_gates,
                     gather=self.always_gather,
+                    lengths=[rows[p].tokens for p in live],
                 )
                 logits = output.logits.float().cpu()
                 gates = output.gates.cpu().tolist()

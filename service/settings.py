@@ -33,10 +33,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1, description="Largest request body (413 beyond).")
     api_key: SecretStr | None = Field(None, description="When set, /classify and /adapters need it.")
     device: str = Field("cpu", description='Torch device; "auto" picks cuda when available.')
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32",
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(  # cogalora.precision.DTYPE_CHOICES
+        "auto",
         description='Encoder and adapter precision; "auto": the fastest the device runs natively (bfloat16 on '
-        "CPUs with avx512_bf16/AMX). Routers always decide in float32.",
+        "CPUs with avx512_bf16/AMX and on recent GPUs, else float32). Routers always decide in float32; "
+        "results stay batch invariant in every dtype (benchmarks/precision.py measures the accuracy).",
     )
     torch_threads: int = Field(0, ge=0, description="torch.set_num_threads; 0 keeps torch's default.")
     max_loaded_adapters: int = Field(
