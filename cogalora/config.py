@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 Method = Literal["full", "lora", "galora", "cogalora"]
@@ -95,6 +95,3 @@ class CoGaLoRAConfig:
     @property
     def has_routers(self) -> bool:
         return self.method == "cogalora"
-
-    def to_dict(self) -> dict:
-        return asdict(self)

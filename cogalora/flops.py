@@ -25,15 +25,6 @@ class FlopBreakdown:
     adapter_saved: int
     """Adapter FLOPs not spent because gates were off, against all of the adapter's sites on."""
 
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "total": self.total,
-            "base": self.base,
-            "router": self.router,
-            "adapter": self.adapter,
-            "adapter_saved": self.adapter_saved,
-        }
-
 
 @dataclass(frozen=True)
 class FlopModel:
