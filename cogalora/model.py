@@ -119,7 +119,9 @@ class CoGaLoRAModel(nn.Module):
             bank_index = layer.bank_for(config.rank, config.router_hidden, fold_scaling=False)
             bank = layer.banks[bank_index]
             row = bank.allocate()
-            bank.init_for_training(row, config.scaling, config.has_routers, config.router_init_bias)
+            bank.init_for_training(
+                row, config.scaling, config.has_routers, config.router_init_bias, config.router_input_norm
+            )
             self.slot_table.set(0, layer.site.index, SlotEntry(bank_index, row, config.has_routers))
             bank.lora_A.requires_grad_(True)
             bank.lora_B.requires_grad_(True)
@@ -325,11 +327,27 @@ class CoGaLoRAModel(nn.Module):
             adapter_rows = state.adapter_rows
         return RoutedOutput(logits=logits, gate_probs=gate_probs, gates=gates, adapter_rows=adapter_rows)
 
-    def sparsity_penalty(self, output: RoutedOutput) -> Tensor:
-        """``lambda * mean p`` (CoGaLoRA) or ``lambda * mean |g|`` (GaLoRA); zero otherwise."""
+    def sparsity_penalty(
+        self, output: RoutedOutput, site_weights: Tensor | None = None, strength: float | None = None
+    ) -> Tensor:
+        """``lambda * mean p`` (CoGaLoRA) or ``lambda * mean |g|`` (GaLoRA); zero otherwise.
+
+        ``site_weights`` (``[sites]``, CoGaLoRA): a weighted mean ``sum w p / sum w`` instead, e.g.
+        weights proportional to each site's adapter FLOPs make the penalty the expected fraction of
+        adapter FLOPs. ``strength``: lambda for this step (a budget controller's), default the config's.
+        """
         config = self.config
+        strength = config.sparsity_lambda if strength is None else strength
         if config.method == "cogalora" and output.gate_probs.numel():
-            return config.sparsity_lambda * output.gate_probs.mean()
+            return strength * expected_active(output.gate_probs, site_weights)
         if config.method == "galora":
-            return config.sparsity_lambda * self.galora_penalty()
+            return strength * self.galora_penalty()
         return output.logits.new_zeros(())
+
+
+def expected_active(gate_probs: Tensor, site_weights: Tensor | None = None) -> Tensor:
+    """Mean gate probability over rows and sites, ``[B, sites]`` -> scalar, optionally site-weighted."""
+    if site_weights is None:
+        return gate_probs.mean()
+    weights = site_weights.to(gate_probs)
+    return (gate_probs * weights).sum(dim=1).mean() / weights.sum()

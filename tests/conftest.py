@@ -120,17 +120,20 @@ def synthetic_checkpoint(
     router_bias: float = 0.0,
     max_length: int = 128,
     keep_sites: int | None = None,
+    router_input_norm: str = "none",
 ) -> Path:
     """Save a deterministic, untrained-but-non-trivial adapter: random B, routers near p = 0.5.
 
     Routers with a zero output bias put gate probabilities on both sides of 0.5, so gates differ
     between inputs: what correctness tests need, independent of any training run. ``keep_sites``:
-    only the first N sites keep their adapter.
+    only the first N sites keep their adapter. ``router_input_norm``: how the routers read their input.
     """
     from cogalora import CheckpointMeta, new_model, save_checkpoint
 
     torch.manual_seed(seed)
-    config = CoGaLoRAConfig(method=method, rank=8, alpha=16.0, router_init_bias=router_bias)
+    config = CoGaLoRAConfig(
+        method=method, rank=8, alpha=16.0, router_init_bias=router_bias, router_input_norm=router_input_norm
+    )
     model = new_model(base_model, config, labels)
     randomize_adapter(model, seed=seed + 1)
     spread_routers(model)
