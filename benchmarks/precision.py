@@ -90,6 +90,7 @@ def compare(reference: Outcome, other: Outcome, gold: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from cogalora import read_meta
     from service.engine import Engine
     from service.repository import ModelRepository
     from training.data import read_examples
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     examples = {}
     for adapter_name, path in sets:
         loaded = read_examples(path, limit=args.limit)
-        labels = json.loads((args.model_dir / adapter_name / "cogalora.json").read_text())["labels"]
+        labels = read_meta(args.model_dir / adapter_name).labels
         gold = [labels[int(e.label)] if e.label.isdigit() else e.label for e in loaded]
         examples[(adapter_name, path)] = ([e.text for e in loaded], gold)
     outcomes: dict[str, dict] = {}

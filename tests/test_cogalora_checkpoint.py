@@ -170,5 +170,5 @@ def test_router_input_norm_round_trips_and_older_checkpoints_default_to_none(tin
     assert {router.input_norm for router in weights.routers.values()} == {"none"}
     data["router"]["input_norm"] = "batch_norm"
     path.write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match="router.input_norm"):
+    with pytest.raises(CheckpointError, match=r"router\.input_norm"):
         read_adapter(tmp_path / "old")
