@@ -13,6 +13,18 @@ from cogalora import CoGaLoRAConfig
 from cogalora.gates import annealed_temperature, training_gates
 
 
+def train_steps(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, steps: int) -> None:
+    """``steps`` AdamW steps on cross-entropy + the model's sparsity penalty, in training mode."""
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        out = model(ids, mask)
+        loss = torch.nn.functional.cross_entropy(out.logits, labels) + model.sparsity_penalty(out)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 def test_straight_through_gradients_reach_routers_and_lora():
     model = tiny_model(CoGaLoRAConfig(rank=4, router_init_bias=0.0))
     randomize_adapter(model)
@@ -56,14 +68,7 @@ def test_raising_lambda_lowers_mean_gate_probability():
     def mean_prob_after_training(sparsity_lambda: float) -> float:
         model = tiny_model(CoGaLoRAConfig(rank=4, sparsity_lambda=sparsity_lambda, router_init_bias=0.0), seed=0)
         torch.manual_seed(0)
-        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-        model.train()
-        for _ in range(30):
-            out = model(ids, mask)
-            loss = torch.nn.functional.cross_entropy(out.logits, labels) + model.sparsity_penalty(out)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        train_steps(model, ids, mask, labels, steps=30)
         model.eval()
         with torch.no_grad():
             return model(ids, mask).gate_probs.mean().item()
@@ -243,14 +248,7 @@ def test_eval_gates_are_p_greater_than_tau_whatever_the_training_estimator(estim
     model.routing.gate_temperature = 0.3
     ids, mask = batch([6, 4, 9, 2, 7], seed=11)
     labels = torch.tensor([0, 1, 0, 1, 1])
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-    model.train()
-    for _ in range(3):
-        out = model(ids, mask)
-        loss = torch.nn.functional.cross_entropy(out.logits, labels) + model.sparsity_penalty(out)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_steps(model, ids, mask, labels, steps=3)
     spread_routers(model, factor=4.0)
     model.eval()
     with torch.no_grad():

@@ -229,11 +229,43 @@ def test_cli_train_then_evaluate_json(tiny_base: Path, toy_data, tmp_path: Path,
     assert result["accuracy"] == pytest.approx(correct / len(rows), abs=1e-6)
     assert result["mean_active_adapters"] == pytest.approx(active / len(rows), abs=1e-5)
 
+    # --dtype: the same data in bfloat16, compared with float32 on the same rows.
+    assert main(["evaluate", "--model", str(output), "--data", str(dev), "--json", "--dtype", "bfloat16"]) == 0
+    half = last_json(capsys.readouterr().out)
+    assert half["dtype"] == "bfloat16" and result["dtype"] == "float32"
+    assert half["accuracy_float32"] == result["accuracy"]
+    assert 0.0 <= half["gates_differing_fraction"] <= 1.0
+    assert half["gates_differing"] == round(half["gates_differing_fraction"] * 60 * result["total_adapters"])
+    assert abs(half["accuracy"] - result["accuracy"]) <= half["labels_differing"] / 60 + 1e-6
+
     # Without --json: a table first, the JSON object still last.
     assert main(["evaluate", "--model", str(output), "--data", str(dev), "--tau", "1.0"]) == 0
     text = capsys.readouterr().out
     assert "active fraction" in text
     assert last_json(text)["mean_active_adapters"] == 0.0  # p > 1 never holds: every gate off
+
+
+def test_train_flags_are_the_config_fields_with_their_defaults(tmp_path: Path, capsys) -> None:
+    from dataclasses import fields
+
+    from training.cli import build_parser
+
+    required = ["train", "--train", "t.tsv", "--dev", "d.tsv", "--output", "out"]
+    args = build_parser().parse_args(required)
+    parsed = TrainConfig(**{item.name: getattr(args, item.name) for item in fields(TrainConfig)})
+    assert parsed == TrainConfig(train="t.tsv", dev="d.tsv", output="out")
+    args = build_parser().parse_args([*required, "--lambda", "0.3", "--keep-never-fired", "--no-progress"])
+    assert (args.sparsity_lambda, args.drop_never_fired, args.progress) == (0.3, False, False)
+    args = build_parser().parse_args([*required, "--target-active-fraction", "0.25", "--sparsity-weights", "flops"])
+    assert (args.target_active_fraction, args.sparsity_weights) == (0.25, "flops")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*required, "--gate-estimator", "bogus"])
+    capsys.readouterr()
+    # Ranges are checked by the config itself, reported as a CLI error naming the option.
+    assert main([*required, "--target-active-fraction", "1.5"]) == 2
+    assert "--target-active-fraction must lie in (0, 1]" in capsys.readouterr().err
+    assert main([*required, "--method", "lora", "--target-active-fraction", "0.3"]) == 2
+    assert "needs --method cogalora" in capsys.readouterr().err
 
 
 def test_training_is_deterministic_given_the_seed(tiny_base: Path, toy_data, tmp_path: Path) -> None:

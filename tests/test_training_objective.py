@@ -1,13 +1,29 @@
-"""The training objective's options: FLOP weights, budget controller, self-distillation."""
+"""The training objective's options on tiny random encoders: FLOP weights, budget controller,
+self-distillation (``training.objective``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_adapter, spread_routers, tiny_model
+from conftest import bank_row, batch, randomize_adapter, spread_routers, tiny_model
 
 from cogalora import CoGaLoRAConfig, FlopModel
-from training.objective import BudgetController, dense_teacher_logits, distillation_loss, site_cost_weights
+from cogalora.model import expected_active
+from training.data import Batch
+from training.objective import (
+    BudgetController,
+    Objective,
+    dense_teacher_logits,
+    distillation_loss,
+    site_cost_weights,
+)
+
+
+def toy_batch(lengths: list[int], seed: int) -> Batch:
+    ids, mask = batch(lengths, seed=seed)
+    labels = torch.tensor([row % 2 for row in range(len(lengths))])
+    rows = torch.arange(len(lengths))
+    return Batch(indices=rows, input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), labels=labels)
 
 
 def test_flop_weights_are_the_analytic_adapter_flops_of_each_site() -> None:
@@ -22,6 +38,17 @@ def test_flop_weights_are_the_analytic_adapter_flops_of_each_site() -> None:
     ffn_up = next(i for i, s in enumerate(model.sites) if s.kind == "ffn.up")
     query = next(i for i, s in enumerate(model.sites) if s.kind == "attention.query")
     assert weights[ffn_up] > weights[query]
+
+
+def test_flop_weighted_penalty_is_the_expected_fraction_of_adapter_flops() -> None:
+    model = tiny_model(CoGaLoRAConfig(rank=4))
+    weights = site_cost_weights(model, "flops")
+    expected = weights.tolist()
+    # Only the FFN sites on: the weighted mean is their share of the FLOPs, the plain one 2 of 6 kinds.
+    probs = torch.tensor([[1.0 if site.kind.startswith("ffn.") else 0.0 for site in model.sites]])
+    ffn_share = sum(w for w, site in zip(expected, model.sites, strict=True) if site.kind.startswith("ffn."))
+    assert float(expected_active(probs, weights)) == pytest.approx(ffn_share / sum(expected))
+    assert float(expected_active(probs)) == pytest.approx(1 / 3)
 
 
 def test_budget_controller_drives_the_mean_gate_probability_to_the_target() -> None:
@@ -57,3 +84,79 @@ def test_distillation_is_zero_when_every_gate_is_on_and_positive_otherwise() -> 
     assert distillation_loss(all_on, teacher).item() == 0.0
     assert distillation_loss(routed, teacher).item() > 0.0
     assert distillation_loss(routed, teacher, temperature=2.0).item() > 0.0
+
+
+def _train_routers(objective: Objective, model, steps: int) -> list[float]:
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=2e-2)
+    model.train()
+    measured = []
+    for step in range(steps):
+        result = objective.step(model, toy_batch([5, 9, 3, 7, 6, 8, 4, 2], seed=step), warming=False)
+        optimizer.zero_grad()
+        result.loss.backward()
+        optimizer.step()
+        measured.append(result.expected_active)
+    return measured
+
+
+def test_the_objective_trains_a_model_to_its_budget():
+    # A fresh adapter (B = 0) gives the routers no task gradient: what moves them is the penalty.
+    model = tiny_model(CoGaLoRAConfig(rank=4, router_init_bias=2.0))  # starts at p ~ 0.88
+    objective = Objective(model, sparsity_lambda=0.0, target_active_fraction=0.25, budget_lr=0.2)
+    torch.manual_seed(0)
+    measured = _train_routers(objective, model, steps=80)
+    assert measured[0] > 0.8
+    assert objective.controller is not None and objective.controller.strength > 0
+    late = sum(measured[-20:]) / 20
+    assert abs(late - 0.25) < 0.06, late
+
+
+def test_a_budget_above_the_models_use_never_penalises():
+    """The target is a budget (at most F): lambda starts at 0 and stays there while the model is under it."""
+    runs = []
+    for target in (0.95, None):
+        model = tiny_model(CoGaLoRAConfig(rank=4, router_init_bias=2.0))
+        randomize_adapter(model)
+        objective = Objective(model, sparsity_lambda=0.0, target_active_fraction=target, budget_lr=0.2)
+        torch.manual_seed(0)
+        runs.append(_train_routers(objective, model, steps=10))
+        assert objective.controller is None or objective.controller.strength == 0.0
+    assert runs[0] == runs[1]
+
+
+def test_fixed_lambda_without_a_target_is_the_seed_penalty():
+    model = tiny_model(CoGaLoRAConfig(rank=4, sparsity_lambda=0.3, router_init_bias=0.0))
+    objective = Objective(model, sparsity_lambda=0.3)
+    assert objective.controller is None and objective.weights is None
+    torch.manual_seed(1)
+    model.train()
+    result = objective.step(model, toy_batch([4, 6, 3], seed=1), warming=False)
+    ce = torch.nn.functional.cross_entropy(result.output.logits, torch.tensor([0, 1, 0]))
+    torch.testing.assert_close(result.loss, ce + 0.3 * result.output.gate_probs.mean())
+    warm = objective.step(model, toy_batch([4, 6, 3], seed=1), warming=True)
+    assert bool(warm.output.gates.all()) and warm.strength == 0.0, "warm-up: gates on, no penalty"
+
+
+def test_distillation_in_the_training_step_vanishes_when_every_sampled_gate_is_on():
+    model = tiny_model(CoGaLoRAConfig(rank=4, router_init_bias=0.0))
+    randomize_adapter(model)
+    objective = Objective(model, sparsity_lambda=0.0, distill_weight=1.0)
+    data = toy_batch([5, 8, 3, 6], seed=2)
+    with torch.no_grad():
+        for site in range(len(model.sites)):
+            bank, row = bank_row(model, site)
+            bank.router_b2[row].fill_(50.0)  # p = 1: every sampled gate is on
+    model.train()
+    all_on = objective.step(model, data, warming=False)
+    assert bool(all_on.output.gates.all())
+    assert all_on.distillation == pytest.approx(0.0, abs=1e-6), "the routed model is the teacher"
+    with torch.no_grad():
+        for site in range(len(model.sites)):
+            bank, row = bank_row(model, site)
+            bank.router_b2[row].fill_(0.0)  # p = 0.5: about half the gates off
+    torch.manual_seed(3)
+    routed = objective.step(model, data, warming=False)
+    assert not bool(routed.output.gates.all())
+    assert routed.distillation > 100 * max(all_on.distillation, 1e-9)
+    routed.loss.backward()
+    assert any(bank_row(model, s)[0].router_w1.grad is not None for s in range(len(model.sites)))

@@ -25,9 +25,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show defaults, except where the help already explains them or there is none to show."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if "default" in (action.help or "") or any(
-            action.default is value for value in (None, False, argparse.SUPPRESS)
-        ):
+        switch = action.nargs == 0  # store_true / store_false: the flag's help says what it does
+        if switch or "default" in (action.help or "") or action.default is None or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 

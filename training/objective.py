@@ -7,7 +7,8 @@
 - **Budget controller** (``--target-active-fraction F``): lambda becomes a Lagrange multiplier,
   updated by dual ascent after every routed step, ``lambda <- max(0, lambda + eta (c - F))`` with
   ``c`` the batch's expected active fraction in the units of the weights above: the penalty's
-  strength is searched by training instead of by the user.
+  strength is searched by training instead of by the user. It is a budget (at most ``F``): a model
+  under it sees lambda fall to 0 and no penalty, never a push to switch more adapters on.
 - **Self-distillation** (``--distill-weight``): the same model with every gate on, in eval mode
   and without gradient, is the teacher; the loss adds ``beta T^2 KL(teacher || routed)`` on
   temperature-``T`` softmaxes, so the routed model is pulled towards the dense one's predictions.
