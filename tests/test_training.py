@@ -398,6 +398,24 @@ def test_sweep_is_resumable(tiny_base: Path, toy_data, tmp_path: Path) -> None:
         assert [row["name"] for row in csv.DictReader(handle)] == ["lora", "co"]
 
 
+def test_plot_reads_evaluate_results_and_names_bad_files(tmp_path: Path, capsys) -> None:
+    points = []
+    for name, accuracy, active in (("lora", 0.88, 36.0), ("routed", 0.87, 9.5)):
+        path = tmp_path / f"{name}.json"
+        result = {"method": "lora" if name == "lora" else "cogalora", "accuracy": accuracy, "mean_adapter_flops": 1e6}
+        path.write_text("table line\n" + json.dumps(result | {"mean_active_adapters": active}))
+        points.append(f"{name}={path}")
+    output = tmp_path / "plots" / "tradeoff.png"
+    assert main(["plot", *points, "--output", str(output), "--title", "t"]) == 0
+    assert output.read_bytes().startswith(b"\x89PNG") and output.stat().st_size > 10_000
+    capsys.readouterr()
+    (tmp_path / "bad.json").write_text(json.dumps({"accuracy": 0.5}))
+    assert main(["plot", str(tmp_path / "bad.json"), "--output", str(tmp_path / "x.png")]) == 2
+    error = capsys.readouterr().err
+    assert "bad.json: missing method, mean_active_adapters, mean_adapter_flops" in error
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_sweep_config_errors(tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"output": "x", "runs": [{"name": "a", "method": "lora", "bogus": 1}]}))

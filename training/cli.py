@@ -18,6 +18,7 @@ from training.calibrate import calibrate, format_calibration, parse_taus, tau_gr
 from training.data import Columns, DataError, encode_file
 from training.evaluation import compare_predictions, evaluate, format_table
 from training.loop import TrainConfig, TrainConfigError, pick_device, run_training
+from training.plots import plot_tradeoff
 from training.sweep import SweepConfigError, run_sweep
 
 
@@ -170,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--config", required=True, help="sweep config JSON (see training/configs/)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    plot = commands.add_parser(
+        "plot",
+        help="plot accuracy against active adapters and adapter FLOPs from evaluate results",
+        description="Read JSON objects written by 'evaluate --json' (one file each, NAME=FILE to label a point; "
+        "the label defaults to the file name) and draw accuracy against mean active adapters and against mean "
+        "adapter FLOPs per example, one marker per method.",
+        formatter_class=_Formatter,
+    )
+    plot.add_argument("results", nargs="+", help="NAME=FILE or FILE: the output of 'evaluate --json'")
+    plot.add_argument("--output", required=True, help="PNG file to write")
+    plot.add_argument("--title", default="", help="figure title")
     return parser
 
 
@@ -234,6 +246,27 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+_PLOTTED = ("method", "accuracy", "mean_active_adapters", "mean_adapter_flops")
+
+
+def _plot(args: argparse.Namespace) -> int:
+    rows = []
+    for item in args.results:
+        name, _, path = item.rpartition("=")
+        path = Path(path)
+        try:
+            lines = path.read_text(encoding="utf-8").strip().splitlines()
+            row = json.loads(lines[-1]) if lines else None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"{path}: not readable as the JSON output of 'evaluate --json' ({exc})") from exc
+        missing = [key for key in _PLOTTED if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise DataError(f"{path}: missing {', '.join(missing)} (expected the output of 'evaluate --json')")
+        rows.append(row | {"name": name or path.stem})
+    print(f"wrote {plot_tradeoff(rows, args.output, title=args.title)}")
+    return 0
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     if not 0.0 <= args.target_active_fraction <= 1.0:
         print("error: --target-active-fraction must lie in [0, 1]", file=sys.stderr)
@@ -275,4 +308,4 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "evaluate": _evaluate, "calibrate": _calibrate, "sweep": _sweep}
+_COMMANDS = {"train": _train, "evaluate": _evaluate, "calibrate": _calibrate, "sweep": _sweep, "plot": _plot}
