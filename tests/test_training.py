@@ -346,6 +346,14 @@ def test_calibrate_writes_a_tau_meeting_the_target(tiny_base: Path, toy_data, tm
     assert main(["evaluate", "--model", str(output), "--data", str(dev), "--json"]) == 0
     assert last_json(capsys.readouterr().out)["mean_active_fraction"] <= 0.3
 
+    # --pick budget: the lowest tau within the budget, whatever the accuracies (no labels needed).
+    budget_argv = ["calibrate", "--model", str(output), "--data", str(dev), "--target-active-fraction", "0.3"]
+    assert main([*budget_argv, "--step", "0.1", "--pick", "budget", "--dry-run", "--json"]) == 0
+    budget = last_json(capsys.readouterr().out)
+    within = [p["tau"] for p in budget["points"] if p["active_fraction"] <= 0.3]
+    assert budget["chosen"]["tau"] == min(within) and budget["pick"] == "budget" and not budget["written"]
+    assert read_meta(output).tau == chosen["tau"], "a dry run writes nothing"
+
     code = main(["calibrate", "--model", str(output), "--data", str(dev), "--target-active-fraction", "-0.1"])
     assert code == 2
     # An explicit candidate list; none of them can meet an impossible target: nothing is written.

@@ -14,7 +14,7 @@ import torch
 
 from cogalora import CheckpointError, load_model, update_meta
 from cogalora.precision import DTYPE_CHOICES, resolve_dtype
-from training.calibrate import calibrate, format_calibration, parse_taus, tau_grid
+from training.calibrate import PICKS, calibrate, format_calibration, parse_taus, tau_grid
 from training.data import Columns, DataError, encode_file
 from training.evaluation import compare_predictions, evaluate, format_table
 from training.loop import TrainConfig, TrainConfigError, pick_device, run_training
@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_cmd.add_argument(
         "--taus", default=None, help="explicit comma-separated candidate taus instead of the grid (e.g. to refine)"
     )
+    calibrate_cmd.add_argument(
+        "--pick",
+        choices=PICKS,
+        default="accuracy",
+        help="among the taus within the budget: the most accurate (reads labels: optimistic on the same data), "
+        "or 'budget': the lowest tau, the most adapters the budget allows (label-free)",
+    )
     calibrate_cmd.add_argument("--max-examples", type=int, default=2000, help="use only the first N rows")
     calibrate_cmd.add_argument("--dry-run", action="store_true", help="print the table, do not update the checkpoint")
     calibrate_cmd.add_argument("--json", action="store_true", help="print only the JSON result")
@@ -278,11 +285,14 @@ def _calibrate(args: argparse.Namespace) -> int:
         )
         return 2
     taus = parse_taus(args.taus) if args.taus else tau_grid(args.step)
-    result = calibrate(loaded.model, dataset, args.target_active_fraction, taus, args.batch_size, device)
+    result = calibrate(
+        loaded.model, dataset, args.target_active_fraction, taus, args.batch_size, device, pick=args.pick
+    )
     if not args.json:
         print(format_calibration(result))
     payload = {
         "target_active_fraction": args.target_active_fraction,
+        "pick": args.pick,
         "examples": len(dataset),
         "chosen": asdict(result.chosen) if result.chosen else None,
         "points": [asdict(point) for point in result.points],
