@@ -413,14 +413,21 @@ def test_plot_reads_evaluate_results_and_names_bad_files(tmp_path: Path, capsys)
         result = {"method": "lora" if name == "lora" else "cogalora", "accuracy": accuracy, "mean_adapter_flops": 1e6}
         path.write_text("table line\n" + json.dumps(result | {"mean_active_adapters": active}))
         points.append(f"{name}={path}")
+    curve = {"points": [{"tau": tau, "accuracy": 0.86, "mean_active_adapters": 9.0 - 4 * tau} for tau in (0.3, 0.7)]}
+    (tmp_path / "taus.json").write_text(json.dumps(curve))
     output = tmp_path / "plots" / "tradeoff.png"
-    assert main(["plot", *points, "--output", str(output), "--title", "t"]) == 0
+    assert main(["plot", *points, f"routed, by tau={tmp_path / 'taus.json'}", "--output", str(output)]) == 2
+    assert "taus.json: missing mean_adapter_flops" in capsys.readouterr().err
+    for point in curve["points"]:
+        point["mean_adapter_flops"] = 5e5
+    (tmp_path / "taus.json").write_text(json.dumps(curve))
+    assert main(["plot", *points, f"routed, by tau={tmp_path / 'taus.json'}", "--output", str(output)]) == 0
     assert output.read_bytes().startswith(b"\x89PNG") and output.stat().st_size > 10_000
     capsys.readouterr()
     (tmp_path / "bad.json").write_text(json.dumps({"accuracy": 0.5}))
     assert main(["plot", str(tmp_path / "bad.json"), "--output", str(tmp_path / "x.png")]) == 2
     error = capsys.readouterr().err
-    assert "bad.json: missing method, mean_active_adapters, mean_adapter_flops" in error
+    assert "bad.json: missing mean_active_adapters, mean_adapter_flops, method" in error
     assert not (tmp_path / "x.png").exists()
 
 

@@ -180,13 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
     plot = commands.add_parser(
         "plot",
-        help="plot accuracy against active adapters and adapter FLOPs from evaluate results",
-        description="Read JSON objects written by 'evaluate --json' (one file each, NAME=FILE to label a point; "
-        "the label defaults to the file name) and draw accuracy against mean active adapters and against mean "
-        "adapter FLOPs per example, one marker per method.",
+        help="plot accuracy against active adapters and adapter FLOPs from evaluate/calibrate results",
+        description="Read JSON objects written by 'evaluate --json' (a point) or 'calibrate --json' (a curve over "
+        "tau), one file each, NAME=FILE to label it (default: the file name), and draw accuracy against mean "
+        "active adapters and against mean adapter FLOPs per example.",
         formatter_class=_Formatter,
     )
-    plot.add_argument("results", nargs="+", help="NAME=FILE or FILE: the output of 'evaluate --json'")
+    plot.add_argument(
+        "results", nargs="+", help="NAME=FILE or FILE: the output of 'evaluate --json' or 'calibrate --json'"
+    )
     plot.add_argument("--output", required=True, help="PNG file to write")
     plot.add_argument("--title", default="", help="figure title")
     return parser
@@ -253,25 +255,40 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-_PLOTTED = ("method", "accuracy", "mean_active_adapters", "mean_adapter_flops")
+_POINT_KEYS = ("accuracy", "mean_active_adapters", "mean_adapter_flops")
 
 
 def _plot(args: argparse.Namespace) -> int:
     rows = []
     for item in args.results:
         name, _, path = item.rpartition("=")
-        path = Path(path)
-        try:
-            lines = path.read_text(encoding="utf-8").strip().splitlines()
-            row = json.loads(lines[-1]) if lines else None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DataError(f"{path}: not readable as the JSON output of 'evaluate --json' ({exc})") from exc
-        missing = [key for key in _PLOTTED if not isinstance(row, dict) or key not in row]
-        if missing:
-            raise DataError(f"{path}: missing {', '.join(missing)} (expected the output of 'evaluate --json')")
-        rows.append(row | {"name": name or path.stem})
+        rows += _plot_rows(Path(path), name or Path(path).stem)
     print(f"wrote {plot_tradeoff(rows, args.output, title=args.title)}")
     return 0
+
+
+def _plot_rows(path: Path, name: str) -> list[dict]:
+    """One point from an ``evaluate --json`` result, or a curve (``series``) from a ``calibrate --json`` one."""
+    expected = "expected the output of 'evaluate --json' or 'calibrate --json'"
+    try:
+        lines = path.read_text(encoding="utf-8").strip().splitlines()
+        result = json.loads(lines[-1]) if lines else None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not readable ({exc}); {expected}") from exc
+    if not isinstance(result, dict):
+        raise DataError(f"{path}: not a JSON object; {expected}")
+    if "points" in result:  # calibrate: the same model at each tau
+        rows = [
+            point | {"method": "cogalora", "name": str(point.get("tau")), "series": name} for point in result["points"]
+        ]
+        required = ("tau", *_POINT_KEYS)
+    else:
+        rows = [result | {"name": name}]
+        required = ("method", *_POINT_KEYS)
+    missing = sorted({key for row in rows for key in required if key not in row})
+    if missing or not rows:
+        raise DataError(f"{path}: missing {', '.join(missing) or 'points'}; {expected}")
+    return rows
 
 
 def _calibrate(args: argparse.Namespace) -> int:
