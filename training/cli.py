@@ -283,7 +283,7 @@ def _plot_rows(path: Path, name: str) -> list[dict]:
         ]
         required = ("tau", *_POINT_KEYS)
     else:
-        rows = [result | {"name": name}]
+        rows = [result | {"name": name, "series": name}]
         required = ("method", *_POINT_KEYS)
     missing = sorted({key for row in rows for key in required if key not in row})
     if missing or not rows:
