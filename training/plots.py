@@ -37,6 +37,9 @@ def plot_tradeoff(rows: list[dict], path: str | Path, title: str = "") -> Path:
             axis.plot(xs, ys, marker=_MARKERS.get(method, "o"), linestyle="-" if curve else "none", label=name)
             for row, x, y in zip(points, xs, ys, strict=True):
                 axis.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for row in rows:  # plain LoRA as a reference level across the panel
+            if row["method"] == "lora":
+                axis.axhline(100 * float(row["accuracy"]), color="grey", linestyle=":", linewidth=1)
         axis.set_xlabel(label)
         axis.set_ylabel("dev accuracy (%)")
         axis.grid(alpha=0.3)
