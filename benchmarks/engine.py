@@ -242,12 +242,13 @@ def adapter_bytes(repository) -> int:
 
 
 def many_adapters(args: argparse.Namespace, sizes: list[int], counts: list[int]) -> dict:
+    from cogalora.checkpoint import CONFIG_FILE
     from cogalora.precision import resolve_dtype
     from service.engine import Engine
     from service.repository import ModelRepository
 
     source = args.model_dir / args.adapter
-    if not (source / "cogalora.json").is_file():
+    if not (source / CONFIG_FILE).is_file():
         raise SystemExit(f"no checkpoint {source}")
     largest = max(counts)
     report = {"study": "adapters", "machine": machine(args), "adapter": args.adapter, "results": []}

@@ -27,8 +27,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from cogalora import resolve_base_model
-
-CONFIG_FILE = "cogalora.json"
+from cogalora.checkpoint import CONFIG_FILE
 
 
 @dataclass

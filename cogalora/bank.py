@@ -10,6 +10,12 @@ gate decisions should not move when the encoder runs in half precision.
 An un-routed adapter (plain LoRA, folded GaLoRA) gets router weights of zero and an output bias of
 ``+inf``: its gate logit is ``+inf`` (probability 1, always on) without any special case in the
 forward pass.
+
+How a router reads its pooled input is a property of the adapter, stored per bank row
+(``ROUTER_INPUT_NORMS``): ``none`` reads the masked mean as it is (the seed's router), ``layer_norm``
+standardises it first (zero mean, unit variance over features, no affine: ``w1`` learns the scale),
+which removes the shrinking of the mean's norm with sequence length. Rows of different adapters in
+one mixed batch each get their own adapter's choice.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from torch import Tensor, nn
 from cogalora.weights import RouterWeights
 
 ALWAYS_ON_LOGIT = float("inf")
+ROUTER_INPUT_NORMS: tuple[str, ...] = ("none", "layer_norm")
 
 
 def _grown(tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -66,6 +73,10 @@ class AdapterBank(nn.Module):
         self.router_b1 = nn.Parameter(torch.zeros(capacity, router_hidden, **router), requires_grad=False)
         self.router_w2 = nn.Parameter(torch.zeros(capacity, router_hidden, **router), requires_grad=False)
         self.router_b2 = nn.Parameter(torch.zeros(capacity, **router), requires_grad=False)
+        #: ``[cap]`` bool: rows whose router standardises its input (``layer_norm``); a buffer so that
+        #: it follows the bank to its device, mirrored on the host so a one-adapter forward needs no sync.
+        self.register_buffer("router_norm", torch.zeros(capacity, dtype=torch.bool, device=device), persistent=False)
+        self._normalised_rows: set[int] = set()
         self._free = list(range(capacity - 1, -1, -1))
 
     # ---- capacity -----------------------------------------------------------------------------
@@ -93,6 +104,7 @@ class AdapterBank(nn.Module):
         """Zero ``row`` and make it available again."""
         for tensor in self._tensors():
             tensor[row].zero_()
+        self._set_input_norm(row, "none")
         self._free.append(row)
 
     @torch.no_grad()
@@ -109,11 +121,26 @@ class AdapterBank(nn.Module):
         for name, shape in shapes.items():
             param = getattr(self, name)
             setattr(self, name, nn.Parameter(_grown(param.data, shape), requires_grad=param.requires_grad))
+        self.router_norm = _grown(self.router_norm, (capacity,))
         # New rows are handed out lowest first.
         self._free = list(range(capacity - 1, old - 1, -1)) + self._free
 
     def _tensors(self) -> tuple[Tensor, ...]:
         return (self.lora_A, self.lora_B, self.router_w1, self.router_b1, self.router_w2, self.router_b2)
+
+    def _set_input_norm(self, row: int, input_norm: str) -> None:
+        if input_norm not in ROUTER_INPUT_NORMS:
+            raise ValueError(f"unknown router input normalisation {input_norm!r}; choose {list(ROUTER_INPUT_NORMS)}")
+        normalised = input_norm == "layer_norm"
+        self.router_norm[row] = normalised
+        if normalised:
+            self._normalised_rows.add(row)
+        else:
+            self._normalised_rows.discard(row)
+
+    def input_norm(self, row: int) -> str:
+        """The router input normalisation of ``row`` (one of ``ROUTER_INPUT_NORMS``)."""
+        return "layer_norm" if row in self._normalised_rows else "none"
 
     # ---- rows ---------------------------------------------------------------------------------
 
@@ -130,6 +157,7 @@ class AdapterBank(nn.Module):
         self.lora_B[row].copy_(lora_B)
         for tensor in (self.router_w1, self.router_b1, self.router_w2):
             tensor[row].zero_()
+        self._set_input_norm(row, "none" if router is None else router.input_norm)
         if router is None:
             self.router_b2[row] = ALWAYS_ON_LOGIT
             return
@@ -151,14 +179,18 @@ class AdapterBank(nn.Module):
                 b1=self.router_b1[row].detach().clone(),
                 w2=self.router_w2[row].detach().clone(),
                 b2=self.router_b2[row].detach().reshape(1).clone(),
+                input_norm=self.input_norm(row),
             )
         return self.lora_A[row].detach().clone(), lora_B, router
 
     @torch.no_grad()
-    def init_for_training(self, row: int, scaling: float, routed: bool, router_init_bias: float) -> None:
+    def init_for_training(
+        self, row: int, scaling: float, routed: bool, router_init_bias: float, router_input_norm: str = "none"
+    ) -> None:
         """A fresh adapter as PEFT initialises it (A Kaiming-uniform, B zero): the model starts as the base."""
         for tensor in self._tensors():
             tensor[row].zero_()
+        self._set_input_norm(row, router_input_norm if routed else "none")
         nn.init.kaiming_uniform_(self.lora_A[row], a=5**0.5)
         self.output_scale = 1.0 if self.fold_scaling else float(scaling)
         if not routed:
@@ -177,6 +209,7 @@ class AdapterBank(nn.Module):
         ``rows``: one bank row for every batch row, or a ``[B]`` tensor of bank rows (gathered: the
         cost does not depend on how many adapters the bank holds).
         """
+        pooled = self._router_input(pooled, rows)
         if isinstance(rows, int):
             hidden = torch.relu(F.linear(pooled, self.router_w1[rows], self.router_b1[rows]))
             return torch.addmv(self.router_b2[rows], hidden, self.router_w2[rows])
@@ -184,6 +217,15 @@ class AdapterBank(nn.Module):
         hidden = torch.baddbmm(self.router_b1.index_select(0, rows).unsqueeze(2), w1, pooled.unsqueeze(2))
         hidden = torch.relu(hidden.squeeze(2))
         return (hidden * self.router_w2.index_select(0, rows)).sum(1) + self.router_b2.index_select(0, rows)
+
+    def _router_input(self, pooled: Tensor, rows: int | Tensor) -> Tensor:
+        """``pooled``, standardised for the rows whose adapter asks for it (each row on its own)."""
+        if not self._normalised_rows:
+            return pooled
+        normalised = F.layer_norm(pooled, pooled.shape[-1:])
+        if isinstance(rows, int):
+            return normalised if rows in self._normalised_rows else pooled
+        return torch.where(self.router_norm.index_select(0, rows).unsqueeze(1), normalised, pooled)
 
     def delta(self, x: Tensor, rows: int | Tensor) -> Tensor:
         """``B A x`` (scaling folded or not, see ``output_scale``) for ``x`` ([n, T, d_in]).

@@ -47,6 +47,8 @@ class RouterSpec(BaseModel):
     hidden: int = Field(ge=1)
     activation: Literal["relu"] = "relu"
     pooling: Literal["masked_mean"] = "masked_mean"
+    input_norm: Literal["none", "layer_norm"] = "none"
+    """Normalisation of the pooled input before the router's first layer (absent in older checkpoints)."""
 
 
 class CheckpointMeta(BaseModel):
@@ -79,6 +81,7 @@ class CheckpointMeta(BaseModel):
             alpha=self.alpha,
             target_modules=tuple(kind for kind in self.target_modules if kind in ALL_MODULE_KINDS),
             router_hidden=self.router.hidden if self.router else 4,
+            router_input_norm=self.router.input_norm if self.router else "none",
             tau=self.tau,
             sparsity_lambda=self.sparsity_lambda,
             head_modules=tuple(self.head_modules) or None,
@@ -104,6 +107,11 @@ def save_checkpoint(model, directory: str | Path, meta: CheckpointMeta, slot: in
         if any(layer.galora_gate is not None for layer in model.gated_layers.values()):
             raise ValueError("GaLoRA gates are not folded yet: call model.finalize_galora() before saving")
         weights = model.adapter_weights(slot)
+        norms = {router.input_norm for router in weights.routers.values()}
+        if len(norms) > 1:
+            raise ValueError(f"routers of one adapter mix input normalisations {sorted(norms)}")
+        if norms and meta.router is not None:  # what the routers really do, whatever the caller wrote
+            meta = meta.model_copy(update={"router": meta.router.model_copy(update={"input_norm": norms.pop()})})
         adapter_tensors: dict[str, Tensor] = {}
         for path, (lora_A, lora_B) in weights.lora.items():
             adapter_tensors[f"{_PEFT_PREFIX}{path}.lora_A.weight"] = lora_A.contiguous()
@@ -297,5 +305,5 @@ def _read_routers(path: Path, meta: CheckpointMeta, modules: set[str], data: boo
                 raise CheckpointError(
                     f"{path}: tensor {module}.router.{part} has shape {tuple(parts[part].shape)}, expected {shape}"
                 )
-        routers[module] = RouterWeights(**parts)
+        routers[module] = RouterWeights(**parts, input_norm=meta.router.input_norm)
     return routers

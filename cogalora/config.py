@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
+
+from cogalora.bank import ROUTER_INPUT_NORMS
 
 Method = Literal["full", "lora", "galora", "cogalora"]
 METHODS: tuple[str, ...] = ("full", "lora", "galora", "cogalora")
@@ -48,6 +50,10 @@ class CoGaLoRAConfig:
     router_hidden: int = 4
     """Width of the router MLP ``Linear(d_in -> h) -> ReLU -> Linear(h -> 1) -> sigmoid``."""
 
+    router_input_norm: str = "none"
+    """How a router reads its mean-pooled input: ``none`` as is (the seed's router), ``layer_norm``
+    standardised over features first (its norm no longer shrinks with sequence length)."""
+
     router_init_bias: float = 2.0
     """Initial bias of the router's output unit. Positive starts training with gates mostly on
     (sigmoid(2) ~ 0.88), so adapters learn before the sparsity penalty switches them off."""
@@ -75,6 +81,8 @@ class CoGaLoRAConfig:
             raise ValueError(f"router_hidden must be >= 1, got {self.router_hidden}")
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"tau must lie in [0, 1], got {self.tau}")
+        if self.router_input_norm not in ROUTER_INPUT_NORMS:
+            raise ValueError(f"router_input_norm must be one of {ROUTER_INPUT_NORMS}, got {self.router_input_norm!r}")
         if self.sparsity_lambda < 0:
             raise ValueError(f"sparsity_lambda must be >= 0, got {self.sparsity_lambda}")
         unknown = [kind for kind in self.target_modules if kind not in ALL_MODULE_KINDS]
@@ -95,6 +103,3 @@ class CoGaLoRAConfig:
     @property
     def has_routers(self) -> bool:
         return self.method == "cogalora"
-
-    def to_dict(self) -> dict:
-        return asdict(self)

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from cogalora.architectures import Site
     from cogalora.model import CoGaLoRAModel
+
+
+def adapter_flops_per_token(site: Site, rank: int) -> int:
+    """FLOPs per token of a rank-``rank`` adapter at ``site``: ``x A^T`` then ``(.) B^T``, ``2 r (d_in + d_out)``."""
+    return 2 * rank * (site.in_features + site.out_features)
 
 
 @dataclass(frozen=True)
@@ -24,15 +30,6 @@ class FlopBreakdown:
     adapter: int
     adapter_saved: int
     """Adapter FLOPs not spent because gates were off, against all of the adapter's sites on."""
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "total": self.total,
-            "base": self.base,
-            "router": self.router,
-            "adapter": self.adapter,
-            "adapter_saved": self.adapter_saved,
-        }
 
 
 @dataclass(frozen=True)
@@ -62,7 +59,7 @@ class FlopModel:
         router_hidden = model.router_hidden(slot)
         adapter, pooled_groups, router, pooling = [], set(), 0, 0
         for site, rank, routed in zip(model.sites, model.site_ranks(slot), model.site_routed(slot), strict=True):
-            adapter.append(2 * rank * (site.in_features + site.out_features))
+            adapter.append(adapter_flops_per_token(site, rank))
             if routed:
                 router += 2 * site.in_features * router_hidden + 2 * router_hidden
                 if site.input_group not in pooled_groups:

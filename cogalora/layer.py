@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from cogalora.architectures import Site
 from cogalora.bank import AdapterBank, _grown
+from cogalora.gates import training_gates
 from cogalora.routing import BankRoute, RoutingState
 
 
@@ -112,24 +113,27 @@ class GatedLoraLinear(nn.Module):
         if rows is None:
             bank.add_delta(out, x, route.rows, alpha)
             return
-        bank_rows = _subset(route.rows, rows)
-        partial = out.new_zeros(rows.shape[0], *out.shape[1:])
-        bank.add_delta(partial, x.index_select(0, rows), bank_rows, 1.0)
-        out.index_add_(0, rows, partial, alpha=alpha)
+        # The active rows' outputs are gathered, updated by the same fused product as above and put
+        # back: a row's arithmetic (one rounding of out + alpha B A x) must not depend on whether its
+        # batch-mates' gates are on, or half precision loses batch invariance.
+        active_out = out.index_select(0, rows)
+        bank.add_delta(active_out, x.index_select(0, rows), _subset(route.rows, rows), alpha)
+        out.index_copy_(0, rows, active_out)
 
     def _forward_train(self, x: Tensor, out: Tensor, routes: tuple[BankRoute, ...]) -> Tensor:
-        """Dense adapter on every row, times a straight-through Bernoulli gate.
+        """Dense adapter on every row, times a sampled gate (``cogalora.gates``).
 
-        Forward value is the hard 0/1 sample; the gradient flows to the router through ``p``.
-        A row sampled off contributes exactly zero to its adapter's gradient.
+        With the default straight-through Bernoulli estimator the forward value is the hard 0/1
+        sample and the gradient flows to the router through ``p``; a row sampled off contributes
+        exactly zero to its adapter's gradient. The ``gumbel`` estimator multiplies by a soft gate.
         """
         (route,) = routes
         bank = self.banks[route.bank]
         row = route.rows
         if route.routed:
-            probs = torch.sigmoid(bank.router_logits(self.routing.pooled(x), row))
-            hard = torch.bernoulli(probs.detach())
-            gate = hard + probs - probs.detach()
+            state = self.routing
+            logits = bank.router_logits(state.pooled(x), row)
+            probs, hard, gate = training_gates(logits, state.gate_estimator, state.gate_temperature)
         else:
             probs = None
             hard = gate = torch.ones(x.shape[0], device=x.device, dtype=out.dtype)

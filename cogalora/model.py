@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from cogalora.architectures import Site, architecture_of, find_sites
+from cogalora.attention import LengthGroups, install_length_grouped_attention
 from cogalora.config import CoGaLoRAConfig
 from cogalora.layer import GatedLoraLinear, SlotHead
 from cogalora.routing import ForceGates, RoutingState
@@ -51,6 +52,8 @@ class CoGaLoRAModel(nn.Module):
         self.model = base_model
         self.config = config
         self.architecture = architecture_of(base_model)
+        self.length_grouped = install_length_grouped_attention(base_model)
+        """Padding-free attention (``cogalora.attention``): batch invariant in every dtype."""
         self.sites: list[Site] = find_sites(base_model, config.target_modules) if config.has_adapters else []
         self.slot_table = SlotTable(len(self.sites))
         self.routing = RoutingState(self.slot_table)
@@ -116,7 +119,9 @@ class CoGaLoRAModel(nn.Module):
             bank_index = layer.bank_for(config.rank, config.router_hidden, fold_scaling=False)
             bank = layer.banks[bank_index]
             row = bank.allocate()
-            bank.init_for_training(row, config.scaling, config.has_routers, config.router_init_bias)
+            bank.init_for_training(
+                row, config.scaling, config.has_routers, config.router_init_bias, config.router_input_norm
+            )
             self.slot_table.set(0, layer.site.index, SlotEntry(bank_index, row, config.has_routers))
             bank.lora_A.requires_grad_(True)
             bank.lora_B.requires_grad_(True)
@@ -291,6 +296,7 @@ class CoGaLoRAModel(nn.Module):
         taus: Sequence[float] | Tensor | None = None,
         force_gates: ForceGates = None,
         gather: bool = False,
+        lengths: Sequence[int] | None = None,
     ) -> RoutedOutput:
         """Routed forward: row ``i`` uses the adapter in ``slots[i]`` with gate threshold ``taus[i]``.
 
@@ -298,6 +304,7 @@ class CoGaLoRAModel(nn.Module):
         every row uses slot 0 and the config's tau. ``force_gates``: every present adapter on
         (``"on"``, e.g. plain-LoRA warm-up or a dense teacher) or off (``"off"``: the base model).
         ``gather``: per-row gathered adapter products even for a one-adapter batch (see routing).
+        ``lengths``: the rows' real token counts if the caller knows them (else read from the mask).
         """
         batch_size = input_ids.shape[0]
         slots = [0] * batch_size if slots is None else (slots.tolist() if isinstance(slots, Tensor) else slots)
@@ -308,17 +315,39 @@ class CoGaLoRAModel(nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
+        if self.length_grouped:
+            inputs["length_groups"] = (
+                LengthGroups.from_mask(attention_mask)
+                if lengths is None
+                else LengthGroups.from_lengths(lengths, attention_mask.device)
+            )
         with self.routing.route(attention_mask, slots, taus, force_gates, self.training, gather) as state:
             logits = self.model(**inputs).logits
             gate_probs, gates = state.collect()
             adapter_rows = state.adapter_rows
         return RoutedOutput(logits=logits, gate_probs=gate_probs, gates=gates, adapter_rows=adapter_rows)
 
-    def sparsity_penalty(self, output: RoutedOutput) -> Tensor:
-        """``lambda * mean p`` (CoGaLoRA) or ``lambda * mean |g|`` (GaLoRA); zero otherwise."""
+    def sparsity_penalty(
+        self, output: RoutedOutput, site_weights: Tensor | None = None, strength: float | None = None
+    ) -> Tensor:
+        """``lambda * mean p`` (CoGaLoRA) or ``lambda * mean |g|`` (GaLoRA); zero otherwise.
+
+        ``site_weights`` (``[sites]``, CoGaLoRA): a weighted mean ``sum w p / sum w`` instead, e.g.
+        weights proportional to each site's adapter FLOPs make the penalty the expected fraction of
+        adapter FLOPs. ``strength``: lambda for this step (a budget controller's), default the config's.
+        """
         config = self.config
+        strength = config.sparsity_lambda if strength is None else strength
         if config.method == "cogalora" and output.gate_probs.numel():
-            return config.sparsity_lambda * output.gate_probs.mean()
+            return strength * expected_active(output.gate_probs, site_weights)
         if config.method == "galora":
-            return config.sparsity_lambda * self.galora_penalty()
+            return strength * self.galora_penalty()
         return output.logits.new_zeros(())
+
+
+def expected_active(gate_probs: Tensor, site_weights: Tensor | None = None) -> Tensor:
+    """Mean gate probability over rows and sites, ``[B, sites]`` -> scalar, optionally site-weighted."""
+    if site_weights is None:
+        return gate_probs.mean()
+    weights = site_weights.to(gate_probs)
+    return (gate_probs * weights).sum(dim=1).mean() / weights.sum()

@@ -59,6 +59,10 @@ class RoutingState:
     def __init__(self, table: SlotTable) -> None:
         self.table = table
         self.active = False
+        self.gate_estimator = "ste"
+        """How training turns router logits into gates (``cogalora.gates``); eval always uses ``p > tau``."""
+        self.gate_temperature = 1.0
+        """Temperature of the ``gumbel`` estimator (annealed by the training loop)."""
         self._reset()
 
     @property

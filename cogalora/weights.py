@@ -9,12 +9,14 @@ from torch import Tensor
 
 @dataclass
 class RouterWeights:
-    """One module's router: ``sigmoid(w2 . relu(w1 @ pooled + b1) + b2)``."""
+    """One module's router: ``sigmoid(w2 . relu(w1 @ norm(pooled) + b1) + b2)``."""
 
     w1: Tensor  # [hidden, d_in]
     b1: Tensor  # [hidden]
     w2: Tensor  # [hidden]
     b2: Tensor  # [1]
+    input_norm: str = "none"
+    """How ``pooled`` is normalised before ``w1`` (``cogalora.bank.ROUTER_INPUT_NORMS``); per adapter."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
+from cogalora.precision import DTYPE_CHOICES
 from service.app import create_app
 from service.lifecycle import Service
 from service.logs import configure_logging
@@ -40,10 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=list(DTYPE_CHOICES),
         default=None,
         help="Encoder precision; auto = the fastest the device runs natively (bfloat16 on CPUs with avx512_bf16). "
-        "Env: COGALORA_DTYPE (default float32).",
+        "Env: COGALORA_DTYPE (default auto).",
     )
     parser.add_argument(
         "--max-loaded-adapters",

@@ -26,8 +26,11 @@ from service.types import BatchStats, ClassifyRequest
 
 logger = logging.getLogger(__name__)
 
-#: Fixed cost of one forward, in padded tokens, when deciding whether to cut a batch by length.
+#: Fixed cost of one forward, in padded tokens, when deciding whether to cut a batch by length. Half
+#: precision makes a token cheaper but not the fixed cost (measured on batches of 32 full SST-2
+#: sentences, 2-core EPYC: bf16 served 258 rows/s with 96-160, 234 with 48, 196 without chunks).
 DEFAULT_CHUNK_OVERHEAD_TOKENS = 48
+HALF_PRECISION_CHUNK_OVERHEAD_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ class Engine:
         repository: ModelRepository,
         *,
         split_by_length: bool = True,
-        chunk_overhead_tokens: int = DEFAULT_CHUNK_OVERHEAD_TOKENS,
+        chunk_overhead_tokens: int | None = None,
         tune_malloc: bool = True,
         force_gates: Literal["on", "off"] | None = None,
         always_gather: bool = False,
@@ -116,6 +119,9 @@ class Engine:
         self.always_gather = always_gather
         """Use the mixed-batch (gathered) adapter path even for one-adapter batches (tests, benchmarks)."""
         self.split_by_length = split_by_length
+        if chunk_overhead_tokens is None:
+            half = repository.dtype in (torch.bfloat16, torch.float16)
+            chunk_overhead_tokens = HALF_PRECISION_CHUNK_OVERHEAD_TOKENS if half else DEFAULT_CHUNK_OVERHEAD_TOKENS
         self.chunk_overhead_tokens = chunk_overhead_tokens
         self.force_gates = force_gates
         """Diagnostics and benchmarks only: every present adapter on ("on") or none ("off")."""
@@ -235,6 +241,7 @@ class Engine:
                     taus=[rows[p].tau for p in live],
                     force_gates=self.force_gates,
                     gather=self.always_gather,
+                    lengths=[rows[p].tokens for p in live],
                 )
                 logits = output.logits.float().cpu()
                 gates = output.gates.cpu().tolist()

@@ -56,8 +56,7 @@ def build_engine(settings: Settings, metrics: ServiceMetrics):
     from service.engine import Engine
     from service.repository import ModelRepository
 
-    if settings.torch_threads > 0:
-        torch.set_num_threads(settings.torch_threads)
+    torch.set_num_threads(settings.resolved_torch_threads())
     repository = ModelRepository(
         settings.model_dir,
         device=settings.resolved_device(),

@@ -17,7 +17,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 _WORDS = [f"w{i}" for i in range(60)] + ["good", "bad", "great", "awful", "movie", "plot", "the", "a"]
 
 
-def tiny_bert_config(num_labels: int = 2) -> BertConfig:
+def tiny_bert_config(num_labels: int = 2, attn_implementation: str = "eager") -> BertConfig:
     return BertConfig(
         vocab_size=5 + len(_WORDS),
         hidden_size=32,
@@ -28,14 +28,22 @@ def tiny_bert_config(num_labels: int = 2) -> BertConfig:
         num_labels=num_labels,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        attn_implementation="eager",
+        attn_implementation=attn_implementation,
     )
 
 
-def tiny_model(config: CoGaLoRAConfig | None = None, labels: tuple[str, ...] = ("neg", "pos"), seed: int = 0):
-    """A fresh CoGaLoRA model on a random 2-layer BERT, prepared for training in slot 0."""
+def tiny_model(
+    config: CoGaLoRAConfig | None = None,
+    labels: tuple[str, ...] = ("neg", "pos"),
+    seed: int = 0,
+    attn_implementation: str = "eager",
+):
+    """A fresh CoGaLoRA model on a random 2-layer BERT, prepared for training in slot 0.
+
+    Eager attention by default: torch's FLOP counter does not see CPU scaled-dot-product kernels.
+    """
     torch.manual_seed(seed)
-    base = BertForSequenceClassification(tiny_bert_config(len(labels))).eval()
+    base = BertForSequenceClassification(tiny_bert_config(len(labels), attn_implementation)).eval()
     model = CoGaLoRAModel(base, config or CoGaLoRAConfig(rank=4))
     model.prepare_for_training(list(labels))
     return model
@@ -112,17 +120,20 @@ def synthetic_checkpoint(
     router_bias: float = 0.0,
     max_length: int = 128,
     keep_sites: int | None = None,
+    router_input_norm: str = "none",
 ) -> Path:
     """Save a deterministic, untrained-but-non-trivial adapter: random B, routers near p = 0.5.
 
     Routers with a zero output bias put gate probabilities on both sides of 0.5, so gates differ
     between inputs: what correctness tests need, independent of any training run. ``keep_sites``:
-    only the first N sites keep their adapter.
+    only the first N sites keep their adapter. ``router_input_norm``: how the routers read their input.
     """
     from cogalora import CheckpointMeta, new_model, save_checkpoint
 
     torch.manual_seed(seed)
-    config = CoGaLoRAConfig(method=method, rank=8, alpha=16.0, router_init_bias=router_bias)
+    config = CoGaLoRAConfig(
+        method=method, rank=8, alpha=16.0, router_init_bias=router_bias, router_input_norm=router_input_norm
+    )
     model = new_model(base_model, config, labels)
     randomize_adapter(model, seed=seed + 1)
     spread_routers(model)

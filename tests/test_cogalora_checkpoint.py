@@ -23,8 +23,9 @@ from cogalora import (
 from cogalora.checkpoint import ADAPTER_FILE, CONFIG_FILE, PEFT_CONFIG_FILE, ROUTER_FILE, update_meta
 
 
-def _save(base_dir: Path, directory: Path, method: str = "cogalora") -> tuple:
-    model = new_model(str(base_dir), CoGaLoRAConfig(method=method, rank=4, router_init_bias=0.0), ["neg", "pos"])
+def _save(base_dir: Path, directory: Path, method: str = "cogalora", router_input_norm: str = "none") -> tuple:
+    config = CoGaLoRAConfig(method=method, rank=4, router_init_bias=0.0, router_input_norm=router_input_norm)
+    model = new_model(str(base_dir), config, ["neg", "pos"])
     if method != "full":
         randomize_adapter(model)
     if method == "galora":
@@ -144,3 +145,30 @@ def test_only_safetensors_and_json_are_read(tiny_base_dir, tmp_path):
     torch.save({"x": 1}, tmp_path / "c" / ADAPTER_FILE)
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_model(tmp_path / "c")
+
+
+def test_router_input_norm_round_trips_and_older_checkpoints_default_to_none(tiny_base_dir, tmp_path):
+    # The caller's meta says nothing about normalisation: the saved spec follows the routers themselves.
+    model, _ = _save(tiny_base_dir, tmp_path / "normed", router_input_norm="layer_norm")
+    spec = json.loads((tmp_path / "normed" / CONFIG_FILE).read_text())["router"]
+    assert spec["input_norm"] == "layer_norm"
+    loaded = load_model(tmp_path / "normed")
+    assert loaded.meta.to_config().router_input_norm == "layer_norm"
+    ids, mask = batch([7, 3, 5], seed=1)
+    with torch.no_grad():
+        expected, actual = model(ids, mask), loaded.model(ids, mask)
+    assert torch.equal(expected.gates, actual.gates)
+    torch.testing.assert_close(expected.gate_probs, actual.gate_probs, atol=1e-6, rtol=0)
+
+    _save(tiny_base_dir, tmp_path / "old")
+    path = tmp_path / "old" / CONFIG_FILE
+    data = json.loads(path.read_text())
+    del data["router"]["input_norm"]  # as written before the field existed
+    path.write_text(json.dumps(data))
+    meta, weights = read_adapter(tmp_path / "old")
+    assert meta.router.input_norm == "none"
+    assert {router.input_norm for router in weights.routers.values()} == {"none"}
+    data["router"]["input_norm"] = "batch_norm"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"router\.input_norm"):
+        read_adapter(tmp_path / "old")

@@ -10,6 +10,19 @@ from conftest import bank_row, batch, randomize_adapter, spread_routers, tiny_be
 from transformers import BertForSequenceClassification
 
 from cogalora import CoGaLoRAConfig
+from cogalora.gates import annealed_temperature, training_gates
+
+
+def train_steps(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, steps: int) -> None:
+    """``steps`` AdamW steps on cross-entropy + the model's sparsity penalty, in training mode."""
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        out = model(ids, mask)
+        loss = torch.nn.functional.cross_entropy(out.logits, labels) + model.sparsity_penalty(out)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
 
 
 def test_straight_through_gradients_reach_routers_and_lora():
@@ -55,14 +68,7 @@ def test_raising_lambda_lowers_mean_gate_probability():
     def mean_prob_after_training(sparsity_lambda: float) -> float:
         model = tiny_model(CoGaLoRAConfig(rank=4, sparsity_lambda=sparsity_lambda, router_init_bias=0.0), seed=0)
         torch.manual_seed(0)
-        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-        model.train()
-        for _ in range(30):
-            out = model(ids, mask)
-            loss = torch.nn.functional.cross_entropy(out.logits, labels) + model.sparsity_penalty(out)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        train_steps(model, ids, mask, labels, steps=30)
         model.eval()
         with torch.no_grad():
             return model(ids, mask).gate_probs.mean().item()
@@ -207,3 +213,91 @@ def test_methods_without_routers_have_no_penalty_and_train_the_right_weights(met
     ids, mask = batch([4, 5])
     out = model(ids, mask)
     assert model.sparsity_penalty(out).item() == 0.0
+
+
+# ---- gate estimators and router input normalisation ---------------------------------------------
+
+
+def test_gumbel_estimator_is_relaxed_with_hard_gates_of_probability_p():
+    logits = torch.tensor([-2.0, 0.0, 1.5]).repeat(40000, 1).reshape(-1)
+    torch.manual_seed(0)
+    probs, hard, gate = training_gates(logits, "gumbel", temperature=0.5)
+    torch.testing.assert_close(probs, torch.sigmoid(logits))
+    assert ((gate > 0.01) & (gate < 0.99)).float().mean() > 0.5, "the forward value is a soft gate"
+    assert torch.equal(hard, (gate > 0.5).float()), "the hard gate is the soft gate rounded"
+    observed = hard.reshape(-1, 3).mean(dim=0)
+    torch.testing.assert_close(observed, torch.sigmoid(torch.tensor([-2.0, 0.0, 1.5])), atol=0.01, rtol=0)
+    # Lower temperature: the same noise gives gates closer to 0/1.
+    torch.manual_seed(0)
+    _, _, colder = training_gates(logits, "gumbel", temperature=0.05)
+    assert (colder - colder.round()).abs().mean() < (gate - gate.round()).abs().mean() / 3
+    logits.requires_grad_(True)
+    training_gates(logits, "gumbel", temperature=0.5)[2].sum().backward()
+    assert logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown gate estimator"):
+        training_gates(logits, "bogus")
+    assert annealed_temperature(1.0, 0.1, 0.0) == 1.0 and annealed_temperature(1.0, 0.1, 2.0) == pytest.approx(0.1)
+    assert annealed_temperature(1.0, 0.01, 0.5) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("estimator", ["ste", "gumbel"])
+def test_eval_gates_are_p_greater_than_tau_whatever_the_training_estimator(estimator):
+    model = tiny_model(CoGaLoRAConfig(rank=4, router_init_bias=0.0))
+    randomize_adapter(model)
+    model.routing.gate_estimator = estimator
+    model.routing.gate_temperature = 0.3
+    ids, mask = batch([6, 4, 9, 2, 7], seed=11)
+    labels = torch.tensor([0, 1, 0, 1, 1])
+    train_steps(model, ids, mask, labels, steps=3)
+    spread_routers(model, factor=4.0)
+    model.eval()
+    with torch.no_grad():
+        for tau in (0.2, 0.5, 0.8):
+            first = model(ids, mask, taus=[tau] * 5)
+            again = model(ids, mask, taus=[tau] * 5)
+            assert torch.equal(first.gates, again.gates), "no sampling at eval"
+            assert torch.equal(first.gates, first.gate_probs > tau)
+        assert 0 < model(ids, mask).gates.float().mean() < 1, "the comparison needs on and off gates"
+
+
+def test_layer_norm_router_input_ignores_the_scale_of_the_pooled_input():
+    model = tiny_model(CoGaLoRAConfig(rank=4, router_init_bias=0.0, router_input_norm="layer_norm"))
+    plain = tiny_model(CoGaLoRAConfig(rank=4, router_init_bias=0.0), seed=0)
+    bank, row = bank_row(model, 0)
+    plain_bank, plain_row = bank_row(plain, 0)
+    assert bank.input_norm(row) == "layer_norm" and plain_bank.input_norm(plain_row) == "none"
+    pooled = torch.randn(3, bank.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(bank.router_logits(3.0 * pooled + 0.5, row), bank.router_logits(pooled, row))
+        assert not torch.allclose(
+            plain_bank.router_logits(3.0 * pooled, plain_row), plain_bank.router_logits(pooled, plain_row)
+        )
+        # Gathered rows (a mixed batch) apply each row's own setting.
+        torch.testing.assert_close(bank.router_logits(pooled, torch.tensor([row] * 3)), bank.router_logits(pooled, row))
+    bank.release(row)
+    assert bank.input_norm(row) == "none", "a released row forgets its setting"
+
+
+def test_adapters_with_and_without_router_input_norm_share_a_batch():
+    normed = tiny_model(CoGaLoRAConfig(rank=4, router_init_bias=0.0, router_input_norm="layer_norm"), seed=0)
+    plain = tiny_model(CoGaLoRAConfig(rank=4, router_init_bias=0.0), seed=0)
+    for model, seed in ((normed, 1), (plain, 2)):
+        randomize_adapter(model, seed=seed)
+        spread_routers(model, factor=10.0)
+        model.eval()
+    shared = tiny_model(CoGaLoRAConfig(rank=4), seed=0)
+    shared.set_adapter(0, plain.adapter_weights(), ["neg", "pos"])
+    shared.set_adapter(1, normed.adapter_weights(), ["neg", "pos"])
+    assert shared.adapter_weights(1).routers[shared.sites[0].module_path].input_norm == "layer_norm"
+    shared.eval()
+    ids, mask = batch([5, 8, 3, 6, 9, 2], seed=12)
+    slots = [0, 1, 1, 0, 1, 0]
+    with torch.no_grad():
+        mixed = shared(ids, mask, slots=slots)
+        alone = [plain(ids, mask), normed(ids, mask)]
+        one_adapter = shared(ids, mask, slots=[1] * 6)
+    for row, slot in enumerate(slots):
+        assert torch.equal(mixed.gates[row], alone[slot].gates[row])
+        torch.testing.assert_close(mixed.logits[row], alone[slot].logits[row], atol=1e-5, rtol=0)
+    torch.testing.assert_close(one_adapter.gate_probs, alone[1].gate_probs, atol=1e-6, rtol=0)
+    assert 0 < alone[1].gates.float().mean() < 1

@@ -124,8 +124,17 @@ def test_engine_matches_training_model_in_eval(minilm_engine: Engine, minilm_mod
 # ---- batch invariance ------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def minilm_bf16_engine(minilm_model_dir: Path) -> Engine:
+    return Engine(scanned(minilm_model_dir, dtype=torch.bfloat16), tune_malloc=False)
+
+
 @pytest.mark.integration
-def test_batch_invariance_mixed_adapters_lengths_and_taus(minilm_engine: Engine) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batch_invariance_mixed_adapters_lengths_and_taus(request: pytest.FixtureRequest, dtype: str) -> None:
+    # bfloat16 too: padding-free attention (cogalora.attention) keeps a row's arithmetic independent
+    # of its batch-mates, where masked attention moved bf16 logits by up to 5e-4.
+    minilm_engine = request.getfixturevalue("minilm_engine" if dtype == "float32" else "minilm_bf16_engine")
     texts = sentences(64)
     adapters = ["sst2", "agnews", "plain"]
     taus = [None, 0.3, 0.7]
@@ -178,6 +187,41 @@ def test_gathered_path_equals_the_one_adapter_path(tmp_path: Path, tiny_base_dir
         assert result.active_modules == expected.active_modules
         labels = [item.label for item in expected.scores]
         assert probabilities(result, labels) == pytest.approx(probabilities(expected, labels), abs=1e-5)
+
+
+def test_router_input_norm_is_per_adapter_in_mixed_batches(tmp_path: Path, tiny_base_dir: Path) -> None:
+    """Adapters whose routers standardise their input share batches with adapters whose routers do not:
+    each row gets its own adapter's routing, alone, gathered, and as the training model computes it."""
+    root = tmp_path / "models"
+    synthetic_checkpoint(root / "plain", str(tiny_base_dir), ["neg", "pos"], seed=5)
+    synthetic_checkpoint(root / "normed", str(tiny_base_dir), ["neg", "pos"], seed=5, router_input_norm="layer_norm")
+    repository = scanned(root)
+    single = Engine(repository, tune_malloc=False)
+    gathered = Engine(repository, tune_malloc=False, always_gather=True)
+    texts = [tiny_text(length, seed=length) for length in (1, 3, 6, 9, 14, 20)]
+    requests = [ClassifyRequest(texts=[text], adapter=name) for text in texts for name in ("plain", "normed")]
+    alone = [single.classify(request)[0] for request in requests]
+    together = gathered.run_batch([row for request in requests for row in prepare(gathered, request)]).results
+    for expected, result in zip(alone, together, strict=True):
+        assert isinstance(result, RowResult)
+        assert result.active_modules == expected.active_modules
+        labels = [item.label for item in expected.scores]
+        assert probabilities(result, labels) == pytest.approx(probabilities(expected, labels), abs=1e-5)
+    # Same weights, only the normalisation differs: the routing must differ somewhere.
+    assert any(alone[i].active_modules != alone[i + 1].active_modules for i in range(0, len(alone), 2))
+    for name in ("plain", "normed"):
+        loaded = load_model(root / name)
+        encoded = loaded.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        with torch.inference_mode():
+            reference = loaded.model(**encoded)
+        results = [result for request, result in zip(requests, alone, strict=True) if request.adapter == name]
+        for row, result in enumerate(results):
+            on = [
+                site for site, gate in zip(loaded.model.site_names, reference.gates[row].tolist(), strict=True) if gate
+            ]
+            assert result.active_modules == on
+            expected = torch.softmax(reference.logits[row], dim=-1).tolist()
+            assert probabilities(result, loaded.meta.labels) == pytest.approx(expected, abs=1e-4)
 
 
 # ---- zero work when off ----------------------------------------------------------------------

@@ -229,11 +229,43 @@ def test_cli_train_then_evaluate_json(tiny_base: Path, toy_data, tmp_path: Path,
     assert result["accuracy"] == pytest.approx(correct / len(rows), abs=1e-6)
     assert result["mean_active_adapters"] == pytest.approx(active / len(rows), abs=1e-5)
 
+    # --dtype: the same data in bfloat16, compared with float32 on the same rows.
+    assert main(["evaluate", "--model", str(output), "--data", str(dev), "--json", "--dtype", "bfloat16"]) == 0
+    half = last_json(capsys.readouterr().out)
+    assert half["dtype"] == "bfloat16" and result["dtype"] == "float32"
+    assert half["accuracy_float32"] == result["accuracy"]
+    assert 0.0 <= half["gates_differing_fraction"] <= 1.0
+    assert half["gates_differing"] == round(half["gates_differing_fraction"] * 60 * result["total_adapters"])
+    assert abs(half["accuracy"] - result["accuracy"]) <= half["labels_differing"] / 60 + 1e-6
+
     # Without --json: a table first, the JSON object still last.
     assert main(["evaluate", "--model", str(output), "--data", str(dev), "--tau", "1.0"]) == 0
     text = capsys.readouterr().out
     assert "active fraction" in text
     assert last_json(text)["mean_active_adapters"] == 0.0  # p > 1 never holds: every gate off
+
+
+def test_train_flags_are_the_config_fields_with_their_defaults(tmp_path: Path, capsys) -> None:
+    from dataclasses import fields
+
+    from training.cli import build_parser
+
+    required = ["train", "--train", "t.tsv", "--dev", "d.tsv", "--output", "out"]
+    args = build_parser().parse_args(required)
+    parsed = TrainConfig(**{item.name: getattr(args, item.name) for item in fields(TrainConfig)})
+    assert parsed == TrainConfig(train="t.tsv", dev="d.tsv", output="out")
+    args = build_parser().parse_args([*required, "--lambda", "0.3", "--keep-never-fired", "--no-progress"])
+    assert (args.sparsity_lambda, args.drop_never_fired, args.progress) == (0.3, False, False)
+    args = build_parser().parse_args([*required, "--target-active-fraction", "0.25", "--sparsity-weights", "flops"])
+    assert (args.target_active_fraction, args.sparsity_weights) == (0.25, "flops")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*required, "--gate-estimator", "bogus"])
+    capsys.readouterr()
+    # Ranges are checked by the config itself, reported as a CLI error naming the option.
+    assert main([*required, "--target-active-fraction", "1.5"]) == 2
+    assert "--target-active-fraction must lie in (0, 1]" in capsys.readouterr().err
+    assert main([*required, "--method", "lora", "--target-active-fraction", "0.3"]) == 2
+    assert "needs --method cogalora" in capsys.readouterr().err
 
 
 def test_training_is_deterministic_given_the_seed(tiny_base: Path, toy_data, tmp_path: Path) -> None:
@@ -314,6 +346,14 @@ def test_calibrate_writes_a_tau_meeting_the_target(tiny_base: Path, toy_data, tm
     assert main(["evaluate", "--model", str(output), "--data", str(dev), "--json"]) == 0
     assert last_json(capsys.readouterr().out)["mean_active_fraction"] <= 0.3
 
+    # --pick budget: the lowest tau within the budget, whatever the accuracies (no labels needed).
+    budget_argv = ["calibrate", "--model", str(output), "--data", str(dev), "--target-active-fraction", "0.3"]
+    assert main([*budget_argv, "--step", "0.1", "--pick", "budget", "--dry-run", "--json"]) == 0
+    budget = last_json(capsys.readouterr().out)
+    within = [p["tau"] for p in budget["points"] if p["active_fraction"] <= 0.3]
+    assert budget["chosen"]["tau"] == min(within) and budget["pick"] == "budget" and not budget["written"]
+    assert read_meta(output).tau == chosen["tau"], "a dry run writes nothing"
+
     code = main(["calibrate", "--model", str(output), "--data", str(dev), "--target-active-fraction", "-0.1"])
     assert code == 2
     # An explicit candidate list; none of them can meet an impossible target: nothing is written.
@@ -364,6 +404,31 @@ def test_sweep_is_resumable(tiny_base: Path, toy_data, tmp_path: Path) -> None:
     assert (output / "lora" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
     with (output / "results.csv").open(encoding="utf-8") as handle:
         assert [row["name"] for row in csv.DictReader(handle)] == ["lora", "co"]
+
+
+def test_plot_reads_evaluate_results_and_names_bad_files(tmp_path: Path, capsys) -> None:
+    points = []
+    for name, accuracy, active in (("lora", 0.88, 36.0), ("routed", 0.87, 9.5)):
+        path = tmp_path / f"{name}.json"
+        result = {"method": "lora" if name == "lora" else "cogalora", "accuracy": accuracy, "mean_adapter_flops": 1e6}
+        path.write_text("table line\n" + json.dumps(result | {"mean_active_adapters": active}))
+        points.append(f"{name}={path}")
+    curve = {"points": [{"tau": tau, "accuracy": 0.86, "mean_active_adapters": 9.0 - 4 * tau} for tau in (0.3, 0.7)]}
+    (tmp_path / "taus.json").write_text(json.dumps(curve))
+    output = tmp_path / "plots" / "tradeoff.png"
+    assert main(["plot", *points, f"routed, by tau={tmp_path / 'taus.json'}", "--output", str(output)]) == 2
+    assert "taus.json: missing mean_adapter_flops" in capsys.readouterr().err
+    for point in curve["points"]:
+        point["mean_adapter_flops"] = 5e5
+    (tmp_path / "taus.json").write_text(json.dumps(curve))
+    assert main(["plot", *points, f"routed, by tau={tmp_path / 'taus.json'}", "--output", str(output)]) == 0
+    assert output.read_bytes().startswith(b"\x89PNG") and output.stat().st_size > 10_000
+    capsys.readouterr()
+    (tmp_path / "bad.json").write_text(json.dumps({"accuracy": 0.5}))
+    assert main(["plot", str(tmp_path / "bad.json"), "--output", str(tmp_path / "x.png")]) == 2
+    error = capsys.readouterr().err
+    assert "bad.json: missing mean_active_adapters, mean_adapter_flops, method" in error
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_sweep_config_errors(tmp_path: Path) -> None:

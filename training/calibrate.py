@@ -3,6 +3,11 @@
 Gates at later layers depend on the hidden states that earlier gates produced, so every
 candidate tau needs its own forward pass; the grid is therefore modest (0.05 steps by
 default) and the data may be subsampled.
+
+Two ways to pick among the taus that meet the budget: ``accuracy`` (the most accurate one; this
+reads the labels, so the data's accuracy at the chosen tau is optimistic) and ``budget`` (the lowest
+tau, i.e. the most adapters the budget allows; label-free, so the same data still gives an
+unbiased accuracy, and unlabelled traffic would do).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import torch
 from cogalora import CoGaLoRAModel
 from training.data import DataError, EncodedDataset
 from training.evaluation import evaluate
+
+PICKS: tuple[str, ...] = ("accuracy", "budget")
 
 
 @dataclass(frozen=True)
@@ -29,7 +36,8 @@ class TauPoint:
 class Calibration:
     points: list[TauPoint]
     chosen: TauPoint | None
-    """Best accuracy among points with ``active_fraction <= target`` (ties: fewer active); None if none."""
+    """Among points with ``active_fraction <= target``: the most accurate (ties: fewer active), or with
+    ``pick="budget"`` the lowest tau; None if none."""
     target_active_fraction: float
 
 
@@ -55,7 +63,10 @@ def calibrate(
     taus: list[float],
     batch_size: int = 64,
     device: torch.device | str = "cpu",
+    pick: str = "accuracy",
 ) -> Calibration:
+    if pick not in PICKS:
+        raise ValueError(f"unknown pick {pick!r}; choose from {list(PICKS)}")
     points = []
     for tau in taus:
         metrics, _ = evaluate(model, dataset, batch_size, tau=tau, device=device)
@@ -69,7 +80,12 @@ def calibrate(
             )
         )
     feasible = [point for point in points if point.active_fraction <= target_active_fraction + 1e-12]
-    chosen = max(feasible, key=lambda p: (p.accuracy, -p.active_fraction, -p.tau)) if feasible else None
+    if not feasible:
+        chosen = None
+    elif pick == "budget":
+        chosen = min(feasible, key=lambda p: p.tau)
+    else:
+        chosen = max(feasible, key=lambda p: (p.accuracy, -p.active_fraction, -p.tau))
     return Calibration(points=points, chosen=chosen, target_active_fraction=target_active_fraction)
 
 

@@ -6,16 +6,19 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import torch
 
-from cogalora import METHODS, PACKAGED_MODEL_ID, CheckpointError, load_model, update_meta
-from training.calibrate import calibrate, format_calibration, parse_taus, tau_grid
+from cogalora import CheckpointError, load_model, update_meta
+from cogalora.precision import DTYPE_CHOICES, resolve_dtype
+from training.calibrate import PICKS, calibrate, format_calibration, parse_taus, tau_grid
 from training.data import Columns, DataError, encode_file
-from training.evaluation import evaluate, format_table
-from training.loop import DEFAULT_ADAPTER_LR, DEFAULT_FULL_LR, TrainConfig, pick_device, run_training
+from training.evaluation import compare_predictions, evaluate, format_table
+from training.loop import TrainConfig, TrainConfigError, pick_device, run_training
+from training.plots import plot_tradeoff
 from training.sweep import SweepConfigError, run_sweep
 
 
@@ -23,7 +26,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show defaults, except where the help already explains them or there is none to show."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if "default" in (action.help or "") or action.default in (None, False, argparse.SUPPRESS):
+        switch = action.nargs == 0  # store_true / store_false: the flag's help says what it does
+        if switch or "default" in (action.help or "") or action.default is None or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 
@@ -47,6 +51,54 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
 
 
+_GROUP_TITLES = {
+    "data": "data",
+    "model": "model and adapters",
+    "training": "optimisation",
+    "routing": "routing and sparsity (CoGaLoRA)",
+    "runtime": "runtime",
+}
+
+
+def _add_config_options(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One flag per field of a config dataclass, with the field's default, type, choices and help.
+
+    Fields are declared with :func:`training.loop.option`; a field without a default is a required
+    flag, a boolean that defaults to True gets its ``off_flag``, one that defaults to False a switch.
+    """
+    hints = get_type_hints(config_class)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for item in fields(config_class):
+        meta = item.metadata
+        group_name = meta.get("group", "training")
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(_GROUP_TITLES.get(group_name, group_name))
+        group = groups[group_name]
+        flag = meta.get("flag") or "--" + item.name.replace("_", "-")
+        kind = _scalar_type(hints[item.name])
+        if kind is bool:
+            if item.default:
+                group.add_argument(meta["off_flag"], dest=item.name, action="store_false", help=meta["help"])
+            else:
+                group.add_argument(flag, dest=item.name, action="store_true", help=meta["help"])
+            continue
+        options: dict = {"dest": item.name, "type": kind, "help": meta["help"]}
+        if item.default is MISSING:
+            options["required"] = True
+        else:
+            options["default"] = item.default
+        if "choices" in meta:
+            options["choices"] = meta["choices"]
+        group.add_argument(flag, **options)
+
+
+def _scalar_type(hint: object) -> type:
+    """``int`` for ``int`` and ``int | None``, and so on."""
+    candidates = [arg for arg in get_args(hint) if arg is not type(None)] or [hint]
+    (kind,) = candidates
+    return kind
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training",
@@ -62,63 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint (GaLoRA gates pruned and folded; CoGaLoRA sites whose router never fired on dev dropped).",
         formatter_class=_Formatter,
     )
-    train.add_argument("--train", required=True, help="training data (.tsv, .csv or .jsonl)")
-    train.add_argument("--dev", required=True, help="dev data, same format")
-    train.add_argument("--output", required=True, help="checkpoint directory to write")
-    _add_columns(train)
-    train.add_argument(
-        "--label-names",
-        default=None,
-        help="comma-separated label list, e.g. 'negative,positive'; labels in the data may be these names or "
-        "integer indices into them (default: sorted unique labels of the training data)",
-    )
-    train.add_argument("--method", choices=METHODS, default="cogalora", help="fine-tuning method")
-    train.add_argument("--base-model", default=PACKAGED_MODEL_ID, help="base encoder id or local directory")
-    train.add_argument("--rank", type=int, default=8, help="LoRA rank r")
-    train.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha/r)")
-    train.add_argument(
-        "--lambda",
-        dest="sparsity_lambda",
-        type=float,
-        default=0.1,
-        help="sparsity penalty weight (CoGaLoRA: lambda*mean p; GaLoRA: lambda*mean|g|)",
-    )
-    train.add_argument("--tau", type=float, default=0.5, help="inference gate threshold stored in the checkpoint")
-    train.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help=f"learning rate (default {DEFAULT_ADAPTER_LR} adapters, {DEFAULT_FULL_LR} full)",
-    )
-    train.add_argument(
-        "--router-lr", type=float, default=None, help="learning rate of routers / GaLoRA gates (default: --lr)"
-    )
-    train.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    train.add_argument("--warmup-ratio", type=float, default=0.06, help="fraction of steps of linear LR warm-up")
-    train.add_argument("--epochs", type=int, default=1, help="passes over the training data")
-    train.add_argument("--batch-size", type=int, default=32, help="training batch size")
-    train.add_argument("--eval-batch-size", type=int, default=64, help="dev evaluation batch size")
-    train.add_argument("--max-length", type=int, default=128, help="truncate inputs to this many tokens")
-    train.add_argument("--seed", type=int, default=0, help="random seed (runs are deterministic given it)")
-    train.add_argument("--max-train-examples", type=int, default=None, help="use only the first N training rows")
-    train.add_argument("--max-dev-examples", type=int, default=None, help="use only the first N dev rows")
-    train.add_argument(
-        "--warmup-gates-on-steps",
-        type=int,
-        default=0,
-        help="CoGaLoRA: train the first N steps as plain LoRA (all gates on, routers frozen, no penalty)",
-    )
-    train.add_argument(
-        "--router-init-bias", type=float, default=2.0, help="initial router output bias (sigmoid(2) ~ 0.88: mostly on)"
-    )
-    train.add_argument(
-        "--keep-never-fired",
-        action="store_true",
-        help="CoGaLoRA: keep sites whose router never fired on dev (default: drop them, the freezing trick)",
-    )
-    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    train.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', ...")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_options(train, TrainConfig)
 
     evaluate_cmd = commands.add_parser(
         "evaluate",
@@ -133,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--tau", type=float, default=None, help="gate threshold (default: the checkpoint's)")
     evaluate_cmd.add_argument("--max-examples", type=int, default=None, help="use only the first N rows")
     evaluate_cmd.add_argument("--json", action="store_true", help="print only the JSON object, no table")
+    evaluate_cmd.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="float32",
+        help="precision of encoder, adapters and head (routers stay float32); 'auto': the device's fastest "
+        "native one. Other than float32, the data is also run in float32 and the JSON adds accuracy_float32, "
+        "gates_differing_fraction (of (row, site) pairs) and labels_differing",
+    )
     _add_runtime(evaluate_cmd)
 
     calibrate_cmd = commands.add_parser(
@@ -153,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_cmd.add_argument(
         "--taus", default=None, help="explicit comma-separated candidate taus instead of the grid (e.g. to refine)"
     )
+    calibrate_cmd.add_argument(
+        "--pick",
+        choices=PICKS,
+        default="accuracy",
+        help="among the taus within the budget: the most accurate (reads labels: optimistic on the same data), "
+        "or 'budget': the lowest tau, the most adapters the budget allows (label-free)",
+    )
     calibrate_cmd.add_argument("--max-examples", type=int, default=2000, help="use only the first N rows")
     calibrate_cmd.add_argument("--dry-run", action="store_true", help="print the table, do not update the checkpoint")
     calibrate_cmd.add_argument("--json", action="store_true", help="print only the JSON result")
@@ -167,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--config", required=True, help="sweep config JSON (see training/configs/)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    plot = commands.add_parser(
+        "plot",
+        help="plot accuracy against active adapters and adapter FLOPs from evaluate/calibrate results",
+        description="Read JSON objects written by 'evaluate --json' (a point) or 'calibrate --json' (a curve over "
+        "tau), one file each, NAME=FILE to label it (default: the file name), and draw accuracy against mean "
+        "active adapters and against mean adapter FLOPs per example.",
+        formatter_class=_Formatter,
+    )
+    plot.add_argument(
+        "results", nargs="+", help="NAME=FILE or FILE: the output of 'evaluate --json' or 'calibrate --json'"
+    )
+    plot.add_argument("--output", required=True, help="PNG file to write")
+    plot.add_argument("--title", default="", help="figure title")
     return parser
 
 
@@ -174,43 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (DataError, CheckpointError, SweepConfigError) as exc:
+    except (DataError, CheckpointError, SweepConfigError, TrainConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
 def _train(args: argparse.Namespace) -> int:
-    config = TrainConfig(
-        train=args.train,
-        dev=args.dev,
-        output=args.output,
-        method=args.method,
-        base_model=args.base_model,
-        text_column=args.text_column,
-        label_column=args.label_column,
-        label_names=args.label_names,
-        rank=args.rank,
-        alpha=args.alpha,
-        sparsity_lambda=args.sparsity_lambda,
-        tau=args.tau,
-        lr=args.lr,
-        router_lr=args.router_lr,
-        weight_decay=args.weight_decay,
-        warmup_ratio=args.warmup_ratio,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        max_train_examples=args.max_train_examples,
-        max_dev_examples=args.max_dev_examples,
-        warmup_gates_on_steps=args.warmup_gates_on_steps,
-        router_init_bias=args.router_init_bias,
-        drop_never_fired=not args.keep_never_fired,
-        threads=args.threads,
-        device=args.device,
-        progress=not args.no_progress,
-    )
+    config = TrainConfig(**{item.name: getattr(args, item.name) for item in fields(TrainConfig)})
     result = run_training(config)
     summary = {
         key: value for key, value in result.metrics.items() if key not in ("per_module_activation_rate", "history")
@@ -239,13 +233,62 @@ def _load(args: argparse.Namespace):
 def _evaluate(args: argparse.Namespace) -> int:
     loaded, dataset, device = _load(args)
     progress = not args.json and sys.stderr.isatty()
-    metrics, _ = evaluate(loaded.model, dataset, args.batch_size, tau=args.tau, device=device, progress=progress)
+    dtype = resolve_dtype(args.dtype, device)
+    reference = None
+    if dtype != torch.float32:
+        reference_metrics, reference = evaluate(
+            loaded.model, dataset, args.batch_size, tau=args.tau, device=device, progress=progress
+        )
+        loaded.model.cast(dtype)
+    metrics, predictions = evaluate(
+        loaded.model, dataset, args.batch_size, tau=args.tau, device=device, progress=progress
+    )
     metrics["tau"] = loaded.meta.tau if args.tau is None else args.tau
     metrics["method"] = loaded.meta.method
+    metrics["dtype"] = str(dtype).removeprefix("torch.")
+    if reference is not None:
+        metrics["accuracy_float32"] = reference_metrics["accuracy"]
+        metrics.update(compare_predictions(reference, predictions))
     if not args.json:
         print(format_table(metrics))
     print(json.dumps(metrics))
     return 0
+
+
+_POINT_KEYS = ("accuracy", "mean_active_adapters", "mean_adapter_flops")
+
+
+def _plot(args: argparse.Namespace) -> int:
+    rows = []
+    for item in args.results:
+        name, _, path = item.rpartition("=")
+        rows += _plot_rows(Path(path), name or Path(path).stem)
+    print(f"wrote {plot_tradeoff(rows, args.output, title=args.title)}")
+    return 0
+
+
+def _plot_rows(path: Path, name: str) -> list[dict]:
+    """One point from an ``evaluate --json`` result, or a curve (``series``) from a ``calibrate --json`` one."""
+    expected = "expected the output of 'evaluate --json' or 'calibrate --json'"
+    try:
+        lines = path.read_text(encoding="utf-8").strip().splitlines()
+        result = json.loads(lines[-1]) if lines else None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not readable ({exc}); {expected}") from exc
+    if not isinstance(result, dict):
+        raise DataError(f"{path}: not a JSON object; {expected}")
+    if "points" in result:  # calibrate: the same model at each tau
+        rows = [
+            point | {"method": "cogalora", "name": str(point.get("tau")), "series": name} for point in result["points"]
+        ]
+        required = ("tau", *_POINT_KEYS)
+    else:
+        rows = [result | {"name": name, "series": name}]
+        required = ("method", *_POINT_KEYS)
+    missing = sorted({key for row in rows for key in required if key not in row})
+    if missing or not rows:
+        raise DataError(f"{path}: missing {', '.join(missing) or 'points'}; {expected}")
+    return rows
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -259,11 +302,14 @@ def _calibrate(args: argparse.Namespace) -> int:
         )
         return 2
     taus = parse_taus(args.taus) if args.taus else tau_grid(args.step)
-    result = calibrate(loaded.model, dataset, args.target_active_fraction, taus, args.batch_size, device)
+    result = calibrate(
+        loaded.model, dataset, args.target_active_fraction, taus, args.batch_size, device, pick=args.pick
+    )
     if not args.json:
         print(format_calibration(result))
     payload = {
         "target_active_fraction": args.target_active_fraction,
+        "pick": args.pick,
         "examples": len(dataset),
         "chosen": asdict(result.chosen) if result.chosen else None,
         "points": [asdict(point) for point in result.points],
@@ -289,4 +335,4 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "evaluate": _evaluate, "calibrate": _calibrate, "sweep": _sweep}
+_COMMANDS = {"train": _train, "evaluate": _evaluate, "calibrate": _calibrate, "sweep": _sweep, "plot": _plot}

@@ -6,7 +6,9 @@ the sweep all call, so every reported number comes from the same code.
 Active adapters are counted over all adapter sites the method was trained with (36 for
 MiniLM's default targets): sites pruned by GaLoRA or dropped by the freezing trick count as
 off. Plain LoRA has every site active (fraction 1); a full fine-tune has no adapter sites,
-so it reports 0 active adapters and fraction 0.
+so it reports 0 active adapters and fraction 0. ``adapter_flops_fraction`` is the adapter FLOPs
+spent against plain LoRA's on the same inputs (every site on, same rank): sites differ in cost,
+so it is the compute counterpart of the active fraction.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cogalora import CoGaLoRAModel, FlopModel
+from cogalora.flops import adapter_flops_per_token
 from training.data import EncodedDataset, evaluation_batches, iterate
 
 
@@ -80,11 +83,14 @@ def summarize(model: CoGaLoRAModel, predictions: Predictions, labels: list[int])
     num_sites = len(model.sites)
     active = predictions.gates.sum(dim=1).float()
     flop_model = FlopModel.for_slot(model)
+    # Plain LoRA's adapter cost: every site the method was trained on, at the configured rank.
+    lora_per_token = sum(adapter_flops_per_token(site, model.config.rank) for site in model.sites)
     totals, adapters = [], []
     for row in range(count):
         flops = flop_model.request(int(predictions.tokens[row]), predictions.gates[row].tolist())
         totals.append(flops.total)
         adapters.append(flops.adapter)
+    lora_adapter_flops = lora_per_token * float(predictions.tokens.sum())
     rates = predictions.gates.float().mean(dim=0).tolist() if count else [0.0] * num_sites
     return {
         "accuracy": float((predictions.predicted == target).float().mean()) if count else 0.0,
@@ -94,6 +100,7 @@ def summarize(model: CoGaLoRAModel, predictions: Predictions, labels: list[int])
         "mean_active_fraction": float(active.mean() / num_sites) if count and num_sites else 0.0,
         "mean_flops": sum(totals) / max(count, 1),
         "mean_adapter_flops": sum(adapters) / max(count, 1),
+        "adapter_flops_fraction": sum(adapters) / lora_adapter_flops if lora_adapter_flops else 0.0,
         "mean_tokens": float(predictions.tokens.float().mean()) if count else 0.0,
         "per_module_activation_rate": dict(zip(model.site_names, rates, strict=True)),
     }
@@ -111,6 +118,16 @@ def evaluate(
     return summarize(model, predictions, dataset.labels), predictions
 
 
+def compare_predictions(reference: Predictions, other: Predictions) -> dict:
+    """How far ``other`` (e.g. a bfloat16 run) departs from ``reference`` (float32) on the same data."""
+    differing = reference.gates != other.gates
+    return {
+        "gates_differing": int(differing.sum()),
+        "gates_differing_fraction": float(differing.float().mean()) if differing.numel() else 0.0,
+        "labels_differing": int((reference.predicted != other.predicted).sum()),
+    }
+
+
 def never_fired(predictions: Predictions, site_present: list[bool]) -> list[int]:
     """Indices of present sites whose gate was off for every example (the freezing trick's victims)."""
     fired = predictions.gates.any(dim=0).tolist()
@@ -126,8 +143,15 @@ def format_table(metrics: dict) -> str:
         f"active fraction       {metrics['mean_active_fraction']:.3f}",
         f"mean FLOPs            {metrics['mean_flops']:.4g}",
         f"mean adapter FLOPs    {metrics['mean_adapter_flops']:.4g}",
+        f"adapter FLOPs vs LoRA {metrics['adapter_flops_fraction']:.3f}",
         f"mean tokens           {metrics['mean_tokens']:.1f}",
     ]
+    if "gates_differing_fraction" in metrics:
+        lines += [
+            f"dtype                 {metrics['dtype']} (float32 accuracy {metrics['accuracy_float32']:.4f})",
+            f"gates differing       {metrics['gates_differing']} ({metrics['gates_differing_fraction']:.4%})",
+            f"labels differing      {metrics['labels_differing']}",
+        ]
     rates = metrics.get("per_module_activation_rate") or {}
     if rates:
         lines.append("per-module activation rate:")

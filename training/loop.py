@@ -10,15 +10,25 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cogalora import PACKAGED_MODEL_ID, CheckpointMeta, CoGaLoRAConfig, CoGaLoRAModel, new_model, save_checkpoint
+from cogalora import (
+    METHODS,
+    PACKAGED_MODEL_ID,
+    CheckpointMeta,
+    CoGaLoRAConfig,
+    CoGaLoRAModel,
+    new_model,
+    save_checkpoint,
+)
+from cogalora.bank import ROUTER_INPUT_NORMS
 from cogalora.base_model import load_tokenizer
+from cogalora.gates import GATE_ESTIMATORS, annealed_temperature
 from training.data import (
     Columns,
     EncodedDataset,
@@ -31,47 +41,148 @@ from training.data import (
     training_batches,
 )
 from training.evaluation import evaluate, never_fired
+from training.objective import SPARSITY_WEIGHTS, Objective
 
 #: Learning rates that work for each family (DESIGN.md §1: LoRA wants ~1e-4..1e-3, full FT ~2e-5).
 DEFAULT_ADAPTER_LR = 5e-4
 DEFAULT_FULL_LR = 3e-5
 
 
+class TrainConfigError(ValueError):
+    """A training option out of its range; the message names the option."""
+
+
+def option(default: Any = MISSING, help: str = "", group: str = "training", **cli: Any) -> Any:
+    """A :class:`TrainConfig` field with what the ``train`` command needs to expose it.
+
+    ``cli`` may hold ``flag`` (default ``--field-name``), ``choices``, and for a boolean that
+    defaults to True, ``off_flag``: the flag that turns it off. The field's default, type and help
+    are the command's (``training.cli`` builds its parser from these fields).
+    """
+    return field(default=default, metadata={"help": help, "group": group, **cli})
+
+
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; stored verbatim in the checkpoint's ``training`` field."""
+    """Everything a training run needs; stored verbatim in the checkpoint's ``training`` field.
 
-    train: str
-    dev: str
-    output: str
-    method: str = "cogalora"
-    base_model: str = PACKAGED_MODEL_ID
-    text_column: str | None = None
-    label_column: str | None = None
-    label_names: str | None = None
-    rank: int = 8
-    alpha: float = 16.0
-    sparsity_lambda: float = 0.1
-    tau: float = 0.5
-    lr: float | None = None
-    """``None``: 5e-4 for adapter methods, 3e-5 for full fine-tuning."""
-    router_lr: float | None = None
-    """LR of CoGaLoRA routers and GaLoRA gates; ``None``: same as ``lr``."""
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    epochs: int = 1
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    max_length: int = 128
-    seed: int = 0
-    max_train_examples: int | None = None
-    max_dev_examples: int | None = None
-    warmup_gates_on_steps: int = 0
-    router_init_bias: float = 2.0
-    drop_never_fired: bool = True
-    threads: int | None = None
-    device: str = "auto"
-    progress: bool = True
+    The one home of the ``train`` command's options: every field is a flag with this default.
+    """
+
+    train: str = option(help="training data (.tsv, .csv or .jsonl)", group="data")
+    dev: str = option(help="dev data, same format (evaluated after every epoch)", group="data")
+    output: str = option(help="checkpoint directory to write", group="data")
+    method: str = option("cogalora", "fine-tuning method", group="model", choices=METHODS)
+    base_model: str = option(PACKAGED_MODEL_ID, "base encoder id or local directory", group="model")
+    text_column: str | None = option(
+        None, "TSV/CSV header name or JSONL key of the text (default: first column / 'text')", group="data"
+    )
+    label_column: str | None = option(
+        None, "TSV/CSV header name or JSONL key of the label (default: last column / 'label')", group="data"
+    )
+    label_names: str | None = option(
+        None,
+        "comma-separated label list, e.g. 'negative,positive'; labels in the data may be these names or integer "
+        "indices into them (default: sorted unique labels of the training data)",
+        group="data",
+    )
+    rank: int = option(8, "LoRA rank r", group="model")
+    alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)", group="model")
+    sparsity_lambda: float = option(
+        0.1,
+        "sparsity penalty weight (CoGaLoRA: lambda * mean p; GaLoRA: lambda * mean |g|); with "
+        "--target-active-fraction the starting value of the controlled lambda",
+        group="routing",
+        flag="--lambda",
+    )
+    tau: float = option(0.5, "inference gate threshold stored in the checkpoint", group="routing")
+    lr: float | None = option(
+        None, f"learning rate (default {DEFAULT_ADAPTER_LR} for adapter methods, {DEFAULT_FULL_LR} for full)"
+    )
+    router_lr: float | None = option(None, "learning rate of routers / GaLoRA gates (default: --lr)")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    warmup_ratio: float = option(0.06, "fraction of steps of linear LR warm-up")
+    epochs: int = option(1, "passes over the training data")
+    batch_size: int = option(32, "training batch size")
+    eval_batch_size: int = option(64, "dev evaluation batch size")
+    max_length: int = option(128, "truncate inputs to this many tokens", group="data")
+    seed: int = option(0, "random seed (runs are deterministic given it)")
+    max_train_examples: int | None = option(None, "use only the first N training rows", group="data")
+    max_dev_examples: int | None = option(None, "use only the first N dev rows", group="data")
+    warmup_gates_on_steps: int = option(
+        0, "CoGaLoRA: train the first N steps as plain LoRA (all gates on, routers frozen, no penalty)", "routing"
+    )
+    router_init_bias: float = option(2.0, "initial router output bias (sigmoid(2) ~ 0.88: mostly on)", "routing")
+    router_input_norm: str = option(
+        "none",
+        "CoGaLoRA: how routers read their mean-pooled input: as is, or standardised over features "
+        "(layer_norm: no shrinking with length); stored in the checkpoint",
+        "routing",
+        choices=ROUTER_INPUT_NORMS,
+    )
+    target_active_fraction: float | None = option(
+        None,
+        "CoGaLoRA: train to this expected active fraction (of sites, or of adapter FLOPs with --sparsity-weights "
+        "flops) by dual ascent on lambda, instead of a fixed lambda",
+        "routing",
+    )
+    budget_lr: float = option(0.01, "step size of the dual ascent on lambda (--target-active-fraction)", "routing")
+    sparsity_weights: str = option(
+        "sites",
+        "CoGaLoRA: what the penalty and the budget count: every site alike, or each site by its adapter FLOPs",
+        "routing",
+        choices=SPARSITY_WEIGHTS,
+    )
+    distill_weight: float = option(
+        0.0,
+        "CoGaLoRA: weight of self-distillation in the routed phase, KL(all-gates-on model || routed model)",
+        "routing",
+    )
+    distill_temperature: float = option(1.0, "softmax temperature of self-distillation", "routing")
+    gate_estimator: str = option(
+        "ste",
+        "CoGaLoRA training gates: straight-through Bernoulli (ste) or relaxed Gumbel-sigmoid (gumbel); "
+        "inference always uses p > tau",
+        "routing",
+        choices=GATE_ESTIMATORS,
+    )
+    gate_temperature: float = option(1.0, "gumbel estimator: temperature at the start of the routed phase", "routing")
+    gate_temperature_end: float = option(
+        0.1, "gumbel estimator: temperature at the end (annealed geometrically)", "routing"
+    )
+    drop_never_fired: bool = option(
+        True,
+        "CoGaLoRA: keep sites whose router never fired on dev (default: drop them, the freezing trick)",
+        "routing",
+        off_flag="--keep-never-fired",
+    )
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)", "runtime")
+    device: str = option("auto", "'auto' (CUDA when available), 'cpu', 'cuda', ...", "runtime")
+    progress: bool = option(True, "no progress bar", "runtime", off_flag="--no-progress")
+
+    def __post_init__(self) -> None:
+        if self.target_active_fraction is not None:
+            if self.method != "cogalora":
+                raise TrainConfigError("--target-active-fraction needs --method cogalora")
+            if not 0.0 < self.target_active_fraction <= 1.0:
+                raise TrainConfigError(
+                    f"--target-active-fraction must lie in (0, 1], got {self.target_active_fraction}"
+                )
+        for name in ("budget_lr", "distill_weight"):
+            if getattr(self, name) < 0:
+                raise TrainConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("distill_temperature", "gate_temperature", "gate_temperature_end"):
+            if getattr(self, name) <= 0:
+                raise TrainConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        checks = (
+            ("method", METHODS),
+            ("router_input_norm", ROUTER_INPUT_NORMS),
+            ("sparsity_weights", SPARSITY_WEIGHTS),
+            ("gate_estimator", GATE_ESTIMATORS),
+        )
+        for name, choices in checks:
+            if getattr(self, name) not in choices:
+                raise TrainConfigError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
 
     @property
     def learning_rate(self) -> float:
@@ -140,8 +251,23 @@ def build_model(config: TrainConfig, labels: list[str]) -> CoGaLoRAModel:
         tau=config.tau,
         sparsity_lambda=config.sparsity_lambda,
         router_init_bias=config.router_init_bias,
+        router_input_norm=config.router_input_norm,
     )
-    return new_model(config.base_model, model_config, labels)
+    model = new_model(config.base_model, model_config, labels)
+    model.routing.gate_estimator = config.gate_estimator
+    return model
+
+
+def build_objective(model: CoGaLoRAModel, config: TrainConfig) -> Objective:
+    return Objective(
+        model,
+        config.sparsity_lambda,
+        sparsity_weights=config.sparsity_weights,
+        target_active_fraction=config.target_active_fraction,
+        budget_lr=config.budget_lr,
+        distill_weight=config.distill_weight,
+        distill_temperature=config.distill_temperature,
+    )
 
 
 def run_training(config: TrainConfig) -> TrainResult:
@@ -154,10 +280,12 @@ def run_training(config: TrainConfig) -> TrainResult:
     labels, train_set, dev_set = load_datasets(config, tokenizer)
     seed_everything(config.seed)
     model = build_model(config, labels).to(device)
+    objective = build_objective(model, config)
     optimizer = _optimizer(model, config)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     warmup = max(1, int(config.warmup_ratio * total_steps))
+    routed_steps = max(1, total_steps - config.warmup_gates_on_steps)
     history: list[dict] = []
     step = 0
     started = time.perf_counter()
@@ -167,33 +295,38 @@ def run_training(config: TrainConfig) -> TrainResult:
         bar = tqdm(
             total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not config.progress
         )
-        smoothed, correct, seen, active, gate_slots = None, 0, 0, 0.0, 0
+        smoothed, correct, seen, active, gate_slots, expected, routed = None, 0, 0, 0.0, 0, 0.0, 0
         for batch in iterate(train_set, batches):
             batch = batch.to(device)
             _set_lr(optimizer, step, total_steps, warmup)
-            warming = step < config.warmup_gates_on_steps
             # Warm-up: plain LoRA (every gate on, routers untouched, no penalty), so adapters learn
             # before routers can switch them off.
-            out = model(
-                batch.input_ids, batch.attention_mask, batch.token_type_ids, force_gates="on" if warming else None
+            warming = step < config.warmup_gates_on_steps
+            progress = (step - config.warmup_gates_on_steps) / routed_steps
+            model.routing.gate_temperature = annealed_temperature(
+                config.gate_temperature, config.gate_temperature_end, progress
             )
-            loss = F.cross_entropy(out.logits, batch.labels)
-            if not warming:
-                loss = loss + model.sparsity_penalty(out)
+            result = objective.step(model, batch, warming)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            result.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), 1.0)
             optimizer.step()
             step += 1
-            value = float(loss.detach())
+            out = result.output
+            value = float(result.loss.detach())
             smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
             correct += int((out.logits.detach().argmax(dim=1) == batch.labels).sum())
             seen += len(batch.labels)
             active += float(out.gates.float().sum())
             gate_slots += out.gates.numel()
-            bar.set_postfix(
-                loss=f"{smoothed:.3f}", acc=f"{correct / seen:.3f}", active=f"{active / max(gate_slots, 1):.2f}"
-            )
+            if not warming:
+                expected += result.expected_active
+                routed += 1
+            postfix = {"loss": f"{smoothed:.3f}", "acc": f"{correct / seen:.3f}"}
+            postfix["active"] = f"{active / max(gate_slots, 1):.2f}"
+            if objective.controller is not None:
+                postfix["lambda"] = f"{result.strength:.3f}"
+            bar.set_postfix(postfix)
             bar.update(1)
         bar.close()
         dev_metrics, _ = evaluate(model, dev_set, config.eval_batch_size, device=device)
@@ -202,8 +335,11 @@ def run_training(config: TrainConfig) -> TrainResult:
             "train_loss": smoothed,
             "train_accuracy": correct / max(seen, 1),
             "train_active_fraction": active / max(gate_slots, 1),
+            "train_expected_active": expected / routed if routed else None,
+            "lambda": objective.controller.strength if objective.controller else None,
             "dev_accuracy": dev_metrics["accuracy"],
             "dev_active_fraction": dev_metrics["mean_active_fraction"],
+            "dev_adapter_flops_fraction": dev_metrics["adapter_flops_fraction"],
         }
         history.append(entry)
         tqdm.write(json.dumps(entry))
@@ -217,7 +353,17 @@ def run_training(config: TrainConfig) -> TrainResult:
         dropped_sites=dropped,
         history=history,
     )
+    if objective.controller is not None:
+        achieved_key = "mean_active_fraction" if config.sparsity_weights == "sites" else "adapter_flops_fraction"
+        metrics.update(
+            target_active_fraction=config.target_active_fraction,
+            budget_error=metrics[achieved_key] - config.target_active_fraction,
+            final_lambda=objective.controller.strength,
+        )
     model.to("cpu")
+    router = None
+    if config.method == "cogalora":
+        router = {"hidden": model.config.router_hidden, "input_norm": config.router_input_norm}
     meta = CheckpointMeta(
         format_version=1,
         method=config.method,
@@ -228,7 +374,7 @@ def run_training(config: TrainConfig) -> TrainResult:
         alpha=config.alpha,
         target_modules=list(model.config.target_modules),
         tau=config.tau,
-        router={"hidden": model.config.router_hidden} if config.method == "cogalora" else None,
+        router=router,
         metrics=metrics,
         training=asdict(config) | {"lr": config.learning_rate},
         **{"lambda": config.sparsity_lambda},

@@ -8,7 +8,11 @@ _MARKERS = {"full": "s", "lora": "o", "galora": "^", "cogalora": "D"}
 
 
 def plot_tradeoff(rows: list[dict], path: str | Path, title: str = "") -> Path:
-    """Two panels: accuracy vs mean active adapters, and vs mean adapter FLOPs per example."""
+    """Two panels: accuracy vs mean active adapters, and vs mean adapter FLOPs per example.
+
+    One legend entry per ``series`` (default: the row's method); rows sharing a ``series`` are
+    joined by a line, as are the CoGaLoRA runs of a sweep.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on training machines
@@ -19,21 +23,27 @@ def plot_tradeoff(rows: list[dict], path: str | Path, title: str = "") -> Path:
         ("mean_active_adapters", "active adapters per example"),
         ("mean_adapter_flops", "adapter FLOPs per example"),
     )
+    series: dict[str, list[dict]] = {}
+    for row in rows:
+        series.setdefault(row.get("series") or row["method"], []).append(row)
     for axis, (key, label) in zip(axes, panels, strict=True):
-        for method, marker in _MARKERS.items():
-            points = [row for row in rows if row["method"] == method]
-            if not points:
-                continue
-            points.sort(key=lambda row: float(row[key]))
+        for name, points in series.items():
+            method = points[0]["method"]
+            # A named series (e.g. one model at several taus) or the sweep's CoGaLoRA runs form a curve.
+            curve = len(points) > 1 and ("series" in points[0] or method == "cogalora")
+            points = sorted(points, key=lambda row: float(row[key]))
             xs = [float(row[key]) for row in points]
             ys = [100 * float(row["accuracy"]) for row in points]
-            axis.plot(xs, ys, marker=marker, linestyle="-" if method == "cogalora" else "none", label=method)
+            axis.plot(xs, ys, marker=_MARKERS.get(method, "o"), linestyle="-" if curve else "none", label=name)
             for row, x, y in zip(points, xs, ys, strict=True):
                 axis.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for row in rows:  # plain LoRA as a reference level across the panel
+            if row["method"] == "lora":
+                axis.axhline(100 * float(row["accuracy"]), color="grey", linestyle=":", linewidth=1)
         axis.set_xlabel(label)
         axis.set_ylabel("dev accuracy (%)")
         axis.grid(alpha=0.3)
-    axes[0].legend(loc="lower right")
+    axes[0].legend(loc="lower right", fontsize=7)
     if title:
         figure.suptitle(title)
     figure.tight_layout()

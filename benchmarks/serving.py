@@ -1,0 +1,311 @@
+"""Served throughput and latency through HTTP, against the naive server and the bare encoder, one run.
+
+Every figure comes from the same run on the same sentences (real full SST-2 sentences, one per
+request):
+
+1. the bare encoder offline (Hugging Face model + head, no HTTP) at batch 32 in float32 and in
+   the served dtype: the yardstick the served throughput is a ratio to;
+2. each server (the service in each ``--dtypes``, then the naive FastAPI + PEFT server) under
+   ``--concurrency`` closed-loop clients, measured with ``wrk`` (a C load generator: it leaves
+   the two cores to the server) and with this project's httpx load tester;
+3. with ``--sweep``: the service under open-loop Poisson arrivals at fractions of its maximum
+   throughput, p50/p99 latency against offered load (``--plot`` writes the PNG), beside the
+   latency of a lone request.
+
+    python -m benchmarks.serving --duration 20 --sweep --plot docs/latency_vs_load.png \\
+        --output runs/serving.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from benchmarks.processes import ServiceProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2-sentences" / "dev.tsv"
+NAIVE_COMMAND = [sys.executable, "-m", "benchmarks.naive_server", "--host", "127.0.0.1"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=ROOT / "models", help="model repository (default: models/)")
+    parser.add_argument("--adapter", default="sst2", help="adapter every request names (default: sst2)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="TSV, sentences in the first column")
+    parser.add_argument("--sentences", type=int, default=1000, help="distinct sentences sent in turn (default: 1000)")
+    parser.add_argument("--dtypes", default="auto,float32", help="service dtypes to measure (default: auto,float32)")
+    parser.add_argument("--torch-threads", default="0", help="service torch_threads values, comma-separated")
+    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients (default: 32)")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per measurement (default: 20)")
+    parser.add_argument("--clients", default="wrk,httpx", help="load generators: wrk and/or httpx")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive server")
+    parser.add_argument("--sweep", action="store_true", help="open-loop latency against offered load")
+    parser.add_argument("--sweep-fractions", default="0.1,0.25,0.5,0.7,0.85,1.0", help="of the measured maximum")
+    parser.add_argument("--plot", type=Path, help="PNG of p50/p99 latency against offered load (with --sweep)")
+    parser.add_argument("--output", type=Path, help="write the results as JSON here")
+    return parser.parse_args(argv)
+
+
+def read_sentences(path: Path, count: int) -> list[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()[1:]
+    return [line.split("\t")[0].strip() for line in lines if line.strip()][:count]
+
+
+# ---- the yardstick: the bare encoder offline ------------------------------------------------------
+
+
+def bare_encoder_rate(model_dir: Path, adapter: str, sentences: list[str], dtype: torch.dtype) -> float:
+    """Sentences/s of the plain Hugging Face encoder + head at batch 32 (tokenization not timed)."""
+    from cogalora import load_base_model, load_tokenizer, read_meta
+
+    meta = read_meta(model_dir / adapter)
+    model = load_base_model(meta.base_model, num_labels=len(meta.labels)).to(dtype)
+    tokenizer = load_tokenizer(meta.base_model)
+    batches = [
+        tokenizer(sentences[i : i + 32], padding=True, truncation=True, max_length=meta.max_length, return_tensors="pt")
+        for i in range(0, min(len(sentences), 320), 32)
+    ]
+    with torch.inference_mode():
+        model(**batches[0])
+        began = time.perf_counter()
+        for batch in batches:
+            model(**batch)
+        seconds = time.perf_counter() - began
+    return sum(len(batch["input_ids"]) for batch in batches) / seconds
+
+
+# ---- load generators ----------------------------------------------------------------------------
+
+
+def wrk_script(bodies: list[str], path: Path) -> None:
+    """A wrk Lua script POSTing the JSON bodies in turn."""
+    quoted = ",\n".join(f"[==[{body}]==]" for body in bodies)
+    path.write_text(
+        f"local bodies = {{\n{quoted}\n}}\nlocal i = 0\n"
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        "request = function()\n  i = i % #bodies + 1\n"
+        '  return wrk.format(nil, "/classify", nil, bodies[i])\nend\n',
+        encoding="utf-8",
+    )
+
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def parse_wrk(output: str) -> dict:
+    """Requests/s, latency percentiles (s) and non-2xx count from ``wrk --latency`` output."""
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if rate is None:
+        raise RuntimeError(f"unexpected wrk output:\n{output}")
+    latency = {
+        f"p{q}": float(value) * _UNITS[unit]
+        for q, value, unit in re.findall(r"^\s+(\d+)%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+    }
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    errors = re.search(r"Socket errors:.*", output)
+    return {
+        "requests_per_s": float(rate.group(1)),
+        "latency_s": latency,
+        "non_2xx": int(bad.group(1)) if bad else 0,
+        "socket_errors": errors.group(0) if errors else None,
+    }
+
+
+def run_wrk(url: str, script: Path, concurrency: int, duration: float) -> dict:
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{int(duration)}s", "--latency", "-s", str(script), url]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60, check=True)
+    return parse_wrk(completed.stdout)
+
+
+def run_httpx(url: str, adapter: str, texts_file: Path, duration: float, **mode: float) -> dict:
+    """The project's load tester in its own process (closed loop: concurrency=N; open loop: rate=R)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as report_file:
+        command = [sys.executable, "-m", "benchmarks.loadtest", "--url", url, "--adapter-mix", adapter]
+        command += ["--texts", str(texts_file), "--duration", str(duration), "--no-progress"]
+        command += ["--output", report_file.name]
+        for name, value in mode.items():
+            command += [f"--{name}", str(value)]
+        subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=duration + 120)
+        report = json.loads(Path(report_file.name).read_text())
+    return {
+        "requests_per_s": report["throughput"]["requests_per_s"],
+        "latency_s": {key: report["latency_s"][key] for key in ("p50", "p99")},
+        "errors": report["requests"]["errors"],
+        "rejected": report["requests"]["rejected"],
+    }
+
+
+def warm(url: str, body: str) -> None:
+    with httpx.Client(timeout=30.0, trust_env=False) as client:
+        for _ in range(20):
+            client.post(f"{url}/classify", content=body, headers={"Content-Type": "application/json"})
+
+
+# ---- the study ------------------------------------------------------------------------------------
+
+
+def measure_server(server: ServiceProcess, args, bodies, script, texts_file) -> dict:
+    server.wait_ready()
+    warm(server.url, bodies[0])
+    results = {}
+    if "wrk" in args.clients:
+        results["wrk"] = run_wrk(server.url, script, args.concurrency, args.duration)
+    if "httpx" in args.clients:
+        results["httpx"] = run_httpx(server.url, args.adapter, texts_file, args.duration, concurrency=args.concurrency)
+    return results
+
+
+def sweep(server: ServiceProcess, args, texts_file: Path, maximum: float) -> dict:
+    lone = run_httpx(server.url, args.adapter, texts_file, min(args.duration, 10.0), concurrency=1)
+    points = []
+    for fraction in [float(f) for f in args.sweep_fractions.split(",")]:
+        rate = max(fraction * maximum, 0.5)
+        measured = run_httpx(server.url, args.adapter, texts_file, args.duration, rate=round(rate, 2))
+        points.append({"fraction": fraction, "offered_per_s": rate, **measured})
+        print(
+            f"  open loop {rate:6.1f} req/s ({fraction:.2f} of max): p50 {1000 * measured['latency_s']['p50']:.1f} ms, "
+            f"p99 {1000 * measured['latency_s']['p99']:.1f} ms",
+            flush=True,
+        )
+    return {"lone_request_latency_s": lone["latency_s"]["p50"], "maximum_per_s": maximum, "points": points}
+
+
+def plot_sweep(result: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    offered = [p["offered_per_s"] for p in result["points"]]
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for key, style in (("p50", "o-"), ("p99", "s-")):
+        axis.plot(offered, [1000 * p["latency_s"][key] for p in result["points"]], style, label=f"{key} latency")
+    lone = 1000 * result["lone_request_latency_s"]
+    axis.axhline(lone, color="grey", linestyle=":", label=f"lone request ({lone:.0f} ms)")
+    axis.axhline(3 * lone, color="grey", linestyle="--", label="3x lone request")
+    axis.axvline(result["maximum_per_s"], color="black", linestyle="-.", label="max throughput (wrk, closed loop)")
+    axis.set_xlabel("offered load (requests/s, Poisson arrivals)")
+    axis.set_ylabel("latency (ms)")
+    axis.set_yscale("log")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.data.is_file():
+        print(f"SKIPPED: sentence data not found at {args.data} (pass --data PATH)", file=sys.stderr)
+        return 0
+    args.clients = set(args.clients.split(","))
+    if "wrk" in args.clients and shutil.which("wrk") is None:
+        print("note: wrk is not installed (apt-get install wrk); measuring with httpx only", file=sys.stderr)
+        args.clients.discard("wrk")
+    from cogalora.precision import resolve_dtype
+
+    sentences = read_sentences(args.data, args.sentences)
+    bodies = [json.dumps({"inputs": text, "adapter": args.adapter}) for text in sentences]
+    report: dict = {"concurrency": args.concurrency, "duration_s": args.duration, "sentences": len(sentences)}
+    torch.set_num_threads(2)
+    served = {resolve_dtype(name) for name in args.dtypes.split(",")} | {torch.float32}
+    report["bare_batch32_per_s"] = {
+        str(dtype).removeprefix("torch."): bare_encoder_rate(args.model_dir, args.adapter, sentences, dtype)
+        for dtype in sorted(served, key=str)
+    }
+    print(f"bare encoder, batch 32, sentences/s: {report['bare_batch32_per_s']}", flush=True)
+    servers = []
+    with tempfile.TemporaryDirectory() as scratch:
+        script, texts_file = Path(scratch) / "classify.lua", Path(scratch) / "texts.txt"
+        wrk_script(bodies, script)
+        texts_file.write_text("\n".join(sentences) + "\n", encoding="utf-8")
+        configs = [
+            (f"service {dtype}" + (f", torch_threads {threads}" if threads != "0" else ""), dtype, threads)
+            for dtype in args.dtypes.split(",")
+            for threads in args.torch_threads.split(",")
+        ]
+        for label, dtype, threads in configs:
+            env = {"COGALORA_DTYPE": dtype, "COGALORA_TORCH_THREADS": threads}
+            server = ServiceProcess(args.model_dir, Path(scratch) / "service.log", extra_env=env)
+            try:
+                print(f"{label}: measuring", flush=True)
+                servers.append({"server": label, **measure_server(server, args, bodies, script, texts_file)})
+                if args.sweep and "sweep" not in report:
+                    maximum = servers[-1].get("wrk", servers[-1].get("httpx"))["requests_per_s"]
+                    report["sweep"] = {"server": label, **sweep(server, args, texts_file, maximum)}
+            finally:
+                server.stop()
+        if not args.no_naive:
+            naive = ServiceProcess(
+                args.model_dir / args.adapter, Path(scratch) / "naive.log", command=NAIVE_COMMAND, name="naive"
+            )
+            try:
+                print("naive FastAPI + PEFT server: measuring", flush=True)
+                servers.append(
+                    {
+                        "server": "naive FastAPI + PEFT (float32)",
+                        **measure_server(naive, args, bodies, script, texts_file),
+                    }
+                )
+            finally:
+                naive.stop()
+    report["servers"] = servers
+    print_report(report)
+    if args.plot and "sweep" in report:
+        plot_sweep(report["sweep"], args.plot, f"{report['sweep']['server']}: latency against offered load")
+        print(f"wrote {args.plot}")
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.output}")
+    return 0
+
+
+def print_report(report: dict) -> None:
+    bare32 = report["bare_batch32_per_s"]["float32"]
+    naive = next((s for s in report["servers"] if s["server"].startswith("naive")), None)
+    print(f"\n{report['concurrency']} closed-loop clients, one sentence per request, {report['duration_s']:.0f} s each")
+    print("| server | client | req/s | p50 ms | p99 ms | vs naive | vs bare fp32 batch 32 |")
+    print("|---|---|---|---|---|---|---|")
+    for server in report["servers"]:
+        for client in ("wrk", "httpx"):
+            if client not in server:
+                continue
+            result = server[client]
+            rate = result["requests_per_s"]
+            versus_naive = f"{rate / naive[client]['requests_per_s']:.2f}x" if naive and client in naive else "-"
+            p50, p99 = (1000 * result["latency_s"].get(key, float("nan")) for key in ("p50", "p99"))
+            print(
+                f"| {server['server']} | {client} | {rate:.1f} | {p50:.0f} | {p99:.0f} | {versus_naive} | "
+                f"{rate / bare32:.2f}x |"
+            )
+    print(
+        "bare encoder offline, batch 32: "
+        + ", ".join(f"{k} {v:.0f}/s" for k, v in report["bare_batch32_per_s"].items())
+    )
+    if "sweep" in report:
+        result = report["sweep"]
+        lone = result["lone_request_latency_s"]
+        half = min(result["points"], key=lambda p: abs(p["fraction"] - 0.5))
+        print(
+            f"open loop: lone request {1000 * lone:.0f} ms; at {half['offered_per_s']:.0f} req/s "
+            f"({half['fraction']:.2f} of max) p99 {1000 * half['latency_s']['p99']:.0f} ms = "
+            f"{half['latency_s']['p99'] / lone:.1f}x the lone request"
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""Training-time gate estimators: how a router's logit becomes a differentiable gate.
+
+Inference never samples: a gate is the hard decision ``p > tau`` (``cogalora.layer``), whatever
+estimator trained the router. In training:
+
+- ``ste`` (the seed's): ``hard ~ Bernoulli(p)``, forward value ``hard``, gradient through ``p``
+  (``hard + p - p.detach()``).
+- ``gumbel``: the relaxed Bernoulli (Gumbel-sigmoid, Maddison et al. / Jang et al. 2017):
+  ``sigmoid((logit + L) / T)`` with logistic noise ``L``; the forward value is this soft gate, so
+  the gradient is the reparameterised one, and annealing ``T`` towards 0 makes it nearly hard.
+  The recorded hard gate is ``logit + L > 0``, whose probability is exactly ``p``: the sparsity
+  penalty ``mean p`` is the expected fraction of hard gates under both estimators.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+GateEstimator = Literal["ste", "gumbel"]
+GATE_ESTIMATORS: tuple[str, ...] = ("ste", "gumbel")
+
+
+def training_gates(logits: Tensor, estimator: str = "ste", temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """``(probs, hard, gate)`` for ``[B]`` router logits.
+
+    ``probs``: ``sigmoid(logits)`` (with grad, for the sparsity penalty); ``hard``: the sampled
+    0/1 decisions (float, no grad); ``gate``: what multiplies the adapter output in the forward.
+    """
+    probs = torch.sigmoid(logits)
+    if estimator == "ste":
+        hard = torch.bernoulli(probs.detach())
+        return probs, hard, hard + probs - probs.detach()
+    if estimator == "gumbel":
+        if temperature <= 0:
+            raise ValueError(f"gumbel gate temperature must be > 0, got {temperature}")
+        uniform = torch.rand_like(logits).clamp_(1e-6, 1.0 - 1e-6)
+        noisy = logits + torch.log(uniform) - torch.log1p(-uniform)
+        return probs, (noisy.detach() > 0).to(logits.dtype), torch.sigmoid(noisy / temperature)
+    raise ValueError(f"unknown gate estimator {estimator!r}; choose from {list(GATE_ESTIMATORS)}")
+
+
+def annealed_temperature(start: float, end: float, progress: float) -> float:
+    """Geometric interpolation from ``start`` (progress 0) to ``end`` (progress 1)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return math.exp((1.0 - progress) * math.log(start) + progress * math.log(end))
