@@ -37,8 +37,8 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(  # cogalora.precision.DTYPE_CHOICES
         "auto",
         description='Encoder and adapter precision; "auto": the fastest the device runs natively (bfloat16 on '
-        "CPUs with avx512_bf16/AMX and on recent GPUs, else float32). Routers always decide in float32; "
-        "results stay batch invariant in every dtype (benchmarks/precision.py measures the accuracy).",
+        "CPUs with avx512_bf16/AMX whose bf16 products are batch invariant, and on recent GPUs, else "
+        "float32). Routers always decide in float32 (benchmarks/precision.py measures the accuracy).",
     )
     torch_threads: int = Field(
         0,
