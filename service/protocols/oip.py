@@ -215,16 +215,16 @@ def binary_to_json(body: bytes, header_length: str) -> bytes:
 
 
 class BinaryTensorRoute(APIRoute):
-    """Accepts Triton's binary tensor data extension: the body is turned into plain JSON before validation."""
+    """An infer body is JSON whatever its Content-Type says (tritonclient sends none that names JSON); with
+    Triton's binary tensor data extension it is first turned into the equivalent plain JSON."""
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
             length = request.headers.get(HEADER_LENGTH)
-            if length is None:
-                return await handler(request)
-            decoded = binary_to_json(await request.body(), length)
+            body = await request.body()
+            decoded = body if length is None else binary_to_json(body, length)
             strip = {b"content-type", b"content-length", HEADER_LENGTH.lower().encode()}
             scope = dict(request.scope)
             scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k.lower() not in strip]
