@@ -203,7 +203,7 @@ def binary_to_json(body: bytes, header_length: str) -> bytes:
         if not isinstance(parameters, dict) or "binary_data_size" not in parameters:
             continue
         size = parameters.pop("binary_data_size")
-        if not isinstance(size, int) or size < 0 or offset + size > len(body):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(body):
             raise InvalidRequestError("binary_data_size does not match the binary data sent")
         if tensor.get("datatype") != "BYTES":
             raise InvalidRequestError(f"input datatype must be BYTES (texts), got {str(tensor.get('datatype'))[:16]!r}")
