@@ -1,7 +1,8 @@
 """The HTTP service (DESIGN.md §5), wired together: ``create_app(settings)``.
 
-Where things live: request/response schemas in ``schemas.py``, routes in ``routes.py``, the raw ASGI
-edge (request ids, API key, body limit, access log, request metrics) in ``middleware.py``, the error
+Where things live: request/response schemas in ``schemas.py``, routes in ``routes.py``, the TEI and
+Open Inference routes in ``protocols/`` (all three share ``classification.py``), the raw ASGI edge
+(request ids, API key, body limit, access log, request metrics) in ``middleware.py``, the error
 envelope in ``responses.py``, start-up and draining in ``lifecycle.py``.
 """
 
@@ -13,6 +14,7 @@ from fastapi import FastAPI
 
 from service.lifecycle import ComponentFactory, Service, build_components
 from service.middleware import EdgeMiddleware
+from service.protocols import oip, tei
 from service.responses import install_error_handlers
 from service.routes import router
 from service.settings import Settings
@@ -41,4 +43,7 @@ def create_app(settings: Settings | None = None, components: ComponentFactory | 
     install_error_handlers(app)
     app.add_middleware(EdgeMiddleware, service=service)
     app.include_router(router)
+    app.include_router(tei.router)
+    app.include_router(oip.router)
+    app.include_router(oip.infer_router)
     return app

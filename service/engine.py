@@ -248,11 +248,12 @@ class Engine:
         num_labels = torch.tensor([len(rows[p].adapter.labels) for p in live])
         columns = torch.arange(logits.shape[1])
         probs = torch.softmax(logits.masked_fill(columns[None, :] >= num_labels[:, None], float("-inf")), -1).tolist()
+        raw = logits.tolist()
         seconds = time.perf_counter() - began
         site_names = encoder.site_names
         routers = self.force_gates is None
         for i, position in enumerate(live):
-            results[position] = _row_result(rows[position], probs[i], gates[i], site_names, seconds, routers)
+            results[position] = _row_result(rows[position], probs[i], raw[i], gates[i], site_names, seconds, routers)
         return output.adapter_rows
 
     # ---- warm-up ------------------------------------------------------------------------------
@@ -286,14 +287,19 @@ def _unloaded(row: PreparedRow) -> AdapterUnloadedError:
 
 
 def _row_result(
-    row: PreparedRow, probs: list[float], gates: list[bool], site_names: list[str], seconds: float, routers: bool
+    row: PreparedRow,
+    probs: list[float],
+    logits: list[float],
+    gates: list[bool],
+    site_names: list[str],
+    seconds: float,
+    routers: bool,
 ) -> RowResult:
     adapter = row.adapter
-    scores = sorted(
-        (LabelScore.model_construct(label=label, score=probs[i]) for i, label in enumerate(adapter.labels)),
-        key=lambda item: item.score,
-        reverse=True,
-    )
+    order = sorted(range(len(adapter.labels)), key=lambda i: probs[i], reverse=True)
+    scores = [LabelScore.model_construct(label=adapter.labels[i], score=probs[i]) for i in order]
+    # Always built (a few floats); the HTTP layer drops them unless the client asked for raw scores.
+    raw_scores = [LabelScore.model_construct(label=adapter.labels[i], score=logits[i]) for i in order]
     active = [name for name, on in zip(site_names, gates, strict=True) if on]
     flops = adapter.flops.request(row.tokens, gates, routers=routers)
     return RowResult.model_construct(
@@ -304,7 +310,10 @@ def _row_result(
         total_adapters=adapter.total_adapters,
         active_modules=active,
         tokens=row.tokens,
+        input_tokens=row.input_tokens,
+        truncated=row.input_tokens > row.tokens,
         flops=Flops.model_construct(total=flops.total, adapter=flops.adapter, adapter_saved=flops.adapter_saved),
+        raw_scores=raw_scores,
         queue_seconds=0.0,
         inference_seconds=seconds,
     )

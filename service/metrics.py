@@ -107,11 +107,14 @@ class ServiceMetrics:
         self._series_lock = threading.Lock()
         r = self.registry
         self.requests = Counter(
-            "cogalora_requests", "POST /classify requests by adapter and status code.", ["adapter", "code"], registry=r
+            "cogalora_requests",
+            "Classification requests (/classify, TEI, Open Inference) by adapter and status code.",
+            ["adapter", "code"],
+            registry=r,
         )
         self.request_duration = Histogram(
             "cogalora_request_duration_seconds",
-            "Whole POST /classify request, as the server saw it.",
+            "Whole classification request (any protocol), as the server saw it.",
             ["adapter"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
@@ -152,6 +155,12 @@ class ServiceMetrics:
             "cogalora_input_tokens", "Tokens per classified input.", ["adapter"], buckets=_TOKEN_BUCKETS, registry=r
         )
         self.inputs = Counter("cogalora_inputs", "Inputs classified.", ["adapter"], registry=r)
+        self.truncated_inputs = Counter(
+            "cogalora_truncated_inputs",
+            "Inputs cut to the adapter's max_length before classification (truncate=true).",
+            ["adapter"],
+            registry=r,
+        )
         self.active_adapters = Histogram(
             "cogalora_active_adapters",
             "Adapter sites that ran, per classified input.",
@@ -179,7 +188,9 @@ class ServiceMetrics:
             registry=r,
         )
         self.queue_depth = Gauge("cogalora_queue_depth", "Rows admitted and not running yet.", registry=r)
-        self.inflight = Gauge("cogalora_inflight_requests", "POST /classify requests being handled.", registry=r)
+        self.inflight = Gauge(
+            "cogalora_inflight_requests", "Classification requests (any protocol) being handled.", registry=r
+        )
         self.adapters_loaded = Gauge("cogalora_adapters_loaded", "Adapters in memory now.", registry=r)
         self.adapters_available = Gauge(
             "cogalora_adapters_available", "Servable adapters in the model repository (loaded or not).", registry=r
@@ -227,7 +238,7 @@ class ServiceMetrics:
     # ---- requests -----------------------------------------------------------------------------
 
     def observe_request(self, adapter: str, code: int, seconds: float) -> None:
-        """One POST /classify call finished with ``code``."""
+        """One classification call (any protocol) finished with ``code``."""
         label = self.label(adapter)
         self._labelled(self.requests, label, str(code)).inc()
         self._labelled(self.request_duration, label).observe(seconds)
@@ -238,6 +249,7 @@ class ServiceMetrics:
         label = self.label(adapter, len(results))
         queue = inference = tokenize = 0.0
         inputs = self._labelled(self.inputs, label)
+        truncated = self._labelled(self.truncated_inputs, label)  # the series exists (at 0) from the first input
         tokens = self._labelled(self.input_tokens, label)
         active = self._labelled(self.active_adapters, label)
         flops = self._labelled(self.request_flops, label)
@@ -248,6 +260,8 @@ class ServiceMetrics:
             inference = max(inference, row.inference_seconds)
             tokenize = max(tokenize, row.tokenize_seconds)
             inputs.inc()
+            if row.truncated:
+                truncated.inc()
             tokens.observe(row.tokens)
             active.observe(row.active_adapters)
             flops.observe(row.flops.total)

@@ -27,10 +27,10 @@ from service.responses import service_error_response, short
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-#: Routes that need the API key when one is configured (probes and /metrics stay open).
-PROTECTED_PREFIXES = ("/classify", "/adapters")
-#: Routes whose calls are counted in the request metrics.
-COUNTED_ROUTES = {("POST", "/classify")}
+#: Routes that need the API key when one is configured (probes, server metadata and /metrics stay open).
+PROTECTED_PREFIXES = ("/classify", "/adapters", "/models", "/v2/models")
+#: Classification calls, whatever the protocol: counted in the request metrics (POST only).
+COUNTED_PATHS = re.compile(r"^/(classify|models/[^/]+(/predict)?|v2/models/[^/]+/infer)$")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -71,7 +71,7 @@ class EdgeMiddleware:
         scope.setdefault("state", {})["cogalora"] = info
         status = 500
         path, method = scope.get("path", ""), scope.get("method", "")
-        counted = (method, path) in COUNTED_ROUTES
+        counted = method == "POST" and COUNTED_PATHS.match(path) is not None
         shown_path = short(path, 200)  # client-controlled: bounded in the log
 
         async def send_with_id(message: Message) -> None:

@@ -1,8 +1,10 @@
 """The HTTP routes (DESIGN.md §5). A classification crosses this file once:
 
-``POST /classify`` -> body validated by :class:`~service.schemas.ClassifyBody` and
-:func:`~service.schemas.check_texts` -> adapter resolved by the repository -> ``batcher.submit``
-(admission, adapter pinning, tokenization, queue, engine) -> :class:`~service.schemas.ClassifyResponse`.
+``POST /classify`` -> body validated by :class:`~service.schemas.ClassifyBody` ->
+:func:`~service.classification.classify_texts` (size limits, adapter resolved by the repository,
+``batcher.submit``: admission, adapter pinning, tokenization, queue, engine; metrics) ->
+:class:`~service.schemas.ClassifyResponse`. The TEI and Open Inference routes (``service/protocols/``)
+take the same path.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
 from fastapi.responses import Response
 
-from service.lifecycle import Service
+from service.classification import classify_texts, service_of
 from service.metrics import CONTENT_TYPE
 from service.responses import documented_errors, error_response
 from service.schemas import (
@@ -26,9 +28,7 @@ from service.schemas import (
     ClassifyResponse,
     StatusResponse,
     UnloadResponse,
-    check_texts,
 )
-from service.types import ClassifyRequest
 
 log = logging.getLogger("cogalora.service")
 
@@ -39,10 +39,6 @@ AdapterName = Annotated[
 ]
 
 
-def _service(request: Request) -> Service:
-    return request.app.state.service
-
-
 @router.post(
     "/classify",
     response_model=ClassifyResponse,
@@ -50,21 +46,17 @@ def _service(request: Request) -> Service:
     summary="Classify one text or a list of texts with an adapter.",
 )
 async def classify(body: ClassifyBody, request: Request) -> Response:
-    service = _service(request)
-    info = request.scope["state"]["cogalora"]
-    texts = body.texts
-    info["inputs"] = len(texts)
-    settings = service.settings
-    check_texts(texts, settings.max_client_batch, settings.max_input_chars)
-    repository, batcher = service.require_ready()
-    adapter = repository.resolve(body.adapter)
-    info["adapter"] = adapter
-    job = ClassifyRequest(texts=texts, adapter=adapter, threshold=body.threshold, truncate=body.truncate)
-    results = await batcher.submit(job)
-    queue_s, inference_s = service.metrics.observe_results(adapter, results)
-    content = ClassifyResponse.model_construct(adapter=adapter, results=results).model_dump_json()
-    headers = {"X-Queue-Time-Ms": f"{queue_s * 1000:.3f}", "X-Inference-Time-Ms": f"{inference_s * 1000:.3f}"}
-    return Response(content, media_type="application/json", headers=headers)
+    answer = await classify_texts(
+        request,
+        body.texts,
+        body.adapter,
+        threshold=body.threshold,
+        truncate=body.truncate,
+        raw_scores=body.raw_scores,
+    )
+    response = ClassifyResponse.model_construct(adapter=answer.adapter, results=answer.results)
+    content = response.model_dump_json(exclude_none=True)
+    return Response(content, media_type="application/json", headers=answer.timing_headers())
 
 
 @router.get("/health", response_model=StatusResponse, summary="Liveness: 200 while the process runs.")
@@ -79,7 +71,7 @@ async def health() -> dict[str, str]:
     summary="Readiness: 200 once the encoders are loaded and warmed up; 503 before and while draining.",
 )
 async def ready(request: Request) -> Response:
-    service = _service(request)
+    service = service_of(request)
     if service.state == "ready":
         return Response('{"status":"ready"}', media_type="application/json")
     return error_response(503, f"not ready: {service.state}", "not_ready", service.settings.retry_after_s)
@@ -92,7 +84,7 @@ async def ready(request: Request) -> Response:
     summary="Every servable adapter (loaded in memory or not), the memory bound and unservable folders.",
 )
 async def adapters(request: Request) -> AdaptersResponse:
-    repository, _ = _service(request).require_ready()
+    repository, _ = service_of(request).require_ready()
     return AdaptersResponse(
         adapters=repository.adapters(),
         loaded=len(repository.loaded_names()),
@@ -109,7 +101,7 @@ async def adapters(request: Request) -> AdaptersResponse:
     summary="Admin: (re)read the checkpoint folder <model_dir>/<name> and load it now.",
 )
 async def load_adapter(name: AdapterName, request: Request) -> AdapterInfo:
-    service = _service(request)
+    service = service_of(request)
     repository, _ = service.require_ready()
     async with service.admin_lock:
         loaded = await asyncio.to_thread(repository.load, name)
@@ -125,7 +117,7 @@ async def load_adapter(name: AdapterName, request: Request) -> AdapterInfo:
     summary="Admin: unload an adapter until it is loaded again (requests still queued for it get 404).",
 )
 async def unload_adapter(name: AdapterName, request: Request) -> UnloadResponse:
-    service = _service(request)
+    service = service_of(request)
     repository, _ = service.require_ready()
     async with service.admin_lock:
         await asyncio.to_thread(repository.unload, name)
@@ -140,4 +132,4 @@ async def unload_adapter(name: AdapterName, request: Request) -> UnloadResponse:
     summary="Prometheus metrics.",
 )
 async def metrics(request: Request) -> Response:
-    return Response(_service(request).metrics.render(), media_type=CONTENT_TYPE)
+    return Response(service_of(request).metrics.render(), media_type=CONTENT_TYPE)

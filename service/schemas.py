@@ -42,6 +42,7 @@ class ClassifyBody(BaseModel):
         None, ge=0.0, le=1.0, description="Gate threshold tau for this request; default: the adapter's tau."
     )
     truncate: bool = Field(True, description="Truncate long inputs to the adapter's max_length; false: 413.")
+    raw_scores: bool = Field(False, description="Also return each label's logit (before softmax) as raw_scores.")
 
     @property
     def texts(self) -> list[str]:
@@ -87,7 +88,12 @@ class RowResult(BaseModel):
     )
     active_modules: list[str] = Field(description="Sites that ran, e.g. layer.0.attention.query.")
     tokens: int = Field(description="Tokens the model read (after truncation), special tokens included.")
+    input_tokens: int = Field(description="Tokens of the whole input before truncation, special tokens included.")
+    truncated: bool = Field(description="The input was cut to the adapter's max_length (input_tokens > tokens).")
     flops: Flops
+    raw_scores: list[LabelScore] | None = Field(
+        None, description="Every label's logit (before softmax), in the order of scores; only with raw_scores=true."
+    )
     # Timings for headers and metrics, never serialized.
     queue_seconds: float = Field(0.0, exclude=True)
     inference_seconds: float = Field(0.0, exclude=True)

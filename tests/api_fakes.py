@@ -25,6 +25,8 @@ from service.schemas import AdapterInfo, Flops, LabelScore, RowResult
 from service.types import BatchStats, ClassifyRequest
 
 SITES = [f"layer.{i}.{kind}" for i in range(2) for kind in ("attention.query", "ffn.down")]
+#: The fake adapters' max_length in tokens (one token per word, plus two special tokens).
+FAKE_MAX_LENGTH = 16
 
 
 @asynccontextmanager
@@ -46,7 +48,7 @@ def info(name: str, labels: tuple[str, ...] = ("negative", "positive")) -> Adapt
         method="cogalora",
         labels=list(labels),
         tau=0.5,
-        max_length=16,
+        max_length=FAKE_MAX_LENGTH,
         total_adapters=len(SITES),
         loaded=True,
         metrics={"dev_accuracy": 0.9},
@@ -113,8 +115,14 @@ def fake_row(text: str, labels: list[str]) -> RowResult:
         active_adapters=len(active),
         total_adapters=len(SITES),
         active_modules=active,
-        tokens=words + 2,
+        tokens=min(words + 2, FAKE_MAX_LENGTH),
+        input_tokens=words + 2,
+        truncated=words + 2 > FAKE_MAX_LENGTH,
         flops=Flops(total=1000.0 + words, adapter=10.0 * len(active), adapter_saved=10.0 * (len(SITES) - len(active))),
+        raw_scores=[
+            LabelScore(label=label, score=2.0),
+            *(LabelScore(label=other, score=0.0) for other in labels if other != label),
+        ],
         queue_seconds=0.001,
         inference_seconds=0.002,
     )
@@ -145,8 +153,8 @@ class FakeBatcher:
         if self.queue_depth + len(request.texts) > self.max_queue:
             raise QueueFullError("queue full", retry_after=2)
         labels = self.repository.info(request.adapter).labels
-        if not request.truncate and any(len(text.split()) > 14 for text in request.texts):
-            raise InputTooLongError("input longer than max_length 16")
+        if not request.truncate and any(len(text.split()) + 2 > FAKE_MAX_LENGTH for text in request.texts):
+            raise InputTooLongError(f"input longer than max_length {FAKE_MAX_LENGTH}")
         self.queue_depth += len(request.texts)
         self.inflight += 1
         try:

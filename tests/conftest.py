@@ -197,3 +197,18 @@ def start_service(tmp_path_factory):
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture(scope="session")
+def keyed_service(minilm_model_dir, start_service):
+    """One real ``python -m service`` with an API key (``API_KEY``) and JSON logs, shared by the end-to-end
+    test and the protocol-client tests (one start-up for all of them). Tests compare metric deltas."""
+    from processes import API_KEY, IGNORED_BY_FLAGS
+
+    return start_service(
+        minilm_model_dir,
+        COGALORA_API_KEY=API_KEY,
+        COGALORA_LOG_FORMAT="json",
+        COGALORA_LOG_LEVEL="INFO",
+        **IGNORED_BY_FLAGS,
+    )

@@ -17,6 +17,9 @@ from benchmarks.texts import SAMPLE_TEXTS
 
 DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "cogalora.json"
 
+#: Longer than any adapter's max_length (words are single tokens): the priming makes one truncated input per adapter.
+OVERLONG_TEXT = " ".join(["word"] * 600)
+
 # What Grafana substitutes into the queries; each test that runs them lasts a few minutes.
 GRAFANA_VARIABLES = {
     "$__rate_interval": "2m",
@@ -90,18 +93,21 @@ def drive_load(service_url: str, prometheus: PrometheusAPI, adapter_mix: str, jo
     adapter's series exist before the load, and waiting for the scrape of the primed counts and
     again for the final ones gives every rate two different samples, whatever the scrape interval.
     ``adapter_mix`` as for ``benchmarks.loadtest`` (``"sst2=0.5,agnews=0.5"``).
-    Returns the load-test report plus ``primed`` (the priming responses' active adapters per adapter).
+    Returns the load-test report plus ``primed`` (the priming responses' active adapters per adapter) and
+    ``truncated`` (truncated priming inputs per adapter; the load's texts are all shorter than max_length).
     """
     wait_until(
         lambda: prometheus.scalar(f'up{{job="{job}"}}') == 1.0, timeout=60, what="prometheus scraping the service"
     )
     mix = parse_adapter_mix(adapter_mix)
     primed: dict[str, list[int]] = {}
+    truncated: dict[str, int] = {}
     for adapter, _ in mix:
         assert adapter is not None, "name every adapter of the mix"
-        response = _post(service_url, {"inputs": SAMPLE_TEXTS[0], "adapter": adapter})
+        response = _post(service_url, {"inputs": [SAMPLE_TEXTS[0], OVERLONG_TEXT], "adapter": adapter})
         assert response.status_code == 200, response.text
         primed[adapter] = [result["active_adapters"] for result in response.json()["results"]]
+        truncated[adapter] = sum(result["truncated"] for result in response.json()["results"])
     # A client error, so that the status-code panels carry a non-2xx series too.
     assert _post(service_url, {"inputs": "x", "adapter": "missing"}).status_code == 404
     wait_for_scrape(service_url, prometheus)
@@ -121,4 +127,5 @@ def drive_load(service_url: str, prometheus: PrometheusAPI, adapter_mix: str, jo
     assert _post(service_url, {"inputs": "x", "adapter": "missing"}).status_code == 404
     wait_for_scrape(service_url, prometheus)
     report["primed"] = primed
+    report["truncated"] = truncated
     return report

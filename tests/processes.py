@@ -27,6 +27,11 @@ from benchmarks.processes import (  # noqa: F401 (re-exported for the tests)
     wait_until,
 )
 
+#: The API key of the shared real service (conftest ``keyed_service``).
+API_KEY = "test-key"
+#: Start-up variables the command-line flags must win over (``ServiceProcess`` passes --host/--port).
+IGNORED_BY_FLAGS = {"COGALORA_PORT": "1", "COGALORA_HOST": "203.0.113.1"}
+
 
 def metric_sum(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` (exact sample name, e.g. ``cogalora_requests_total``) matching labels."""

@@ -8,6 +8,7 @@ import threading
 from collections import Counter
 
 import pytest
+import torch
 from api_fakes import assert_envelope, running
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -122,6 +123,39 @@ async def test_truncate_false_rejects_long_input(loaded, minilm_model_dir):
         assert_envelope(response, 413, "input_too_long")
         rows = await classify(client, ["ok", long_text])
         assert rows[1]["tokens"] == 128  # the checkpoint's max_length
+
+
+async def test_truncation_is_reported_per_input_and_counted(loaded, minilm_model_dir):
+    """Issue 16.3: a cut input says so and how long it was; a short one says it was not cut."""
+    long_text = " ".join(["word"] * 400)  # one token per word, plus [CLS] and [SEP]
+    async with running(app_on(loaded, minilm_model_dir)) as client:
+        short, cut = await classify(client, ["a short review", long_text], adapter="agnews")
+        page = (await client.get("/metrics")).text
+    assert (short["truncated"], short["input_tokens"]) == (False, short["tokens"])
+    assert (cut["truncated"], cut["input_tokens"], cut["tokens"]) == (True, 402, 128)
+    counted = {
+        sample.labels["adapter"]: sample.value
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+        if sample.name == "cogalora_truncated_inputs_total"
+    }
+    assert counted == {"agnews": 1.0}
+
+
+async def test_raw_scores_are_the_logits_behind_the_probabilities(loaded, minilm_model_dir):
+    async with running(app_on(loaded, minilm_model_dir)) as client:
+        plain = await classify(client, TEXTS[:2], adapter="agnews")
+        raw = await classify(client, TEXTS[:2], adapter="agnews", raw_scores=True)
+    assert all("raw_scores" not in row for row in plain)
+    for row, with_raw in zip(plain, raw, strict=True):
+        assert [entry["label"] for entry in with_raw["scores"]] == [entry["label"] for entry in row["scores"]]
+        assert [entry["score"] for entry in with_raw["scores"]] == pytest.approx(
+            [entry["score"] for entry in row["scores"]], abs=1e-6
+        )
+        logits = with_raw["raw_scores"]
+        assert [entry["label"] for entry in logits] == [entry["label"] for entry in row["scores"]]
+        probabilities = torch.softmax(torch.tensor([entry["score"] for entry in logits]), -1)
+        assert probabilities.tolist() == pytest.approx([entry["score"] for entry in row["scores"]], abs=1e-5)
 
 
 async def test_overload_rejects_fast_and_answers_every_accepted_request(loaded, minilm_model_dir):

@@ -83,6 +83,8 @@ class FakeEngine:
                 total_adapters=0,
                 active_modules=[],
                 tokens=row.tokens,
+                input_tokens=row.input_tokens,
+                truncated=row.input_tokens > row.tokens,
                 flops=Flops(total=1, adapter=0, adapter_saved=0),
             )
             for row, text in zip(rows, texts, strict=True)

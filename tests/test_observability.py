@@ -82,6 +82,8 @@ def test_dashboard_numbers_agree_with_the_load(loaded):
         stats = report["per_adapter"].get(name, {"inputs_ok": 0})
         expected = stats["inputs_ok"] + len(report["primed"][name])
         assert prometheus.scalar(f'sum(cogalora_inputs_total{{adapter="{name}"}})') == expected, name
+        truncated = prometheus.scalar(f'sum(cogalora_truncated_inputs_total{{adapter="{name}"}})')
+        assert truncated == report["truncated"][name] == 1, name
     # Mean active adapters from the histogram equals the mean over every response the clients got.
     primed = [count for counts in report["primed"].values() for count in counts]
     seen = report["active_adapters"]["mean"] * report["inputs"]["ok"] + sum(primed)

@@ -10,23 +10,9 @@ import sys
 
 import httpx
 import pytest
-from processes import REPO, burst_across_a_stop, metric_sum
+from processes import API_KEY, REPO, burst_across_a_stop, metric_sum
 
 pytestmark = pytest.mark.integration
-
-#: Start-up variables the command-line flags must win over (``ServiceProcess`` passes --host/--port).
-IGNORED_BY_FLAGS = {"COGALORA_PORT": "1", "COGALORA_HOST": "203.0.113.1"}
-
-
-@pytest.fixture(scope="module")
-def server(minilm_model_dir, start_service):
-    return start_service(
-        minilm_model_dir,
-        COGALORA_API_KEY="test-key",
-        COGALORA_LOG_FORMAT="json",
-        COGALORA_LOG_LEVEL="INFO",
-        **IGNORED_BY_FLAGS,
-    )
 
 
 def test_help_names_every_flag_and_its_env_var():
@@ -47,10 +33,12 @@ def test_invalid_setting_exits_cleanly():
     assert "max_queue" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_real_server_end_to_end(server):
-    auth = {"Authorization": "Bearer test-key"}
+def test_real_server_end_to_end(keyed_service):
+    server = keyed_service
+    auth = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.Client(base_url=server.url, timeout=30, trust_env=False) as client:
         assert client.get("/health").json() == {"status": "ok"}
+        before = client.get("/metrics").text
         assert client.get("/classify").status_code == 401
         assert client.get("/classify", headers=auth).status_code == 405
         assert client.post("/classify", json={"inputs": "x", "adapter": "sst2"}).status_code == 401
@@ -81,17 +69,21 @@ def test_real_server_end_to_end(server):
         assert solo["results"][0]["label"] == body["results"][1]["label"]
         assert solo["results"][0]["active_modules"] == body["results"][1]["active_modules"]
 
-        missing = client.post("/classify", json={"inputs": "x", "adapter": "nope"}, headers={"X-API-Key": "test-key"})
+        missing = client.post("/classify", json={"inputs": "x", "adapter": "nope"}, headers={"X-API-Key": API_KEY})
         assert missing.status_code == 404 and missing.json()["error_type"] == "unknown_adapter"
         assert client.get("/docs").status_code == 200
         assert "/classify" in client.get("/openapi.json").json()["paths"]
 
         metrics = client.get("/metrics").text
-        assert metric_sum(metrics, "cogalora_requests_total", adapter="sst2", code="200") == 2
-        assert metric_sum(metrics, "cogalora_inputs_total", adapter="sst2") == 4
+
+        def moved(name: str, **labels: str) -> float:  # the service is shared with other tests
+            return metric_sum(metrics, name, **labels) - metric_sum(before, name, **labels)
+
+        assert moved("cogalora_requests_total", adapter="sst2", code="200") == 2
+        assert moved("cogalora_inputs_total", adapter="sst2") == 4
         assert metric_sum(metrics, "cogalora_adapters_loaded") == 3
         active = sum(row["active_adapters"] for row in body["results"] + solo["results"])
-        assert metric_sum(metrics, "cogalora_active_adapters_sum", adapter="sst2") == active
+        assert moved("cogalora_active_adapters_sum", adapter="sst2") == active
 
     lines = [json.loads(line) for line in server.log_text().splitlines() if line.startswith("{")]
     access = [line for line in lines if line.get("logger") == "cogalora.access" and line["request_id"] == request_id]

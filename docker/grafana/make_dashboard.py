@@ -349,6 +349,7 @@ def build() -> dict:
                 (quantile(0.95, "cogalora_input_tokens", by="le, adapter"), "{{adapter}} p95"),
             ],
             "short",
+            width=8,
         )
     )
     add(
@@ -363,6 +364,19 @@ def build() -> dict:
                 )
             ],
             "short",
+            width=8,
+        )
+    )
+    add(
+        timeseries(
+            layout,
+            "Truncated inputs (%)",
+            "Share of classified inputs cut to the adapter's max_length (truncate=true), by adapter. The rest of "
+            "such an input was never read: a rising share means clients send longer texts than the model takes.",
+            [(ratio_of_sums("cogalora_truncated_inputs_total", "cogalora_inputs_total", by="adapter"), "{{adapter}}")],
+            "percentunit",
+            width=8,
+            extra_defaults={"min": 0, "max": 1},
         )
     )
 

@@ -1,0 +1,63 @@
+"""The one classification path every protocol shares: ``/classify``, the TEI routes and Open Inference v2.
+
+A route translates its wire format into texts plus options, calls :func:`classify_texts`, and
+translates the :class:`Classified` answer back. Size limits, adapter resolution, batching and the
+per-input metrics happen here, once, whichever protocol the client speaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from service.lifecycle import Service
+from service.schemas import RowResult, check_texts
+from service.types import ClassifyRequest
+
+
+def service_of(request: Request) -> Service:
+    """The :class:`Service` the app was built around."""
+    return request.app.state.service
+
+
+@dataclass(frozen=True)
+class Classified:
+    """The answer of one classification request, whatever protocol carried it."""
+
+    adapter: str
+    results: list[RowResult]
+    queue_seconds: float
+    inference_seconds: float
+
+    def timing_headers(self) -> dict[str, str]:
+        return {
+            "X-Queue-Time-Ms": f"{self.queue_seconds * 1000:.3f}",
+            "X-Inference-Time-Ms": f"{self.inference_seconds * 1000:.3f}",
+        }
+
+
+async def classify_texts(
+    request: Request,
+    texts: list[str],
+    adapter: str | None,
+    *,
+    threshold: float | None = None,
+    truncate: bool = True,
+    raw_scores: bool = False,
+) -> Classified:
+    """Validate, resolve the adapter, batch, run and record one request; raises ServiceError (4xx/5xx)."""
+    service = service_of(request)
+    info = request.scope["state"]["cogalora"]
+    info["inputs"] = len(texts)
+    settings = service.settings
+    check_texts(texts, settings.max_client_batch, settings.max_input_chars)
+    repository, batcher = service.require_ready()
+    name = repository.resolve(adapter)
+    info["adapter"] = name
+    results = await batcher.submit(ClassifyRequest(texts=texts, adapter=name, threshold=threshold, truncate=truncate))
+    queue_s, inference_s = service.metrics.observe_results(name, results)
+    if not raw_scores:
+        for row in results:
+            row.raw_scores = None
+    return Classified(adapter=name, results=results, queue_seconds=queue_s, inference_seconds=inference_s)
