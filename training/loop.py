@@ -198,6 +198,8 @@ class TrainResult:
     metrics: dict
     dropped_sites: list[str] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
+    written: bool = True
+    """False on the ranks other than 0 of a data-parallel run: they train but write nothing."""
 
 
 def seed_everything(seed: int) -> None:
@@ -376,7 +378,7 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
         tqdm.write(json.dumps(entry))
     train_seconds = time.perf_counter() - started
     if not context.is_main:
-        return TrainResult(output=Path(config.output), metrics={})
+        return TrainResult(output=Path(config.output), metrics={}, written=False)
 
     dropped = _post_process(model, config, dev_set, device)
     metrics, _ = evaluate(model, dev_set, config.eval_batch_size, device=device)
