@@ -97,6 +97,7 @@ class ReplicaAnswer:
 
     replica: str
     loaded: list[str]
+    adapter_loads: dict[str, int]
     results: list[RowResult] | None = None
     error: ServiceError | None = None
 
@@ -169,7 +170,12 @@ class ClassifierReplica:
         )
 
     def _answer(self, **outcome: Any) -> ReplicaAnswer:
-        return ReplicaAnswer(replica=self.replica, loaded=self.repository.loaded_names(), **outcome)
+        return ReplicaAnswer(
+            replica=self.replica,
+            loaded=self.repository.loaded_names(),
+            adapter_loads=dict(self.adapter_loads),
+            **outcome,
+        )
 
     async def __del__(self) -> None:
         await self.batcher.stop()
@@ -244,6 +250,7 @@ class CatalogueRepository:
     def record(self, answer: ReplicaAnswer) -> None:
         report = self.replicas.setdefault(answer.replica, ReplicaReport(answer.replica))
         report.loaded = list(answer.loaded)
+        report.adapter_loads = dict(answer.adapter_loads)
         report.requests += 1
 
 
