@@ -188,3 +188,22 @@ def test_sigterm_stops_ray_cleanly(ray_service) -> None:
     ray_service.stop(timeout=90)
     assert ray_service.proc.returncode == 0, ray_service.log_tail()
     assert "ray_serve: stopped" in ray_service.log_text()
+
+
+def test_the_serve_config_file_builds_the_application(minilm_model_dir: Path) -> None:
+    """deploy/ray/serve.yaml is a valid Serve config whose builder accepts its args (no cluster needed)."""
+    import yaml
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from service.ray_serve import build_app
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "deploy/ray/serve.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    (application,) = config["applications"]
+    assert application["import_path"] == "service.ray_serve:build_app"
+    args = {**application["args"], "model_dir": str(minilm_model_dir)}  # /models exists on the cluster only
+    assert isinstance(call_user_app_builder_with_args_if_necessary(build_app, args), Application)
+    with pytest.raises(ValueError, match="replicas"):
+        call_user_app_builder_with_args_if_necessary(build_app, {**args, "replicas": 0})
