@@ -27,8 +27,9 @@ from service.responses import service_error_response, short
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-#: Routes that need the API key when one is configured (probes and /metrics stay open).
-PROTECTED_PREFIXES = ("/classify", "/adapters")
+#: Routes that need the API key when one is configured (probes and /metrics stay open); /replicas
+#: exists under Ray Serve only (service/ray_serve) and names loaded adapters like /adapters.
+PROTECTED_PREFIXES = ("/classify", "/adapters", "/replicas")
 #: Routes whose calls are counted in the request metrics.
 COUNTED_ROUTES = {("POST", "/classify")}
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
-from api_fakes import running
+from api_fakes import assert_envelope, running
 from processes import ServiceProcess, metric_sum
 
 from service.app import create_app
@@ -188,6 +189,75 @@ def test_sigterm_stops_ray_cleanly(ray_service) -> None:
     ray_service.stop(timeout=90)
     assert ray_service.proc.returncode == 0, ray_service.log_tail()
     assert "ray_serve: stopped" in ray_service.log_text()
+
+
+class FakeReplicas:
+    """A stand-in for the replica deployment's handle: records the routing and answers as told."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.routed: list[str | None] = []
+        self.model_id: str | None = None
+
+    def options(self, multiplexed_model_id: str) -> FakeReplicas:
+        routed = FakeReplicas(self.answer)
+        routed.routed, routed.model_id = self.routed, multiplexed_model_id
+        return routed
+
+    @property
+    def classify(self):
+        async def remote(request):
+            self.routed.append(self.model_id)
+            return self.answer(request)
+
+        return SimpleNamespace(remote=remote)
+
+    @property
+    def report(self):
+        from service.ray_serve.deployments import ReplicaReport
+
+        async def remote():
+            return ReplicaReport("r1", loaded=["sst2"], metrics_url="http://10.0.0.1:9500/metrics")
+
+        return SimpleNamespace(remote=remote)
+
+
+async def test_ingress_routes_by_adapter_and_relays_replica_answers(minilm_model_dir: Path) -> None:
+    """The ingress app in process over a fake replica handle (no Ray cluster): routing id, header, errors."""
+    from ray.serve.exceptions import BackPressureError
+
+    from service.errors import InputTooLongError
+    from service.ray_serve.deployments import Ingress, ReplicaAnswer
+
+    def answer(request):
+        if request.adapter == "agnews":
+            error = InputTooLongError("input 0 has 400 tokens; at most 128")
+            return ReplicaAnswer("r2", loaded=["agnews"], adapter_loads={"agnews": 1}, error=error)
+        if request.adapter == "plain":
+            raise BackPressureError(num_queued_requests=9, max_queued_requests=8)
+        return ReplicaAnswer("r1", loaded=["sst2"], adapter_loads={}, results=[])
+
+    replicas = FakeReplicas(answer)
+    settings = Settings(model_dir=minilm_model_dir, api_key="secret")
+    app = Ingress(replicas, settings).__serve_build_asgi_app__()
+    key = {"x-api-key": "secret"}
+    async with running(app) as client:
+        ok = await client.post("/classify", json={"inputs": "fine", "adapter": "sst2"}, headers=key)
+        assert ok.status_code == 200 and ok.headers["x-cogalora-replica"] == "r1"
+        too_long = await client.post("/classify", json={"inputs": "x", "adapter": "agnews"}, headers=key)
+        assert assert_envelope(too_long, 413, "input_too_long")["error"] == "input 0 has 400 tokens; at most 128"
+        assert too_long.headers["x-cogalora-replica"] == "r2"
+        busy = await client.post("/classify", json={"inputs": "x", "adapter": "plain"}, headers=key)
+        assert assert_envelope(busy, 503, "queue_full") and busy.headers["retry-after"] == "1"
+        assert replicas.routed == ["sst2", "agnews", "plain"]  # the adapter is the multiplexed model id
+        assert (await client.get("/replicas")).status_code == 401
+        listed = (await client.get("/replicas", headers=key)).json()["replicas"]
+        assert {r["replica"]: r["loaded"] for r in listed} == {"r1": ["sst2"], "r2": ["agnews"]}
+        assert {r["replica"]: r["requests"] for r in listed} == {"r1": 1, "r2": 1}  # kept across a report
+        assert [r["metrics_url"] for r in listed] == ["http://10.0.0.1:9500/metrics", None]
+        adapters = (await client.get("/adapters", headers=key)).json()
+        assert {a["name"]: a["loaded"] for a in adapters["adapters"]} == {"agnews": True, "plain": False, "sst2": True}
+        assert_envelope(await client.post("/adapters/sst2", headers=key), 409, "adapter_conflict")
 
 
 def test_the_serve_config_file_builds_the_application(minilm_model_dir: Path) -> None:

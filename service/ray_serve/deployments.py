@@ -27,13 +27,14 @@ import contextvars
 import logging
 import os
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -273,9 +274,6 @@ class ReplicaPool:
         return None
 
     async def submit(self, request: ClassifyRequest) -> list[RowResult]:
-        from ray.exceptions import RayActorError
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
         call = self.handle.options(multiplexed_model_id=request.adapter).classify.remote(request)
         try:
             answer: ReplicaAnswer = await asyncio.wait_for(call, self.timeout_s)
@@ -386,7 +384,4 @@ def build_app(args: RayServeArgs | dict[str, Any] | None = None):
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=max(256, args.max_ongoing_requests * args.replicas),
     )
-    started = time.perf_counter()
-    application = ingress.bind(replica.bind(settings, args.metrics_port), settings)
-    log.debug("application built in %.3f s", time.perf_counter() - started)
-    return application
+    return ingress.bind(replica.bind(settings, args.metrics_port), settings)
