@@ -89,22 +89,16 @@ async def answers(client: httpx.AsyncClient) -> tuple[list[dict], list[tuple[int
 
 
 @pytest.fixture(scope="module")
-def reference(minilm_model_dir: Path, monkeypatch_module) -> tuple[list[dict], list[tuple[int, dict, str | None]]]:
-    """The single-process service's answers (in process, the same settings)."""
-    for key, value in ENV.items():
-        monkeypatch_module.setenv(key, value)
+def reference(minilm_model_dir: Path) -> tuple[list[dict], list[tuple[int, dict, str | None]]]:
+    """The single-process service's answers (in process, the settings of ``ENV``)."""
+    settings = Settings(model_dir=minilm_model_dir, **{k.removeprefix("COGALORA_").lower(): v for k, v in ENV.items()})
+    assert (settings.dtype, settings.max_loaded_adapters, settings.preload_adapters) == ("float32", 2, 0)
 
     async def collect():
-        async with running(create_app(Settings(model_dir=minilm_model_dir))) as client:
+        async with running(create_app(settings)) as client:
             return await answers(client)
 
     return asyncio.run(collect())
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
 
 
 def test_answers_and_errors_equal_the_single_process_service(ray_service, reference) -> None:
