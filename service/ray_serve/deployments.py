@@ -268,7 +268,8 @@ class ReplicaPool:
         self.retry_after = float(settings.retry_after_s)
 
     async def start(self) -> None:
-        return None
+        """Reach a replica once before /ready turns 200: the handle's router then knows the replicas."""
+        await self.refresh()
 
     async def stop(self) -> None:
         return None
