@@ -206,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(**{item.name: getattr(args, item.name) for item in fields(TrainConfig)})
     result = run_training(config)
+    if not result.written:  # a data-parallel rank other than 0: rank 0 reports
+        return 0
     summary = {
         key: value for key, value in result.metrics.items() if key not in ("per_module_activation_rate", "history")
     }

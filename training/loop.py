@@ -32,14 +32,15 @@ from cogalora.gates import GATE_ESTIMATORS, annealed_temperature
 from training.data import (
     Columns,
     EncodedDataset,
+    collate,
     encode,
     infer_label_names,
-    iterate,
     label_indices,
     parse_label_names,
     read_examples,
     training_batches,
 )
+from training.distributed import DistributedContext, init_distributed, shutdown_distributed
 from training.evaluation import evaluate, never_fired
 from training.objective import SPARSITY_WEIGHTS, Objective
 
@@ -197,6 +198,8 @@ class TrainResult:
     metrics: dict
     dropped_sites: list[str] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
+    written: bool = True
+    """False on the ranks other than 0 of a data-parallel run: they train but write nothing."""
 
 
 def seed_everything(seed: int) -> None:
@@ -271,33 +274,45 @@ def build_objective(model: CoGaLoRAModel, config: TrainConfig) -> Objective:
 
 
 def run_training(config: TrainConfig) -> TrainResult:
-    """Train, post-process, evaluate on dev and save a checkpoint to ``config.output``."""
+    """Train, post-process, evaluate on dev and save a checkpoint to ``config.output``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process trains on its shard of each global batch
+    and gradients are summed (``training.distributed``); only rank 0 evaluates, shows progress and
+    writes the checkpoint (the other ranks return a result with empty metrics).
+    """
     if config.threads:
         torch.set_num_threads(config.threads)
+    context, device = init_distributed(pick_device(config.device))
+    try:
+        return _train(config, context, device)
+    finally:
+        shutdown_distributed(context)
+
+
+def _train(config: TrainConfig, context: DistributedContext, device: torch.device) -> TrainResult:
     seed_everything(config.seed)
-    device = pick_device(config.device)
     tokenizer = load_tokenizer(config.base_model)
     labels, train_set, dev_set = load_datasets(config, tokenizer)
     seed_everything(config.seed)
     model = build_model(config, labels).to(device)
     objective = build_objective(model, config)
     optimizer = _optimizer(model, config)
+    trainable = list(model.trainable_parameters())
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     warmup = max(1, int(config.warmup_ratio * total_steps))
     routed_steps = max(1, total_steps - config.warmup_gates_on_steps)
+    show = config.progress and context.is_main
     history: list[dict] = []
     step = 0
     started = time.perf_counter()
     for epoch in range(config.epochs):
         batches = training_batches(train_set, config.batch_size, seed=config.seed * 1000 + epoch)
         model.train()
-        bar = tqdm(
-            total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not config.progress
-        )
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not show)
         smoothed, correct, seen, active, gate_slots, expected, routed = None, 0, 0, 0.0, 0, 0.0, 0
-        for batch in iterate(train_set, batches):
-            batch = batch.to(device)
+        for global_indices in batches:
+            indices = context.shard(global_indices)
             _set_lr(optimizer, step, total_steps, warmup)
             # Warm-up: plain LoRA (every gate on, routers untouched, no penalty), so adapters learn
             # before routers can switch them off.
@@ -306,29 +321,47 @@ def run_training(config: TrainConfig) -> TrainResult:
             model.routing.gate_temperature = annealed_temperature(
                 config.gate_temperature, config.gate_temperature_end, progress
             )
-            result = objective.step(model, batch, warming)
             optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), 1.0)
+            # This shard's share of the global batch: summed over ranks, the gradients and the
+            # statistics are those of the whole batch (a single process has share 1).
+            share = len(indices) / len(global_indices)
+            local = [0.0] * 6  # loss, correct, rows, active gates, gate slots, expected active * share
+            if indices:
+                batch = collate(train_set, indices).to(device)
+                result = objective.step(model, batch, warming, update_budget=False)
+                (result.loss * share).backward()
+                out = result.output
+                local = [
+                    float(result.loss.detach()) * share,
+                    float((out.logits.detach().argmax(dim=1) == batch.labels).sum()),
+                    float(len(indices)),
+                    float(out.gates.float().sum()),
+                    float(out.gates.numel()),
+                    result.expected_active * share,
+                ]
+            value, batch_correct, rows, batch_active, batch_slots, measured = context.all_reduce_sum(trainable, local)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
+            if objective.controller is not None and not warming:
+                objective.controller.update(measured)
             step += 1
-            out = result.output
-            value = float(result.loss.detach())
             smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
-            correct += int((out.logits.detach().argmax(dim=1) == batch.labels).sum())
-            seen += len(batch.labels)
-            active += float(out.gates.float().sum())
-            gate_slots += out.gates.numel()
+            correct += int(batch_correct)
+            seen += int(rows)
+            active += batch_active
+            gate_slots += int(batch_slots)
             if not warming:
-                expected += result.expected_active
+                expected += measured
                 routed += 1
             postfix = {"loss": f"{smoothed:.3f}", "acc": f"{correct / seen:.3f}"}
             postfix["active"] = f"{active / max(gate_slots, 1):.2f}"
             if objective.controller is not None:
-                postfix["lambda"] = f"{result.strength:.3f}"
+                postfix["lambda"] = f"{objective.controller.strength:.3f}"
             bar.set_postfix(postfix)
             bar.update(1)
         bar.close()
+        if not context.is_main:
+            continue
         dev_metrics, _ = evaluate(model, dev_set, config.eval_batch_size, device=device)
         entry = {
             "epoch": epoch + 1,
@@ -344,6 +377,8 @@ def run_training(config: TrainConfig) -> TrainResult:
         history.append(entry)
         tqdm.write(json.dumps(entry))
     train_seconds = time.perf_counter() - started
+    if not context.is_main:
+        return TrainResult(output=Path(config.output), metrics={}, written=False)
 
     dropped = _post_process(model, config, dev_set, device)
     metrics, _ = evaluate(model, dev_set, config.eval_batch_size, device=device)
@@ -353,6 +388,8 @@ def run_training(config: TrainConfig) -> TrainResult:
         dropped_sites=dropped,
         history=history,
     )
+    if context.enabled:
+        metrics["processes"] = context.world_size
     if objective.controller is not None:
         achieved_key = "mean_active_fraction" if config.sparsity_weights == "sites" else "adapter_flops_fraction"
         metrics.update(

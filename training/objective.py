@@ -113,8 +113,12 @@ class Objective:
         self.distill_weight = distill_weight if self.routed else 0.0
         self.distill_temperature = distill_temperature
 
-    def step(self, model: CoGaLoRAModel, batch, warming: bool) -> StepLoss:
-        """Forward + loss for one batch; ``warming``: the plain-LoRA warm-up (gates on, no penalty)."""
+    def step(self, model: CoGaLoRAModel, batch, warming: bool, update_budget: bool = True) -> StepLoss:
+        """Forward + loss for one batch; ``warming``: the plain-LoRA warm-up (gates on, no penalty).
+
+        ``update_budget=False``: leave the budget controller alone; the caller updates it with the
+        measurement of the whole global batch (data-parallel training measures one shard per process).
+        """
         output = model(
             batch.input_ids, batch.attention_mask, batch.token_type_ids, force_gates="on" if warming else None
         )
@@ -130,6 +134,6 @@ class Objective:
             loss = loss + self.distill_weight * term
             distillation = float(term.detach())
         measured = float(expected_active(output.gate_probs.detach(), self.weights)) if self.routed else 1.0
-        if self.controller:
+        if self.controller and update_budget:
             self.controller.update(measured)
         return StepLoss(loss, output, measured, strength, distillation)
