@@ -98,6 +98,7 @@ class Service:
     def __init__(self, settings: Settings, components: ComponentFactory) -> None:
         self.settings = settings
         self.metrics = ServiceMetrics(AdapterLabels(settings.metrics_adapter_labels), settings.drift_window)
+        self.metrics.queue_capacity.set(settings.max_queue)
         self.components = components
         self.repository: Repository | None = None
         self.batcher: BatcherLike | None = None

@@ -203,6 +203,9 @@ class ServiceMetrics:
             registry=r,
         )
         self.queue_depth = Gauge("cogalora_queue_depth", "Rows admitted and not running yet.", registry=r)
+        self.queue_capacity = Gauge(
+            "cogalora_queue_capacity", "Rows that may wait (max_queue) before requests are refused.", registry=r
+        )
         self.inflight = Gauge("cogalora_inflight_requests", "POST /classify requests being handled.", registry=r)
         self.adapters_loaded = Gauge("cogalora_adapters_loaded", "Adapters in memory now.", registry=r)
         self.adapters_available = Gauge(

@@ -1,0 +1,130 @@
+"""What routing fidelity costs and shows, in one process, on real sentences through the serving engine.
+
+``python -m benchmarks.fidelity [--shadow-fractions 0.05,1] [--rows 512]``:
+
+- *cost*: engine throughput with each shadow fraction as a ratio to ``shadow_fraction`` 0 on the same
+  batches (rounds interleave the variants; the ratio is the median of per-round ratios);
+- *agreement*: with every routed row shadowed, how often the routed label equals the dense (every
+  gate on) label, and the mean and p99 of ``|score_routed - score_dense|``, on the data;
+- *drift*: the ``cogalora_routing_drift`` value after ``--rows`` rows of the data, and after as many
+  rows of ``--other-data`` (another domain) sent to the same adapter.
+
+Tokenization is not timed. Results as JSON with ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks.engine import DEFAULT_DATA, ROOT, interleaved, machine, ratios, read_sentences
+
+DEFAULT_OTHER_DATA = ROOT.parent / "shared" / "data" / "agnews" / "dev.tsv"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=ROOT / "models", help="checkpoint folders (default: models/)")
+    parser.add_argument("--adapter", default="sst2", help="adapter measured (default: sst2)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="its dev data (TSV, text in column 1)")
+    parser.add_argument("--other-data", type=Path, default=DEFAULT_OTHER_DATA, help="another domain, for drift")
+    parser.add_argument("--rows", type=int, default=512, help="rows per variant and round (default: 512)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per engine batch (default: 32)")
+    parser.add_argument("--shadow-fractions", default="0.05,1", help="fractions timed against 0 (default: 0.05,1)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
+    parser.add_argument(
+        "--statistic", choices=["median", "min"], default="median", help="how rounds are combined (default: median)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
+    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"], help="precision")
+    parser.add_argument("--output", type=Path, help="write the results as JSON here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from cogalora.precision import resolve_dtype
+    from service.engine import Engine
+    from service.fidelity import DriftWindow
+    from service.repository import ModelRepository
+
+    fractions = [float(part) for part in args.shadow_fractions.split(",") if part.strip()]
+    repository = ModelRepository(args.model_dir, dtype=resolve_dtype(args.dtype, "cpu"))
+    failures = repository.scan()
+    if args.adapter in failures:
+        raise SystemExit(f"adapter {args.adapter!r} cannot be served: {failures[args.adapter]}")
+    adapter = repository.acquire(args.adapter)
+    engines = {fraction: Engine(repository, shadow_fraction=fraction) for fraction in [0.0, *fractions]}
+    base = engines[0.0]
+
+    def batches(path: Path) -> list[list]:
+        rows = base.tokenize(adapter, read_sentences(path, args.rows))
+        return [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
+
+    dev = batches(args.data)
+    shadow_rows = dict.fromkeys(engines, 0)
+
+    def runner(fraction: float):
+        def run() -> None:
+            for batch in dev:
+                outcome = engines[fraction].run_batch(batch)
+                shadow_rows[fraction] += sum(len(stats.shadow) for stats in outcome.stats)
+
+        return run
+
+    names = {fraction: f"shadow {fraction:g}" for fraction in engines}
+    times = interleaved({names[fraction]: runner(fraction) for fraction in engines}, args.rounds)
+    throughput = ratios(times, names[0.0], args.statistic)
+    passes = args.rounds + 1  # interleaved runs each variant once more, untimed, to warm up
+    cost = {
+        names[fraction]: {
+            "throughput_ratio": throughput[names[fraction]],
+            "shadow_rows_per_row": shadow_rows[fraction] / (passes * args.rows),
+            "rows_per_second": args.rows / statistics.median(times[names[fraction]]),
+        }
+        for fraction in engines
+    }
+
+    checker = Engine(repository, shadow_fraction=1.0)
+    outcomes = [o for batch in dev for stats in checker.run_batch(batch).stats for o in stats.shadow]
+    differences = sorted(o.score_difference for o in outcomes)
+    agreement = {
+        "rows": len(outcomes),
+        "agreement": sum(o.agree for o in outcomes) / len(outcomes),
+        "mean_score_difference": statistics.fmean(differences),
+        "p99_score_difference": differences[min(len(differences) - 1, int(0.99 * len(differences)))],
+    }
+
+    def drift(groups: list[list]) -> float | None:
+        window, value = DriftWindow(args.rows), None
+        for batch in groups:
+            for sample in (s for stats in base.run_batch(batch).stats for s in stats.routing):
+                value = window.add(sample)
+        return value
+
+    report = {
+        "machine": machine(args),
+        "adapter": args.adapter,
+        "data": str(args.data),
+        "rows": args.rows,
+        "batch_size": args.batch_size,
+        "rounds": args.rounds,
+        "cost": cost,
+        "dense_agreement": agreement,
+        "drift": {"dev": drift(dev), "other_domain": drift(batches(args.other_data)), "other": str(args.other_data)},
+    }
+    repository.release(adapter)
+    print(json.dumps(report, indent=2))
+    if args.output:
+        args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
