@@ -386,6 +386,9 @@ def test_dashboard_covers_the_required_metrics():
         "cogalora_adapter_flops_saved_total",
         "cogalora_queue_depth",
         "cogalora_inflight_requests",
+        "cogalora_shadow_rows_total",
+        "cogalora_shadow_score_difference_bucket",
+        "cogalora_routing_drift",
     ):
         assert metric in text, metric
 

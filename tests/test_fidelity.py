@@ -171,7 +171,8 @@ def test_activation_reference_is_only_offered_at_the_served_tau(tmp_path: Path, 
     directory = synthetic_checkpoint(tmp_path / "a", str(tiny_base_dir), ["neg", "pos"])
     meta = read_meta(directory)
     rates = {"layer.0.attention.query": 0.25}
-    assert meta.activation_reference() is None, "synthetic checkpoints record no rates"
+    assert meta.activation_reference() == dict.fromkeys(meta.activation_reference(), 0.5), "conftest's nominal rates"
+    assert meta.model_copy(update={"metrics": {}}).activation_reference() is None, "no rates recorded"
     trained = meta.model_copy(update={"metrics": {"per_module_activation_rate": rates}, "training": {"tau": 0.5}})
     assert trained.activation_reference() == rates
     moved = trained.model_copy(update={"tau": 0.7})
