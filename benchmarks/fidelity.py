@@ -3,7 +3,8 @@
 ``python -m benchmarks.fidelity [--shadow-fractions 0.05,1] [--rows 512]``:
 
 - *cost*: engine throughput with each shadow fraction as a ratio to ``shadow_fraction`` 0 on the same
-  batches (rounds interleave the variants; the ratio is the median of per-round ratios);
+  batches (the variants run each batch back to back, in rotating order; the ratio is of total times,
+  and the per-round ratios show the spread);
 - *agreement*: with every routed row shadowed, how often the routed label equals the dense (every
   gate on) label, and the mean and p99 of ``|score_routed - score_dense|``, on the data;
 - *drift*: the ``cogalora_routing_drift`` value after ``--rows`` rows of the data, and after as many
@@ -18,11 +19,12 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.engine import DEFAULT_DATA, ROOT, interleaved, machine, ratios, read_sentences
+from benchmarks.engine import DEFAULT_DATA, ROOT, machine, read_sentences
 
 DEFAULT_OTHER_DATA = ROOT.parent / "shared" / "data" / "agnews" / "dev.tsv"
 
@@ -37,12 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="rows per engine batch (default: 32)")
     parser.add_argument("--shadow-fractions", default="0.05,1", help="fractions timed against 0 (default: 0.05,1)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
-    parser.add_argument(
-        "--statistic", choices=["median", "min"], default="median", help="how rounds are combined (default: median)"
-    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
     parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"], help="precision")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
+    parser.set_defaults(statistic="ratio of total times, variants back to back per batch")  # for machine()
     return parser.parse_args(argv)
 
 
@@ -68,28 +68,32 @@ def main(argv: list[str] | None = None) -> int:
         return [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
 
     dev = batches(args.data)
-    shadow_rows = dict.fromkeys(engines, 0)
-
-    def runner(fraction: float):
-        def run() -> None:
-            for batch in dev:
-                outcome = engines[fraction].run_batch(batch)
-                shadow_rows[fraction] += sum(len(stats.shadow) for stats in outcome.stats)
-
-        return run
-
+    # Batch by batch, the variants back to back (in rotating order), so that load from other
+    # processes falls on every variant alike; a round is one pass over the batches.
     names = {fraction: f"shadow {fraction:g}" for fraction in engines}
-    times = interleaved({names[fraction]: runner(fraction) for fraction in engines}, args.rounds)
-    throughput = ratios(times, names[0.0], args.statistic)
-    passes = args.rounds + 1  # interleaved runs each variant once more, untimed, to warm up
-    cost = {
-        names[fraction]: {
-            "throughput_ratio": throughput[names[fraction]],
-            "shadow_rows_per_row": shadow_rows[fraction] / (passes * args.rows),
-            "rows_per_second": args.rows / statistics.median(times[names[fraction]]),
+    order = list(engines)
+    shadow_rows = dict.fromkeys(engines, 0)
+    for engine in engines.values():  # warm-up
+        engine.run_batch(dev[0])
+    rounds: list[dict[float, float]] = []
+    for _ in range(args.rounds):
+        seconds = dict.fromkeys(engines, 0.0)
+        for index, batch in enumerate(dev):
+            for fraction in order[index % len(order) :] + order[: index % len(order)]:
+                began = time.perf_counter()
+                outcome = engines[fraction].run_batch(batch)
+                seconds[fraction] += time.perf_counter() - began
+                shadow_rows[fraction] += sum(len(stats.shadow) for stats in outcome.stats)
+        rounds.append(seconds)
+    cost = {}
+    for fraction in engines:
+        per_round = [r[0.0] / r[fraction] for r in rounds]
+        cost[names[fraction]] = {
+            "throughput_ratio": sum(r[0.0] for r in rounds) / sum(r[fraction] for r in rounds),
+            "per_round_ratios": [round(ratio, 4) for ratio in per_round],
+            "shadow_rows_per_row": shadow_rows[fraction] / (args.rounds * args.rows),
+            "rows_per_second": args.rounds * args.rows / sum(r[fraction] for r in rounds),
         }
-        for fraction in engines
-    }
 
     checker = Engine(repository, shadow_fraction=1.0)
     outcomes = [o for batch in dev for stats in checker.run_batch(batch).stats for o in stats.shadow]
