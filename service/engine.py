@@ -8,9 +8,10 @@ forward that mixes adapters and thresholds freely. Results are built from the fo
 gates: labels, sorted scores, active modules and the analytic FLOPs of each row on its own length.
 
 Routing fidelity (``service.fidelity``): a sampled row also runs as an extra *shadow* row of the same
-batch with tau 0 (every gate on: plain LoRA, same weights); the caller gets the routed row's answer,
-the batch stats carry the comparison. Rows served at their adapter's own tau also report their gate
-counts at the adapter's reference sites, for the routing-drift gauge.
+batch with tau 0 (every gate on: plain LoRA, same weights), in a forward after the served rows'; the
+caller gets the routed row's answer, the batch stats carry the comparison. Rows served at their
+adapter's own tau also report their gate counts at the adapter's reference sites, for the
+routing-drift gauge.
 """
 
 from __future__ import annotations
@@ -185,8 +186,8 @@ class Engine:
     def run_batch(self, rows: list[PreparedRow]) -> EngineRun:
         """Results in the order of ``rows``; a failing row gets its own error, never its batch-mates'.
 
-        Shadow rows (dense copies of sampled rows) are appended after ``rows`` and run in the same
-        forwards; their results only feed ``BatchStats.shadow``.
+        Shadow rows (dense copies of sampled rows) are appended after ``rows`` and run in forwards of
+        their own, after the served rows'; their results only feed ``BatchStats.shadow``.
         """
         shadow_of = {len(rows) + k: position for k, position in enumerate(self._pick_shadows(rows))}
         rows = rows + [replace(rows[position], tau=0.0) for position in shadow_of.values()]
@@ -218,39 +219,43 @@ class Engine:
         results: list,
         shadow_of: dict[int, int],
     ) -> BatchStats:
-        positions = sorted(positions, key=lambda p: rows[p].tokens)
-        lengths = [rows[p].tokens for p in positions]
+        served = sorted((p for p in positions if p not in shadow_of), key=lambda p: rows[p].tokens)
+        shadow = sorted((p for p in positions if p in shadow_of), key=lambda p: rows[p].tokens)
         overhead = self.chunk_overhead_tokens if self.split_by_length else -1
-        chunks = length_chunks(lengths, overhead)
-        padded = multiplied = 0
+        padded = multiplied = forwards = 0
         seconds = 0.0
         routing: list[RoutingSample] = []
-        for start, stop in chunks:
-            chunk = positions[start:stop]
-            padded += lengths[stop - 1] * len(chunk)
-            began = time.perf_counter()
-            try:
-                multiplied += self._forward_chunk(encoder, rows, chunk, results, routing)
-            except Exception:
-                logger.exception("batch forward of %d rows failed; retrying them one by one", len(chunk))
-                for position in chunk:
-                    try:
-                        multiplied += self._forward_chunk(encoder, rows, [position], results, routing)
-                    except Exception:
-                        logger.exception("forward failed for one row of adapter %r", rows[position].adapter.name)
-                        results[position] = InferenceError("inference failed for this input")
-            seconds += time.perf_counter() - began
-        shadows = [(shadow_of[p], p) for p in positions if p in shadow_of]
+        # Shadow rows get forwards of their own, after the served rows: the served rows' forwards are
+        # then exactly those of a batch without shadows, so no answer moves even by a rounding error.
+        for group in (served, shadow):
+            lengths = [rows[p].tokens for p in group]
+            for start, stop in length_chunks(lengths, overhead):
+                chunk = group[start:stop]
+                padded += lengths[stop - 1] * len(chunk)
+                forwards += 1
+                began = time.perf_counter()
+                try:
+                    multiplied += self._forward_chunk(encoder, rows, chunk, results, routing)
+                except Exception:
+                    logger.exception("batch forward of %d rows failed; retrying them one by one", len(chunk))
+                    for position in chunk:
+                        try:
+                            multiplied += self._forward_chunk(encoder, rows, [position], results, routing)
+                        except Exception:
+                            logger.exception("forward failed for one row of adapter %r", rows[position].adapter.name)
+                            results[position] = InferenceError("inference failed for this input")
+                seconds += time.perf_counter() - began
+        shadows = [(shadow_of[p], p) for p in shadow]
         outcomes = tuple(
             compare(rows[served].adapter.name, results[served], results[dense])
             for served, dense in shadows
             if isinstance(results[served], RowResult) and isinstance(results[dense], RowResult)
         )
         return BatchStats(
-            rows=len(positions) - len(shadows),
-            forwards=len(chunks),
+            rows=len(served),
+            forwards=forwards,
             padded_tokens=padded,
-            real_tokens=sum(lengths),
+            real_tokens=sum(rows[p].tokens for p in positions),
             inference_seconds=seconds,
             adapter_rows_multiplied=multiplied,
             shadow=outcomes,

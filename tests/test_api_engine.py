@@ -255,7 +255,4 @@ async def test_shadow_checks_through_http_change_no_answer_and_count_every_row(l
         expected = len(texts) if fraction else 0
         assert sum(shadow.values()) == expected, "plain LoRA rows have nothing to check"
         assert sum(v for (adapter, _), v in shadow.items() if adapter == "sst2") == expected
-    for routed, plain in zip(answers[1.0], answers[0.0], strict=True):
-        assert routed["label"] == plain["label"] and routed["active_modules"] == plain["active_modules"]
-        assert routed["score"] == pytest.approx(plain["score"], abs=1e-5)
-        assert routed["flops"] == plain["flops"]
+    assert answers[1.0] == answers[0.0], "to the last digit"
