@@ -1,9 +1,10 @@
 """Routing fidelity on live traffic: shadow dense checks and routing drift (docs/service.md).
 
 *Shadow dense checks.* "Every gate on" is just tau 0, so the engine can run a sampled row a second
-time, as an extra row of the same batch, as plain LoRA with the same weights. The caller gets the
-routed answer as always; :func:`compare` turns the pair into a :class:`ShadowOutcome` (do the labels
-agree, how far apart are the scores) for the metrics. :class:`ShadowSampler` picks the rows.
+time in the same engine batch (in a forward of its own), as plain LoRA with the same weights. The
+caller gets the routed answer as always; :func:`compare` turns the pair into a
+:class:`ShadowOutcome` (do the labels agree, how far apart are the scores) for the metrics.
+:class:`ShadowSampler` picks the rows.
 
 *Routing drift.* A checkpoint records how often each site fired on its dev data at the served tau
 (:meth:`cogalora.checkpoint.CheckpointMeta.activation_reference`). :class:`DriftWindow` keeps, per

@@ -61,9 +61,9 @@ class Settings(BaseSettings):
         0.01,
         ge=0.0,
         le=1.0,
-        description="Fraction of routed rows also run with every gate on (plain LoRA, same weights) as an extra "
-        "row of the same batch, to measure live how often routing changes the answer; 0 disables. The "
-        "answer returned is always the routed one.",
+        description="Fraction of routed rows also run with every gate on (plain LoRA, same weights) in the same "
+        "engine batch (a forward of their own), to measure live how often routing changes the answer; 0 "
+        "disables. The answer returned is always the routed one, bit for bit.",
     )
     drift_window: int = Field(
         1000,
