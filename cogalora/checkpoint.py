@@ -74,6 +74,24 @@ class CheckpointMeta(BaseModel):
     metrics: dict[str, Any] = {}
     training: dict[str, Any] = {}
 
+    def activation_reference(self) -> dict[str, float] | None:
+        """Per-site activation rates measured on dev data *at the served tau*, or None if unknown.
+
+        ``python -m training calibrate`` records them beside the tau it picks; training's own evaluation
+        records them at the training tau, which is only the served tau when no calibration moved it.
+        Rates at another tau would make every row look like drift, so they are not offered.
+        """
+        calibration = (self.model_extra or {}).get("calibration")
+        chosen = calibration.get("chosen") if isinstance(calibration, dict) else None
+        if isinstance(chosen, dict) and chosen.get("tau") == self.tau:
+            rates = chosen.get("per_module_activation_rate")
+            return _rates(rates) if rates else None
+        trained_tau = self.training.get("tau", self.tau)
+        rates = self.metrics.get("per_module_activation_rate")
+        if rates and trained_tau == self.tau:
+            return _rates(rates)
+        return None
+
     def to_config(self) -> CoGaLoRAConfig:
         return CoGaLoRAConfig(
             method=self.method,
@@ -86,6 +104,13 @@ class CheckpointMeta(BaseModel):
             sparsity_lambda=self.sparsity_lambda,
             head_modules=tuple(self.head_modules) or None,
         )
+
+
+def _rates(value: Any) -> dict[str, float] | None:
+    """A ``{site: rate}`` mapping with numeric rates, or None when the JSON holds something else."""
+    if not isinstance(value, dict) or not all(isinstance(rate, int | float) for rate in value.values()):
+        return None
+    return {str(site): float(rate) for site, rate in value.items()}
 
 
 # ---- writing ----------------------------------------------------------------------------------

@@ -6,6 +6,12 @@ by shared encoder, sorts them by length and cuts the sorted rows into a few leng
 saves more padded tokens than a forward costs (see :func:`length_chunks`); every chunk is one routed
 forward that mixes adapters and thresholds freely. Results are built from the forward's logits and
 gates: labels, sorted scores, active modules and the analytic FLOPs of each row on its own length.
+
+Routing fidelity (``service.fidelity``): a sampled row also runs as an extra *shadow* row of the same
+batch with tau 0 (every gate on: plain LoRA, same weights), in a forward after the served rows'; the
+caller gets the routed row's answer, the batch stats carry the comparison. Rows served at their
+adapter's own tau also report their gate counts at the adapter's reference sites, for the
+routing-drift gauge.
 """
 
 from __future__ import annotations
@@ -14,15 +20,16 @@ import ctypes
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
 from service.errors import AdapterUnloadedError, InferenceError, InputTooLongError, ServiceError
+from service.fidelity import ShadowSampler, compare
 from service.repository import LoadedAdapter, ModelRepository, SharedEncoder
 from service.schemas import Flops, LabelScore, RowResult
-from service.types import BatchStats, ClassifyRequest
+from service.types import BatchStats, ClassifyRequest, RoutingSample
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +121,8 @@ class Engine:
         tune_malloc: bool = True,
         force_gates: Literal["on", "off"] | None = None,
         always_gather: bool = False,
+        shadow_fraction: float = 0.0,
+        shadow_seed: int = 0,
     ) -> None:
         self.repository = repository
         self.always_gather = always_gather
@@ -125,6 +134,8 @@ class Engine:
         self.chunk_overhead_tokens = chunk_overhead_tokens
         self.force_gates = force_gates
         """Diagnostics and benchmarks only: every present adapter on ("on") or none ("off")."""
+        self.shadow = ShadowSampler(shadow_fraction, shadow_seed)
+        """Picks the rows that also run densely (tau 0) as shadow rows; see ``service.fidelity``."""
         if tune_malloc and repository.device.type == "cpu":
             tune_allocator()
 
@@ -173,7 +184,13 @@ class Engine:
     # ---- execution ----------------------------------------------------------------------------
 
     def run_batch(self, rows: list[PreparedRow]) -> EngineRun:
-        """Results in the order of ``rows``; a failing row gets its own error, never its batch-mates'."""
+        """Results in the order of ``rows``; a failing row gets its own error, never its batch-mates'.
+
+        Shadow rows (dense copies of sampled rows) are appended after ``rows`` and run in forwards of
+        their own, after the served rows'; their results only feed ``BatchStats.shadow``.
+        """
+        shadow_of = {len(rows) + k: position for k, position in enumerate(self._pick_shadows(rows))}
+        rows = rows + [replace(rows[position], tau=0.0) for position in shadow_of.values()]
         results: list[RowResult | ServiceError | None] = [None] * len(rows)
         groups: dict[int, tuple[SharedEncoder, list[int]]] = {}
         for position, row in enumerate(rows):
@@ -182,44 +199,79 @@ class Engine:
                 continue
             encoder = row.adapter.encoder
             groups.setdefault(id(encoder), (encoder, []))[1].append(position)
-        stats = [self._run_encoder(encoder, rows, positions, results) for encoder, positions in groups.values()]
-        return EngineRun(results=results, stats=stats)  # type: ignore[arg-type]
+        stats = [
+            self._run_encoder(encoder, rows, positions, results, shadow_of) for encoder, positions in groups.values()
+        ]
+        served = len(rows) - len(shadow_of)
+        return EngineRun(results=results[:served], stats=stats)  # type: ignore[arg-type]
+
+    def _pick_shadows(self, rows: list[PreparedRow]) -> list[int]:
+        """Positions of the rows to check densely: sampled among rows whose gates can be off at all."""
+        if self.shadow.fraction <= 0.0 or self.force_gates is not None:
+            return []
+        return [p for p, row in enumerate(rows) if row.adapter.routed and row.tau > 0.0 and self.shadow.pick()]
 
     def _run_encoder(
-        self, encoder: SharedEncoder, rows: list[PreparedRow], positions: list[int], results: list
+        self,
+        encoder: SharedEncoder,
+        rows: list[PreparedRow],
+        positions: list[int],
+        results: list,
+        shadow_of: dict[int, int],
     ) -> BatchStats:
-        positions = sorted(positions, key=lambda p: rows[p].tokens)
-        lengths = [rows[p].tokens for p in positions]
+        served = sorted((p for p in positions if p not in shadow_of), key=lambda p: rows[p].tokens)
+        shadow = sorted((p for p in positions if p in shadow_of), key=lambda p: rows[p].tokens)
         overhead = self.chunk_overhead_tokens if self.split_by_length else -1
-        chunks = length_chunks(lengths, overhead)
-        padded = multiplied = 0
+        padded = multiplied = forwards = 0
         seconds = 0.0
-        for start, stop in chunks:
-            chunk = positions[start:stop]
-            padded += lengths[stop - 1] * len(chunk)
-            began = time.perf_counter()
-            try:
-                multiplied += self._forward_chunk(encoder, rows, chunk, results)
-            except Exception:
-                logger.exception("batch forward of %d rows failed; retrying them one by one", len(chunk))
-                for position in chunk:
-                    try:
-                        multiplied += self._forward_chunk(encoder, rows, [position], results)
-                    except Exception:
-                        logger.exception("forward failed for one row of adapter %r", rows[position].adapter.name)
-                        results[position] = InferenceError("inference failed for this input")
-            seconds += time.perf_counter() - began
+        routing: list[RoutingSample] = []
+        # Shadow rows get forwards of their own, after the served rows: the served rows' forwards are
+        # then exactly those of a batch without shadows, so no answer moves even by a rounding error.
+        for group in (served, shadow):
+            lengths = [rows[p].tokens for p in group]
+            for start, stop in length_chunks(lengths, overhead):
+                chunk = group[start:stop]
+                padded += lengths[stop - 1] * len(chunk)
+                forwards += 1
+                began = time.perf_counter()
+                try:
+                    multiplied += self._forward_chunk(encoder, rows, chunk, results, routing)
+                except Exception:
+                    logger.exception("batch forward of %d rows failed; retrying them one by one", len(chunk))
+                    for position in chunk:
+                        try:
+                            multiplied += self._forward_chunk(encoder, rows, [position], results, routing)
+                        except Exception:
+                            logger.exception("forward failed for one row of adapter %r", rows[position].adapter.name)
+                            results[position] = InferenceError("inference failed for this input")
+                seconds += time.perf_counter() - began
+        shadows = [(shadow_of[p], p) for p in shadow]
+        outcomes = tuple(
+            compare(rows[served].adapter.name, results[served], results[dense])
+            for served, dense in shadows
+            if isinstance(results[served], RowResult) and isinstance(results[dense], RowResult)
+        )
         return BatchStats(
-            rows=len(positions),
-            forwards=len(chunks),
+            rows=len(served),
+            forwards=forwards,
             padded_tokens=padded,
-            real_tokens=sum(lengths),
+            real_tokens=sum(rows[p].tokens for p in positions),
             inference_seconds=seconds,
             adapter_rows_multiplied=multiplied,
+            shadow=outcomes,
+            routing=tuple(routing),
         )
 
-    def _forward_chunk(self, encoder: SharedEncoder, rows: list[PreparedRow], chunk: list[int], results: list) -> int:
-        """One routed forward over ``chunk`` (row positions); fills ``results``; returns rows multiplied."""
+    def _forward_chunk(
+        self,
+        encoder: SharedEncoder,
+        rows: list[PreparedRow],
+        chunk: list[int],
+        results: list,
+        routing: list[RoutingSample],
+    ) -> int:
+        """One routed forward over ``chunk`` (row positions); fills ``results``, appends the chunk's
+        gate counts to ``routing``; returns rows multiplied."""
         began = time.perf_counter()
         with encoder.lock:
             # An admin may have unloaded an adapter since run_batch looked: check again under the lock.
@@ -244,7 +296,8 @@ class Engine:
                     lengths=[rows[p].tokens for p in live],
                 )
                 logits = output.logits.float().cpu()
-                gates = output.gates.cpu().tolist()
+                gate_matrix = output.gates.cpu()
+        gates = gate_matrix.tolist()
         num_labels = torch.tensor([len(rows[p].adapter.labels) for p in live])
         columns = torch.arange(logits.shape[1])
         probs = torch.softmax(logits.masked_fill(columns[None, :] >= num_labels[:, None], float("-inf")), -1).tolist()
@@ -254,6 +307,8 @@ class Engine:
         routers = self.force_gates is None
         for i, position in enumerate(live):
             results[position] = _row_result(rows[position], probs[i], raw[i], gates[i], site_names, seconds, routers)
+        if routers:
+            routing += _routing_samples([rows[p] for p in live], gate_matrix)
         return output.adapter_rows
 
     # ---- warm-up ------------------------------------------------------------------------------
@@ -280,6 +335,26 @@ def _padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids in sequences])
     mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
     return ids, mask
+
+
+def _routing_samples(rows: list[PreparedRow], gates: torch.Tensor) -> list[RoutingSample]:
+    """Per adapter with a drift reference: gate counts of its rows served at its own tau.
+
+    Rows at another tau (a request's threshold override, shadow rows at tau 0) route differently by
+    design and would read as drift, so they are left out.
+    """
+    members: dict[int, tuple[LoadedAdapter, list[int]]] = {}
+    for index, row in enumerate(rows):
+        adapter = row.adapter
+        if adapter.drift_sites and row.tau == adapter.meta.tau:
+            members.setdefault(id(adapter), (adapter, []))[1].append(index)
+    samples = []
+    for adapter, indices in members.values():
+        counts = gates[indices][:, list(adapter.drift_sites)].sum(dim=0).tolist()
+        samples.append(
+            RoutingSample(adapter.name, len(indices), tuple(int(c) for c in counts), adapter.drift_reference)
+        )
+    return samples
 
 
 def _unloaded(row: PreparedRow) -> AdapterUnloadedError:

@@ -67,7 +67,7 @@ def build_engine(settings: Settings, metrics: ServiceMetrics):
     repository.scan()
     repository.load_encoders()
     repository.preload(settings.preload_adapters)
-    engine = Engine(repository)
+    engine = Engine(repository, shadow_fraction=settings.shadow_fraction)
     engine.warmup()
     return repository, engine
 
@@ -97,7 +97,8 @@ class Service:
 
     def __init__(self, settings: Settings, components: ComponentFactory) -> None:
         self.settings = settings
-        self.metrics = ServiceMetrics(AdapterLabels(settings.metrics_adapter_labels))
+        self.metrics = ServiceMetrics(AdapterLabels(settings.metrics_adapter_labels), settings.drift_window)
+        self.metrics.queue_capacity.set(settings.max_queue)
         self.components = components
         self.repository: Repository | None = None
         self.batcher: BatcherLike | None = None

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from service.fidelity import DriftWindow
 from service.schemas import RowResult
 from service.types import BatchStats
 
@@ -37,6 +38,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024)
 _ACTIVE_BUCKETS = (0, 1, 2, 4, 6, 8, 12, 16, 24, 36, 48, 72, 96, 144)
 _FLOP_BUCKETS = tuple(float(10**e * m) for e in range(6, 12) for m in (1, 2.5, 5))
+_SCORE_DIFFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 def split_site(site: str) -> tuple[str, str]:
@@ -99,8 +101,10 @@ class AdapterLabels:
 class ServiceMetrics:
     """Every ``cogalora_*`` metric; also the engine's BatchListener and the repository's listener."""
 
-    def __init__(self, adapter_labels: AdapterLabels | None = None) -> None:
+    def __init__(self, adapter_labels: AdapterLabels | None = None, drift_window: int = 1000) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.drift = DriftWindow(drift_window) if drift_window > 0 else None
+        """Per-adapter window of live gate counts behind ``cogalora_routing_drift`` (None: disabled)."""
         self.label = adapter_labels or AdapterLabels()
         self.label.on_dropped = self._drop_adapter
         self._series: dict[str, set[tuple[object, tuple[str, ...]]]] = {}
@@ -187,7 +191,30 @@ class ServiceMetrics:
             ["adapter", "layer", "module"],
             registry=r,
         )
+        self.shadow_rows = Counter(
+            "cogalora_shadow_rows",
+            "Shadow dense checks: routed rows re-run with every gate on, by whether the labels agreed.",
+            ["adapter", "agreement"],
+            registry=r,
+        )
+        self.shadow_score_difference = Histogram(
+            "cogalora_shadow_score_difference",
+            "|routed - dense| probability of the returned label, per shadow dense check.",
+            ["adapter"],
+            buckets=_SCORE_DIFFERENCE_BUCKETS,
+            registry=r,
+        )
+        self.routing_drift = Gauge(
+            "cogalora_routing_drift",
+            "Mean absolute difference between live per-site activation rates (last drift_window rows at the "
+            "adapter's tau) and the rates its checkpoint measured on dev data.",
+            ["adapter"],
+            registry=r,
+        )
         self.queue_depth = Gauge("cogalora_queue_depth", "Rows admitted and not running yet.", registry=r)
+        self.queue_capacity = Gauge(
+            "cogalora_queue_capacity", "Rows that may wait (max_queue) before requests are refused.", registry=r
+        )
         self.inflight = Gauge(
             "cogalora_inflight_requests", "Classification requests (any protocol) being handled.", registry=r
         )
@@ -227,9 +254,22 @@ class ServiceMetrics:
         self.padded_tokens.inc(stats.padded_tokens)
         self.real_tokens.inc(stats.real_tokens)
         self.adapter_rows.inc(stats.adapter_rows_multiplied)
+        for outcome in stats.shadow:
+            label = self.label(outcome.adapter)
+            self._labelled(self.shadow_rows, label, "agree" if outcome.agree else "disagree").inc()
+            self._labelled(self.shadow_score_difference, label).observe(outcome.score_difference)
+        if self.drift is not None:
+            for sample in stats.routing:
+                drift = self.drift.add(sample)
+                label = self.label(sample.adapter)
+                # "other" mixes adapters with different references: no single drift to report.
+                if drift is not None and label != OTHER_ADAPTERS:
+                    self._labelled(self.routing_drift, label).set(drift)
 
     def on_adapter_loaded(self, name: str, seconds: float) -> None:
         self.adapter_loads.inc()
+        if self.drift is not None:
+            self.drift.forget(name)  # a reload may come from another checkpoint, with another reference
         self.adapter_load_duration.observe(seconds)
 
     def on_adapter_evicted(self, name: str) -> None:

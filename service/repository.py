@@ -136,6 +136,12 @@ class LoadedAdapter:
     total_adapters: int
     pins: int = 0
     """Requests holding it (queued or running); a pinned adapter is never evicted."""
+    routed: bool = False
+    """Whether any of its sites has a router (else "every gate on" is what it always runs)."""
+    drift_sites: tuple[int, ...] = ()
+    """Encoder site indices of its routed sites that its checkpoint has a dev activation rate for."""
+    drift_reference: tuple[float, ...] = ()
+    """Those sites' dev activation rates at the served tau (empty: no routing-drift reference)."""
 
     @property
     def labels(self) -> list[str]:
@@ -407,6 +413,11 @@ class ModelRepository:
             slot = encoder.free_slot()
             encoder.model.set_adapter(slot, weights, meta.labels, source=entry.name)
             encoder.slots[slot] = entry.name
+            routed = encoder.model.site_routed(slot)
+        reference = meta.activation_reference() or {}
+        drift_sites = tuple(
+            index for index, name in enumerate(encoder.site_names) if routed[index] and name in reference
+        )
         adapter = LoadedAdapter(
             name=entry.name,
             meta=meta,
@@ -416,6 +427,9 @@ class ModelRepository:
             max_length=min(meta.max_length, encoder.max_positions),
             flops=FlopModel.for_slot(encoder.model, slot),
             total_adapters=entry.info.total_adapters,
+            routed=any(routed),
+            drift_sites=drift_sites,
+            drift_reference=tuple(reference[encoder.site_names[index]] for index in drift_sites),
         )
         seconds = time.perf_counter() - started
         logger.info("loaded adapter %r (%s) into slot %d in %.1f ms", entry.name, meta.method, slot, seconds * 1e3)

@@ -57,6 +57,20 @@ class Settings(BaseSettings):
         description='Per-adapter metric labels: "all", "top:N" (the N busiest, the rest "other") or a '
         'comma-separated list of adapters (the rest "other").',
     )
+    shadow_fraction: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of routed rows also run with every gate on (plain LoRA, same weights) in the same "
+        "engine batch (a forward of their own), to measure live how often routing changes the answer; 0 "
+        "disables. The answer returned is always the routed one, bit for bit.",
+    )
+    drift_window: int = Field(
+        1000,
+        ge=0,
+        description="Rows per adapter (served at its own tau) over which live per-site activation rates are "
+        "compared with the checkpoint's dev-data rates for cogalora_routing_drift; 0 disables.",
+    )
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON objects.")
     log_level: str = Field("INFO", description="Root log level (DEBUG, INFO, WARNING, ...).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 responses.")

@@ -28,6 +28,29 @@ class ClassifyRequest:
 
 
 @dataclass(frozen=True)
+class ShadowOutcome:
+    """One shadow dense check: a routed row compared with the same row with every gate on."""
+
+    adapter: str
+    agree: bool
+    """Whether the routed label equals the dense (plain-LoRA) label."""
+    score_difference: float
+    """``|p_routed(label) - p_dense(label)|`` for the label the routed row returned."""
+
+
+@dataclass(frozen=True)
+class RoutingSample:
+    """Gate counts of one adapter's rows in one forward, at the sites its drift reference covers."""
+
+    adapter: str
+    rows: int
+    active: tuple[int, ...]
+    """Per reference site: rows whose gate was on."""
+    reference: tuple[float, ...]
+    """Per reference site: the activation rate measured on dev data at the same tau."""
+
+
+@dataclass(frozen=True)
 class BatchStats:
     """What one engine batch did, for metrics."""
 
@@ -40,6 +63,10 @@ class BatchStats:
     inference_seconds: float
     adapter_rows_multiplied: int
     """(row, site) pairs multiplied by an adapter: the adapter work actually done."""
+    shadow: tuple[ShadowOutcome, ...] = ()
+    """Shadow dense checks run in this batch (their rows are not counted in ``rows``)."""
+    routing: tuple[RoutingSample, ...] = ()
+    """Gate counts of the rows served at their adapter's own tau, for routing drift."""
 
 
 class BatchListener(Protocol):

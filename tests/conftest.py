@@ -150,7 +150,8 @@ def synthetic_checkpoint(
         target_modules=list(config.target_modules),
         tau=0.5,
         router={"hidden": config.router_hidden} if method == "cogalora" else None,
-        metrics={"synthetic": True},
+        # A nominal dev reference (every site fires for half the inputs) so the drift gauge has one.
+        metrics={"synthetic": True, "per_module_activation_rate": dict.fromkeys(model.site_names, 0.5)},
         **{"lambda": 0.0},
     )
     return save_checkpoint(model, directory, meta)

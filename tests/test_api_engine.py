@@ -265,3 +265,28 @@ async def test_admin_load_of_a_broken_folder_is_422(own_model_dir):
         assert str(own_model_dir) not in body["error"]
         assert "broken" in (await client.get("/adapters")).json()["unavailable"]
         assert len(await classify(client, "still fine")) == 1
+
+
+async def test_shadow_checks_through_http_change_no_answer_and_count_every_row(loaded, minilm_model_dir):
+    """shadow_fraction 1 vs 0 on the same repository: identical answers; one shadow check per routed input."""
+    from service.engine import Engine
+
+    repository, _ = loaded
+    texts = TEXTS * 3
+    answers = {}
+    for fraction in (0.0, 1.0):
+        engine = Engine(repository, tune_malloc=False, shadow_fraction=fraction)
+        async with running(app_on((repository, engine), minilm_model_dir)) as client:
+            answers[fraction] = await classify(client, texts)
+            answers[fraction] += await classify(client, texts[:4], adapter="plain")
+            page = (await client.get("/metrics")).text
+        shadow = {
+            (sample.labels["adapter"], sample.labels["agreement"]): sample.value
+            for family in text_string_to_metric_families(page)
+            for sample in family.samples
+            if sample.name == "cogalora_shadow_rows_total"
+        }
+        expected = len(texts) if fraction else 0
+        assert sum(shadow.values()) == expected, "plain LoRA rows have nothing to check"
+        assert sum(v for (adapter, _), v in shadow.items() if adapter == "sst2") == expected
+    assert answers[1.0] == answers[0.0], "to the last digit"

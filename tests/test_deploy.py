@@ -22,6 +22,8 @@ from dashboard import DASHBOARD
 from processes import REPO, SERVICE_COMMAND
 
 PROMETHEUS = DOCKER_DIR / "prometheus.yml"
+ALERT_RULES = DOCKER_DIR / "prometheus" / "alerts.yml"
+ALERT_TESTS = DOCKER_DIR / "prometheus" / "alerts.test.yml"
 DATASOURCES = DOCKER_DIR / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = DOCKER_DIR / "grafana" / "provisioning" / "dashboards" / "cogalora.yml"
 
@@ -286,6 +288,60 @@ def test_promtool_accepts_prometheus_config():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def _promtool() -> str:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    return promtool
+
+
+def test_alert_rules_fire_on_synthetic_series():
+    """Every alert fires where it should and stays quiet elsewhere (docker/prometheus/alerts.test.yml)."""
+    promtool = _promtool()
+    for command in (["check", "rules", str(ALERT_RULES)], ["test", "rules", str(ALERT_TESTS)]):
+        done = subprocess.run([promtool, *command], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+    tested = set(re.findall(r"alertname: (\w+)", ALERT_TESTS.read_text(encoding="utf-8")))
+    defined = set(re.findall(r"- alert: (\w+)", ALERT_RULES.read_text(encoding="utf-8")))
+    assert defined == tested and len(defined) == 5, (defined, tested)
+
+
+def exported_series_names() -> set[str]:
+    """Every series name the service's registry can expose (counters' _total, histograms' _bucket ...)."""
+    from service.metrics import ServiceMetrics
+
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created")}
+    names = set()
+    for family in ServiceMetrics().registry.collect():
+        names.add(family.name)
+        names.update(family.name + suffix for suffix in suffixes.get(family.type, ()))
+    return names
+
+
+def test_alert_rules_use_metrics_the_service_exports():
+    rules = yaml.safe_load(ALERT_RULES.read_text(encoding="utf-8"))
+    exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    used = {name for expr in exprs for name in re.findall(r"\bcogalora_\w+", expr)}
+    assert used and used <= exported_series_names(), used - exported_series_names()
+
+
+def test_compose_prometheus_loads_the_alert_rules(compose_config: dict):
+    """Each rule file of prometheus.yml resolves, in the container, to a mounted file of this repository."""
+    prometheus = yaml.safe_load(PROMETHEUS.read_text(encoding="utf-8"))
+    rule_files = prometheus["rule_files"]
+    assert rule_files and all(not Path(path).is_absolute() for path in rule_files)
+    assert {(PROMETHEUS.parent / path).resolve() for path in rule_files} == {ALERT_RULES}
+    service = compose_config["services"]["prometheus"]
+    config_flag = next(a for a in service["command"] if a.startswith("--config.file="))
+    container_dir = Path(config_flag.split("=", 1)[1]).parent
+    mounts = {Path(target): source for target, source in _mounts(service).items()}
+    for path in rule_files:
+        target = container_dir / path
+        mount = next((m for m in mounts if target.is_relative_to(m)), None)
+        assert mount is not None, f"{target} is not mounted into the Prometheus container"
+        assert (mounts[mount] / target.relative_to(mount)).resolve() == ALERT_RULES
+
+
 def dashboard_panels(dashboard: dict) -> list[dict]:
     """Every panel, including those nested in (collapsed) rows."""
     found = []
@@ -330,6 +386,9 @@ def test_dashboard_covers_the_required_metrics():
         "cogalora_adapter_flops_saved_total",
         "cogalora_queue_depth",
         "cogalora_inflight_requests",
+        "cogalora_shadow_rows_total",
+        "cogalora_shadow_score_difference_bucket",
+        "cogalora_routing_drift",
     ):
         assert metric in text, metric
 

@@ -105,6 +105,9 @@ def stack(engine, tmp_path_factory):
             "PROMETHEUS_IMAGE": PROMETHEUS.tag,
             "COGALORA_HOST_PORT": str(service_port),
             "PROMETHEUS_HOST_PORT": str(prometheus_port),
+            # Every routed row shadowed and a short drift window: the fidelity panels get data from a short load.
+            "COGALORA_SHADOW_FRACTION": "1",
+            "COGALORA_DRIFT_WINDOW": "10",
         },
         log_dir,
     )

@@ -26,7 +26,8 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def stack(minilm_model_dir: Path, tmp_path_factory, start_service):
     workdir = tmp_path_factory.mktemp("observability")
-    service = start_service(minilm_model_dir, wait=False)
+    # Every routed row shadowed and a short drift window: the fidelity panels get data from a short load.
+    service = start_service(minilm_model_dir, wait=False, COGALORA_SHADOW_FRACTION="1", COGALORA_DRIFT_WINDOW="10")
     prometheus = PrometheusProcess(workdir, "cogalora", [f"127.0.0.1:{service.port}"], scrape_interval="1s")
     try:
         prometheus.wait_ready()
@@ -89,3 +90,9 @@ def test_dashboard_numbers_agree_with_the_load(loaded):
     seen = report["active_adapters"]["mean"] * report["inputs"]["ok"] + sum(primed)
     mean = prometheus.scalar("sum(cogalora_active_adapters_sum) / sum(cogalora_active_adapters_count)")
     assert mean == pytest.approx(seen / (report["inputs"]["ok"] + len(primed)), rel=1e-9)
+    # Shadow fraction 1: every input of a routed adapter had exactly one dense check; plain LoRA none.
+    for name in ("sst2", "agnews"):
+        inputs = prometheus.scalar(f'sum(cogalora_inputs_total{{adapter="{name}"}})')
+        assert prometheus.scalar(f'sum(cogalora_shadow_rows_total{{adapter="{name}"}})') == inputs, name
+    assert prometheus.scalar('sum(cogalora_shadow_rows_total{adapter="plain"})') is None
+    assert prometheus.scalar('max(cogalora_routing_drift{adapter="sst2"})') is not None

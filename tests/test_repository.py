@@ -51,7 +51,7 @@ def test_scan_catalogues_without_loading_and_loads_share_one_encoder(model_dir: 
     assert (info.labels, info.method, info.loaded) == (["a", "b", "c"], "cogalora", False)
     assert info.total_adapters == 12  # 2 layers x 6 module kinds
     assert info.max_length == 64  # capped by the tiny encoder's 64 positions
-    assert info.metrics == {"synthetic": True}
+    assert info.metrics["synthetic"] is True
 
     assert repo.preload(10) == ["alpha", "beta", "plain"]
     assert len(repo.encoders()) == 1

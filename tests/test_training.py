@@ -344,8 +344,14 @@ def test_calibrate_writes_a_tau_meeting_the_target(tiny_base: Path, toy_data, tm
     feasible = [p["accuracy"] for p in payload["points"] if p["active_fraction"] <= 0.3]
     assert chosen["accuracy"] == max(feasible)
     assert read_meta(output).tau == chosen["tau"]
+    assert "per_module_activation_rate" not in chosen, "the per-site rates go into cogalora.json, not the output"
     assert main(["evaluate", "--model", str(output), "--data", str(dev), "--json"]) == 0
-    assert last_json(capsys.readouterr().out)["mean_active_fraction"] <= 0.3
+    evaluated = last_json(capsys.readouterr().out)
+    assert evaluated["mean_active_fraction"] <= 0.3
+    # The routing-drift reference: the chosen tau's per-site rates, as evaluate measures them there.
+    reference = read_meta(output).activation_reference()
+    assert reference is not None and set(reference) == set(evaluated["per_module_activation_rate"])
+    assert list(reference.values()) == pytest.approx(list(evaluated["per_module_activation_rate"].values()))
 
     # --pick budget: the lowest tau within the budget, whatever the accuracies (no labels needed).
     budget_argv = ["calibrate", "--model", str(output), "--data", str(dev), "--target-active-fraction", "0.3"]

@@ -12,7 +12,7 @@ unbiased accuracy, and unlabelled traffic would do).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,8 @@ class TauPoint:
     active_fraction: float
     mean_active_adapters: float
     mean_adapter_flops: float
+    per_module_activation_rate: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
+    """Per-site activation rates at this tau: the service's routing-drift reference (docs/service.md)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ def calibrate(
                 active_fraction=metrics["mean_active_fraction"],
                 mean_active_adapters=metrics["mean_active_adapters"],
                 mean_adapter_flops=metrics["mean_adapter_flops"],
+                per_module_activation_rate=metrics["per_module_activation_rate"],
             )
         )
     feasible = [point for point in points if point.active_fraction <= target_active_fraction + 1e-12]

@@ -314,7 +314,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         "pick": args.pick,
         "examples": len(dataset),
         "chosen": asdict(result.chosen) if result.chosen else None,
-        "points": [asdict(point) for point in result.points],
+        "points": [_without_rates(asdict(point)) for point in result.points],
         "written": False,
     }
     if result.chosen is None:
@@ -326,8 +326,14 @@ def _calibrate(args: argparse.Namespace) -> int:
         calibration["data"] = str(args.data)
         update_meta(Path(args.model), tau=result.chosen.tau, calibration=calibration)
         payload["written"] = True
+    payload["chosen"] = _without_rates(payload["chosen"])
     print(json.dumps(payload))
     return 0
+
+
+def _without_rates(point: dict) -> dict:
+    """A calibration point for printing: the per-site rates (36 numbers) only go into cogalora.json."""
+    return {key: value for key, value in point.items() if key != "per_module_activation_rate"}
 
 
 def _sweep(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ OUTPUT = Path(__file__).resolve().parent / "dashboards" / "cogalora.json"
 A = 'adapter=~"$adapter"'
 RI = "$__rate_interval"
 QUOTED_2XX = '"2.."'
+QUOTED_AGREE = '"agree"'
 
 
 def rate(metric: str, selector: str = A, window: str = RI) -> str:
@@ -506,6 +507,63 @@ def build() -> dict:
             [(f"{saved_by} / ({saved_by} + {executed_by})", "{{adapter}}")],
             "percentunit",
             extra_defaults={"min": 0, "max": 1},
+        )
+    )
+
+    # ---- routing fidelity ----------------------------------------------------------------
+    add(layout.row("Routing fidelity"))
+    shadow = "cogalora_shadow_rows_total"
+    shadow_total = f"sum by (adapter) ({rate(shadow)})"
+    # "or 0 * total": an adapter whose checks all disagreed has no "agree" series, and must read 0.
+    agreed = f"(sum by (adapter) ({rate(shadow, A + ', agreement=' + QUOTED_AGREE)}) or 0 * {shadow_total})"
+    add(
+        timeseries(
+            layout,
+            "Shadow agreement vs adapter FLOPs saved",
+            "Live accuracy/compute trade-off. Agreement: share of shadow dense checks (a sampled row re-run "
+            "with every gate on, shadow_fraction) whose label equals the routed label. Saved: share of adapter "
+            "FLOPs the routers skipped.",
+            [
+                (f"{agreed} / {shadow_total}", "{{adapter}} agreement"),
+                (f"{saved_by} / ({saved_by} + {executed_by})", "{{adapter}} FLOPs saved"),
+            ],
+            "percentunit",
+            width=8,
+            extra_defaults={"min": 0, "max": 1},
+        )
+    )
+    add(
+        timeseries(
+            layout,
+            "Shadow score difference |routed - dense|",
+            "Per shadow dense check: how far the routed probability of the returned label is from plain "
+            "LoRA's (same weights, every gate on). Mean and p95, by adapter.",
+            [
+                (
+                    ratio_of_sums(
+                        "cogalora_shadow_score_difference_sum", "cogalora_shadow_score_difference_count", by="adapter"
+                    ),
+                    "{{adapter}} mean",
+                ),
+                (quantile(0.95, "cogalora_shadow_score_difference", by="le, adapter"), "{{adapter}} p95"),
+            ],
+            "short",
+            width=8,
+        )
+    )
+    add(
+        timeseries(
+            layout,
+            "Routing drift",
+            "Mean |live - dev| per-site activation rate over the last drift_window rows of each adapter: near 0 "
+            "while inputs look like the dev data; the CogaloraRoutingDrift alert fires above 0.05.",
+            [(f"max by (adapter) (cogalora_routing_drift{{{A}}})", "{{adapter}}")],
+            "short",
+            width=8,
+            extra_defaults={
+                "min": 0,
+                "thresholds": {"mode": "absolute", "steps": [{"color": "green"}, {"color": "red", "value": 0.05}]},
+            },
         )
     )
 
