@@ -190,7 +190,7 @@ def test_training_batches_cover_everything_once_grouped_and_deterministic() -> N
 
 def test_never_fired_ignores_absent_sites() -> None:
     gates = torch.tensor([[True, False, False], [False, False, False]])
-    predictions = Predictions(torch.zeros(2), gates, gates.float(), torch.ones(2))
+    predictions = Predictions(torch.zeros(2), gates, gates.float(), torch.ones(2), gates.long() * 8)
     assert never_fired(predictions, [True, True, False]) == [1]
 
 

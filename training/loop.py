@@ -28,6 +28,7 @@ from cogalora import (
 )
 from cogalora.bank import ROUTER_INPUT_NORMS
 from cogalora.base_model import load_tokenizer
+from cogalora.config import ROUTED_METHODS, check_rank_set, parse_rank_set
 from cogalora.gates import GATE_ESTIMATORS, annealed_temperature
 from training.data import (
     Columns,
@@ -96,6 +97,17 @@ class TrainConfig:
         flag="--lambda",
     )
     tau: float = option(0.5, "inference gate threshold stored in the checkpoint", group="routing")
+    rank_set: str = option(
+        "0,2,4,8",
+        "RAD-LoRA: comma-separated ranks each router may pick per example (0: off; at most --rank); nested: "
+        "rank k uses the first k rows of A and columns of B",
+        group="routing",
+    )
+    rank_lambda: float = option(
+        0.0,
+        "RAD-LoRA: weight of the rank penalty rank_lambda * mean E[rank] / rank, beside the gate penalty --lambda",
+        group="routing",
+    )
     lr: float | None = option(
         None, f"learning rate (default {DEFAULT_ADAPTER_LR} for adapter methods, {DEFAULT_FULL_LR} for full)"
     )
@@ -162,13 +174,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.target_active_fraction is not None:
-            if self.method != "cogalora":
-                raise TrainConfigError("--target-active-fraction needs --method cogalora")
+            if self.method not in ROUTED_METHODS:
+                raise TrainConfigError("--target-active-fraction needs --method cogalora or radlora")
             if not 0.0 < self.target_active_fraction <= 1.0:
                 raise TrainConfigError(
                     f"--target-active-fraction must lie in (0, 1], got {self.target_active_fraction}"
                 )
-        for name in ("budget_lr", "distill_weight"):
+        try:
+            check_rank_set(parse_rank_set(self.rank_set), self.rank)
+        except ValueError as exc:
+            raise TrainConfigError(f"--rank-set: {exc}") from None
+        for name in ("budget_lr", "distill_weight", "rank_lambda"):
             if getattr(self, name) < 0:
                 raise TrainConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("distill_temperature", "gate_temperature", "gate_temperature_end"):
@@ -252,6 +268,8 @@ def build_model(config: TrainConfig, labels: list[str]) -> CoGaLoRAModel:
         sparsity_lambda=config.sparsity_lambda,
         router_init_bias=config.router_init_bias,
         router_input_norm=config.router_input_norm,
+        rank_set=parse_rank_set(config.rank_set),
+        rank_lambda=config.rank_lambda,
     )
     model = new_model(config.base_model, model_config, labels)
     model.routing.gate_estimator = config.gate_estimator
@@ -296,6 +314,7 @@ def run_training(config: TrainConfig) -> TrainResult:
             total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not config.progress
         )
         smoothed, correct, seen, active, gate_slots, expected, routed = None, 0, 0, 0.0, 0, 0.0, 0
+        rank_total = 0.0
         for batch in iterate(train_set, batches):
             batch = batch.to(device)
             _set_lr(optimizer, step, total_steps, warmup)
@@ -318,12 +337,15 @@ def run_training(config: TrainConfig) -> TrainResult:
             correct += int((out.logits.detach().argmax(dim=1) == batch.labels).sum())
             seen += len(batch.labels)
             active += float(out.gates.float().sum())
+            rank_total += float(out.ranks.sum()) if out.ranks is not None else 0.0
             gate_slots += out.gates.numel()
             if not warming:
                 expected += result.expected_active
                 routed += 1
             postfix = {"loss": f"{smoothed:.3f}", "acc": f"{correct / seen:.3f}"}
             postfix["active"] = f"{active / max(gate_slots, 1):.2f}"
+            if config.method == "radlora":
+                postfix["rank"] = f"{rank_total / max(seen, 1):.1f}"
             if objective.controller is not None:
                 postfix["lambda"] = f"{result.strength:.3f}"
             bar.set_postfix(postfix)
@@ -340,6 +362,7 @@ def run_training(config: TrainConfig) -> TrainResult:
             "dev_accuracy": dev_metrics["accuracy"],
             "dev_active_fraction": dev_metrics["mean_active_fraction"],
             "dev_adapter_flops_fraction": dev_metrics["adapter_flops_fraction"],
+            "dev_mean_active_rank": dev_metrics["mean_active_rank"],
         }
         history.append(entry)
         tqdm.write(json.dumps(entry))
@@ -362,7 +385,7 @@ def run_training(config: TrainConfig) -> TrainResult:
         )
     model.to("cpu")
     router = None
-    if config.method == "cogalora":
+    if config.method in ROUTED_METHODS:
         router = {"hidden": model.config.router_hidden, "input_norm": config.router_input_norm}
     meta = CheckpointMeta(
         format_version=1,
@@ -375,6 +398,8 @@ def run_training(config: TrainConfig) -> TrainResult:
         target_modules=list(model.config.target_modules),
         tau=config.tau,
         router=router,
+        rank_set=list(model.config.routed_ranks) if model.config.routed_ranks else None,
+        rank_lambda=config.rank_lambda if config.method == "radlora" else 0.0,
         metrics=metrics,
         training=asdict(config) | {"lr": config.learning_rate},
         **{"lambda": config.sparsity_lambda},
@@ -390,7 +415,7 @@ def _post_process(model: CoGaLoRAModel, config: TrainConfig, dev_set: EncodedDat
         if pruned:
             tqdm.write(f"GaLoRA pruned {len(pruned)} modules: {pruned}")
         return pruned
-    if config.method == "cogalora" and config.drop_never_fired:
+    if config.method in ROUTED_METHODS and config.drop_never_fired:
         _, predictions = evaluate(model, dev_set, config.eval_batch_size, device=device)
         indices = never_fired(predictions, model.site_present())
         model.drop_sites(indices)
