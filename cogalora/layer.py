@@ -94,7 +94,7 @@ class GatedLoraLinear(nn.Module):
         bank = self.banks[route.bank]
         choice = None
         if route.routed:
-            logits, rank_logits = bank.router(state.pooled(x), route.rows)
+            logits, rank_logits = self._route_scores(bank, state.pooled(x), route)
             active = logits > route.threshold
             if rank_logits is not None:
                 choice = bank.rank_choices[hard_rank_choice(rank_logits)]
@@ -110,6 +110,20 @@ class GatedLoraLinear(nn.Module):
         for rank in torch.unique(ranks).tolist():
             if rank > 0:
                 self._add_active(x, out, route, ranks == rank, rank)
+
+    @staticmethod
+    def _route_scores(bank, pooled: Tensor, route: BankRoute) -> tuple[Tensor, Tensor | None]:
+        """Router outputs of the route's rows; rows of other banks (``present`` false) are not scored:
+        their gate logit is ``-inf`` and their rank logits 0 (both unused: their threshold is ``+inf``)."""
+        if route.present is None:
+            return bank.router(pooled, route.rows)
+        members = route.present.nonzero().squeeze(1)
+        logits, rank_logits = bank.router(pooled.index_select(0, members), _subset(route.rows, members))
+        size = pooled.shape[0]
+        logits = logits.new_full((size,), float("-inf")).index_copy_(0, members, logits)
+        if rank_logits is not None:
+            rank_logits = rank_logits.new_zeros(size, rank_logits.shape[1]).index_copy_(0, members, rank_logits)
+        return logits, rank_logits
 
     def _add_active(self, x: Tensor, out: Tensor, route: BankRoute, active: Tensor, rank: int | None) -> None:
         """``out += B A x`` (at ``rank``, default the bank's) for the rows where ``active``; none else."""

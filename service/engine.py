@@ -5,7 +5,8 @@ one pinned adapter. :meth:`Engine.run_batch` takes rows of any adapters and thre
 by shared encoder, sorts them by length and cuts the sorted rows into a few length chunks where that
 saves more padded tokens than a forward costs (see :func:`length_chunks`); every chunk is one routed
 forward that mixes adapters and thresholds freely. Results are built from the forward's logits and
-gates: labels, sorted scores, active modules and the analytic FLOPs of each row on its own length.
+gates: labels, sorted scores, active modules, the total rank they used and the analytic FLOPs of
+each row on its own length (at the rank each site used: RAD-LoRA rows may use less than the adapter's).
 """
 
 from __future__ import annotations
@@ -245,6 +246,7 @@ class Engine:
                 )
                 logits = output.logits.float().cpu()
                 gates = output.gates.cpu().tolist()
+                ranks = output.ranks.cpu().tolist()
         num_labels = torch.tensor([len(rows[p].adapter.labels) for p in live])
         columns = torch.arange(logits.shape[1])
         probs = torch.softmax(logits.masked_fill(columns[None, :] >= num_labels[:, None], float("-inf")), -1).tolist()
@@ -252,7 +254,7 @@ class Engine:
         site_names = encoder.site_names
         routers = self.force_gates is None
         for i, position in enumerate(live):
-            results[position] = _row_result(rows[position], probs[i], gates[i], site_names, seconds, routers)
+            results[position] = _row_result(rows[position], probs[i], gates[i], ranks[i], site_names, seconds, routers)
         return output.adapter_rows
 
     # ---- warm-up ------------------------------------------------------------------------------
@@ -286,7 +288,13 @@ def _unloaded(row: PreparedRow) -> AdapterUnloadedError:
 
 
 def _row_result(
-    row: PreparedRow, probs: list[float], gates: list[bool], site_names: list[str], seconds: float, routers: bool
+    row: PreparedRow,
+    probs: list[float],
+    gates: list[bool],
+    ranks: list[int],
+    site_names: list[str],
+    seconds: float,
+    routers: bool,
 ) -> RowResult:
     adapter = row.adapter
     scores = sorted(
@@ -295,7 +303,7 @@ def _row_result(
         reverse=True,
     )
     active = [name for name, on in zip(site_names, gates, strict=True) if on]
-    flops = adapter.flops.request(row.tokens, gates, routers=routers)
+    flops = adapter.flops.request(row.tokens, gates, routers=routers, ranks=ranks)
     return RowResult.model_construct(
         label=scores[0].label,
         score=scores[0].score,
@@ -303,6 +311,7 @@ def _row_result(
         active_adapters=len(active),
         total_adapters=adapter.total_adapters,
         active_modules=active,
+        active_rank=sum(ranks),
         tokens=row.tokens,
         flops=Flops.model_construct(total=flops.total, adapter=flops.adapter, adapter_saved=flops.adapter_saved),
         queue_seconds=0.0,

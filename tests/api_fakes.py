@@ -113,6 +113,7 @@ def fake_row(text: str, labels: list[str]) -> RowResult:
         active_adapters=len(active),
         total_adapters=len(SITES),
         active_modules=active,
+        active_rank=8 * len(active),
         tokens=words + 2,
         flops=Flops(total=1000.0 + words, adapter=10.0 * len(active), adapter_saved=10.0 * (len(SITES) - len(active))),
         queue_seconds=0.001,

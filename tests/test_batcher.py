@@ -82,6 +82,7 @@ class FakeEngine:
                 active_adapters=0,
                 total_adapters=0,
                 active_modules=[],
+                active_rank=0,
                 tokens=row.tokens,
                 flops=Flops(total=1, adapter=0, adapter_saved=0),
             )
