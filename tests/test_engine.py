@@ -454,3 +454,22 @@ def test_rank_routed_rows_are_batch_invariant_and_counted_exactly(rank_routed_en
     reported = sum(result.flops.total for result in outcome.results) - attention - router_outputs
     per_rank = rows[0].adapter.flops.adapter_per_token_rank[0] * rows[0].tokens
     assert counter.get_total_flops() == pytest.approx(reported, abs=per_rank / 2), "off by one rank of one site"
+
+
+@pytest.mark.integration
+def test_every_committed_model_is_served_with_its_ranks() -> None:
+    """The committed repository (models/) scans clean and answers on every adapter; RAD-LoRA rows may
+    use less than the full rank of their active sites, every other method exactly the full rank."""
+    committed = Path(__file__).resolve().parents[1] / "models"
+    repository = scanned(committed)
+    engine = Engine(repository, tune_malloc=False)
+    texts = sentences(4)
+    assert "sst2-radlora" in repository.names()
+    for name in repository.names():
+        meta = repository.info(name)
+        results = engine.classify(ClassifyRequest(texts=texts, adapter=name))
+        assert [len(result.scores) for result in results] == [len(meta.labels)] * len(texts)
+        for result in results:
+            assert result.active_rank <= 8 * result.active_adapters
+            if meta.method != "radlora":
+                assert result.active_rank == 8 * result.active_adapters

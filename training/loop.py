@@ -28,7 +28,7 @@ from cogalora import (
 )
 from cogalora.bank import ROUTER_INPUT_NORMS
 from cogalora.base_model import load_tokenizer
-from cogalora.config import ROUTED_METHODS, check_rank_set, parse_rank_set
+from cogalora.config import DEFAULT_RANK_SET, ROUTED_METHODS, check_rank_set, parse_rank_set
 from cogalora.gates import GATE_ESTIMATORS, annealed_temperature
 from training.data import (
     Columns,
@@ -180,10 +180,11 @@ class TrainConfig:
                 raise TrainConfigError(
                     f"--target-active-fraction must lie in (0, 1], got {self.target_active_fraction}"
                 )
-        try:
-            check_rank_set(parse_rank_set(self.rank_set), self.rank)
-        except ValueError as exc:
-            raise TrainConfigError(f"--rank-set: {exc}") from None
+        if self.method == "radlora":
+            try:
+                check_rank_set(parse_rank_set(self.rank_set), self.rank)
+            except ValueError as exc:
+                raise TrainConfigError(f"--rank-set: {exc}") from None
         for name in ("budget_lr", "distill_weight", "rank_lambda"):
             if getattr(self, name) < 0:
                 raise TrainConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -268,7 +269,7 @@ def build_model(config: TrainConfig, labels: list[str]) -> CoGaLoRAModel:
         sparsity_lambda=config.sparsity_lambda,
         router_init_bias=config.router_init_bias,
         router_input_norm=config.router_input_norm,
-        rank_set=parse_rank_set(config.rank_set),
+        rank_set=parse_rank_set(config.rank_set) if config.method == "radlora" else DEFAULT_RANK_SET,
         rank_lambda=config.rank_lambda,
     )
     model = new_model(config.base_model, model_config, labels)
