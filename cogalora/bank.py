@@ -16,6 +16,12 @@ How a router reads its pooled input is a property of the adapter, stored per ban
 standardises it first (zero mean, unit variance over features, no affine: ``w1`` learns the scale),
 which removes the shrinking of the mean's norm with sequence length. Rows of different adapters in
 one mixed batch each get their own adapter's choice.
+
+A *rank-routing* bank (RAD-LoRA, ``rank_set`` given) gives every router a second head on the same
+hidden layer: ``rank_logits = W_r h + b_r`` over the bank's rank choices. Ranks are nested: rank
+``k`` is the first ``k`` rows of ``A`` and the first ``k`` columns of ``B``, so one stored
+full-rank adapter serves every choice. In eval a row's rank is the choice of the highest logit
+(``argmax``; a tie goes to the first, i.e. the smallest rank).
 """
 
 from __future__ import annotations
@@ -46,6 +52,16 @@ class AdapterBank(nn.Module):
     ``output_scale`` is the adapter's ``alpha / r``.
     """
 
+    ROUTER_PARAMETERS: tuple[str, ...] = (
+        "router_w1",
+        "router_b1",
+        "router_w2",
+        "router_b2",
+        "router_rank_w",
+        "router_rank_b",
+    )
+    """The router weights (both heads): trained with the router learning rate, kept in float32."""
+
     def __init__(
         self,
         in_features: int,
@@ -53,6 +69,7 @@ class AdapterBank(nn.Module):
         rank: int,
         router_hidden: int,
         *,
+        rank_set: tuple[int, ...] | None = None,
         capacity: int = 1,
         fold_scaling: bool = True,
         device: torch.device | str | None = None,
@@ -62,6 +79,8 @@ class AdapterBank(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
+        self.rank_set = None if rank_set is None else tuple(rank_set)
+        """Rank choices of every router here (RAD-LoRA), or ``None``: every active row uses ``rank``."""
         self.fold_scaling = fold_scaling
         self.output_scale = 1.0
         """Host factor applied to ``B A x`` (1 when the scaling is folded into ``B``)."""
@@ -73,6 +92,18 @@ class AdapterBank(nn.Module):
         self.router_b1 = nn.Parameter(torch.zeros(capacity, router_hidden, **router), requires_grad=False)
         self.router_w2 = nn.Parameter(torch.zeros(capacity, router_hidden, **router), requires_grad=False)
         self.router_b2 = nn.Parameter(torch.zeros(capacity, **router), requires_grad=False)
+        choices = len(self.rank_set or ())
+        self.router_rank_w = nn.Parameter(torch.zeros(capacity, choices, router_hidden, **router), requires_grad=False)
+        self.router_rank_b = nn.Parameter(torch.zeros(capacity, choices, **router), requires_grad=False)
+        #: ``[choices]`` the rank of each choice, and ``[choices, rank]`` its 0/1 mask over ``A``'s rows.
+        self.register_buffer(
+            "rank_choices", torch.tensor(self.rank_set or (), dtype=torch.long, device=device), persistent=False
+        )
+        self.register_buffer(
+            "rank_masks",
+            (torch.arange(rank, device=device)[None, :] < self.rank_choices[:, None]).to(torch.float32),
+            persistent=False,
+        )
         #: ``[cap]`` bool: rows whose router standardises its input (``layer_norm``); a buffer so that
         #: it follows the bank to its device, mirrored on the host so a one-adapter forward needs no sync.
         self.register_buffer("router_norm", torch.zeros(capacity, dtype=torch.bool, device=device), persistent=False)
@@ -117,6 +148,8 @@ class AdapterBank(nn.Module):
             "router_b1": (capacity, router_hidden),
             "router_w2": (capacity, router_hidden),
             "router_b2": (capacity,),
+            "router_rank_w": (capacity, len(self.rank_set or ()), router_hidden),
+            "router_rank_b": (capacity, len(self.rank_set or ())),
         }
         for name, shape in shapes.items():
             param = getattr(self, name)
@@ -126,7 +159,16 @@ class AdapterBank(nn.Module):
         self._free = list(range(capacity - 1, old - 1, -1)) + self._free
 
     def _tensors(self) -> tuple[Tensor, ...]:
-        return (self.lora_A, self.lora_B, self.router_w1, self.router_b1, self.router_w2, self.router_b2)
+        return (
+            self.lora_A,
+            self.lora_B,
+            self.router_w1,
+            self.router_b1,
+            self.router_w2,
+            self.router_b2,
+            self.router_rank_w,
+            self.router_rank_b,
+        )
 
     def _set_input_norm(self, row: int, input_norm: str) -> None:
         if input_norm not in ROUTER_INPUT_NORMS:
@@ -155,7 +197,7 @@ class AdapterBank(nn.Module):
             self.output_scale = float(scaling)
         self.lora_A[row].copy_(lora_A)
         self.lora_B[row].copy_(lora_B)
-        for tensor in (self.router_w1, self.router_b1, self.router_w2):
+        for tensor in (self.router_w1, self.router_b1, self.router_w2, self.router_rank_w, self.router_rank_b):
             tensor[row].zero_()
         self._set_input_norm(row, "none" if router is None else router.input_norm)
         if router is None:
@@ -166,6 +208,9 @@ class AdapterBank(nn.Module):
         self.router_b1[row, :hidden] = router.b1
         self.router_w2[row, :hidden] = router.w2
         self.router_b2[row] = router.b2.reshape(())
+        if self.rank_set is not None:
+            self.router_rank_w[row, :, :hidden] = router.rank_w
+            self.router_rank_b[row] = router.rank_b
 
     def read(self, row: int, scaling: float) -> tuple[Tensor, Tensor, RouterWeights | None]:
         """``(A, B, router)`` of ``row`` with ``B`` unscaled, as a checkpoint stores them."""
@@ -181,6 +226,9 @@ class AdapterBank(nn.Module):
                 b2=self.router_b2[row].detach().reshape(1).clone(),
                 input_norm=self.input_norm(row),
             )
+            if self.rank_set is not None:
+                router.rank_w = self.router_rank_w[row].detach().clone()
+                router.rank_b = self.router_rank_b[row].detach().clone()
         return self.lora_A[row].detach().clone(), lora_B, router
 
     @torch.no_grad()
@@ -200,6 +248,11 @@ class AdapterBank(nn.Module):
         self.router_w1[row].uniform_(-bound, bound)
         self.router_w2[row].uniform_(-0.5, 0.5)
         self.router_b2[row] = router_init_bias
+        if self.rank_set is not None:
+            # Start mostly at the largest rank, as gates start mostly on: adapters learn before the
+            # rank penalty makes routers pick smaller ranks.
+            self.router_rank_w[row].uniform_(-0.5, 0.5)
+            self.router_rank_b[row, -1] = router_init_bias
 
     # ---- forward pieces -----------------------------------------------------------------------
 
@@ -209,14 +262,27 @@ class AdapterBank(nn.Module):
         ``rows``: one bank row for every batch row, or a ``[B]`` tensor of bank rows (gathered: the
         cost does not depend on how many adapters the bank holds).
         """
+        return self.router(pooled, rows)[0]
+
+    def router(self, pooled: Tensor, rows: int | Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(gate logits [B], rank logits [B, choices] or None)``: both heads on one hidden layer."""
         pooled = self._router_input(pooled, rows)
+        ranked = self.rank_set is not None
         if isinstance(rows, int):
             hidden = torch.relu(F.linear(pooled, self.router_w1[rows], self.router_b1[rows]))
-            return torch.addmv(self.router_b2[rows], hidden, self.router_w2[rows])
+            gate = torch.addmv(self.router_b2[rows], hidden, self.router_w2[rows])
+            rank = F.linear(hidden, self.router_rank_w[rows], self.router_rank_b[rows]) if ranked else None
+            return gate, rank
         w1 = self.router_w1.index_select(0, rows)
         hidden = torch.baddbmm(self.router_b1.index_select(0, rows).unsqueeze(2), w1, pooled.unsqueeze(2))
         hidden = torch.relu(hidden.squeeze(2))
-        return (hidden * self.router_w2.index_select(0, rows)).sum(1) + self.router_b2.index_select(0, rows)
+        gate = (hidden * self.router_w2.index_select(0, rows)).sum(1) + self.router_b2.index_select(0, rows)
+        rank = None
+        if ranked:
+            rank_w = self.router_rank_w.index_select(0, rows)
+            rank_b = self.router_rank_b.index_select(0, rows).unsqueeze(2)
+            rank = torch.baddbmm(rank_b, rank_w, hidden.unsqueeze(2)).squeeze(2)
+        return gate, rank
 
     def _router_input(self, pooled: Tensor, rows: int | Tensor) -> Tensor:
         """``pooled``, standardised for the rows whose adapter asks for it (each row on its own)."""
@@ -227,28 +293,41 @@ class AdapterBank(nn.Module):
             return normalised if rows in self._normalised_rows else pooled
         return torch.where(self.router_norm.index_select(0, rows).unsqueeze(1), normalised, pooled)
 
-    def delta(self, x: Tensor, rows: int | Tensor) -> Tensor:
+    def delta(self, x: Tensor, rows: int | Tensor, rank_mask: Tensor | None = None) -> Tensor:
         """``B A x`` (scaling folded or not, see ``output_scale``) for ``x`` ([n, T, d_in]).
 
         ``rows``: one bank row for all of ``x`` (two plain products), or ``[n]`` bank rows, one per
         row of ``x`` (two batched products over per-row gathered ``A`` and ``B``: BGMV-style).
+        ``rank_mask`` ([n, rank], training's nested ranks): weights on ``A x``'s components, 0/1 in the
+        forward (rank k: ones on the first k), with the rank estimator's gradient.
         """
         if isinstance(rows, int):
-            return F.linear(F.linear(x, self.lora_A[rows]), self.lora_B[rows])
+            down = F.linear(x, self.lora_A[rows])
+            if rank_mask is not None:
+                down = down * rank_mask[:, None, :].to(down.dtype)
+            return F.linear(down, self.lora_B[rows])
         down = torch.bmm(x, self.lora_A.index_select(0, rows).transpose(1, 2))
+        if rank_mask is not None:
+            down = down * rank_mask[:, None, :].to(down.dtype)
         return torch.bmm(down, self.lora_B.index_select(0, rows).transpose(1, 2))
 
-    def add_delta(self, out: Tensor, x: Tensor, rows: int | Tensor, alpha: float) -> None:
+    def add_delta(self, out: Tensor, x: Tensor, rows: int | Tensor, alpha: float, rank: int | None = None) -> None:
         """``out += alpha * B A x`` in place, for ``x`` and ``out`` of the same rows ([n, T, *]).
+
+        ``rank``: use the first ``rank`` rows of ``A`` and columns of ``B`` (nested ranks, RAD-LoRA);
+        the products are that much smaller. Default: the bank's rank.
 
         The up-projection accumulates straight into ``out`` (one fused product, no ``[n, T, d_out]``
         temporary): at rank 8 the adapter's cost is mostly memory traffic over that tensor. The
         ``out=`` form (rather than ``addmm_``) keeps the product visible to torch's FLOP counter.
         """
+        lora_A, lora_B = self.lora_A, self.lora_B
+        if rank is not None and rank != self.rank:
+            lora_A, lora_B = lora_A[:, :rank], lora_B[:, :, :rank]
         if isinstance(rows, int):
-            down = torch.mm(x.reshape(-1, self.in_features), self.lora_A[rows].t())
+            down = torch.mm(x.reshape(-1, self.in_features), lora_A[rows].t())
             flat = out.view(-1, self.out_features)
-            torch.addmm(flat, down, self.lora_B[rows].t(), alpha=alpha, out=flat)
+            torch.addmm(flat, down, lora_B[rows].t(), alpha=alpha, out=flat)
             return
-        down = torch.bmm(x, self.lora_A.index_select(0, rows).transpose(1, 2))
-        torch.baddbmm(out, down, self.lora_B.index_select(0, rows).transpose(1, 2), alpha=alpha, out=out)
+        down = torch.bmm(x, lora_A.index_select(0, rows).transpose(1, 2))
+        torch.baddbmm(out, down, lora_B.index_select(0, rows).transpose(1, 2), alpha=alpha, out=out)

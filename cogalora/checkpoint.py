@@ -6,7 +6,8 @@
       adapter_config.json        PEFT LoraConfig (all gates on)
       adapter_model.safetensors  PEFT LoRA weights + head ("modules_to_save")
       cogalora.json              metadata, see CheckpointMeta
-      routers.safetensors        router weights (cogalora only)
+      routers.safetensors        router weights (cogalora and radlora; radlora adds each router's
+                                 rank head, ``<module>.router.rank_w`` [choices, hidden] and ``rank_b``)
       model.safetensors          full weights (method "full" only; no adapter files)
 
 Only JSON and safetensors are read. Every failure raises :class:`CheckpointError`
@@ -25,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from cogalora.config import ALL_MODULE_KINDS, CoGaLoRAConfig
+from cogalora.config import ALL_MODULE_KINDS, DEFAULT_RANK_SET, ROUTED_METHODS, CoGaLoRAConfig, check_rank_set
 from cogalora.weights import AdapterWeights, RouterWeights
 
 FORMAT_VERSION = 1
@@ -36,6 +37,7 @@ ROUTER_FILE = "routers.safetensors"
 FULL_MODEL_FILE = "model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _ROUTER_PARTS = ("w1", "b1", "w2", "b2")
+_RANK_PARTS = ("rank_w", "rank_b")
 
 
 class CheckpointError(ValueError):
@@ -57,7 +59,7 @@ class CheckpointMeta(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="allow")
 
     format_version: int = Field(ge=1, le=FORMAT_VERSION)
-    method: Literal["full", "lora", "galora", "cogalora"]
+    method: Literal["full", "lora", "galora", "cogalora", "radlora"]
     base_model: str = Field(min_length=1)
     labels: list[str] = Field(min_length=2)
     max_length: int = Field(ge=2)
@@ -69,6 +71,10 @@ class CheckpointMeta(BaseModel):
     """Site names that still carry an adapter (after pruning / the freezing trick)."""
     tau: float = Field(ge=0.0, le=1.0)
     sparsity_lambda: float = Field(alias="lambda", ge=0.0)
+    rank_set: list[int] | None = None
+    """``radlora``: the ranks its routers choose from (0: off); the stored adapter has rank ``rank``."""
+    rank_lambda: float = Field(0.0, ge=0.0)
+    """``radlora``: weight of the expected-rank penalty it was trained with."""
     router: RouterSpec | None = None
     head_modules: list[str] = []
     metrics: dict[str, Any] = {}
@@ -102,6 +108,8 @@ class CheckpointMeta(BaseModel):
             router_input_norm=self.router.input_norm if self.router else "none",
             tau=self.tau,
             sparsity_lambda=self.sparsity_lambda,
+            rank_set=tuple(self.rank_set) if self.rank_set else DEFAULT_RANK_SET,
+            rank_lambda=self.rank_lambda,
             head_modules=tuple(self.head_modules) or None,
         )
 
@@ -148,16 +156,19 @@ def save_checkpoint(model, directory: str | Path, meta: CheckpointMeta, slot: in
         _write_json(directory / PEFT_CONFIG_FILE, _peft_config(model, meta, sorted(weights.lora)))
         router_file = directory / ROUTER_FILE
         if weights.routers:
+            parts = _ROUTER_PARTS + (_RANK_PARTS if weights.rank_set is not None else ())
             router_tensors = {
                 f"{path}.router.{part}": getattr(router, part).contiguous()
                 for path, router in weights.routers.items()
-                for part in _ROUTER_PARTS
+                for part in parts
             }
             save_file(router_tensors, str(router_file), metadata={"format": "pt"})
         elif router_file.exists():
             router_file.unlink()
         present = model.site_present(slot)
         meta = meta.model_copy(update={"sites": [s.name for s, on in zip(model.sites, present, strict=True) if on]})
+        if weights.rank_set is not None:  # the rank choices the routers really have
+            meta = meta.model_copy(update={"rank_set": list(weights.rank_set)})
     meta = meta.model_copy(update={"head_modules": list(model.head_layers)})
     _write_json(directory / CONFIG_FILE, meta.model_dump(by_alias=True, mode="json"))
     return directory
@@ -215,11 +226,19 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _validate_meta(data: dict[str, Any], path: Path) -> CheckpointMeta:
     try:
-        return CheckpointMeta.model_validate(data)
+        meta = CheckpointMeta.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "(root)"
         raise CheckpointError(f"{path}: field {field!r}: {first['msg']}") from None
+    if meta.method == "radlora":
+        if meta.rank_set is None:
+            raise CheckpointError(f"{path}: field 'rank_set': required for method 'radlora'")
+        try:
+            meta.rank_set = list(check_rank_set(tuple(meta.rank_set), meta.rank))
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: field 'rank_set': {exc}") from None
+    return meta
 
 
 def _read_tensors(path: Path, data: bool = True) -> dict[str, Tensor]:
@@ -300,19 +319,24 @@ def read_adapter(directory: str | Path, data: bool = True) -> tuple[CheckpointMe
             f"{adapter_path}: head output has {None if output is None else output.shape[0]} rows, "
             f"but {CONFIG_FILE} field 'labels' lists {len(meta.labels)}"
         )
-    if meta.method == "cogalora":
-        weights.routers = _read_routers(directory / ROUTER_FILE, meta, set(weights.lora), data)
+    if meta.method == "radlora":
+        weights.rank_set = tuple(meta.rank_set)  # checked by read_meta
+    if meta.method in ROUTED_METHODS:
+        weights.routers = _read_routers(directory / ROUTER_FILE, meta, set(weights.lora), data, weights.rank_set)
     return meta, weights
 
 
-def _read_routers(path: Path, meta: CheckpointMeta, modules: set[str], data: bool) -> dict[str, RouterWeights]:
+def _read_routers(
+    path: Path, meta: CheckpointMeta, modules: set[str], data: bool, rank_set: tuple[int, ...] | None
+) -> dict[str, RouterWeights]:
     if meta.router is None:
-        raise CheckpointError(f"{path.parent / CONFIG_FILE}: field 'router': required for method 'cogalora'")
+        raise CheckpointError(f"{path.parent / CONFIG_FILE}: field 'router': required for method {meta.method!r}")
+    expected_parts = _ROUTER_PARTS + (_RANK_PARTS if rank_set is not None else ())
     tensors = _read_tensors(path, data)
     grouped: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
         module, marker, part = key.rpartition(".router.")
-        if not marker or part not in _ROUTER_PARTS:
+        if not marker or part not in expected_parts:
             raise CheckpointError(f"{path}: unexpected tensor {key!r}")
         grouped.setdefault(module, {})[part] = tensor
     if set(grouped) != modules:
@@ -321,10 +345,12 @@ def _read_routers(path: Path, meta: CheckpointMeta, modules: set[str], data: boo
     hidden = meta.router.hidden
     routers = {}
     for module, parts in grouped.items():
-        if set(parts) != set(_ROUTER_PARTS):
-            raise CheckpointError(f"{path}: router of {module!r} lacks {sorted(set(_ROUTER_PARTS) - set(parts))}")
+        if set(parts) != set(expected_parts):
+            raise CheckpointError(f"{path}: router of {module!r} lacks {sorted(set(expected_parts) - set(parts))}")
         d_in = parts["w1"].shape[-1]
         expected = {"w1": (hidden, d_in), "b1": (hidden,), "w2": (hidden,), "b2": (1,)}
+        if rank_set is not None:
+            expected |= {"rank_w": (len(rank_set), hidden), "rank_b": (len(rank_set),)}
         for part, shape in expected.items():
             if tuple(parts[part].shape) != shape:
                 raise CheckpointError(

@@ -7,8 +7,32 @@ from typing import Literal
 
 from cogalora.bank import ROUTER_INPUT_NORMS
 
-Method = Literal["full", "lora", "galora", "cogalora"]
-METHODS: tuple[str, ...] = ("full", "lora", "galora", "cogalora")
+Method = Literal["full", "lora", "galora", "cogalora", "radlora"]
+METHODS: tuple[str, ...] = ("full", "lora", "galora", "cogalora", "radlora")
+ROUTED_METHODS: tuple[str, ...] = ("cogalora", "radlora")
+"""Methods whose adapters carry a per-example router."""
+
+DEFAULT_RANK_SET: tuple[int, ...] = (0, 2, 4, 8)
+"""RAD-LoRA's default rank choices (0: off); each must be at most ``rank``."""
+
+
+def parse_rank_set(text: str) -> tuple[int, ...]:
+    """``"0,2,4,8"`` -> ``(0, 2, 4, 8)``; raises ``ValueError`` naming the bad item."""
+    try:
+        return tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise ValueError(f"rank set must be comma-separated integers, e.g. '0,2,4,8'; got {text!r}") from None
+
+
+def check_rank_set(rank_set: tuple[int, ...], rank: int) -> tuple[int, ...]:
+    """The rank set sorted, or ``ValueError``: distinct values in ``[0, rank]``, at least one above 0."""
+    ranks = tuple(sorted(rank_set))
+    if len(set(ranks)) != len(ranks) or not ranks or ranks[0] < 0 or ranks[-1] > rank or ranks[-1] < 1:
+        raise ValueError(
+            f"rank set must be distinct ranks in [0, {rank}] with at least one above 0, got {list(rank_set)}"
+        )
+    return ranks
+
 
 #: Every module kind an encoder layer offers to adapters (see ``cogalora.architectures``).
 ALL_MODULE_KINDS: tuple[str, ...] = (
@@ -32,7 +56,9 @@ class CoGaLoRAConfig:
     method: Method = "cogalora"
     """``full``: every weight trains, no adapters. ``lora``: plain LoRA, every adapter always on.
     ``galora``: static GaLoRA, one learnable scalar gate per module with an L1 penalty; modules whose
-    ``|gate| < galora_prune_eps`` are pruned after training. ``cogalora``: a per-example router per module."""
+    ``|gate| < galora_prune_eps`` are pruned after training. ``cogalora``: a per-example router per module.
+    ``radlora``: ``cogalora`` whose router also picks, per example, a rank from ``rank_set`` (nested:
+    rank k uses the first k rows of ``A`` and the first k columns of ``B``)."""
 
     rank: int = 8
     """LoRA rank r: ``A`` is ``r x d_in``, ``B`` is ``d_out x r``."""
@@ -65,6 +91,12 @@ class CoGaLoRAConfig:
     """Weight of the sparsity penalty added to the loss: ``lambda * mean_l p_l`` for ``cogalora``,
     ``lambda * mean_l |g_l|`` for ``galora``; ignored by ``full`` and ``lora``."""
 
+    rank_set: tuple[int, ...] = DEFAULT_RANK_SET
+    """``radlora``: the ranks a router may pick per example (0: off); ignored by other methods."""
+
+    rank_lambda: float = 0.0
+    """``radlora``: weight of the rank penalty ``rank_lambda * mean_l E[rank_l] / rank`` beside the gate penalty."""
+
     galora_prune_eps: float = 0.05
     """GaLoRA modules whose learned scalar gate has ``|g| < eps`` are removed after training."""
 
@@ -83,6 +115,10 @@ class CoGaLoRAConfig:
             raise ValueError(f"tau must lie in [0, 1], got {self.tau}")
         if self.router_input_norm not in ROUTER_INPUT_NORMS:
             raise ValueError(f"router_input_norm must be one of {ROUTER_INPUT_NORMS}, got {self.router_input_norm!r}")
+        if self.rank_lambda < 0:
+            raise ValueError(f"rank_lambda must be >= 0, got {self.rank_lambda}")
+        if self.method == "radlora":
+            self.rank_set = check_rank_set(tuple(self.rank_set), self.rank)
         if self.sparsity_lambda < 0:
             raise ValueError(f"sparsity_lambda must be >= 0, got {self.sparsity_lambda}")
         unknown = [kind for kind in self.target_modules if kind not in ALL_MODULE_KINDS]
@@ -102,4 +138,9 @@ class CoGaLoRAConfig:
 
     @property
     def has_routers(self) -> bool:
-        return self.method == "cogalora"
+        return self.method in ROUTED_METHODS
+
+    @property
+    def routed_ranks(self) -> tuple[int, ...] | None:
+        """The rank choices of a rank-routing (``radlora``) adapter; ``None`` for every other method."""
+        return self.rank_set if self.method == "radlora" else None

@@ -2,9 +2,9 @@
 
 Counts matrix products only (2 FLOPs per multiply-add), the convention of
 ``torch.utils.flop_counter.FlopCounterMode``: base encoder Linears, attention
-scores and mixing, the routers (masked mean pooling as a matvec, then the MLP),
-the active adapters, and the head. Elementwise work (norms, softmax,
-activations) is not counted.
+scores and mixing, the routers (masked mean pooling as a matvec, then the MLP and,
+for RAD-LoRA, its rank head), the active adapters at the rank each one used, and
+the head. Elementwise work (norms, softmax, activations) is not counted.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class FlopModel:
     head_per_example: int
     adapter_per_token: tuple[int, ...]
     """per site: ``2 r (d_in + d_out)``, 0 where the adapter has no module."""
+    adapter_per_token_rank: tuple[int, ...]
+    """per site: ``2 (d_in + d_out)``, the cost of one rank per token (0 where no module)."""
     pooling_per_token: int
     router_per_example: int
 
@@ -57,11 +59,15 @@ class FlopModel:
         per_token, per_example, per_label = model.linear_flops
         labels = model.output_head.slot_out_features.get(slot, 0)
         router_hidden = model.router_hidden(slot)
-        adapter, pooled_groups, router, pooling = [], set(), 0, 0
-        for site, rank, routed in zip(model.sites, model.site_ranks(slot), model.site_routed(slot), strict=True):
+        adapter, per_rank, pooled_groups, router, pooling = [], [], set(), 0, 0
+        sites = zip(
+            model.sites, model.site_ranks(slot), model.site_routed(slot), model.site_rank_choices(slot), strict=True
+        )
+        for site, rank, routed, choices in sites:
             adapter.append(adapter_flops_per_token(site, rank))
+            per_rank.append(adapter_flops_per_token(site, 1) if rank else 0)
             if routed:
-                router += 2 * site.in_features * router_hidden + 2 * router_hidden
+                router += 2 * site.in_features * router_hidden + 2 * router_hidden + 2 * router_hidden * choices
                 if site.input_group not in pooled_groups:
                     pooled_groups.add(site.input_group)
                     pooling += 2 * site.in_features
@@ -71,18 +77,27 @@ class FlopModel:
             attention_per_token_pair=4 * hidden * num_layers,
             head_per_example=per_example + per_label * labels,
             adapter_per_token=tuple(adapter),
+            adapter_per_token_rank=tuple(per_rank),
             pooling_per_token=pooling,
             router_per_example=router,
         )
 
-    def request(self, tokens: int, gates: list[bool], routers: bool = True) -> FlopBreakdown:
+    def request(
+        self, tokens: int, gates: list[bool], routers: bool = True, ranks: list[int] | None = None
+    ) -> FlopBreakdown:
         """FLOPs of one request of ``tokens`` tokens whose site gates are ``gates``.
 
-        ``routers=False``: gates were forced (all on or all off), so no router ran.
+        ``routers=False``: gates were forced (all on or all off), so no router ran. ``ranks``: the
+        rank each site used (RAD-LoRA); default, every active site at the adapter's rank there.
         """
         base = tokens * self.linear_per_token + tokens * tokens * self.attention_per_token_pair + self.head_per_example
         router = tokens * self.pooling_per_token + self.router_per_example if routers else 0
-        active = sum(flops for flops, on in zip(self.adapter_per_token, gates, strict=True) if on)
+        if ranks is None:
+            active = sum(flops for flops, on in zip(self.adapter_per_token, gates, strict=True) if on)
+        else:
+            active = sum(
+                flops * rank for flops, rank, on in zip(self.adapter_per_token_rank, ranks, gates, strict=True) if on
+            )
         all_on = sum(self.adapter_per_token)
         adapter = tokens * active
         return FlopBreakdown(

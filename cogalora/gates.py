@@ -10,6 +10,15 @@ estimator trained the router. In training:
   the gradient is the reparameterised one, and annealing ``T`` towards 0 makes it nearly hard.
   The recorded hard gate is ``logit + L > 0``, whose probability is exactly ``p``: the sparsity
   penalty ``mean p`` is the expected fraction of hard gates under both estimators.
+
+RAD-LoRA's rank head picks one of a few ranks per example, with the categorical counterparts:
+
+- ``ste``: ``choice ~ Categorical(q)``, forward value the one-hot ``hard``, gradient through ``q``
+  (``hard + q - q.detach()``).
+- ``gumbel``: the relaxed categorical (Gumbel-softmax) ``softmax((logits + G) / T)``; the recorded hard
+  choice is ``argmax(logits + G)``, distributed exactly as ``q``.
+
+In eval the choice is deterministic: :func:`hard_rank_choice`, the highest logit (the first on a tie).
 """
 
 from __future__ import annotations
@@ -41,6 +50,34 @@ def training_gates(logits: Tensor, estimator: str = "ste", temperature: float = 
         noisy = logits + torch.log(uniform) - torch.log1p(-uniform)
         return probs, (noisy.detach() > 0).to(logits.dtype), torch.sigmoid(noisy / temperature)
     raise ValueError(f"unknown gate estimator {estimator!r}; choose from {list(GATE_ESTIMATORS)}")
+
+
+def training_rank_choice(
+    logits: Tensor, estimator: str = "ste", temperature: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(probs, hard, weights)``, each ``[B, choices]``, for rank-head logits ``[B, choices]``.
+
+    ``probs``: ``softmax(logits)`` (with grad, for the rank penalty); ``hard``: the sampled one-hot
+    choice (no grad); ``weights``: what weighs each choice in the forward.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    if estimator == "ste":
+        index = torch.multinomial(probs.detach(), 1).squeeze(1)
+        hard = torch.nn.functional.one_hot(index, logits.shape[-1]).to(probs.dtype)
+        return probs, hard, hard + probs - probs.detach()
+    if estimator == "gumbel":
+        if temperature <= 0:
+            raise ValueError(f"gumbel rank temperature must be > 0, got {temperature}")
+        uniform = torch.rand_like(logits).clamp_(1e-6, 1.0 - 1e-6)
+        noisy = logits - torch.log(-torch.log(uniform))
+        hard = torch.nn.functional.one_hot(noisy.detach().argmax(dim=-1), logits.shape[-1]).to(probs.dtype)
+        return probs, hard, torch.softmax(noisy / temperature, dim=-1)
+    raise ValueError(f"unknown gate estimator {estimator!r}; choose from {list(GATE_ESTIMATORS)}")
+
+
+def hard_rank_choice(logits: Tensor) -> Tensor:
+    """``[B]`` index of the eval-time rank choice: the highest logit, the first (smallest rank) on a tie."""
+    return logits.argmax(dim=-1)
 
 
 def annealed_temperature(start: float, end: float, progress: float) -> float:

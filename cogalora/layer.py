@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from cogalora.architectures import Site
 from cogalora.bank import AdapterBank, _grown
-from cogalora.gates import training_gates
+from cogalora.gates import hard_rank_choice, training_gates, training_rank_choice
 from cogalora.routing import BankRoute, RoutingState
 
 
@@ -42,10 +42,13 @@ class GatedLoraLinear(nn.Module):
 
     # ---- banks ----------------------------------------------------------------------------
 
-    def bank_for(self, rank: int, router_hidden: int, fold_scaling: bool = True) -> int:
-        """Index of the bank for adapters of ``rank`` (created on first use)."""
+    def bank_for(
+        self, rank: int, router_hidden: int, fold_scaling: bool = True, rank_set: tuple[int, ...] | None = None
+    ) -> int:
+        """Index of the bank for adapters of ``rank`` and rank choices ``rank_set`` (created on first use)."""
+        rank_set = None if rank_set is None else tuple(rank_set)
         for index, bank in enumerate(self.banks):
-            if bank.rank == rank and bank.fold_scaling == fold_scaling:
+            if bank.rank == rank and bank.fold_scaling == fold_scaling and bank.rank_set == rank_set:
                 return index
         weight = self.base.weight
         bank = AdapterBank(
@@ -53,6 +56,7 @@ class GatedLoraLinear(nn.Module):
             self.base.out_features,
             rank,
             router_hidden,
+            rank_set=rank_set,
             fold_scaling=fold_scaling,
             device=weight.device,
             dtype=weight.dtype,
@@ -80,16 +84,50 @@ class GatedLoraLinear(nn.Module):
         return out
 
     def _forward_route(self, x: Tensor, out: Tensor, route: BankRoute) -> None:
-        """Hard gates for the rows of one bank; ``B A x`` is added to ``out`` (in place) for active rows."""
+        """Hard gates (and ranks) for the rows of one bank; ``B A x`` is added to ``out`` for active rows.
+
+        A rank-routing bank's rows are grouped by their chosen rank: each group runs the products
+        at its own rank (the first k rows of ``A``, columns of ``B``), so the arithmetic executed is
+        the rank each row uses, as the FLOP count says.
+        """
         state = self.routing
         bank = self.banks[route.bank]
+        choice = None
         if route.routed:
-            logits = bank.router_logits(state.pooled(x), route.rows)
+            logits, rank_logits = self._route_scores(bank, state.pooled(x), route)
             active = logits > route.threshold
+            if rank_logits is not None:
+                choice = bank.rank_choices[hard_rank_choice(rank_logits)]
+                active = active & (choice > 0)
         else:
             logits = None
             active = route.threshold < float("inf")
-        state.record(self.site.index, logits, active, route.present)
+        ranks = torch.where(active, bank.rank if choice is None else choice, 0)
+        state.record(self.site.index, logits, active, route.present, ranks)
+        if choice is None:
+            self._add_active(x, out, route, active, None)
+            return
+        for rank in torch.unique(ranks).tolist():
+            if rank > 0:
+                self._add_active(x, out, route, ranks == rank, rank)
+
+    @staticmethod
+    def _route_scores(bank, pooled: Tensor, route: BankRoute) -> tuple[Tensor, Tensor | None]:
+        """Router outputs of the route's rows; rows of other banks (``present`` false) are not scored:
+        their gate logit is ``-inf`` and their rank logits 0 (both unused: their threshold is ``+inf``)."""
+        if route.present is None:
+            return bank.router(pooled, route.rows)
+        members = route.present.nonzero().squeeze(1)
+        logits, rank_logits = bank.router(pooled.index_select(0, members), _subset(route.rows, members))
+        size = pooled.shape[0]
+        logits = logits.new_full((size,), float("-inf")).index_copy_(0, members, logits)
+        if rank_logits is not None:
+            rank_logits = rank_logits.new_zeros(size, rank_logits.shape[1]).index_copy_(0, members, rank_logits)
+        return logits, rank_logits
+
+    def _add_active(self, x: Tensor, out: Tensor, route: BankRoute, active: Tensor, rank: int | None) -> None:
+        """``out += B A x`` (at ``rank``, default the bank's) for the rows where ``active``; none else."""
+        bank = self.banks[route.bank]
         size = x.shape[0]
         if size == 1:
             if not bool(active):
@@ -101,7 +139,7 @@ class GatedLoraLinear(nn.Module):
                 return
             if rows.shape[0] == size:
                 rows = None
-        state.adapter_rows += size if rows is None else rows.shape[0]
+        self.routing.adapter_rows += size if rows is None else rows.shape[0]
         alpha = bank.output_scale
         if self.galora_gate is not None:  # only while training GaLoRA: a tensor, so no in-place fusion
             scale = self.galora_gate * alpha
@@ -111,13 +149,13 @@ class GatedLoraLinear(nn.Module):
                 out.index_add_(0, rows, bank.delta(x.index_select(0, rows), _subset(route.rows, rows)) * scale)
             return
         if rows is None:
-            bank.add_delta(out, x, route.rows, alpha)
+            bank.add_delta(out, x, route.rows, alpha, rank)
             return
         # The active rows' outputs are gathered, updated by the same fused product as above and put
         # back: a row's arithmetic (one rounding of out + alpha B A x) must not depend on whether its
         # batch-mates' gates are on, or half precision loses batch invariance.
         active_out = out.index_select(0, rows)
-        bank.add_delta(active_out, x.index_select(0, rows), _subset(route.rows, rows), alpha)
+        bank.add_delta(active_out, x.index_select(0, rows), _subset(route.rows, rows), alpha, rank)
         out.index_copy_(0, rows, active_out)
 
     def _forward_train(self, x: Tensor, out: Tensor, routes: tuple[BankRoute, ...]) -> Tensor:
@@ -126,19 +164,34 @@ class GatedLoraLinear(nn.Module):
         With the default straight-through Bernoulli estimator the forward value is the hard 0/1
         sample and the gradient flows to the router through ``p``; a row sampled off contributes
         exactly zero to its adapter's gradient. The ``gumbel`` estimator multiplies by a soft gate.
+        A rank-routing bank also samples a rank per row: ``A x`` is weighted by that choice's mask
+        (ones on its first k components), with the rank head's gradient through the same estimator.
         """
         (route,) = routes
         bank = self.banks[route.bank]
         row = route.rows
+        state = self.routing
+        rank_mask = None
         if route.routed:
-            state = self.routing
-            logits = bank.router_logits(state.pooled(x), row)
+            logits, rank_logits = bank.router(state.pooled(x), row)
             probs, hard, gate = training_gates(logits, state.gate_estimator, state.gate_temperature)
+            expected = probs * bank.rank
+            ranks = hard * bank.rank
+            if rank_logits is not None:
+                rank_probs, rank_hard, rank_weights = training_rank_choice(
+                    rank_logits, state.gate_estimator, state.gate_temperature
+                )
+                choices = bank.rank_choices.to(probs.dtype)
+                rank_mask = rank_weights @ bank.rank_masks
+                expected = probs * (rank_probs @ choices)
+                ranks = hard * (rank_hard @ choices)
         else:
             probs = None
             hard = gate = torch.ones(x.shape[0], device=x.device, dtype=out.dtype)
-        self.routing.record(self.site.index, probs, hard.bool())
-        delta = bank.delta(self.dropout(x), row)
+            expected = ranks = hard * bank.rank
+        ranks = ranks.round().long()
+        state.record(self.site.index, probs, ranks > 0, ranks=ranks, expected_ranks=expected)
+        delta = bank.delta(self.dropout(x), row, rank_mask)
         scale = gate * bank.output_scale
         if self.galora_gate is not None:
             scale = scale * self.galora_gate

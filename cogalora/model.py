@@ -36,6 +36,11 @@ class RoutedOutput:
     """``[B, num_sites]`` bool: whether the site's adapter ran for the row."""
     adapter_rows: int
     """Rows multiplied by an adapter, summed over sites (0 in training's dense path)."""
+    ranks: Tensor | None = None
+    """``[B, num_sites]`` long: the rank each row used at each site (0 where off; the adapter's rank
+    where on, unless a RAD-LoRA router picked a smaller one)."""
+    expected_ranks: Tensor | None = None
+    """Training only: ``[B, num_sites]`` expected rank under the routers (with grad), for the rank penalty."""
 
 
 def _replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -116,7 +121,9 @@ class CoGaLoRAModel(nn.Module):
         for param in self.model.parameters():
             param.requires_grad_(config.method == "full")
         for layer in self.layers:
-            bank_index = layer.bank_for(config.rank, config.router_hidden, fold_scaling=False)
+            bank_index = layer.bank_for(
+                config.rank, config.router_hidden, fold_scaling=False, rank_set=config.routed_ranks
+            )
             bank = layer.banks[bank_index]
             row = bank.allocate()
             bank.init_for_training(
@@ -125,7 +132,7 @@ class CoGaLoRAModel(nn.Module):
             self.slot_table.set(0, layer.site.index, SlotEntry(bank_index, row, config.has_routers))
             bank.lora_A.requires_grad_(True)
             bank.lora_B.requires_grad_(True)
-            for name in ("router_w1", "router_b1", "router_w2", "router_b2"):
+            for name in bank.ROUTER_PARAMETERS:
                 getattr(bank, name).requires_grad_(config.has_routers)
             if config.method == "galora":
                 layer.enable_galora_gate()
@@ -176,7 +183,8 @@ class CoGaLoRAModel(nn.Module):
             lora_A, lora_B = weights.lora[path]
             router = weights.routers.get(path)
             hidden = router.w1.shape[0] if router is not None else 1
-            bank_index = layer.bank_for(lora_A.shape[0], hidden)
+            rank_set = weights.rank_set if router is not None else None
+            bank_index = layer.bank_for(lora_A.shape[0], hidden, rank_set=rank_set)
             bank = layer.banks[bank_index]
             row = bank.allocate()
             bank.write(row, lora_A.to(bank.lora_A), lora_B.to(bank.lora_B), weights.scaling, router)
@@ -213,7 +221,10 @@ class CoGaLoRAModel(nn.Module):
         for layer, entry in zip(self.layers, self.slot_table.entries(slot), strict=True):
             if entry is None:
                 continue
-            lora_A, lora_B, router = layer.banks[entry.bank].read(entry.row, scaling)
+            bank = layer.banks[entry.bank]
+            if bank.rank_set is not None and entry.routed:
+                weights.rank_set = bank.rank_set
+            lora_A, lora_B, router = bank.read(entry.row, scaling)
             weights.lora[layer.site.module_path] = (lora_A, lora_B)
             if router is not None:
                 weights.routers[layer.site.module_path] = router
@@ -231,6 +242,13 @@ class CoGaLoRAModel(nn.Module):
         """The adapter's rank at each site (0 where it has none)."""
         return [
             0 if entry is None else layer.banks[entry.bank].rank
+            for layer, entry in zip(self.layers, self.slot_table.entries(slot), strict=True)
+        ]
+
+    def site_rank_choices(self, slot: int = 0) -> list[int]:
+        """How many ranks the slot's router chooses from at each site (0: no rank head, or no adapter)."""
+        return [
+            len(layer.banks[entry.bank].rank_set or ()) if entry is not None and entry.routed else 0
             for layer, entry in zip(self.layers, self.slot_table.entries(slot), strict=True)
         ]
 
@@ -277,7 +295,7 @@ class CoGaLoRAModel(nn.Module):
             (bank, name, getattr(bank, name).data)
             for layer in self.layers
             for bank in layer.banks
-            for name in ("router_w1", "router_b1", "router_w2", "router_b2")
+            for name in bank.ROUTER_PARAMETERS
         ]
         self.to(dtype)
         for bank, name, data in routers:
@@ -324,8 +342,16 @@ class CoGaLoRAModel(nn.Module):
         with self.routing.route(attention_mask, slots, taus, force_gates, self.training, gather) as state:
             logits = self.model(**inputs).logits
             gate_probs, gates = state.collect()
+            ranks, expected_ranks = state.collect_ranks()
             adapter_rows = state.adapter_rows
-        return RoutedOutput(logits=logits, gate_probs=gate_probs, gates=gates, adapter_rows=adapter_rows)
+        return RoutedOutput(
+            logits=logits,
+            gate_probs=gate_probs,
+            gates=gates,
+            adapter_rows=adapter_rows,
+            ranks=ranks,
+            expected_ranks=expected_ranks,
+        )
 
     def sparsity_penalty(
         self, output: RoutedOutput, site_weights: Tensor | None = None, strength: float | None = None
@@ -338,11 +364,23 @@ class CoGaLoRAModel(nn.Module):
         """
         config = self.config
         strength = config.sparsity_lambda if strength is None else strength
-        if config.method == "cogalora" and output.gate_probs.numel():
+        if config.has_routers and output.gate_probs.numel():
             return strength * expected_active(output.gate_probs, site_weights)
         if config.method == "galora":
             return strength * self.galora_penalty()
         return output.logits.new_zeros(())
+
+    def rank_penalty(self, output: RoutedOutput, strength: float | None = None) -> Tensor:
+        """RAD-LoRA: ``rank_lambda * mean E[rank] / rank`` over rows and sites (training outputs); else zero.
+
+        ``E[rank]`` is ``p * sum_k q_k k``: the rank a row is expected to use, gate included, so the
+        penalty is the expected fraction of full-rank adapter work (in ranks, not FLOPs).
+        """
+        config = self.config
+        strength = config.rank_lambda if strength is None else strength
+        if config.routed_ranks is None or output.expected_ranks is None or not output.expected_ranks.numel():
+            return output.logits.new_zeros(())
+        return strength * output.expected_ranks.mean() / config.rank
 
 
 def expected_active(gate_probs: Tensor, site_weights: Tensor | None = None) -> Tensor:

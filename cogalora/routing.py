@@ -79,6 +79,8 @@ class RoutingState:
         self._mean_weights: Tensor | None = None
         self._pooled: dict[int, tuple[Tensor, Tensor]] = {}
         self._records: dict[int, tuple[Tensor | None, Tensor]] = {}
+        self._ranks: dict[int, Tensor] = {}
+        self._expected_ranks: dict[int, Tensor] = {}
         self._batch_size = 0
         self.adapter_rows = 0
         """Rows multiplied by an adapter in this forward, summed over sites."""
@@ -187,9 +189,28 @@ class RoutingState:
         self._pooled[id(x)] = (x, pooled)
         return pooled
 
-    def record(self, site: int, values: Tensor | None, gates: Tensor, present: Tensor | None = None) -> None:
+    def record(
+        self,
+        site: int,
+        values: Tensor | None,
+        gates: Tensor,
+        present: Tensor | None = None,
+        ranks: Tensor | None = None,
+        expected_ranks: Tensor | None = None,
+    ) -> None:
         """A site's gate decisions: ``values`` are logits (eval) or probabilities (training), ``None``
-        when no router ran (every row here always on); ``present`` limits them to one bank's rows."""
+        when no router ran (every row here always on); ``present`` limits them to one bank's rows.
+
+        ``ranks`` ([B] long): the rank each row used (0 where off); ``expected_ranks`` (training, with
+        grad): each row's expected rank under its router, ``p * E[k]``, for the rank penalty.
+        """
+        if ranks is not None:
+            old_ranks = self._ranks.get(site)
+            if old_ranks is not None and present is not None:
+                ranks = torch.where(present, ranks, old_ranks)
+            self._ranks[site] = ranks
+        if expected_ranks is not None:
+            self._expected_ranks[site] = expected_ranks
         previous = self._records.get(site)
         if previous is not None and present is not None:
             old_values, old_gates = previous
@@ -199,6 +220,19 @@ class RoutingState:
                 old_values = old_gates.to(torch.float32) if self.training else torch.where(old_gates, INF, -INF)
             values, gates = torch.where(present, values, old_values), gates | old_gates
         self._records[site] = (values, gates)
+
+    def collect_ranks(self) -> tuple[Tensor, Tensor | None]:
+        """The rank each row used at each site (``[B, num_sites]`` long, 0 where off), and in training
+        the expected ranks (``[B, num_sites]``, with grad; ``None`` in eval)."""
+        size = self._batch_size
+        device = self._mean_weights.device if self._mean_weights is not None else None
+        zeros = torch.zeros(size, dtype=torch.long, device=device)
+        ranks = [self._ranks.get(site, zeros) for site in range(self.num_sites)]
+        used = torch.stack(ranks, dim=1) if ranks else torch.zeros(size, 0, dtype=torch.long, device=device)
+        if not self.training:
+            return used, None
+        expected = [self._expected_ranks.get(site, zeros.float()) for site in range(self.num_sites)]
+        return used, torch.stack(expected, dim=1) if expected else used.float()
 
     def collect(self) -> tuple[Tensor, Tensor]:
         """Gate probabilities (with grad in training) and hard gates, both ``[B, num_sites]``."""

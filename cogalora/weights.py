@@ -17,6 +17,8 @@ class RouterWeights:
     b2: Tensor  # [1]
     input_norm: str = "none"
     """How ``pooled`` is normalised before ``w1`` (``cogalora.bank.ROUTER_INPUT_NORMS``); per adapter."""
+    rank_w: Tensor | None = None  # [choices, hidden]: RAD-LoRA's rank head, None for CoGaLoRA
+    rank_b: Tensor | None = None  # [choices]
 
 
 @dataclass
@@ -28,6 +30,8 @@ class AdapterWeights:
     """
 
     scaling: float
+    rank_set: tuple[int, ...] | None = None
+    """RAD-LoRA: the ranks its routers choose from (every router then has ``rank_w``/``rank_b``)."""
     lora: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     """module path -> (A ``[r, d_in]``, B ``[d_out, r]``)"""
     routers: dict[str, RouterWeights] = field(default_factory=dict)

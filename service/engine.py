@@ -5,7 +5,8 @@ one pinned adapter. :meth:`Engine.run_batch` takes rows of any adapters and thre
 by shared encoder, sorts them by length and cuts the sorted rows into a few length chunks where that
 saves more padded tokens than a forward costs (see :func:`length_chunks`); every chunk is one routed
 forward that mixes adapters and thresholds freely. Results are built from the forward's logits and
-gates: labels, sorted scores, active modules and the analytic FLOPs of each row on its own length.
+gates: labels, sorted scores, active modules, the total rank they used and the analytic FLOPs of
+each row on its own length (at the rank each site used: RAD-LoRA rows may use less than the adapter's).
 
 Routing fidelity (``service.fidelity``): a sampled row also runs as an extra *shadow* row of the same
 batch with tau 0 (every gate on: plain LoRA, same weights), in a forward after the served rows'; the
@@ -297,6 +298,7 @@ class Engine:
                 )
                 logits = output.logits.float().cpu()
                 gate_matrix = output.gates.cpu()
+                ranks = output.ranks.cpu().tolist()
         gates = gate_matrix.tolist()
         num_labels = torch.tensor([len(rows[p].adapter.labels) for p in live])
         columns = torch.arange(logits.shape[1])
@@ -306,7 +308,9 @@ class Engine:
         site_names = encoder.site_names
         routers = self.force_gates is None
         for i, position in enumerate(live):
-            results[position] = _row_result(rows[position], probs[i], raw[i], gates[i], site_names, seconds, routers)
+            results[position] = _row_result(
+                rows[position], probs[i], raw[i], gates[i], ranks[i], site_names, seconds, routers
+            )
         if routers:
             routing += _routing_samples([rows[p] for p in live], gate_matrix)
         return output.adapter_rows
@@ -366,6 +370,7 @@ def _row_result(
     probs: list[float],
     logits: list[float],
     gates: list[bool],
+    ranks: list[int],
     site_names: list[str],
     seconds: float,
     routers: bool,
@@ -376,7 +381,7 @@ def _row_result(
     # Always built (a few floats); the HTTP layer drops them unless the client asked for raw scores.
     raw_scores = [LabelScore.model_construct(label=adapter.labels[i], score=logits[i]) for i in order]
     active = [name for name, on in zip(site_names, gates, strict=True) if on]
-    flops = adapter.flops.request(row.tokens, gates, routers=routers)
+    flops = adapter.flops.request(row.tokens, gates, routers=routers, ranks=ranks)
     return RowResult.model_construct(
         label=scores[0].label,
         score=scores[0].score,
@@ -384,6 +389,7 @@ def _row_result(
         active_adapters=len(active),
         total_adapters=adapter.total_adapters,
         active_modules=active,
+        active_rank=sum(ranks),
         tokens=row.tokens,
         input_tokens=row.input_tokens,
         truncated=row.input_tokens > row.tokens,

@@ -37,6 +37,7 @@ _FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024)
 _ACTIVE_BUCKETS = (0, 1, 2, 4, 6, 8, 12, 16, 24, 36, 48, 72, 96, 144)
+_RANK_BUCKETS = (0, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 288, 576)
 _FLOP_BUCKETS = tuple(float(10**e * m) for e in range(6, 12) for m in (1, 2.5, 5))
 _SCORE_DIFFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -172,6 +173,13 @@ class ServiceMetrics:
             buckets=_ACTIVE_BUCKETS,
             registry=r,
         )
+        self.active_rank = Histogram(
+            "cogalora_active_rank",
+            "Total LoRA rank used per classified input (sum over active sites; RAD-LoRA routes it).",
+            ["adapter"],
+            buckets=_RANK_BUCKETS,
+            registry=r,
+        )
         self.request_flops = Histogram(
             "cogalora_request_flops",
             "Total FLOPs per classified input.",
@@ -292,6 +300,7 @@ class ServiceMetrics:
         truncated = self._labelled(self.truncated_inputs, label)  # the series exists (at 0) from the first input
         tokens = self._labelled(self.input_tokens, label)
         active = self._labelled(self.active_adapters, label)
+        rank = self._labelled(self.active_rank, label)
         flops = self._labelled(self.request_flops, label)
         adapter_flops = self._labelled(self.adapter_flops, label)
         saved = self._labelled(self.adapter_flops_saved, label)
@@ -304,6 +313,7 @@ class ServiceMetrics:
                 truncated.inc()
             tokens.observe(row.tokens)
             active.observe(row.active_adapters)
+            rank.observe(row.active_rank)
             flops.observe(row.flops.total)
             adapter_flops.inc(max(0.0, row.flops.adapter))
             saved.inc(max(0.0, row.flops.adapter_saved))

@@ -87,6 +87,10 @@ class RowResult(BaseModel):
         description="Sites of the adapter's LoRA configuration (target modules x layers); dropped sites count as off."
     )
     active_modules: list[str] = Field(description="Sites that ran, e.g. layer.0.attention.query.")
+    active_rank: int = Field(
+        description="Sum over the sites that ran of the LoRA rank each used: rank x active_adapters, unless a "
+        "RAD-LoRA router picked smaller ranks (288 = 36 sites at rank 8)."
+    )
     tokens: int = Field(description="Tokens the model read (after truncation), special tokens included.")
     input_tokens: int = Field(description="Tokens of the whole input before truncation, special tokens included.")
     truncated: bool = Field(description="The input was cut to the adapter's max_length (input_tokens > tokens).")

@@ -115,6 +115,7 @@ def fake_row(text: str, labels: list[str]) -> RowResult:
         active_adapters=len(active),
         total_adapters=len(SITES),
         active_modules=active,
+        active_rank=8 * len(active),
         tokens=min(words + 2, FAKE_MAX_LENGTH),
         input_tokens=words + 2,
         truncated=words + 2 > FAKE_MAX_LENGTH,

@@ -67,12 +67,16 @@ def randomize_adapter(model: CoGaLoRAModel, seed: int = 1, slot: int = 0) -> Non
 
 
 def spread_routers(model: CoGaLoRAModel, factor: float = 40.0, slot: int = 0) -> None:
-    """Scale the routers' output weights so gate probabilities sit far from tau (no knife-edge gates)."""
+    """Scale the routers' output weights so gate probabilities sit far from tau (no knife-edge gates);
+    RAD-LoRA rank heads get random weights at the same scale, so rows pick different ranks."""
+    generator = torch.Generator().manual_seed(slot)
     with torch.no_grad():
         for site, routed in enumerate(model.site_routed(slot)):
             if routed:
                 bank, row = bank_row(model, site, slot)
                 bank.router_w2[row].mul_(factor)
+                rank_w = bank.router_rank_w[row]
+                rank_w.copy_(torch.randn(rank_w.shape, generator=generator) * factor)
 
 
 @pytest.fixture
@@ -149,7 +153,7 @@ def synthetic_checkpoint(
         alpha=config.alpha,
         target_modules=list(config.target_modules),
         tau=0.5,
-        router={"hidden": config.router_hidden} if method == "cogalora" else None,
+        router={"hidden": config.router_hidden} if config.has_routers else None,
         # A nominal dev reference (every site fires for half the inputs) so the drift gauge has one.
         metrics={"synthetic": True, "per_module_activation_rate": dict.fromkeys(model.site_names, 0.5)},
         **{"lambda": 0.0},

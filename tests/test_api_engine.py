@@ -230,6 +230,9 @@ async def test_metrics_match_the_responses(loaded, minilm_model_dir):
     assert values[("cogalora_inputs_total", ())] == len(rows)
     assert values[("cogalora_active_adapters_count", ())] == len(rows)
     assert values[("cogalora_active_adapters_sum", ())] == sum(row["active_adapters"] for row in rows)
+    # CoGaLoRA at rank 8: every active site uses the full rank.
+    assert values[("cogalora_active_rank_sum", ())] == sum(row["active_rank"] for row in rows)
+    assert all(row["active_rank"] == 8 * row["active_adapters"] for row in rows)
     assert values[("cogalora_input_tokens_sum", ())] == sum(row["tokens"] for row in rows)
     assert values[("cogalora_batch_size_sum", ())] == len(rows)
     sites = Counter(site for row in rows for site in row["active_modules"])

@@ -82,6 +82,7 @@ class FakeEngine:
                 active_adapters=0,
                 total_adapters=0,
                 active_modules=[],
+                active_rank=0,
                 tokens=row.tokens,
                 input_tokens=row.input_tokens,
                 truncated=row.input_tokens > row.tokens,

@@ -24,7 +24,9 @@ from cogalora.checkpoint import ADAPTER_FILE, CONFIG_FILE, PEFT_CONFIG_FILE, ROU
 
 
 def _save(base_dir: Path, directory: Path, method: str = "cogalora", router_input_norm: str = "none") -> tuple:
-    config = CoGaLoRAConfig(method=method, rank=4, router_init_bias=0.0, router_input_norm=router_input_norm)
+    config = CoGaLoRAConfig(
+        method=method, rank=4, router_init_bias=0.0, router_input_norm=router_input_norm, rank_set=(0, 2, 4)
+    )
     model = new_model(str(base_dir), config, ["neg", "pos"])
     if method != "full":
         randomize_adapter(model)
@@ -43,7 +45,7 @@ def _save(base_dir: Path, directory: Path, method: str = "cogalora", router_inpu
         alpha=16.0,
         target_modules=list(model.config.target_modules),
         tau=0.5,
-        router={"hidden": 4} if method == "cogalora" else None,
+        router={"hidden": 4} if config.has_routers else None,
         metrics={"accuracy": 0.5},
         **{"lambda": 0.1},
     )
@@ -51,7 +53,7 @@ def _save(base_dir: Path, directory: Path, method: str = "cogalora", router_inpu
     return model, meta
 
 
-@pytest.mark.parametrize("method", ["cogalora", "lora", "galora", "full"])
+@pytest.mark.parametrize("method", ["cogalora", "radlora", "lora", "galora", "full"])
 def test_save_load_round_trip_gives_identical_outputs(tiny_base_dir, tmp_path, method):
     model, _ = _save(tiny_base_dir, tmp_path / method, method)
     loaded = load_model(tmp_path / method)
@@ -62,12 +64,16 @@ def test_save_load_round_trip_gives_identical_outputs(tiny_base_dir, tmp_path, m
     assert torch.equal(expected.gates, actual.gates)
     assert loaded.meta.labels == ["neg", "pos"] and loaded.meta.method == method
     files = {path.name for path in (tmp_path / method).iterdir()}
-    assert (ROUTER_FILE in files) == (method == "cogalora")
+    assert (ROUTER_FILE in files) == (method in ("cogalora", "radlora"))
+    assert torch.equal(expected.ranks, actual.ranks)
+    if method == "radlora":
+        assert loaded.meta.rank_set == [0, 2, 4] and loaded.model.config.rank_set == (0, 2, 4)
+        assert len(read_adapter(tmp_path / method)[1].routers) == len(model.sites)
     if method == "galora":
         assert len(loaded.meta.sites) == len(model.sites) - 1
 
 
-@pytest.mark.parametrize("method", ["cogalora", "galora"])
+@pytest.mark.parametrize("method", ["cogalora", "radlora", "galora"])
 def test_peft_loads_the_checkpoint_and_matches_all_gates_on(tiny_base_dir, tmp_path, method):
     model, _ = _save(tiny_base_dir, tmp_path / "ckpt", method)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_base_dir, num_labels=2)
@@ -172,3 +178,19 @@ def test_router_input_norm_round_trips_and_older_checkpoints_default_to_none(tin
     path.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match=r"router\.input_norm"):
         read_adapter(tmp_path / "old")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.pop("rank_set"), r"cogalora\.json: field 'rank_set': required"),
+        (lambda d: d.update(rank_set=[0, 2, 8]), r"cogalora\.json: field 'rank_set'.*\[0, 4\]"),
+        (lambda d: d.update(rank_set=[0, 4]), r"routers\.safetensors: tensor .*rank_w has shape"),
+        (lambda d: d.update(method="cogalora"), r"routers\.safetensors: unexpected tensor .*rank_"),
+    ],
+)
+def test_radlora_rank_set_and_rank_heads_are_checked(tiny_base_dir, tmp_path, mutate, message):
+    _save(tiny_base_dir, tmp_path / "r", "radlora")
+    _corrupt(tmp_path / "r", CONFIG_FILE, mutate)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tmp_path / "r")

@@ -400,3 +400,79 @@ def test_length_chunks_are_optimal_and_cover_every_row(seed: int) -> None:
     cost = sum(lengths[stop - 1] * (stop - start) + overhead for start, stop in chunks)
     assert cost == brute_force_cost(lengths, overhead)
     assert length_chunks(lengths, -1) == [(0, len(lengths))]
+
+
+# ---- RAD-LoRA: ranks routed per row ------------------------------------------------------------
+
+
+@pytest.fixture
+def rank_routed_engine(tmp_path: Path, tiny_base_dir: Path) -> Engine:
+    """A RAD-LoRA adapter (``rad``, ranks 0/2/4/8) beside a CoGaLoRA one (``two``) on one tiny encoder."""
+    root = tmp_path / "models"
+    synthetic_checkpoint(root / "rad", str(tiny_base_dir), ["neg", "pos"], method="radlora", seed=3)
+    synthetic_checkpoint(root / "two", str(tiny_base_dir), ["neg", "pos"], seed=0)
+    return Engine(scanned(root), tune_malloc=False)
+
+
+def test_rank_routed_engine_matches_the_training_model_and_reports_ranks(rank_routed_engine: Engine) -> None:
+    texts = [tiny_text(3 + seed % 9, seed=seed) for seed in range(16)]
+    loaded = load_model(rank_routed_engine.repository.model_dir / "rad")
+    assert loaded.meta.rank_set == [0, 2, 4, 8]
+    encoded = loaded.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        reference = loaded.model(**encoded)
+    assert set(reference.ranks.unique().tolist()) == {0, 2, 4, 8}, "the check needs every rank in use"
+    results = rank_routed_engine.classify(ClassifyRequest(texts=texts, adapter="rad"))
+    flop_model = rank_routed_engine.repository.acquire("rad").flops
+    for row, result in enumerate(results):
+        ranks = reference.ranks[row].tolist()
+        on = [name for name, rank in zip(loaded.model.site_names, ranks, strict=True) if rank > 0]
+        assert result.active_modules == on
+        assert result.active_rank == sum(ranks)
+        assert probabilities(result, ["neg", "pos"]) == pytest.approx(
+            torch.softmax(reference.logits[row], -1).tolist(), abs=1e-4
+        )
+        expected = flop_model.request(result.tokens, [rank > 0 for rank in ranks], ranks=ranks)
+        assert result.flops.adapter == expected.adapter
+    assert any(result.active_rank < 8 * result.active_adapters for result in results)
+
+
+def test_rank_routed_rows_are_batch_invariant_and_counted_exactly(rank_routed_engine: Engine) -> None:
+    texts = [tiny_text(6, seed=seed) for seed in range(8)]
+    requests = [ClassifyRequest(texts=[text], adapter=("rad", "two")[i % 2]) for i, text in enumerate(texts)]
+    alone = [rank_routed_engine.classify(request)[0] for request in requests]
+    rows = [row for request in requests for row in prepare(rank_routed_engine, request)]
+    assert len({row.tokens for row in rows}) == 1, "equal lengths: no padding in the count"
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        outcome = rank_routed_engine.run_batch(rows)
+    for single, in_batch in zip(alone, outcome.results, strict=True):
+        assert isinstance(in_batch, RowResult)
+        assert (in_batch.active_modules, in_batch.active_rank) == (single.active_modules, single.active_rank)
+        assert probabilities(in_batch, ["neg", "pos"]) == pytest.approx(probabilities(single, ["neg", "pos"]), abs=1e-5)
+        assert in_batch.flops == single.flops
+    # torch's count of the mixed batch equals the per-row analytic FLOPs at the ranks each row used
+    # (less the gathered routers' output dot products, 2 x hidden 4 per row and site: elementwise to torch).
+    attention = sum(row.adapter.flops.attention_per_token_pair * row.tokens**2 for row in rows)
+    router_outputs = 2 * 4 * len(rows) * 12  # 12 sites on the tiny encoder
+    reported = sum(result.flops.total for result in outcome.results) - attention - router_outputs
+    per_rank = rows[0].adapter.flops.adapter_per_token_rank[0] * rows[0].tokens
+    assert counter.get_total_flops() == pytest.approx(reported, abs=per_rank / 2), "off by one rank of one site"
+
+
+@pytest.mark.integration
+def test_every_committed_model_is_served_with_its_ranks() -> None:
+    """The committed repository (models/) scans clean and answers on every adapter; RAD-LoRA rows may
+    use less than the full rank of their active sites, every other method exactly the full rank."""
+    committed = Path(__file__).resolve().parents[1] / "models"
+    repository = scanned(committed)
+    engine = Engine(repository, tune_malloc=False)
+    texts = sentences(4)
+    assert "sst2-radlora" in repository.names()
+    for name in repository.names():
+        meta = repository.info(name)
+        results = engine.classify(ClassifyRequest(texts=texts, adapter=name))
+        assert [len(result.scores) for result in results] == [len(meta.labels)] * len(texts)
+        for result in results:
+            assert result.active_rank <= 8 * result.active_adapters
+            if meta.method != "radlora":
+                assert result.active_rank == 8 * result.active_adapters

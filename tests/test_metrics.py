@@ -22,6 +22,7 @@ EXPECTED = {
     "cogalora_input_tokens": "histogram",
     "cogalora_inputs_total": "counter",
     "cogalora_active_adapters": "histogram",
+    "cogalora_active_rank": "histogram",
     "cogalora_request_flops": "histogram",
     "cogalora_adapter_flops_total": "counter",
     "cogalora_adapter_flops_saved_total": "counter",
@@ -106,6 +107,8 @@ async def test_counts_move_by_exactly_n(tmp_path):
     assert moved("cogalora_input_tokens_sum", adapter="sst2") == sum(row["tokens"] for row in rows)
     assert moved("cogalora_active_adapters_count", adapter="sst2") == inputs
     assert moved("cogalora_active_adapters_sum", adapter="sst2") == sum(row["active_adapters"] for row in rows)
+    assert moved("cogalora_active_rank_count", adapter="sst2") == inputs
+    assert moved("cogalora_active_rank_sum", adapter="sst2") == sum(row["active_rank"] for row in rows)
     assert moved("cogalora_request_flops_count", adapter="sst2") == inputs
     assert moved("cogalora_request_flops_sum", adapter="sst2") == sum(row["flops"]["total"] for row in rows)
     assert moved("cogalora_adapter_flops_total", adapter="sst2") == sum(row["flops"]["adapter"] for row in rows)

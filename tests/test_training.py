@@ -191,11 +191,37 @@ def test_training_batches_cover_everything_once_grouped_and_deterministic() -> N
 
 def test_never_fired_ignores_absent_sites() -> None:
     gates = torch.tensor([[True, False, False], [False, False, False]])
-    predictions = Predictions(torch.zeros(2), gates, gates.float(), torch.ones(2))
+    predictions = Predictions(torch.zeros(2), gates, gates.float(), torch.ones(2), gates.long() * 8)
     assert never_fired(predictions, [True, True, False]) == [1]
 
 
 # ---- training, evaluation, calibration, sweeps ---------------------------------------------------
+
+
+def test_cli_trains_radlora_and_evaluate_reports_the_rank_each_example_used(
+    tiny_base: Path, toy_data, tmp_path: Path, capsys
+) -> None:
+    train, dev = toy_data
+    output = tmp_path / "rad"
+    extra = ("--rank-set", "0,2,4", "--rank-lambda", "0.5", "--lambda", "0.01")
+    assert main(train_argv(tiny_base, train, dev, output, "radlora", *extra)) == 0
+    meta = read_meta(output)
+    assert (meta.method, meta.rank, meta.rank_set, meta.rank_lambda) == ("radlora", 4, [0, 2, 4], 0.5)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(output), "--data", str(dev), "--json", "--threads", "1"]) == 0
+    result = last_json(capsys.readouterr().out)
+    loaded = load_model(output)
+    rows = list(csv.reader(dev.open(encoding="utf-8"), delimiter="\t"))[1:]
+    total_rank = 0
+    for text, _label in rows:
+        encoded = loaded.tokenizer(text, truncation=True, max_length=16, return_tensors="pt")
+        out = loaded.model(encoded["input_ids"], encoded["attention_mask"], encoded["token_type_ids"])
+        assert set(out.ranks.unique().tolist()) <= {0, 2, 4}
+        total_rank += int(out.ranks.sum())
+    assert result["mean_active_rank"] == pytest.approx(total_rank / len(rows), abs=1e-5)
+    assert result["mean_active_rank"] <= 4 * result["mean_active_adapters"] + 1e-6
+    assert main(train_argv(tiny_base, train, dev, tmp_path / "bad", "radlora", "--rank-set", "0,8")) == 2
+    assert "--rank-set" in capsys.readouterr().err
 
 
 def test_cli_train_then_evaluate_json(tiny_base: Path, toy_data, tmp_path: Path, capsys) -> None:
@@ -229,6 +255,7 @@ def test_cli_train_then_evaluate_json(tiny_base: Path, toy_data, tmp_path: Path,
         active += int(out.gates.sum())
     assert result["accuracy"] == pytest.approx(correct / len(rows), abs=1e-6)
     assert result["mean_active_adapters"] == pytest.approx(active / len(rows), abs=1e-5)
+    assert result["mean_active_rank"] == pytest.approx(4 * result["mean_active_adapters"], abs=1e-4)
 
     # --dtype: the same data in bfloat16, compared with float32 on the same rows.
     assert main(["evaluate", "--model", str(output), "--data", str(dev), "--json", "--dtype", "bfloat16"]) == 0

@@ -13,6 +13,7 @@ from typing import get_args, get_type_hints
 import torch
 
 from cogalora import CheckpointError, load_model, update_meta
+from cogalora.config import ROUTED_METHODS
 from cogalora.precision import DTYPE_CHOICES, resolve_dtype
 from training.calibrate import PICKS, calibrate, format_calibration, parse_taus, tau_grid
 from training.data import Columns, DataError, encode_file
@@ -110,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="fine-tune a classifier and save a checkpoint",
-        description="Fine-tune with full FT, LoRA, GaLoRA or CoGaLoRA; evaluate on dev each epoch; save a "
+        description="Fine-tune with full FT, LoRA, GaLoRA, CoGaLoRA or RAD-LoRA (CoGaLoRA whose routers also pick "
+        "a rank per example); evaluate on dev each epoch; save a "
         "checkpoint (GaLoRA gates pruned and folded; CoGaLoRA sites whose router never fired on dev dropped).",
         formatter_class=_Formatter,
     )
@@ -120,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="accuracy, active adapters and FLOPs of a checkpoint",
         description="Evaluate a checkpoint with hard gates. The last stdout line is always one JSON object with "
-        "accuracy, examples, mean_active_adapters, mean_active_fraction, mean_flops, mean_adapter_flops.",
+        "accuracy, examples, mean_active_adapters, mean_active_fraction, mean_active_rank (sum over sites of the rank "
+        "each example used, averaged; 288 = 36 sites at rank 8), mean_flops, mean_adapter_flops.",
         formatter_class=_Formatter,
     )
     evaluate_cmd.add_argument("--model", required=True, help="checkpoint directory")
@@ -298,9 +301,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         print("error: --target-active-fraction must lie in [0, 1]", file=sys.stderr)
         return 2
     loaded, dataset, device = _load(args)
-    if loaded.meta.method != "cogalora":
+    if loaded.meta.method not in ROUTED_METHODS:
         print(
-            f"error: tau only matters for cogalora checkpoints, {args.model} is {loaded.meta.method}", file=sys.stderr
+            f"error: tau only matters for cogalora and radlora checkpoints, {args.model} is {loaded.meta.method}",
+            file=sys.stderr,
         )
         return 2
     taus = parse_taus(args.taus) if args.taus else tau_grid(args.step)

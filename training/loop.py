@@ -28,6 +28,7 @@ from cogalora import (
 )
 from cogalora.bank import ROUTER_INPUT_NORMS
 from cogalora.base_model import load_tokenizer
+from cogalora.config import DEFAULT_RANK_SET, ROUTED_METHODS, check_rank_set, parse_rank_set
 from cogalora.gates import GATE_ESTIMATORS, annealed_temperature
 from training.data import (
     Columns,
@@ -97,6 +98,17 @@ class TrainConfig:
         flag="--lambda",
     )
     tau: float = option(0.5, "inference gate threshold stored in the checkpoint", group="routing")
+    rank_set: str = option(
+        "0,2,4,8",
+        "RAD-LoRA: comma-separated ranks each router may pick per example (0: off; at most --rank); nested: "
+        "rank k uses the first k rows of A and columns of B",
+        group="routing",
+    )
+    rank_lambda: float = option(
+        0.0,
+        "RAD-LoRA: weight of the rank penalty rank_lambda * mean E[rank] / rank, beside the gate penalty --lambda",
+        group="routing",
+    )
     lr: float | None = option(
         None, f"learning rate (default {DEFAULT_ADAPTER_LR} for adapter methods, {DEFAULT_FULL_LR} for full)"
     )
@@ -163,13 +175,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.target_active_fraction is not None:
-            if self.method != "cogalora":
-                raise TrainConfigError("--target-active-fraction needs --method cogalora")
+            if self.method not in ROUTED_METHODS:
+                raise TrainConfigError("--target-active-fraction needs --method cogalora or radlora")
             if not 0.0 < self.target_active_fraction <= 1.0:
                 raise TrainConfigError(
                     f"--target-active-fraction must lie in (0, 1], got {self.target_active_fraction}"
                 )
-        for name in ("budget_lr", "distill_weight"):
+        if self.method == "radlora":
+            try:
+                check_rank_set(parse_rank_set(self.rank_set), self.rank)
+            except ValueError as exc:
+                raise TrainConfigError(f"--rank-set: {exc}") from None
+        for name in ("budget_lr", "distill_weight", "rank_lambda"):
             if getattr(self, name) < 0:
                 raise TrainConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("distill_temperature", "gate_temperature", "gate_temperature_end"):
@@ -255,6 +272,8 @@ def build_model(config: TrainConfig, labels: list[str]) -> CoGaLoRAModel:
         sparsity_lambda=config.sparsity_lambda,
         router_init_bias=config.router_init_bias,
         router_input_norm=config.router_input_norm,
+        rank_set=parse_rank_set(config.rank_set) if config.method == "radlora" else DEFAULT_RANK_SET,
+        rank_lambda=config.rank_lambda,
     )
     model = new_model(config.base_model, model_config, labels)
     model.routing.gate_estimator = config.gate_estimator
@@ -311,6 +330,7 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
         model.train()
         bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not show)
         smoothed, correct, seen, active, gate_slots, expected, routed = None, 0, 0, 0.0, 0, 0.0, 0
+        rank_total = 0.0
         for global_indices in batches:
             indices = context.shard(global_indices)
             _set_lr(optimizer, step, total_steps, warmup)
@@ -325,7 +345,7 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
             # This shard's share of the global batch: summed over ranks, the gradients and the
             # statistics are those of the whole batch (a single process has share 1).
             share = len(indices) / len(global_indices)
-            local = [0.0] * 6  # loss, correct, rows, active gates, gate slots, expected active * share
+            local = [0.0] * 7  # loss, correct, rows, active gates, gate slots, expected active * share, ranks
             if indices:
                 batch = collate(train_set, indices).to(device)
                 result = objective.step(model, batch, warming, update_budget=False)
@@ -338,8 +358,11 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
                     float(out.gates.float().sum()),
                     float(out.gates.numel()),
                     result.expected_active * share,
+                    float(out.ranks.sum()) if out.ranks is not None else 0.0,
                 ]
-            value, batch_correct, rows, batch_active, batch_slots, measured = context.all_reduce_sum(trainable, local)
+            value, batch_correct, rows, batch_active, batch_slots, measured, batch_ranks = context.all_reduce_sum(
+                trainable, local
+            )
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             if objective.controller is not None and not warming:
@@ -350,11 +373,14 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
             seen += int(rows)
             active += batch_active
             gate_slots += int(batch_slots)
+            rank_total += batch_ranks
             if not warming:
                 expected += measured
                 routed += 1
             postfix = {"loss": f"{smoothed:.3f}", "acc": f"{correct / seen:.3f}"}
             postfix["active"] = f"{active / max(gate_slots, 1):.2f}"
+            if config.method == "radlora":
+                postfix["rank"] = f"{rank_total / max(seen, 1):.1f}"
             if objective.controller is not None:
                 postfix["lambda"] = f"{objective.controller.strength:.3f}"
             bar.set_postfix(postfix)
@@ -373,6 +399,7 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
             "dev_accuracy": dev_metrics["accuracy"],
             "dev_active_fraction": dev_metrics["mean_active_fraction"],
             "dev_adapter_flops_fraction": dev_metrics["adapter_flops_fraction"],
+            "dev_mean_active_rank": dev_metrics["mean_active_rank"],
         }
         history.append(entry)
         tqdm.write(json.dumps(entry))
@@ -399,7 +426,7 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
         )
     model.to("cpu")
     router = None
-    if config.method == "cogalora":
+    if config.method in ROUTED_METHODS:
         router = {"hidden": model.config.router_hidden, "input_norm": config.router_input_norm}
     meta = CheckpointMeta(
         format_version=1,
@@ -412,6 +439,8 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
         target_modules=list(model.config.target_modules),
         tau=config.tau,
         router=router,
+        rank_set=list(model.config.routed_ranks) if model.config.routed_ranks else None,
+        rank_lambda=config.rank_lambda if config.method == "radlora" else 0.0,
         metrics=metrics,
         training=asdict(config) | {"lr": config.learning_rate},
         **{"lambda": config.sparsity_lambda},
@@ -427,7 +456,7 @@ def _post_process(model: CoGaLoRAModel, config: TrainConfig, dev_set: EncodedDat
         if pruned:
             tqdm.write(f"GaLoRA pruned {len(pruned)} modules: {pruned}")
         return pruned
-    if config.method == "cogalora" and config.drop_never_fired:
+    if config.method in ROUTED_METHODS and config.drop_never_fired:
         _, predictions = evaluate(model, dev_set, config.eval_batch_size, device=device)
         indices = never_fired(predictions, model.site_present())
         model.drop_sites(indices)

@@ -9,6 +9,8 @@
   ``c`` the batch's expected active fraction in the units of the weights above: the penalty's
   strength is searched by training instead of by the user. It is a budget (at most ``F``): a model
   under it sees lambda fall to 0 and no penalty, never a push to switch more adapters on.
+- **Rank penalty** (RAD-LoRA, ``--rank-lambda``): ``rank_lambda * mean E[rank] / r_max`` beside the
+  gate penalty, ``E[rank] = p * sum_k q_k k`` the rank a row is expected to use at a site.
 - **Self-distillation** (``--distill-weight``): the same model with every gate on, in eval mode
   and without gradient, is the teacher; the loss adds ``beta T^2 KL(teacher || routed)`` on
   temperature-``T`` softmaxes, so the routed model is pulled towards the dense one's predictions.
@@ -100,7 +102,7 @@ class Objective:
         distill_weight: float = 0.0,
         distill_temperature: float = 1.0,
     ) -> None:
-        self.routed = model.config.method == "cogalora"
+        self.routed = model.config.has_routers
         self.weights = site_cost_weights(model, sparsity_weights) if self.routed else None
         if sparsity_weights == "sites":
             self.weights = None  # the plain mean: exactly the seed's penalty
@@ -126,7 +128,7 @@ class Objective:
         if warming:
             return StepLoss(loss, output, 1.0, 0.0, 0.0)
         strength = self.controller.strength if self.controller else self.strength
-        loss = loss + model.sparsity_penalty(output, self.weights, strength)
+        loss = loss + model.sparsity_penalty(output, self.weights, strength) + model.rank_penalty(output)
         distillation = 0.0
         if self.distill_weight > 0:
             teacher = dense_teacher_logits(model, batch.input_ids, batch.attention_mask, batch.token_type_ids)
