@@ -204,7 +204,9 @@ async def test_timeout_gives_504_and_the_server_recovers(loaded, minilm_model_di
     _, engine = loaded
     gated = GatedEngine(engine)
     gated.release.clear()
-    app = app_on(loaded, minilm_model_dir, gated=gated, request_timeout_s=0.2)
+    # The gated engine makes the first request time out whatever the limit; the limit only has to let
+    # the second one (behind the first's released row) finish on a loaded 2-core machine: 0.2 s did not.
+    app = app_on(loaded, minilm_model_dir, gated=gated, request_timeout_s=2.0)
     async with running(app) as client:
         response = await client.post("/classify", json={"inputs": "hello", "adapter": "sst2"})
         assert_envelope(response, 504, "timeout")
