@@ -71,9 +71,14 @@ async def health() -> dict[str, str]:
     summary="Readiness: 200 once the encoders are loaded and warmed up; 503 before and while draining.",
 )
 async def ready(request: Request) -> Response:
+    return readiness_response(request, '{"status":"ready"}')
+
+
+def readiness_response(request: Request, ready_body: str) -> Response:
+    """``ready_body`` (200) once the service is ready, else the 503 ``not_ready`` envelope (any protocol)."""
     service = service_of(request)
     if service.state == "ready":
-        return Response('{"status":"ready"}', media_type="application/json")
+        return Response(ready_body, media_type="application/json")
     return error_response(503, f"not ready: {service.state}", "not_ready", service.settings.retry_after_s)
 
 

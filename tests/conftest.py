@@ -217,3 +217,12 @@ def keyed_service(minilm_model_dir, start_service):
         COGALORA_LOG_LEVEL="INFO",
         **IGNORED_BY_FLAGS,
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: tests that compare results stay quick on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

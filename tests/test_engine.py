@@ -44,13 +44,7 @@ def sentences(count: int) -> list[str]:
     return [" ".join(words[i % 7 : i % 7 + 1 + (5 * i) % 37]) for i in range(count)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: these tests compare results, and one thread keeps them quick on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def scanned(model_dir: Path, **options) -> ModelRepository:

@@ -21,12 +21,7 @@ from service.types import BatchStats, RoutingSample, ShadowOutcome
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(params=["float32", "bfloat16"])

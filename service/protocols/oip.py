@@ -30,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.classification import Classified, classify_texts, service_of
 from service.errors import InvalidRequestError
-from service.responses import documented_errors, error_response
+from service.responses import documented_errors
+from service.routes import readiness_response
 from service.schemas import RowResult
 
 #: Triton's binary tensor data extension: the length of the JSON part of a binary body.
@@ -353,10 +354,7 @@ async def live() -> LiveResponse:
     summary="OIP readiness: 200 once every model is loaded and warmed up; 503 before and while draining.",
 )
 async def ready(request: Request) -> Response:
-    service = service_of(request)
-    if service.state == "ready":
-        return Response('{"ready":true}', media_type="application/json")
-    return error_response(503, f"not ready: {service.state}", "not_ready", service.settings.retry_after_s)
+    return readiness_response(request, '{"ready":true}')
 
 
 @router.get("/v2", response_model=ServerMetadata, summary="OIP server metadata.")
