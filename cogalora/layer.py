@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from cogalora.architectures import Site
 from cogalora.bank import AdapterBank, _grown
-from cogalora.gates import hard_rank_choice, training_gates, training_rank_choice
+from cogalora.gates import hard_rank_choice, sampled_warmup_ranks, training_gates, training_rank_choice
 from cogalora.routing import BankRoute, RoutingState
 
 
@@ -166,6 +166,8 @@ class GatedLoraLinear(nn.Module):
         exactly zero to its adapter's gradient. The ``gumbel`` estimator multiplies by a soft gate.
         A rank-routing bank also samples a rank per row: ``A x`` is weighted by that choice's mask
         (ones on its first k components), with the rank head's gradient through the same estimator.
+        With gates forced on (the warm-up) and ``rank_warmup == "sampled"``, it draws each row's rank
+        uniformly from its nonzero rank choices instead, so every nested prefix learns to be an adapter.
         """
         (route,) = routes
         bank = self.banks[route.bank]
@@ -189,6 +191,10 @@ class GatedLoraLinear(nn.Module):
             probs = None
             hard = gate = torch.ones(x.shape[0], device=x.device, dtype=out.dtype)
             expected = ranks = hard * bank.rank
+            if bank.rank_set is not None and state.rank_warmup == "sampled":
+                picks = sampled_warmup_ranks(bank.rank_choices, x.shape[0])
+                rank_mask = bank.rank_masks.index_select(0, picks)
+                expected = ranks = bank.rank_choices.index_select(0, picks).to(hard.dtype)
         ranks = ranks.round().long()
         state.record(self.site.index, probs, ranks > 0, ranks=ranks, expected_ranks=expected)
         delta = bank.delta(self.dropout(x), row, rank_mask)

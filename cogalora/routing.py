@@ -63,6 +63,8 @@ class RoutingState:
         """How training turns router logits into gates (``cogalora.gates``); eval always uses ``p > tau``."""
         self.gate_temperature = 1.0
         """Temperature of the ``gumbel`` estimator (annealed by the training loop)."""
+        self.rank_warmup = "full"
+        """What rank-routing adapters train while gates are forced on in training (``cogalora.gates.RANK_WARMUPS``)."""
         self._reset()
 
     @property

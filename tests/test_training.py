@@ -203,10 +203,11 @@ def test_cli_trains_radlora_and_evaluate_reports_the_rank_each_example_used(
 ) -> None:
     train, dev = toy_data
     output = tmp_path / "rad"
-    extra = ("--rank-set", "0,2,4", "--rank-lambda", "0.5", "--lambda", "0.01")
-    assert main(train_argv(tiny_base, train, dev, output, "radlora", *extra)) == 0
+    extra = ("--rank-set", "0,2,4", "--rank-lambda", "0.5", "--lambda", "0.01", "--rank-warmup", "sampled")
+    assert main(train_argv(tiny_base, train, dev, output, "radlora", *extra, "--warmup-gates-on-steps", "1")) == 0
     meta = read_meta(output)
     assert (meta.method, meta.rank, meta.rank_set, meta.rank_lambda) == ("radlora", 4, [0, 2, 4], 0.5)
+    assert meta.training["rank_warmup"] == "sampled"
     capsys.readouterr()
     assert main(["evaluate", "--model", str(output), "--data", str(dev), "--json", "--threads", "1"]) == 0
     result = last_json(capsys.readouterr().out)

@@ -29,7 +29,7 @@ from cogalora import (
 from cogalora.bank import ROUTER_INPUT_NORMS
 from cogalora.base_model import load_tokenizer
 from cogalora.config import DEFAULT_RANK_SET, ROUTED_METHODS, check_rank_set, parse_rank_set
-from cogalora.gates import GATE_ESTIMATORS, annealed_temperature
+from cogalora.gates import GATE_ESTIMATORS, RANK_WARMUPS, annealed_temperature
 from training.data import (
     Columns,
     EncodedDataset,
@@ -108,6 +108,13 @@ class TrainConfig:
         0.0,
         "RAD-LoRA: weight of the rank penalty rank_lambda * mean E[rank] / rank, beside the gate penalty --lambda",
         group="routing",
+    )
+    rank_warmup: str = option(
+        "full",
+        "RAD-LoRA: what adapters train during --warmup-gates-on-steps: the full rank only, or per row and site a "
+        "rank drawn uniformly from the nonzero ranks of --rank-set (sampled: every nested rank learns to be an adapter)",
+        group="routing",
+        choices=RANK_WARMUPS,
     )
     lr: float | None = option(
         None, f"learning rate (default {DEFAULT_ADAPTER_LR} for adapter methods, {DEFAULT_FULL_LR} for full)"
@@ -197,6 +204,7 @@ class TrainConfig:
             ("router_input_norm", ROUTER_INPUT_NORMS),
             ("sparsity_weights", SPARSITY_WEIGHTS),
             ("gate_estimator", GATE_ESTIMATORS),
+            ("rank_warmup", RANK_WARMUPS),
         )
         for name, choices in checks:
             if getattr(self, name) not in choices:
@@ -277,6 +285,7 @@ def build_model(config: TrainConfig, labels: list[str]) -> CoGaLoRAModel:
     )
     model = new_model(config.base_model, model_config, labels)
     model.routing.gate_estimator = config.gate_estimator
+    model.routing.rank_warmup = config.rank_warmup
     return model
 
 
