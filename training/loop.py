@@ -111,8 +111,8 @@ class TrainConfig:
     )
     rank_warmup: str = option(
         "full",
-        "RAD-LoRA: what adapters train during --warmup-gates-on-steps: the full rank only, or per row and site a "
-        "rank drawn uniformly from the nonzero ranks of --rank-set (sampled: every nested rank learns to be an adapter)",
+        "RAD-LoRA: what adapters train during --warmup-gates-on-steps: the full rank only, or per row and site "
+        "a rank drawn uniformly from the nonzero ranks of --rank-set (sampled: every nested rank learns as an adapter)",
         group="routing",
         choices=RANK_WARMUPS,
     )
