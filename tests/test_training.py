@@ -225,6 +225,24 @@ def test_cli_trains_radlora_and_evaluate_reports_the_rank_each_example_used(
     assert "--rank-set" in capsys.readouterr().err
 
 
+def test_cli_trains_hyperlora_with_its_scale_generators_at_the_adapter_learning_rate(
+    tiny_base: Path, toy_data, tmp_path: Path, capsys
+) -> None:
+    train, dev = toy_data
+    output = tmp_path / "hyper"
+    argv = train_argv(tiny_base, train, dev, output, "hyperlora", "--lambda", "0.01", "--warmup-gates-on-steps", "1")
+    assert main(argv) == 0
+    meta = read_meta(output)
+    assert meta.method == "hyperlora" and meta.router is not None
+    loaded = load_model(output)
+    scales = [layer.banks[0].router_scale_w for layer in loaded.model.layers if layer.banks]
+    assert scales and any(float(weight.abs().sum()) > 0 for weight in scales)  # trained away from the init 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(output), "--data", str(dev), "--json", "--threads", "1"]) == 0
+    result = last_json(capsys.readouterr().out)
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["mean_active_adapters"] >= 0
+
+
 def test_cli_train_then_evaluate_json(tiny_base: Path, toy_data, tmp_path: Path, capsys) -> None:
     train, dev = toy_data
     output = tmp_path / "model"

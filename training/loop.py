@@ -245,7 +245,10 @@ def _optimizer(model: CoGaLoRAModel, config: TrainConfig) -> torch.optim.Optimiz
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (routers if ".router_" in name or name.endswith("galora_gate") else others).append(param)
+        # HyperLoRA's scale generators multiply the adapter's output directly: they train at the
+        # adapter's learning rate, not the gates' (a router LR of 1e-2 on 384 inputs moves s by ~1 a step).
+        gate_like = ".router_" in name and ".router_scale_" not in name
+        (routers if gate_like or name.endswith("galora_gate") else others).append(param)
     groups = [{"params": others, "lr": lr}]
     if routers:
         groups.append({"params": routers, "lr": router_lr})
