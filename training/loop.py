@@ -29,7 +29,7 @@ from cogalora import (
 from cogalora.bank import ROUTER_INPUT_NORMS
 from cogalora.base_model import load_tokenizer
 from cogalora.config import DEFAULT_RANK_SET, ROUTED_METHODS, check_rank_set, parse_rank_set
-from cogalora.gates import GATE_ESTIMATORS, RANK_WARMUPS, annealed_temperature
+from cogalora.gates import DEFAULT_RANK_WARMUP, GATE_ESTIMATORS, RANK_WARMUPS, annealed_temperature
 from training.data import (
     Columns,
     EncodedDataset,
@@ -110,7 +110,7 @@ class TrainConfig:
         group="routing",
     )
     rank_warmup: str = option(
-        "full",
+        DEFAULT_RANK_WARMUP,
         "RAD-LoRA: what adapters train during --warmup-gates-on-steps: the full rank only, or per row and site "
         "a rank drawn uniformly from the nonzero ranks of --rank-set (sampled: every nested rank learns as an adapter)",
         group="routing",
