@@ -106,6 +106,8 @@ def test_broken_checkpoints_are_reported_and_skipped(model_dir: Path, tiny_base_
         assert str(model_dir) not in message, "client-facing messages must not leak server paths"
     with pytest.raises(AdapterLoadError, match="cannot share a base model"):
         repo.load("fullft")
+    with pytest.raises(AdapterLoadError, match="does not serve"):
+        repo.load("hyper")
     with pytest.raises(UnknownAdapterError):
         repo.acquire("badjson")
 
