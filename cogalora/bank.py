@@ -22,6 +22,12 @@ hidden layer: ``rank_logits = W_r h + b_r`` over the bank's rank choices. Ranks 
 ``k`` is the first ``k`` rows of ``A`` and the first ``k`` columns of ``B``, so one stored
 full-rank adapter serves every choice. In eval a row's rank is the choice of the highest logit
 (``argmax``; a tie goes to the first, i.e. the smallest rank).
+
+A *generated-scale* bank (HyperLoRA, ``generated_scales=True``: the smallest honest form of the
+hypernetwork variant of issue 12) keeps each adapter's stored ``A`` and ``B`` and gives every router
+a third output, one scale per rank component generated from the same pooled input,
+``s(x) = W_s pool(x) + b_s``, so the update is ``B diag(s(x)) A``: ``A x`` is multiplied by ``s`` per
+row. ``W_s`` starts at zero and ``b_s`` at one, so a fresh adapter is plain LoRA.
 """
 
 from __future__ import annotations
@@ -59,8 +65,10 @@ class AdapterBank(nn.Module):
         "router_b2",
         "router_rank_w",
         "router_rank_b",
+        "router_scale_w",
+        "router_scale_b",
     )
-    """The router weights (both heads): trained with the router learning rate, kept in float32."""
+    """The router weights (every head): trained with the router learning rate, kept in float32."""
 
     def __init__(
         self,
@@ -70,6 +78,7 @@ class AdapterBank(nn.Module):
         router_hidden: int,
         *,
         rank_set: tuple[int, ...] | None = None,
+        generated_scales: bool = False,
         capacity: int = 1,
         fold_scaling: bool = True,
         device: torch.device | str | None = None,
@@ -81,6 +90,8 @@ class AdapterBank(nn.Module):
         self.rank = rank
         self.rank_set = None if rank_set is None else tuple(rank_set)
         """Rank choices of every router here (RAD-LoRA), or ``None``: every active row uses ``rank``."""
+        self.generated_scales = generated_scales
+        """Whether every router here also generates per-row scales of the rank components (HyperLoRA)."""
         self.fold_scaling = fold_scaling
         self.output_scale = 1.0
         """Host factor applied to ``B A x`` (1 when the scaling is folded into ``B``)."""
@@ -95,6 +106,9 @@ class AdapterBank(nn.Module):
         choices = len(self.rank_set or ())
         self.router_rank_w = nn.Parameter(torch.zeros(capacity, choices, router_hidden, **router), requires_grad=False)
         self.router_rank_b = nn.Parameter(torch.zeros(capacity, choices, **router), requires_grad=False)
+        scales = rank if generated_scales else 0
+        self.router_scale_w = nn.Parameter(torch.zeros(capacity, scales, in_features, **router), requires_grad=False)
+        self.router_scale_b = nn.Parameter(torch.zeros(capacity, scales, **router), requires_grad=False)
         #: ``[choices]`` the rank of each choice, and ``[choices, rank]`` its 0/1 mask over ``A``'s rows.
         self.register_buffer(
             "rank_choices", torch.tensor(self.rank_set or (), dtype=torch.long, device=device), persistent=False
@@ -150,6 +164,8 @@ class AdapterBank(nn.Module):
             "router_b2": (capacity,),
             "router_rank_w": (capacity, len(self.rank_set or ()), router_hidden),
             "router_rank_b": (capacity, len(self.rank_set or ())),
+            "router_scale_w": (capacity, self.router_scale_w.shape[1], self.in_features),
+            "router_scale_b": (capacity, self.router_scale_w.shape[1]),
         }
         for name, shape in shapes.items():
             param = getattr(self, name)
@@ -168,6 +184,8 @@ class AdapterBank(nn.Module):
             self.router_b2,
             self.router_rank_w,
             self.router_rank_b,
+            self.router_scale_w,
+            self.router_scale_b,
         )
 
     def _set_input_norm(self, row: int, input_norm: str) -> None:
@@ -197,7 +215,7 @@ class AdapterBank(nn.Module):
             self.output_scale = float(scaling)
         self.lora_A[row].copy_(lora_A)
         self.lora_B[row].copy_(lora_B)
-        for tensor in (self.router_w1, self.router_b1, self.router_w2, self.router_rank_w, self.router_rank_b):
+        for tensor in self._tensors()[2:]:
             tensor[row].zero_()
         self._set_input_norm(row, "none" if router is None else router.input_norm)
         if router is None:
@@ -211,6 +229,9 @@ class AdapterBank(nn.Module):
         if self.rank_set is not None:
             self.router_rank_w[row, :, :hidden] = router.rank_w
             self.router_rank_b[row] = router.rank_b
+        if self.generated_scales:
+            self.router_scale_w[row] = router.scale_w
+            self.router_scale_b[row] = router.scale_b
 
     def read(self, row: int, scaling: float) -> tuple[Tensor, Tensor, RouterWeights | None]:
         """``(A, B, router)`` of ``row`` with ``B`` unscaled, as a checkpoint stores them."""
@@ -229,6 +250,9 @@ class AdapterBank(nn.Module):
             if self.rank_set is not None:
                 router.rank_w = self.router_rank_w[row].detach().clone()
                 router.rank_b = self.router_rank_b[row].detach().clone()
+            if self.generated_scales:
+                router.scale_w = self.router_scale_w[row].detach().clone()
+                router.scale_b = self.router_scale_b[row].detach().clone()
         return self.lora_A[row].detach().clone(), lora_B, router
 
     @torch.no_grad()
@@ -253,6 +277,8 @@ class AdapterBank(nn.Module):
             # rank penalty makes routers pick smaller ranks.
             self.router_rank_w[row].uniform_(-0.5, 0.5)
             self.router_rank_b[row, -1] = router_init_bias
+        if self.generated_scales:
+            self.router_scale_b[row] = 1.0  # s(x) = 1 for every input: the adapter starts as plain LoRA
 
     # ---- forward pieces -----------------------------------------------------------------------
 
@@ -284,6 +310,18 @@ class AdapterBank(nn.Module):
             rank = torch.baddbmm(rank_b, rank_w, hidden.unsqueeze(2)).squeeze(2)
         return gate, rank
 
+    def component_scales(self, pooled: Tensor, rows: int | Tensor) -> Tensor:
+        """``[B, rank]`` generated scales ``s(x) = W_s norm(pooled) + b_s`` of each row (float32; HyperLoRA).
+
+        ``pooled``: the rows' pooled site inputs ([B, d_in], float32); ``rows`` as in :meth:`router`.
+        """
+        pooled = self._router_input(pooled, rows)
+        if isinstance(rows, int):
+            return F.linear(pooled, self.router_scale_w[rows], self.router_scale_b[rows])
+        weight = self.router_scale_w.index_select(0, rows)
+        bias = self.router_scale_b.index_select(0, rows).unsqueeze(2)
+        return torch.baddbmm(bias, weight, pooled.unsqueeze(2)).squeeze(2)
+
     def _router_input(self, pooled: Tensor, rows: int | Tensor) -> Tensor:
         """``pooled``, standardised for the rows whose adapter asks for it (each row on its own)."""
         if not self._normalised_rows:
@@ -298,8 +336,9 @@ class AdapterBank(nn.Module):
 
         ``rows``: one bank row for all of ``x`` (two plain products), or ``[n]`` bank rows, one per
         row of ``x`` (two batched products over per-row gathered ``A`` and ``B``: BGMV-style).
-        ``rank_mask`` ([n, rank], training's nested ranks): weights on ``A x``'s components, 0/1 in the
-        forward (rank k: ones on the first k), with the rank estimator's gradient.
+        ``rank_mask`` ([n, rank]): weights on ``A x``'s components per row: training's nested ranks (0/1
+        in the forward, rank k: ones on the first k, with the rank estimator's gradient) and/or
+        HyperLoRA's generated scales.
         """
         if isinstance(rows, int):
             down = F.linear(x, self.lora_A[rows])
@@ -311,11 +350,20 @@ class AdapterBank(nn.Module):
             down = down * rank_mask[:, None, :].to(down.dtype)
         return torch.bmm(down, self.lora_B.index_select(0, rows).transpose(1, 2))
 
-    def add_delta(self, out: Tensor, x: Tensor, rows: int | Tensor, alpha: float, rank: int | None = None) -> None:
+    def add_delta(
+        self,
+        out: Tensor,
+        x: Tensor,
+        rows: int | Tensor,
+        alpha: float,
+        rank: int | None = None,
+        scales: Tensor | None = None,
+    ) -> None:
         """``out += alpha * B A x`` in place, for ``x`` and ``out`` of the same rows ([n, T, *]).
 
         ``rank``: use the first ``rank`` rows of ``A`` and columns of ``B`` (nested ranks, RAD-LoRA);
-        the products are that much smaller. Default: the bank's rank.
+        the products are that much smaller. Default: the bank's rank. ``scales`` ([n, rank], HyperLoRA):
+        ``out += alpha * B diag(s) A x`` with each row's own ``s``.
 
         The up-projection accumulates straight into ``out`` (one fused product, no ``[n, T, d_out]``
         temporary): at rank 8 the adapter's cost is mostly memory traffic over that tensor. The
@@ -324,10 +372,16 @@ class AdapterBank(nn.Module):
         lora_A, lora_B = self.lora_A, self.lora_B
         if rank is not None and rank != self.rank:
             lora_A, lora_B = lora_A[:, :rank], lora_B[:, :, :rank]
+        if scales is not None:
+            scales = scales[:, : lora_A.shape[1]].to(x.dtype)
         if isinstance(rows, int):
             down = torch.mm(x.reshape(-1, self.in_features), lora_A[rows].t())
+            if scales is not None:
+                down = (down.view(x.shape[0], x.shape[1], -1) * scales[:, None, :]).view(down.shape)
             flat = out.view(-1, self.out_features)
             torch.addmm(flat, down, lora_B[rows].t(), alpha=alpha, out=flat)
             return
         down = torch.bmm(x, lora_A.index_select(0, rows).transpose(1, 2))
+        if scales is not None:
+            down = down * scales[:, None, :]
         torch.baddbmm(out, down, lora_B.index_select(0, rows).transpose(1, 2), alpha=alpha, out=out)

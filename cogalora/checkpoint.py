@@ -7,7 +7,9 @@
       adapter_model.safetensors  PEFT LoRA weights + head ("modules_to_save")
       cogalora.json              metadata, see CheckpointMeta
       routers.safetensors        router weights (cogalora and radlora; radlora adds each router's
-                                 rank head, ``<module>.router.rank_w`` [choices, hidden] and ``rank_b``)
+                                 rank head, ``<module>.router.rank_w`` [choices, hidden] and ``rank_b``;
+                                 hyperlora each router's scale generator, ``<module>.router.scale_w``
+                                 [rank, d_in] and ``scale_b`` [rank])
       model.safetensors          full weights (method "full" only; no adapter files)
 
 Only JSON and safetensors are read. Every failure raises :class:`CheckpointError`
@@ -38,6 +40,7 @@ FULL_MODEL_FILE = "model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _ROUTER_PARTS = ("w1", "b1", "w2", "b2")
 _RANK_PARTS = ("rank_w", "rank_b")
+_SCALE_PARTS = ("scale_w", "scale_b")
 
 
 class CheckpointError(ValueError):
@@ -59,7 +62,7 @@ class CheckpointMeta(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="allow")
 
     format_version: int = Field(ge=1, le=FORMAT_VERSION)
-    method: Literal["full", "lora", "galora", "cogalora", "radlora"]
+    method: Literal["full", "lora", "galora", "cogalora", "radlora", "hyperlora"]
     base_model: str = Field(min_length=1)
     labels: list[str] = Field(min_length=2)
     max_length: int = Field(ge=2)
@@ -157,6 +160,7 @@ def save_checkpoint(model, directory: str | Path, meta: CheckpointMeta, slot: in
         router_file = directory / ROUTER_FILE
         if weights.routers:
             parts = _ROUTER_PARTS + (_RANK_PARTS if weights.rank_set is not None else ())
+            parts += _SCALE_PARTS if weights.generated_scales else ()
             router_tensors = {
                 f"{path}.router.{part}": getattr(router, part).contiguous()
                 for path, router in weights.routers.items()
@@ -321,17 +325,26 @@ def read_adapter(directory: str | Path, data: bool = True) -> tuple[CheckpointMe
         )
     if meta.method == "radlora":
         weights.rank_set = tuple(meta.rank_set)  # checked by read_meta
+    weights.generated_scales = meta.method == "hyperlora"
     if meta.method in ROUTED_METHODS:
-        weights.routers = _read_routers(directory / ROUTER_FILE, meta, set(weights.lora), data, weights.rank_set)
+        weights.routers = _read_routers(
+            directory / ROUTER_FILE, meta, set(weights.lora), data, weights.rank_set, weights.generated_scales
+        )
     return meta, weights
 
 
 def _read_routers(
-    path: Path, meta: CheckpointMeta, modules: set[str], data: bool, rank_set: tuple[int, ...] | None
+    path: Path,
+    meta: CheckpointMeta,
+    modules: set[str],
+    data: bool,
+    rank_set: tuple[int, ...] | None,
+    generated_scales: bool = False,
 ) -> dict[str, RouterWeights]:
     if meta.router is None:
         raise CheckpointError(f"{path.parent / CONFIG_FILE}: field 'router': required for method {meta.method!r}")
     expected_parts = _ROUTER_PARTS + (_RANK_PARTS if rank_set is not None else ())
+    expected_parts += _SCALE_PARTS if generated_scales else ()
     tensors = _read_tensors(path, data)
     grouped: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
@@ -351,6 +364,8 @@ def _read_routers(
         expected = {"w1": (hidden, d_in), "b1": (hidden,), "w2": (hidden,), "b2": (1,)}
         if rank_set is not None:
             expected |= {"rank_w": (len(rank_set), hidden), "rank_b": (len(rank_set),)}
+        if generated_scales:
+            expected |= {"scale_w": (meta.rank, d_in), "scale_b": (meta.rank,)}
         for part, shape in expected.items():
             if tuple(parts[part].shape) != shape:
                 raise CheckpointError(

@@ -7,9 +7,9 @@ from typing import Literal
 
 from cogalora.bank import ROUTER_INPUT_NORMS
 
-Method = Literal["full", "lora", "galora", "cogalora", "radlora"]
-METHODS: tuple[str, ...] = ("full", "lora", "galora", "cogalora", "radlora")
-ROUTED_METHODS: tuple[str, ...] = ("cogalora", "radlora")
+Method = Literal["full", "lora", "galora", "cogalora", "radlora", "hyperlora"]
+METHODS: tuple[str, ...] = ("full", "lora", "galora", "cogalora", "radlora", "hyperlora")
+ROUTED_METHODS: tuple[str, ...] = ("cogalora", "radlora", "hyperlora")
 """Methods whose adapters carry a per-example router."""
 
 DEFAULT_RANK_SET: tuple[int, ...] = (0, 2, 4, 8)
@@ -58,7 +58,9 @@ class CoGaLoRAConfig:
     ``galora``: static GaLoRA, one learnable scalar gate per module with an L1 penalty; modules whose
     ``|gate| < galora_prune_eps`` are pruned after training. ``cogalora``: a per-example router per module.
     ``radlora``: ``cogalora`` whose router also picks, per example, a rank from ``rank_set`` (nested:
-    rank k uses the first k rows of ``A`` and the first k columns of ``B``)."""
+    rank k uses the first k rows of ``A`` and the first k columns of ``B``). ``hyperlora``: ``cogalora``
+    whose router also generates, per example, a scale for each of the adapter's rank components:
+    ``B diag(s(x)) A`` with ``s(x) = W_s pool(x) + b_s`` (issue 12's smallest hypernetwork variant)."""
 
     rank: int = 8
     """LoRA rank r: ``A`` is ``r x d_in``, ``B`` is ``d_out x r``."""
@@ -144,3 +146,8 @@ class CoGaLoRAConfig:
     def routed_ranks(self) -> tuple[int, ...] | None:
         """The rank choices of a rank-routing (``radlora``) adapter; ``None`` for every other method."""
         return self.rank_set if self.method == "radlora" else None
+
+    @property
+    def generated_scales(self) -> bool:
+        """Whether routers generate per-example scales of the rank components (``hyperlora``)."""
+        return self.method == "hyperlora"

@@ -3,8 +3,9 @@
 Counts matrix products only (2 FLOPs per multiply-add), the convention of
 ``torch.utils.flop_counter.FlopCounterMode``: base encoder Linears, attention
 scores and mixing, the routers (masked mean pooling as a matvec, then the MLP and,
-for RAD-LoRA, its rank head), the active adapters at the rank each one used, and
-the head. Elementwise work (norms, softmax, activations) is not counted.
+for RAD-LoRA, its rank head), the active adapters at the rank each one used (for
+HyperLoRA with the generation of their component scales, counted as adapter work
+since it runs only where the gate is on), and the head. Elementwise work (norms, softmax, activations) is not counted.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class FlopModel:
     """per site: ``2 (d_in + d_out)``, the cost of one rank per token (0 where no module)."""
     pooling_per_token: int
     router_per_example: int
+    adapter_per_example: tuple[int, ...] = ()
+    """per site: FLOPs an active adapter spends once per example (HyperLoRA's scale generator,
+    ``2 d_in r``); empty when no site has any."""
 
     @classmethod
     def for_slot(cls, model: CoGaLoRAModel, slot: int = 0) -> FlopModel:
@@ -59,12 +63,18 @@ class FlopModel:
         per_token, per_example, per_label = model.linear_flops
         labels = model.output_head.slot_out_features.get(slot, 0)
         router_hidden = model.router_hidden(slot)
-        adapter, per_rank, pooled_groups, router, pooling = [], [], set(), 0, 0
+        adapter, per_rank, per_example_adapter, pooled_groups, router, pooling = [], [], [], set(), 0, 0
         sites = zip(
-            model.sites, model.site_ranks(slot), model.site_routed(slot), model.site_rank_choices(slot), strict=True
+            model.sites,
+            model.site_ranks(slot),
+            model.site_routed(slot),
+            model.site_rank_choices(slot),
+            model.site_generated_scales(slot),
+            strict=True,
         )
-        for site, rank, routed, choices in sites:
+        for site, rank, routed, choices, scaled in sites:
             adapter.append(adapter_flops_per_token(site, rank))
+            per_example_adapter.append(2 * site.in_features * rank if scaled else 0)
             per_rank.append(adapter_flops_per_token(site, 1) if rank else 0)
             if routed:
                 router += 2 * site.in_features * router_hidden + 2 * router_hidden + 2 * router_hidden * choices
@@ -80,6 +90,7 @@ class FlopModel:
             adapter_per_token_rank=tuple(per_rank),
             pooling_per_token=pooling,
             router_per_example=router,
+            adapter_per_example=tuple(per_example_adapter) if any(per_example_adapter) else (),
         )
 
     def request(
@@ -98,12 +109,15 @@ class FlopModel:
             active = sum(
                 flops * rank for flops, rank, on in zip(self.adapter_per_token_rank, ranks, gates, strict=True) if on
             )
-        all_on = sum(self.adapter_per_token)
+        all_on = tokens * sum(self.adapter_per_token)
         adapter = tokens * active
+        if self.adapter_per_example:
+            all_on += sum(self.adapter_per_example)
+            adapter += sum(flops for flops, on in zip(self.adapter_per_example, gates, strict=True) if on)
         return FlopBreakdown(
             total=base + router + adapter,
             base=base,
             router=router,
             adapter=adapter,
-            adapter_saved=tokens * all_on - adapter,
+            adapter_saved=all_on - adapter,
         )

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from cogalora.architectures import Site
 from cogalora.bank import AdapterBank, _grown
-from cogalora.gates import hard_rank_choice, training_gates, training_rank_choice
+from cogalora.gates import hard_rank_choice, sampled_warmup_ranks, training_gates, training_rank_choice
 from cogalora.routing import BankRoute, RoutingState
 
 
@@ -43,12 +43,19 @@ class GatedLoraLinear(nn.Module):
     # ---- banks ----------------------------------------------------------------------------
 
     def bank_for(
-        self, rank: int, router_hidden: int, fold_scaling: bool = True, rank_set: tuple[int, ...] | None = None
+        self,
+        rank: int,
+        router_hidden: int,
+        fold_scaling: bool = True,
+        rank_set: tuple[int, ...] | None = None,
+        generated_scales: bool = False,
     ) -> int:
-        """Index of the bank for adapters of ``rank`` and rank choices ``rank_set`` (created on first use)."""
+        """Index of the bank for adapters of ``rank``, rank choices ``rank_set`` and with or without
+        generated component scales (created on first use)."""
         rank_set = None if rank_set is None else tuple(rank_set)
+        kind = (rank, fold_scaling, rank_set, generated_scales)
         for index, bank in enumerate(self.banks):
-            if bank.rank == rank and bank.fold_scaling == fold_scaling and bank.rank_set == rank_set:
+            if (bank.rank, bank.fold_scaling, bank.rank_set, bank.generated_scales) == kind:
                 return index
         weight = self.base.weight
         bank = AdapterBank(
@@ -57,6 +64,7 @@ class GatedLoraLinear(nn.Module):
             rank,
             router_hidden,
             rank_set=rank_set,
+            generated_scales=generated_scales,
             fold_scaling=fold_scaling,
             device=weight.device,
             dtype=weight.dtype,
@@ -141,6 +149,13 @@ class GatedLoraLinear(nn.Module):
                 rows = None
         self.routing.adapter_rows += size if rows is None else rows.shape[0]
         alpha = bank.output_scale
+        scales = None
+        if bank.generated_scales:  # only the active rows' scales are generated: none for rows that are off
+            pooled = self.routing.pooled(x)
+            scales = bank.component_scales(
+                pooled if rows is None else pooled.index_select(0, rows),
+                route.rows if rows is None else _subset(route.rows, rows),
+            )
         if self.galora_gate is not None:  # only while training GaLoRA: a tensor, so no in-place fusion
             scale = self.galora_gate * alpha
             if rows is None:
@@ -149,13 +164,13 @@ class GatedLoraLinear(nn.Module):
                 out.index_add_(0, rows, bank.delta(x.index_select(0, rows), _subset(route.rows, rows)) * scale)
             return
         if rows is None:
-            bank.add_delta(out, x, route.rows, alpha, rank)
+            bank.add_delta(out, x, route.rows, alpha, rank, scales)
             return
         # The active rows' outputs are gathered, updated by the same fused product as above and put
         # back: a row's arithmetic (one rounding of out + alpha B A x) must not depend on whether its
         # batch-mates' gates are on, or half precision loses batch invariance.
         active_out = out.index_select(0, rows)
-        bank.add_delta(active_out, x.index_select(0, rows), _subset(route.rows, rows), alpha, rank)
+        bank.add_delta(active_out, x.index_select(0, rows), _subset(route.rows, rows), alpha, rank, scales)
         out.index_copy_(0, rows, active_out)
 
     def _forward_train(self, x: Tensor, out: Tensor, routes: tuple[BankRoute, ...]) -> Tensor:
@@ -166,6 +181,8 @@ class GatedLoraLinear(nn.Module):
         exactly zero to its adapter's gradient. The ``gumbel`` estimator multiplies by a soft gate.
         A rank-routing bank also samples a rank per row: ``A x`` is weighted by that choice's mask
         (ones on its first k components), with the rank head's gradient through the same estimator.
+        With gates forced on (the warm-up) and ``rank_warmup == "sampled"``, it draws each row's rank
+        uniformly from its nonzero rank choices instead, so every nested prefix learns to be an adapter.
         """
         (route,) = routes
         bank = self.banks[route.bank]
@@ -189,6 +206,13 @@ class GatedLoraLinear(nn.Module):
             probs = None
             hard = gate = torch.ones(x.shape[0], device=x.device, dtype=out.dtype)
             expected = ranks = hard * bank.rank
+            if bank.rank_set is not None and state.rank_warmup == "sampled":
+                picks = sampled_warmup_ranks(bank.rank_choices, x.shape[0])
+                rank_mask = bank.rank_masks.index_select(0, picks)
+                expected = ranks = bank.rank_choices.index_select(0, picks).to(hard.dtype)
+        if bank.generated_scales:  # HyperLoRA: B diag(s(x)) A, with s generated from the same pooled input
+            scales = bank.component_scales(state.pooled(x), row)
+            rank_mask = scales if rank_mask is None else rank_mask * scales
         ranks = ranks.round().long()
         state.record(self.site.index, probs, ranks > 0, ranks=ranks, expected_ranks=expected)
         delta = bank.delta(self.dropout(x), row, rank_mask)

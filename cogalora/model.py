@@ -122,7 +122,11 @@ class CoGaLoRAModel(nn.Module):
             param.requires_grad_(config.method == "full")
         for layer in self.layers:
             bank_index = layer.bank_for(
-                config.rank, config.router_hidden, fold_scaling=False, rank_set=config.routed_ranks
+                config.rank,
+                config.router_hidden,
+                fold_scaling=False,
+                rank_set=config.routed_ranks,
+                generated_scales=config.generated_scales,
             )
             bank = layer.banks[bank_index]
             row = bank.allocate()
@@ -184,7 +188,8 @@ class CoGaLoRAModel(nn.Module):
             router = weights.routers.get(path)
             hidden = router.w1.shape[0] if router is not None else 1
             rank_set = weights.rank_set if router is not None else None
-            bank_index = layer.bank_for(lora_A.shape[0], hidden, rank_set=rank_set)
+            scaled = router is not None and router.scale_w is not None
+            bank_index = layer.bank_for(lora_A.shape[0], hidden, rank_set=rank_set, generated_scales=scaled)
             bank = layer.banks[bank_index]
             row = bank.allocate()
             bank.write(row, lora_A.to(bank.lora_A), lora_B.to(bank.lora_B), weights.scaling, router)
@@ -224,6 +229,8 @@ class CoGaLoRAModel(nn.Module):
             bank = layer.banks[entry.bank]
             if bank.rank_set is not None and entry.routed:
                 weights.rank_set = bank.rank_set
+            if bank.generated_scales and entry.routed:
+                weights.generated_scales = True
             lora_A, lora_B, router = bank.read(entry.row, scaling)
             weights.lora[layer.site.module_path] = (lora_A, lora_B)
             if router is not None:
@@ -249,6 +256,13 @@ class CoGaLoRAModel(nn.Module):
         """How many ranks the slot's router chooses from at each site (0: no rank head, or no adapter)."""
         return [
             len(layer.banks[entry.bank].rank_set or ()) if entry is not None and entry.routed else 0
+            for layer, entry in zip(self.layers, self.slot_table.entries(slot), strict=True)
+        ]
+
+    def site_generated_scales(self, slot: int = 0) -> list[bool]:
+        """Whether the slot's router generates component scales at each site (HyperLoRA)."""
+        return [
+            entry is not None and entry.routed and layer.banks[entry.bank].generated_scales
             for layer, entry in zip(self.layers, self.slot_table.entries(slot), strict=True)
         ]
 

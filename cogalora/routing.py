@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from cogalora.gates import DEFAULT_RANK_WARMUP
 from cogalora.slots import SlotTable
 
 ForceGates = Literal["on", "off"] | None
@@ -63,6 +64,8 @@ class RoutingState:
         """How training turns router logits into gates (``cogalora.gates``); eval always uses ``p > tau``."""
         self.gate_temperature = 1.0
         """Temperature of the ``gumbel`` estimator (annealed by the training loop)."""
+        self.rank_warmup = DEFAULT_RANK_WARMUP
+        """What rank-routing adapters train while gates are forced on in training (``cogalora.gates.RANK_WARMUPS``)."""
         self._reset()
 
     @property

@@ -19,6 +19,8 @@ class RouterWeights:
     """How ``pooled`` is normalised before ``w1`` (``cogalora.bank.ROUTER_INPUT_NORMS``); per adapter."""
     rank_w: Tensor | None = None  # [choices, hidden]: RAD-LoRA's rank head, None for CoGaLoRA
     rank_b: Tensor | None = None  # [choices]
+    scale_w: Tensor | None = None  # [rank, d_in]: HyperLoRA's generated component scales, None otherwise
+    scale_b: Tensor | None = None  # [rank]
 
 
 @dataclass
@@ -32,6 +34,8 @@ class AdapterWeights:
     scaling: float
     rank_set: tuple[int, ...] | None = None
     """RAD-LoRA: the ranks its routers choose from (every router then has ``rank_w``/``rank_b``)."""
+    generated_scales: bool = False
+    """HyperLoRA: every router also generates the rank components' scales (``scale_w``/``scale_b``)."""
     lora: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     """module path -> (A ``[r, d_in]``, B ``[d_out, r]``)"""
     routers: dict[str, RouterWeights] = field(default_factory=dict)

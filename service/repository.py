@@ -63,6 +63,8 @@ _NAME = re.compile(ADAPTER_NAME_PATTERN)
 
 #: Default bound on adapters held in memory (MiniLM adapters are ~1 MB each at rank 8).
 DEFAULT_MAX_LOADED = 256
+UNSERVED_METHODS: tuple[str, ...] = ("hyperlora",)
+"""Methods the training side produces for study only: the catalogue refuses them with a clear error."""
 
 
 class RepositoryListener(Protocol):
@@ -253,6 +255,13 @@ class ModelRepository:
                 raise CheckpointError(
                     f"{name}/{CONFIG_FILE}: field 'method': a full fine-tune ('full') carries its own encoder "
                     "weights and cannot share a base model; serve a lora, galora or cogalora checkpoint instead"
+                )
+            if meta.method in UNSERVED_METHODS:
+                raise CheckpointError(
+                    f"{name}/{CONFIG_FILE}: field 'method': {meta.method!r} is a training-side study method "
+                    "(issue 12's generated-scale hypernetwork variant) that this service does not serve; "
+                    "evaluate it with `python -m training evaluate`, or serve a lora, galora, cogalora or "
+                    "radlora checkpoint"
                 )
             read_adapter(directory, data=False)
             spec = self._spec(meta)

@@ -140,3 +140,35 @@ def test_training_samples_ranks_with_gradients_and_the_rank_penalty_lowers_expec
     bank, _ = bank_row(model, 0)
     assert bank.router_rank_w.grad is not None
     assert expected[-1] < 0.5 * expected[0]
+
+
+def test_sampled_rank_warmup_trains_every_nested_rank_and_full_warmup_only_the_full_rank():
+    model = radlora_model(seed=2)
+    ids, mask = batch([5, 9, 3, 7, 6, 8, 4, 10] * 4, seed=7)
+    model.train()
+    torch.manual_seed(0)
+    assert model.routing.rank_warmup == "sampled"  # the default (docs/results.md, "Issue 12")
+    with torch.no_grad():
+        model.routing.rank_warmup = "full"
+        full = model(ids, mask, force_gates="on")
+        model.routing.rank_warmup = "sampled"
+        sampled = model(ids, mask, force_gates="on")
+    assert torch.all(full.ranks == 8)
+    assert set(sampled.ranks.unique().tolist()) == {2, 4, 8}  # every nonzero rank, never off
+    for site in range(sampled.ranks.shape[1]):
+        assert len(sampled.ranks[:, site].unique()) > 1  # drawn per row, not once per site
+    for row in (0, 1, 2):  # a row's warm-up output is plain LoRA of its sampled truncated matrices
+        reference = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            for site, rank in enumerate(sampled.ranks[row].tolist()):
+                bank, bank_row_index = bank_row(reference, site)
+                bank.lora_A[bank_row_index, rank:] = 0.0
+                bank.lora_B[bank_row_index, :, rank:] = 0.0
+            dense = reference(ids[row : row + 1], mask[row : row + 1], force_gates="on")
+        torch.testing.assert_close(dense.logits[0], sampled.logits[row], atol=1e-5, rtol=0)
+    model.eval()  # the warm-up mode is a training-time choice: eval routing does not read it
+    with torch.no_grad():
+        sampled_eval = model(ids, mask)
+        model.routing.rank_warmup = "full"
+        full_eval = model(ids, mask)
+    assert torch.equal(sampled_eval.logits, full_eval.logits) and torch.equal(sampled_eval.ranks, full_eval.ranks)

@@ -380,6 +380,8 @@ def test_dashboard_covers_the_required_metrics():
         "cogalora_inference_duration_seconds",
         "cogalora_batch_size",
         "cogalora_active_adapters",
+        "cogalora_active_rank_sum",
+        "cogalora_active_rank_bucket",
         "cogalora_module_activations_total",
         "cogalora_inputs_total",
         "cogalora_adapter_flops_total",

@@ -85,6 +85,7 @@ def test_broken_checkpoints_are_reported_and_skipped(model_dir: Path, tiny_base_
     weights = truncated / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     synthetic_checkpoint(model_dir / "fullft", str(tiny_base_dir), ["neg", "pos"], method="full", seed=8)
+    synthetic_checkpoint(model_dir / "hyper", str(tiny_base_dir), ["neg", "pos"], method="hyperlora", seed=8)
     meta_path = model_dir / "wrongbase" / "cogalora.json"
     synthetic_checkpoint(model_dir / "wrongbase", str(tiny_base_dir), ["neg", "pos"], seed=9)
     meta = json.loads(meta_path.read_text())
@@ -93,17 +94,20 @@ def test_broken_checkpoints_are_reported_and_skipped(model_dir: Path, tiny_base_
 
     repo = ModelRepository(model_dir)
     failures = repo.scan()
-    assert sorted(failures) == ["badjson", "fullft", "truncated", "wrongbase"]
+    assert sorted(failures) == ["badjson", "fullft", "hyper", "truncated", "wrongbase"]
     assert repo.names() == ["alpha", "beta", "plain"]
     assert "not valid JSON" in failures["badjson"]
     assert "safetensors" in failures["truncated"], "weight headers are checked by the scan"
     assert "'full'" in failures["fullft"] and "cannot share a base model" in failures["fullft"]
     assert "cannot be loaded" in failures["wrongbase"]
+    assert "'hyperlora'" in failures["hyper"] and "does not serve" in failures["hyper"]
     assert repo.failures == failures
     for message in failures.values():
         assert str(model_dir) not in message, "client-facing messages must not leak server paths"
     with pytest.raises(AdapterLoadError, match="cannot share a base model"):
         repo.load("fullft")
+    with pytest.raises(AdapterLoadError, match="does not serve"):
+        repo.load("hyper")
     with pytest.raises(UnknownAdapterError):
         repo.acquire("badjson")
 

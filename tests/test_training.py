@@ -203,10 +203,11 @@ def test_cli_trains_radlora_and_evaluate_reports_the_rank_each_example_used(
 ) -> None:
     train, dev = toy_data
     output = tmp_path / "rad"
-    extra = ("--rank-set", "0,2,4", "--rank-lambda", "0.5", "--lambda", "0.01")
-    assert main(train_argv(tiny_base, train, dev, output, "radlora", *extra)) == 0
+    extra = ("--rank-set", "0,2,4", "--rank-lambda", "0.5", "--lambda", "0.01", "--rank-warmup", "sampled")
+    assert main(train_argv(tiny_base, train, dev, output, "radlora", *extra, "--warmup-gates-on-steps", "1")) == 0
     meta = read_meta(output)
     assert (meta.method, meta.rank, meta.rank_set, meta.rank_lambda) == ("radlora", 4, [0, 2, 4], 0.5)
+    assert meta.training["rank_warmup"] == "sampled"
     capsys.readouterr()
     assert main(["evaluate", "--model", str(output), "--data", str(dev), "--json", "--threads", "1"]) == 0
     result = last_json(capsys.readouterr().out)
@@ -222,6 +223,24 @@ def test_cli_trains_radlora_and_evaluate_reports_the_rank_each_example_used(
     assert result["mean_active_rank"] <= 4 * result["mean_active_adapters"] + 1e-6
     assert main(train_argv(tiny_base, train, dev, tmp_path / "bad", "radlora", "--rank-set", "0,8")) == 2
     assert "--rank-set" in capsys.readouterr().err
+
+
+def test_cli_trains_hyperlora_with_its_scale_generators_at_the_adapter_learning_rate(
+    tiny_base: Path, toy_data, tmp_path: Path, capsys
+) -> None:
+    train, dev = toy_data
+    output = tmp_path / "hyper"
+    argv = train_argv(tiny_base, train, dev, output, "hyperlora", "--lambda", "0.01", "--warmup-gates-on-steps", "1")
+    assert main(argv) == 0
+    meta = read_meta(output)
+    assert meta.method == "hyperlora" and meta.router is not None
+    loaded = load_model(output)
+    scales = [layer.banks[0].router_scale_w for layer in loaded.model.layers if layer.banks]
+    assert scales and any(float(weight.abs().sum()) > 0 for weight in scales)  # trained away from the init 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(output), "--data", str(dev), "--json", "--threads", "1"]) == 0
+    result = last_json(capsys.readouterr().out)
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["mean_active_adapters"] >= 0
 
 
 def test_cli_train_then_evaluate_json(tiny_base: Path, toy_data, tmp_path: Path, capsys) -> None:

@@ -29,7 +29,7 @@ from cogalora import (
 from cogalora.bank import ROUTER_INPUT_NORMS
 from cogalora.base_model import load_tokenizer
 from cogalora.config import DEFAULT_RANK_SET, ROUTED_METHODS, check_rank_set, parse_rank_set
-from cogalora.gates import GATE_ESTIMATORS, annealed_temperature
+from cogalora.gates import DEFAULT_RANK_WARMUP, GATE_ESTIMATORS, RANK_WARMUPS, annealed_temperature
 from training.data import (
     Columns,
     EncodedDataset,
@@ -108,6 +108,13 @@ class TrainConfig:
         0.0,
         "RAD-LoRA: weight of the rank penalty rank_lambda * mean E[rank] / rank, beside the gate penalty --lambda",
         group="routing",
+    )
+    rank_warmup: str = option(
+        DEFAULT_RANK_WARMUP,
+        "RAD-LoRA: what adapters train during --warmup-gates-on-steps: the full rank only, or per row and site "
+        "a rank drawn uniformly from the nonzero ranks of --rank-set (sampled: every nested rank learns as an adapter)",
+        group="routing",
+        choices=RANK_WARMUPS,
     )
     lr: float | None = option(
         None, f"learning rate (default {DEFAULT_ADAPTER_LR} for adapter methods, {DEFAULT_FULL_LR} for full)"
@@ -197,6 +204,7 @@ class TrainConfig:
             ("router_input_norm", ROUTER_INPUT_NORMS),
             ("sparsity_weights", SPARSITY_WEIGHTS),
             ("gate_estimator", GATE_ESTIMATORS),
+            ("rank_warmup", RANK_WARMUPS),
         )
         for name, choices in checks:
             if getattr(self, name) not in choices:
@@ -237,7 +245,10 @@ def _optimizer(model: CoGaLoRAModel, config: TrainConfig) -> torch.optim.Optimiz
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (routers if ".router_" in name or name.endswith("galora_gate") else others).append(param)
+        # HyperLoRA's scale generators multiply the adapter's output directly: they train at the
+        # adapter's learning rate, not the gates' (a router LR of 1e-2 on 384 inputs moves s by ~1 a step).
+        gate_like = ".router_" in name and ".router_scale_" not in name
+        (routers if gate_like or name.endswith("galora_gate") else others).append(param)
     groups = [{"params": others, "lr": lr}]
     if routers:
         groups.append({"params": routers, "lr": router_lr})
@@ -277,6 +288,7 @@ def build_model(config: TrainConfig, labels: list[str]) -> CoGaLoRAModel:
     )
     model = new_model(config.base_model, model_config, labels)
     model.routing.gate_estimator = config.gate_estimator
+    model.routing.rank_warmup = config.rank_warmup
     return model
 
 

@@ -398,6 +398,23 @@ def build() -> dict:
         )
     )
     add(
+        timeseries(
+            layout,
+            "Total active rank per input (mean, by adapter)",
+            "Sum over sites of the rank each input used (cogalora_active_rank): a RAD-LoRA router picks a rank per "
+            "site, so this falls below rank x active adapters; for every other method it is exactly that "
+            "(288 = 36 sites at rank 8).",
+            [
+                (
+                    ratio_of_sums("cogalora_active_rank_sum", "cogalora_active_rank_count", by="adapter"),
+                    "{{adapter}}",
+                ),
+                (quantile(0.95, "cogalora_active_rank"), "p95 (all adapters)"),
+            ],
+            "short",
+        )
+    )
+    add(
         panel(
             layout,
             "heatmap",
