@@ -23,21 +23,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.engine import DEFAULT_DATA, interleaved, machine, ratios, read_sentences
+from benchmarks.engine import add_timing_arguments, interleaved, machine, ratios, read_sentences
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.adapter_cost", description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="NAME=CHECKPOINT_DIR, one per adapter")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="TSV with the sentences in its first column")
-    parser.add_argument("--batch-sizes", default="1,32", help="comma-separated (default: 1,32)")
-    parser.add_argument("--batches", type=int, default=4, help="distinct batches per batch size (default: 4)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
-    parser.add_argument(
-        "--statistic", choices=["median", "min"], default="median", help="how rounds are combined (default: median)"
-    )
-    parser.add_argument("--output", type=Path, help="write the results as JSON here")
+    add_timing_arguments(parser, batch_sizes="1,32")
     args = parser.parse_args(argv)
     args.dtype = "float32"
     for item in args.models:

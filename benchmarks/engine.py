@@ -71,6 +71,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def add_timing_arguments(parser: argparse.ArgumentParser, batch_sizes: str) -> None:
+    """The options every single-process timing benchmark shares (data, sizes, rounds, threads, output)."""
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="TSV with the sentences in its first column")
+    parser.add_argument("--batch-sizes", default=batch_sizes, help=f"comma-separated (default: {batch_sizes})")
+    parser.add_argument("--batches", type=int, default=4, help="distinct batches per batch size (default: 4)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
+    parser.add_argument(
+        "--statistic", choices=["median", "min"], default="median", help="how rounds are combined (default: median)"
+    )
+    parser.add_argument("--output", type=Path, help="write the results as JSON here")
+
+
 def read_sentences(path: Path, count: int) -> list[str]:
     lines = path.read_text(encoding="utf-8").splitlines()
     sentences = [line.split("\t")[0].strip() for line in lines[1:] if line.strip()]
