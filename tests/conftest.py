@@ -79,6 +79,19 @@ def spread_routers(model: CoGaLoRAModel, factor: float = 40.0, slot: int = 0) ->
                 rank_w.copy_(torch.randn(rank_w.shape, generator=generator) * factor)
 
 
+def beside_a_cogalora_adapter(model: CoGaLoRAModel):
+    """A two-slot tiny model: ``model``'s adapter (2 labels) in slot 0, a routed CoGaLoRA one (3 labels) in
+    slot 1; with a mixed batch of five lengths and the slot of each row."""
+    other = tiny_model(CoGaLoRAConfig(rank=8, router_init_bias=0.0), labels=("a", "b", "c"), seed=0)
+    randomize_adapter(other, seed=5)
+    spread_routers(other)
+    shared = tiny_model(CoGaLoRAConfig(rank=8), seed=0).eval()
+    shared.set_adapter(0, model.adapter_weights(), ["neg", "pos"])
+    shared.set_adapter(1, other.adapter_weights(), ["a", "b", "c"])
+    ids, mask = batch([4, 11, 7, 2, 9], seed=6)
+    return shared, ids, mask, [0, 1, 0, 0, 1]
+
+
 @pytest.fixture
 def tiny_base_dir(tmp_path: Path) -> Path:
     """A tiny random BERT with a word-level tokenizer saved as a local Hugging Face directory.

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import bank_row, batch, randomize_adapter, spread_routers, tiny_model
+from conftest import bank_row, batch, beside_a_cogalora_adapter, randomize_adapter, spread_routers, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from cogalora import CheckpointMeta, CoGaLoRAConfig, FlopModel, save_checkpoint
@@ -89,14 +89,7 @@ def test_each_row_equals_plain_lora_with_its_scaled_matrices():
 
 def test_batch_invariance_alone_and_mixed_with_another_adapter():
     hyper = hyperlora_model(seed=0)
-    plain = tiny_model(CoGaLoRAConfig(rank=8, router_init_bias=0.0), labels=("a", "b", "c"), seed=0)
-    randomize_adapter(plain, seed=5)
-    spread_routers(plain)
-    shared = tiny_model(CoGaLoRAConfig(rank=8), seed=0).eval()
-    shared.set_adapter(0, hyper.adapter_weights(), ["neg", "pos"])
-    shared.set_adapter(1, plain.adapter_weights(), ["a", "b", "c"])
-    ids, mask = batch([4, 11, 7, 2, 9], seed=6)
-    slots = [0, 1, 0, 0, 1]
+    shared, ids, mask, slots = beside_a_cogalora_adapter(hyper)
     with torch.no_grad():
         mixed = shared(ids, mask, slots=slots)
         padded_alone = shared(ids, mask)

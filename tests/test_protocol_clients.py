@@ -27,18 +27,16 @@ def auth() -> dict[str, str]:
 SCORE_TOLERANCE = 1e-5
 
 
+def post_with_key(service, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{service.url}{path}", json=body, headers=auth(), timeout=60, trust_env=False)
+
+
 @pytest.fixture(scope="module")
 def reference(keyed_service) -> dict[str, list[dict]]:
     """/classify's answers for TEXTS, per adapter."""
     answers = {}
     for adapter in ("sst2", "agnews"):
-        response = httpx.post(
-            f"{keyed_service.url}/classify",
-            json={"inputs": TEXTS, "adapter": adapter},
-            headers=auth(),
-            timeout=60,
-            trust_env=False,
-        )
+        response = post_with_key(keyed_service, "/classify", {"inputs": TEXTS, "adapter": adapter})
         assert response.status_code == 200, response.text
         answers[adapter] = response.json()["results"]
     return answers
@@ -68,13 +66,7 @@ def test_huggingface_client_without_the_key_is_refused(keyed_service):
 
 def test_tei_predict_list_input_on_the_real_service(keyed_service, reference):
     """TEI's own body (a list of inputs, top-level options) through plain HTTP: a list of ranked lists."""
-    response = httpx.post(
-        f"{keyed_service.url}/models/sst2/predict",
-        json={"inputs": TEXTS, "truncate": True},
-        headers=auth(),
-        timeout=60,
-        trust_env=False,
-    )
+    response = post_with_key(keyed_service, "/models/sst2/predict", {"inputs": TEXTS, "truncate": True})
     assert response.status_code == 200, response.text
     for answer, row in zip(response.json(), reference["sst2"], strict=True):
         labels, scores = ranked(row["scores"])
