@@ -92,6 +92,7 @@ return {
     ranks: [...row.querySelectorAll('td.on')].map((cell) => cell.textContent),
     dropped: [...row.querySelectorAll('td.dropped')].map((cell) => cell.dataset.site),
     tokens: row.querySelector('.row-tokens').textContent,
+    truncated: row.querySelector('.facts .tag.warn')?.textContent === 'truncated',
     images: row.querySelectorAll('img').length,
   })),
 };

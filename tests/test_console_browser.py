@@ -105,6 +105,16 @@ def test_tau_at_zero_lights_every_site(service, browser):
     assert page.console_problems() == []
 
 
+def test_a_long_input_shows_its_truncation(service, browser):
+    long_text = " ".join(["a remarkably long and winding review of the film"] * 30)
+    page = ConsolePage(browser, service.url).open().wait_ready()
+    row = page.classify("plain", [long_text])["rows"][0]
+    result = classify(service.url, [long_text], "plain")[0]
+    assert result["truncated"] and result["input_tokens"] > result["tokens"]
+    assert row["tokens"] == f"{result['tokens']} of {result['input_tokens']}"
+    assert row["truncated"]
+
+
 def test_the_live_panel_follows_traffic(service, browser):
     page = ConsolePage(browser, service.url).open().wait_ready()
     before = page.until(lambda: page.live_requests(), "the live panel shows a request count")

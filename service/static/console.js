@@ -22,6 +22,7 @@ const state = {
   live: null,
   classifying: 0,
   drawn: 0, // runs drawn so far: each run's section carries its number (data-seq)
+  chosen: null, // the adapter whose τ the slider was last set to
 };
 
 // ---- small helpers ---------------------------------------------------------------------------
@@ -162,13 +163,17 @@ async function start() {
   }
 }
 
+// Called at start and with every live refresh: the picker and τ change only when the adapters do.
 function showCatalogue(catalogue) {
   const select = $("adapter");
   const previous = select.value;
+  const names = catalogue.adapters.map((adapter) => adapter.name);
   state.adapters = new Map(catalogue.adapters.map((adapter) => [adapter.name, adapter]));
-  select.replaceChildren(...catalogue.adapters.map((adapter) => el("option", { text: adapter.name })));
-  if (state.adapters.has(previous)) select.value = previous;
-  adapterChosen();
+  if (names.join("\n") !== [...select.options].map((option) => option.value).join("\n")) {
+    select.replaceChildren(...names.map((name) => el("option", { text: name })));
+    if (state.adapters.has(previous)) select.value = previous;
+  }
+  if (select.value !== state.chosen) adapterChosen();
 
   // Adapters of one base model share one encoder in memory: the catalogue groups them so.
   const bases = new Map();
@@ -233,6 +238,7 @@ function selectedAdapter() {
 function adapterChosen() {
   const adapter = selectedAdapter();
   if (!adapter) return;
+  state.chosen = adapter.name;
   $("tau").value = adapter.tau;
   // The range thumb is 16 px wide in Chromium: its centre runs from 8 px to (width - 8 px).
   $("tau-mark").style.left = `calc(8px + ${adapter.tau} * (100% - 16px))`;
@@ -446,8 +452,9 @@ function savedShare(adapter) {
 async function refreshLive() {
   if (document.hidden || $("app").hidden) return;
   try {
-    const stats = await api("console/stats");
+    const [stats, catalogue] = await Promise.all([api("console/stats"), api("adapters")]);
     drawLive(stats);
+    showCatalogue(catalogue);
   } catch (error) {
     if (error.status === 401) keyRefused(error);
     else $("live-window").textContent = `stats unavailable: ${error.message}`;
