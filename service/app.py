@@ -3,7 +3,7 @@
 Where things live: request/response schemas in ``schemas.py``, routes in ``routes.py``, the TEI and
 Open Inference routes in ``protocols/`` (all three share ``classification.py``), the raw ASGI edge
 (request ids, API key, body limit, access log, request metrics) in ``middleware.py``, the error
-envelope in ``responses.py``, start-up and draining in ``lifecycle.py``.
+envelope in ``responses.py``, start-up and draining in ``lifecycle.py``, the web console in ``console.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service.console import install_console
 from service.lifecycle import ComponentFactory, Service, build_components
 from service.middleware import EdgeMiddleware
 from service.protocols import oip, tei
@@ -46,4 +47,6 @@ def create_app(settings: Settings | None = None, components: ComponentFactory | 
     app.include_router(tei.router)
     app.include_router(oip.router)
     app.include_router(oip.infer_router)
+    if settings.console:
+        install_console(app)
     return app

@@ -46,6 +46,7 @@ from cogalora import (
     read_meta,
     resolve_base_model,
 )
+from cogalora.architectures import site_name
 from cogalora.checkpoint import CONFIG_FILE
 from service.errors import (
     AdapterCapacityError,
@@ -267,7 +268,9 @@ class ModelRepository:
             spec = self._spec(meta)
         except Exception as exc:  # any failure of one folder is that folder's problem, never the server's
             raise self._failed(name, exc) from exc
-        kinds = [kind for kind in meta.target_modules if kind in ALL_MODULE_KINDS]
+        kinds = [kind for kind in ALL_MODULE_KINDS if kind in meta.target_modules]  # the encoder's site order
+        sites = [site_name(layer, kind) for layer in range(spec.num_layers) for kind in kinds]
+        present = set(meta.sites or sites)
         info = AdapterInfo(
             name=name,
             base_model=meta.base_model,
@@ -275,7 +278,11 @@ class ModelRepository:
             labels=list(meta.labels),
             tau=meta.tau,
             max_length=min(meta.max_length, spec.max_positions),
-            total_adapters=len(kinds) * spec.num_layers,
+            total_adapters=len(sites),
+            sites=sites,
+            dropped_sites=[name for name in sites if name not in present],
+            rank=meta.rank,
+            rank_set=meta.rank_set if meta.method == "radlora" else None,
             loaded=False,
             metrics=dict(meta.metrics),
         )

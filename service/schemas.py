@@ -91,6 +91,11 @@ class RowResult(BaseModel):
         description="Sum over the sites that ran of the LoRA rank each used: rank x active_adapters, unless a "
         "RAD-LoRA router picked smaller ranks (288 = 36 sites at rank 8)."
     )
+    active_ranks: list[int] | None = Field(
+        None,
+        description="The LoRA rank each site of active_modules used, in the same order (a RAD-LoRA router picks "
+        "it per input; otherwise it is the adapter's rank); they sum to active_rank.",
+    )
     tokens: int = Field(description="Tokens the model read (after truncation), special tokens included.")
     input_tokens: int = Field(description="Tokens of the whole input before truncation, special tokens included.")
     truncated: bool = Field(description="The input was cut to the adapter's max_length (input_tokens > tokens).")
@@ -119,6 +124,18 @@ class AdapterInfo(BaseModel):
     tau: float
     max_length: int = Field(description="Longest input in tokens (the checkpoint's, capped by the encoder).")
     total_adapters: int = Field(description="Sites of its LoRA configuration (target modules x layers).")
+    sites: list[str] = Field(
+        default_factory=list,
+        description="Those sites by name, layer by layer in the encoder's order (the names active_modules uses).",
+    )
+    dropped_sites: list[str] = Field(
+        default_factory=list,
+        description="Sites of the configuration that carry no adapter (pruned after training): always off.",
+    )
+    rank: int | None = Field(None, description="LoRA rank of its adapter matrices.")
+    rank_set: list[int] | None = Field(
+        None, description="RAD-LoRA: the ranks its routers choose from per input (0: off)."
+    )
     loaded: bool = Field(description="In memory now; otherwise it loads on its first request.")
     metrics: dict[str, Any] = Field(default_factory=dict, description="Training-time metrics from cogalora.json.")
 
@@ -139,3 +156,35 @@ class StatusResponse(BaseModel):
 class UnloadResponse(BaseModel):
     name: str
     status: Literal["unloaded"] = "unloaded"
+
+
+class AdapterLiveStats(BaseModel):
+    """One adapter's traffic since start (``adapter="other"`` gathers the rest under ``top:N`` labels)."""
+
+    inputs: int = Field(description="Inputs classified.")
+    mean_active_adapters: float | None = Field(description="Mean adapter sites that ran per input.")
+    mean_active_rank: float | None = Field(description="Mean total LoRA rank used per input.")
+    adapter_flops: float = Field(description="Adapter FLOPs executed.")
+    adapter_flops_saved: float = Field(description="Adapter FLOPs skipped because gates were off.")
+    shadow_checks: int = Field(description="Shadow dense checks run (0 while shadow_fraction is 0).")
+    shadow_agreement: float | None = Field(description="Share of shadow checks whose dense label agreed.")
+    routing_drift: float | None = Field(description="cogalora_routing_drift, once a full drift window was seen.")
+
+
+class LiveStatsResponse(BaseModel):
+    """``GET /console/stats``: what the console's live panel shows, from the service's own metrics."""
+
+    uptime_s: float = Field(description="Seconds since the service started.")
+    window_s: float = Field(description="The recent window the rates and percentiles cover, in seconds.")
+    requests_total: int = Field(description="Classification requests since start (any protocol, any status).")
+    errors_total: int = Field(description="Of those, answered with a status of 400 or more.")
+    requests_per_s: float = Field(description="Classification requests per second over the window.")
+    latency_p50_ms: float | None = Field(description="Median request latency over the window (histogram estimate).")
+    latency_p99_ms: float | None = Field(description="99th percentile request latency over the window.")
+    inflight: int = Field(description="Classification requests being handled now.")
+    queue_depth: int = Field(description="Rows admitted and not running yet.")
+    adapters_loaded: int = Field(description="Adapters in memory now.")
+    adapters_available: int = Field(description="Servable adapters in the model repository.")
+    shadow_fraction: float = Field(description="The shadow_fraction setting (0: no shadow dense checks).")
+    drift_window: int = Field(description="The drift_window setting (0: no routing drift).")
+    adapters: dict[str, AdapterLiveStats] = Field(description="Per adapter, since start.")

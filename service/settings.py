@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         description="Rows per adapter (served at its own tau) over which live per-site activation rates are "
         "compared with the checkpoint's dev-data rates for cogalora_routing_drift; 0 disables.",
     )
+    console: bool = Field(
+        True,
+        description="Serve the web console at / (the page, its static files and /console/stats); false: those "
+        "routes answer 404.",
+    )
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON objects.")
     log_level: str = Field("INFO", description="Root log level (DEBUG, INFO, WARNING, ...).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 responses.")
