@@ -132,7 +132,7 @@ class Service:
             repository, batcher = await self.components(self.settings, self.metrics)
             unavailable = repository.failures
             if unavailable and self.settings.require_all_adapters:
-                reasons = [unavailable[name] for name in sorted(unavailable)]
+                reasons = [f"{name}: {unavailable[name]}" for name in sorted(unavailable)]
                 self.failure = (
                     f"{len(unavailable)} checkpoint folder(s) cannot be served ({some_names(reasons, limit=3)}): "
                     "fix or remove them, or unset COGALORA_REQUIRE_ALL_ADAPTERS to serve the others"

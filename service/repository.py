@@ -253,7 +253,10 @@ class ModelRepository:
                 if len(self._catalogue) == 1:
                     return next(iter(self._catalogue))
                 if not self._catalogue:
-                    raise AdapterRequiredError("no adapter is available: /adapters lists the folders that failed")
+                    raise AdapterRequiredError(
+                        "no adapter is being served: /adapters lists the folders that cannot be, and an admin "
+                        "adds one with POST /adapters/{name}"
+                    )
                 raise AdapterRequiredError(
                     f"'adapter' is required: {len(self._catalogue)} adapters are available "
                     f"({some_names(sorted(self._catalogue))})"
@@ -524,7 +527,7 @@ class ModelRepository:
             base_config = AutoConfig.from_pretrained(key, trust_remote_code=False)
             hf_model = load_base_model(meta.base_model, num_labels=base_config.num_labels)
             tokenizer = load_tokenizer(meta.base_model)
-        except (OSError, ValueError, ImportError) as exc:
+        except Exception as exc:  # unreadable weights raise the reader's own errors (e.g. SafetensorError)
             raise CheckpointError(f"base model {meta.base_model!r} cannot be loaded ({exc})") from exc
         model = CoGaLoRAModel(hf_model, config)
         model.requires_grad_(False)

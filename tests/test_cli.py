@@ -7,11 +7,10 @@ Unit tests call :mod:`service.cli` directly (the environment through monkeypatch
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from processes import run_service_once
 from pydantic import Field
 
 from service.cli import (
@@ -35,15 +34,6 @@ def clean_environment(monkeypatch):
         monkeypatch.delenv(key)
 
 
-def run_service(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """``python -m service ARGS`` with only ``env`` as its ``COGALORA_*`` variables."""
-    environment = {key: value for key, value in os.environ.items() if not key.upper().startswith("COGALORA_")}
-    environment.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args], cwd=REPO, env=environment, capture_output=True, text=True, timeout=120
-    )
-
-
 def spelled(default: object) -> str:
     """A default as an environment variable spells it."""
     if default is None:
@@ -54,7 +44,7 @@ def spelled(default: object) -> str:
 
 
 def test_help_lists_every_setting_with_its_flag_default_and_variable():
-    result = run_service("--help")
+    result = run_service_once("--help")
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())  # argparse wraps lines
     assert "usage: python -m service" in text
@@ -148,7 +138,7 @@ def test_invalid_settings_name_the_setting_its_source_and_the_problem(monkeypatc
 
 
 def test_print_settings_shows_every_effective_value_and_its_source_with_secrets_masked(tmp_path):
-    result = run_service(
+    result = run_service_once(
         "--print-settings", "--port", "9100", COGALORA_PORT="1", COGALORA_API_KEY="s3cret", COGALORA_MAX_QUEUE="77"
     )
     assert result.returncode == 0, result.stderr
