@@ -28,9 +28,9 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 #: Routes that need the API key when one is configured (probes, server metadata, /metrics and the
-#: console's page and files stay open); /replicas exists under Ray Serve only (service/ray_serve) and
-#: names loaded adapters like /adapters, and so does /console/stats.
-PROTECTED_PREFIXES = ("/classify", "/adapters", "/models", "/v2/models", "/replicas", "/console/stats")
+#: console's page and files stay open); /info and /console/stats name the adapters like /adapters;
+#: /replicas exists under Ray Serve only (service/ray_serve) and names loaded adapters too.
+PROTECTED_PREFIXES = ("/classify", "/adapters", "/info", "/models", "/v2/models", "/replicas", "/console/stats")
 #: Classification calls, whatever the protocol: counted in the request metrics (POST only).
 COUNTED_PATHS = re.compile(r"^/(classify|models/[^/]+(/predict)?|v2/models/[^/]+/infer)$")
 

@@ -10,12 +10,35 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic_core import PydanticCustomError
 
 from service.errors import InvalidRequestError, PayloadTooLargeError
 
 #: Adapter (checkpoint folder) names: no separators, no leading dot, at most 64 characters.
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+_JSON_KINDS = {bool: "a boolean", int: "a number", float: "a number", dict: "an object", type(None): "null"}
+
+
+def _one_message(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """One clear message instead of one per branch of the ``str | list[str]`` union."""
+    try:
+        return handler(value)
+    except ValidationError:
+        if isinstance(value, list) and value:
+            bad = next((i for i, item in enumerate(value) if not isinstance(item, str)), None)
+            if bad is not None:
+                raise PydanticCustomError("inputs", "element {index} is not a string", {"index": bad}) from None
+        what = "an empty list" if value == [] else _JSON_KINDS.get(type(value), type(value).__name__)
+        raise PydanticCustomError(
+            "inputs", "must be one text or a non-empty list of texts, got {what}", {"what": what}
+        ) from None
+
+
+#: ``inputs`` of /classify and the TEI routes: one text or a non-empty list of texts.
+Inputs = Annotated[str | Annotated[list[str], Field(min_length=1)], WrapValidator(_one_message)]
 
 
 class ErrorBody(BaseModel):
@@ -34,7 +57,7 @@ class ClassifyBody(BaseModel):
         json_schema_extra={"examples": [{"inputs": ["a great movie", "the plot was awful"], "adapter": "sst2"}]},
     )
 
-    inputs: str | Annotated[list[str], Field(min_length=1)] = Field(
+    inputs: Inputs = Field(
         description="One text or a non-empty list of texts; the answer is always a list in input order."
     )
     adapter: str | None = Field(None, description="Adapter to use; optional when exactly one is available.")
@@ -50,12 +73,18 @@ class ClassifyBody(BaseModel):
 
 
 def check_texts(texts: list[str], max_client_batch: int, max_input_chars: int) -> None:
-    """Size limits and text sanity, in one place (messages never echo the input)."""
+    """Size limits and text sanity for every protocol, in one place (messages never echo the input).
+
+    An empty or blank text is refused: the model would read only its special tokens and answer the
+    adapter's prior with a confident-looking score.
+    """
     if len(texts) > max_client_batch:
         raise PayloadTooLargeError(f"{len(texts)} inputs; at most {max_client_batch} per request")
     for index, text in enumerate(texts):
         if len(text) > max_input_chars:
             raise PayloadTooLargeError(f"input {index} has {len(text)} characters; at most {max_input_chars}")
+        if not text.strip():
+            raise InvalidRequestError(f"input {index} is empty (or only whitespace): send text to classify")
         if not text.isascii():
             try:
                 text.encode("utf-8")
@@ -151,6 +180,20 @@ class AdaptersResponse(BaseModel):
 
 class StatusResponse(BaseModel):
     status: str
+
+
+class ServerInfo(BaseModel):
+    """``GET /info``: what this server is and what it serves."""
+
+    name: str
+    version: str
+    state: Literal["loading", "ready", "failed", "draining"]
+    device: str = Field(description="Torch device the engine runs on.")
+    dtype: str = Field(description="Precision of the encoder and adapters (auto resolved); routers run in float32.")
+    torch_threads: int = Field(description="torch intra-op threads.")
+    adapters: list[str] = Field(description="Servable adapters, loaded in memory or not (empty while loading).")
+    loaded: int = Field(description="Adapters in memory now.")
+    unavailable: dict[str, str] = Field(description="Checkpoint folders that cannot be served, and why.")
 
 
 class UnloadResponse(BaseModel):

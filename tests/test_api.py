@@ -421,18 +421,6 @@ def test_json_log_lines_carry_extra_fields(capsys):
             root.removeHandler(handler)
 
 
-def test_every_setting_is_documented_with_its_default():
-    table = (Path(service.__file__).resolve().parents[1] / "docs" / "service.md").read_text(encoding="utf-8")
-    cells = [line.split("|") for line in table.splitlines() if line.startswith("| `COGALORA_")]
-    rows = {row[1].strip(" `"): row[2].strip(" `") for row in cells}
-    for name, field in Settings.model_fields.items():
-        variable = f"COGALORA_{name.upper()}"
-        assert variable in rows, f"docs/service.md has no row for {variable}"
-        if name not in ("model_dir", "api_key"):
-            default = field.default
-            assert rows[variable] == (f"{default:g}" if isinstance(default, float) else str(default)), variable
-
-
 def test_torch_threads_auto_leaves_one_core_to_the_event_loop(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
     assert Settings(torch_threads=0).resolved_torch_threads() == 3
