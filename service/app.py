@@ -19,8 +19,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from service.console import install_console
 from service.about import VERSION
+from service.console import install_console
 from service.lifecycle import ComponentFactory, Service, build_components
 from service.middleware import EdgeMiddleware
 from service.protocols import oip, tei
