@@ -130,7 +130,7 @@ class Engine:
         """Use the mixed-batch (gathered) adapter path even for one-adapter batches (tests, benchmarks)."""
         self.split_by_length = split_by_length
         if chunk_overhead_tokens is None:
-            half = repository.dtype in (torch.bfloat16, torch.float16)
+            half = repository.precision.half
             chunk_overhead_tokens = HALF_PRECISION_CHUNK_OVERHEAD_TOKENS if half else DEFAULT_CHUNK_OVERHEAD_TOKENS
         self.chunk_overhead_tokens = chunk_overhead_tokens
         self.force_gates = force_gates

@@ -64,7 +64,7 @@ def build_engine(settings: Settings, metrics: ServiceMetrics):
     repository = ModelRepository(
         settings.model_dir,
         device=settings.resolved_device(),
-        dtype=settings.resolved_dtype(),
+        precision=settings.resolved_precision(),
         max_loaded=settings.max_loaded_adapters,
         listener=metrics,
     )

@@ -48,6 +48,7 @@ from cogalora import (
 )
 from cogalora.architectures import site_name
 from cogalora.checkpoint import CONFIG_FILE
+from cogalora.precision import Precision, resolve_precision
 from service.errors import (
     AdapterCapacityError,
     AdapterConflictError,
@@ -193,7 +194,7 @@ class ModelRepository:
         self,
         model_dir: str | Path,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
+        precision: Precision | str = "float32",
         max_loaded: int = DEFAULT_MAX_LOADED,
         listener: RepositoryListener | None = None,
     ) -> None:
@@ -201,7 +202,7 @@ class ModelRepository:
             raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
         self.model_dir = Path(model_dir).expanduser()
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.precision = resolve_precision(precision, self.device)
         self.max_loaded = max_loaded
         self.listener = listener
         self._catalogue: dict[str, _Entry] = {}
@@ -539,8 +540,7 @@ class ModelRepository:
         model = CoGaLoRAModel(hf_model, config)
         model.requires_grad_(False)
         model.to(self.device).eval()
-        if self.dtype is not None:
-            model.cast(self.dtype)
+        model.set_precision(self.precision)
         spec = self._spec(meta)
         tokenizer_max = getattr(tokenizer, "model_max_length", spec.max_positions) or spec.max_positions
         logger.info("loaded base model %s (%d adapter sites)", key, len(model.sites))

@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from pydantic import Field, PrivateAttr, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-if TYPE_CHECKING:
-    import torch
+from cogalora.precision import PRECISION_CHOICES, Precision, resolve_precision
 
 #: The committed model repository: ``<repo>/models`` next to the ``service`` package.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -44,11 +43,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1, description="Largest request body (413 beyond).")
     api_key: SecretStr | None = Field(None, description="When set, /classify and /adapters need it.")
     device: str = Field("cpu", description='Torch device; "auto" picks cuda when available.')
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(  # cogalora.precision.DTYPE_CHOICES
+    dtype: Literal[PRECISION_CHOICES] = Field(
         "auto",
-        description='Encoder and adapter precision; "auto": the fastest the device runs natively (bfloat16 on '
-        "CPUs with avx512_bf16/AMX whose bf16 products are batch invariant, and on recent GPUs, else "
-        "float32). Routers always decide in float32 (benchmarks/precision.py measures the accuracy).",
+        description='Precision: "int8" computes every linear product with exact integer sums (int8 weights, '
+        "per-token int8 activations), so a result is the same bits in any batch; float32 is the reference; "
+        'bfloat16/float16 are half precision (not bitwise batch invariant). "auto": int8 on CPU and CUDA, '
+        "else float32. Routers always decide in float32 (python -m benchmarks.precision measures the accuracy).",
     )
     torch_threads: int = Field(
         0,
@@ -100,8 +100,6 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Root log level (DEBUG, INFO, WARNING, ...).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 responses.")
 
-    _dtypes: dict[tuple[str, str], torch.dtype] = PrivateAttr(default_factory=dict)
-    """``resolved_dtype`` by (dtype, device), once computed (resolving probes the CPU, and may warn)."""
 
     @field_validator("metrics_adapter_labels")
     @classmethod
@@ -138,14 +136,9 @@ class Settings(BaseSettings):
             return self.torch_threads
         return max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) - 1)
 
-    def resolved_dtype(self) -> torch.dtype:
-        """The torch dtype to serve in (``auto`` resolved for the device)."""
-        key = (self.dtype, self.resolved_device())
-        if key not in self._dtypes:
-            from cogalora.precision import resolve_dtype
-
-            self._dtypes[key] = resolve_dtype(*key)
-        return self._dtypes[key]
+    def resolved_precision(self) -> Precision:
+        """The precision to serve in (``auto`` resolved for the device)."""
+        return resolve_precision(self.dtype, self.resolved_device())
 
     def api_key_value(self) -> str | None:
         """The configured API key, or None when the service is open (an empty key counts as unset)."""

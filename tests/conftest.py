@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-from cogalora import CoGaLoRAConfig, CoGaLoRAModel
+from cogalora import CoGaLoRAConfig, CoGaLoRAModel, FlopBreakdown, FlopModel
 from cogalora.bank import AdapterBank
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -47,6 +47,12 @@ def tiny_model(
     model = CoGaLoRAModel(base, config or CoGaLoRAConfig(rank=4))
     model.prepare_for_training(list(labels))
     return model
+
+
+def torch_visible_flops(flops: FlopModel, breakdown: FlopBreakdown) -> int:
+    """The FLOPs of ``breakdown`` that torch's FlopCounterMode sees: routers, pooling and the output head
+    run as per-row multiply-and-sums (batch invariance), which it does not count."""
+    return breakdown.total - breakdown.router - flops.head_output_per_example
 
 
 def bank_row(model: CoGaLoRAModel, site: int, slot: int = 0) -> tuple[AdapterBank, int]:

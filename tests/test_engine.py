@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, synthetic_checkpoint, tiny_text
+from conftest import SHARED_DATA, synthetic_checkpoint, tiny_text, torch_visible_flops
 from torch.utils.flop_counter import FlopCounterMode
 
 from cogalora import PACKAGED_MODEL_ID, load_base_model, load_model, read_adapter
-from cogalora.precision import cpu_bf16_is_batch_invariant
 from service.engine import Engine, PreparedRow, length_chunks
 from service.errors import AdapterUnloadedError, InferenceError, InputTooLongError, UnknownAdapterError
 from service.repository import ModelRepository
@@ -79,6 +78,16 @@ def prepare(engine: Engine, request: ClassifyRequest) -> list[PreparedRow]:
     return engine.tokenize(adapter, list(request.texts), request.truncate, request.threshold)
 
 
+def torch_counted(row: PreparedRow, result: RowResult) -> int:
+    """The FLOPs torch's counter sees of a result: its reported total less routers and output head."""
+    active = dict(zip(result.active_modules, result.active_ranks, strict=True))
+    names = row.adapter.encoder.site_names
+    ranks = [active.get(name, 0) for name in names]
+    breakdown = row.adapter.flops.request(row.tokens, [name in active for name in names], ranks=ranks)
+    assert breakdown.total == result.flops.total
+    return torch_visible_flops(row.adapter.flops, breakdown)
+
+
 def probabilities(result: RowResult, labels: list[str]) -> list[float]:
     by_label = {item.label: item.score for item in result.scores}
     return [by_label[label] for label in labels]
@@ -120,40 +129,67 @@ def test_engine_matches_training_model_in_eval(minilm_engine: Engine, minilm_mod
 
 
 @pytest.fixture(scope="module")
-def minilm_bf16_engine(minilm_model_dir: Path) -> Engine:
-    return Engine(scanned(minilm_model_dir, dtype=torch.bfloat16), tune_malloc=False)
+def mixed_minilm_dir(minilm_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MiniLM repository (two CoGaLoRA adapters, a plain LoRA) plus a RAD-LoRA adapter."""
+    root = tmp_path_factory.mktemp("mixed")
+    for folder in minilm_model_dir.iterdir():
+        shutil.copytree(folder, root / folder.name)
+    synthetic_checkpoint(root / "rad", PACKAGED_MODEL_ID, ["negative", "positive"], method="radlora", seed=30)
+    return root
+
+
+def bit_pattern(result: RowResult) -> tuple:
+    """Everything a row's answer says, as exact values."""
+    return (
+        result.label,
+        [(item.label, item.score) for item in result.scores],
+        [(item.label, item.score) for item in result.raw_scores],
+        result.active_modules,
+        result.active_ranks,
+        result.flops,
+    )
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_batch_invariance_mixed_adapters_lengths_and_taus(request: pytest.FixtureRequest, dtype: str) -> None:
-    # bfloat16 too: padding-free attention (cogalora.attention) keeps a row's arithmetic independent
-    # of its batch-mates, where masked attention moved bf16 logits by up to 5e-4.
-    if dtype == "bfloat16" and not cpu_bf16_is_batch_invariant():
-        pytest.skip("this CPU's bf16 matrix products depend on the batch size (dtype auto serves float32 here)")
-    minilm_engine = request.getfixturevalue("minilm_engine" if dtype == "float32" else "minilm_bf16_engine")
+@pytest.mark.parametrize("precision", ["int8", "float32"])
+def test_batch_invariance_mixed_adapters_lengths_and_taus(mixed_minilm_dir: Path, precision: str) -> None:
+    """A row's answer alone and inside batches of 1 to 64 rows of other adapters, methods, lengths and
+    taus: bit for bit in int8 (exact integer products), on one and on two threads; float32 products
+    round in a batch-dependent order, so there only to 1e-5."""
+    engine = Engine(scanned(mixed_minilm_dir, precision=precision), tune_malloc=False)
     texts = sentences(64)
-    adapters = ["sst2", "agnews", "plain"]
+    adapters = ["sst2", "agnews", "plain", "rad"]
     taus = [None, 0.3, 0.7]
     requests = [
-        ClassifyRequest(texts=[text], adapter=adapters[i % 3], threshold=taus[(i // 3) % 3])
+        ClassifyRequest(texts=[text], adapter=adapters[i % 4], threshold=taus[(i // 4) % 3])
         for i, text in enumerate(texts)
     ]
-    alone = [minilm_engine.classify(request)[0] for request in requests]
+    alone = [engine.classify(request)[0] for request in requests]
     assert len({result.tokens for result in alone}) > 10, "needs mixed lengths"
     assert len({len(result.active_modules) for result in alone}) > 3, "needs varied gate patterns"
-    for split_by_length in (True, False):
-        engine = Engine(minilm_engine.repository, split_by_length=split_by_length, tune_malloc=False)
-        rows: list[PreparedRow] = [row for request in requests for row in prepare(engine, request)]
-        outcome = engine.run_batch(rows)
-        assert outcome.stats[0].rows == 64
-        for single, in_batch in zip(alone, outcome.results, strict=True):
-            assert isinstance(in_batch, RowResult)
-            assert in_batch.active_modules == single.active_modules
-            assert in_batch.label == single.label
-            labels = [item.label for item in single.scores]
-            assert probabilities(in_batch, labels) == pytest.approx(probabilities(single, labels), abs=1e-5)
-            assert in_batch.flops == single.flops
+    assert any(0 < rank < 8 for result in alone for rank in result.active_ranks), "needs RAD-LoRA's smaller ranks"
+    rows = [row for request in requests for row in prepare(engine, request)]
+    threads = torch.get_num_threads()
+    try:
+        runs = [(1, True, (64, 33, 17, 5, 2)), (1, False, (64, 8)), (2, True, (64, 3))]
+        for thread_count, split_by_length, sizes in runs:
+            torch.set_num_threads(thread_count)
+            batched = Engine(engine.repository, split_by_length=split_by_length, tune_malloc=False)
+            for size in sizes:
+                for start in range(0, 64, size):
+                    outcome = batched.run_batch(rows[start : start + size])
+                    for single, in_batch in zip(alone[start : start + size], outcome.results, strict=True):
+                        assert isinstance(in_batch, RowResult)
+                        if precision == "int8":
+                            assert bit_pattern(in_batch) == bit_pattern(single), (thread_count, size, start)
+                            continue
+                        assert in_batch.active_modules == single.active_modules
+                        assert in_batch.label == single.label
+                        labels = [item.label for item in single.scores]
+                        assert probabilities(in_batch, labels) == pytest.approx(probabilities(single, labels), abs=1e-5)
+                        assert in_batch.flops == single.flops
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("adapters", [1, 3, 50])
@@ -261,7 +297,7 @@ def test_torch_counts_exactly_the_flops_the_results_report(tiny_engine: Engine) 
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         outcome = tiny_engine.run_batch(rows)
     attention = sum(row.adapter.flops.attention_per_token_pair * row.tokens**2 for row in rows)
-    reported = sum(result.flops.total for result in outcome.results) - attention
+    reported = sum(map(torch_counted, rows, outcome.results)) - attention
     active = sum(result.active_adapters for result in outcome.results)
     assert 0 < active < 12 * len(rows), "the check needs some gates on and some off"
     per_site = rows[0].adapter.flops.adapter_per_token[0] * rows[0].tokens
@@ -444,11 +480,9 @@ def test_rank_routed_rows_are_batch_invariant_and_counted_exactly(rank_routed_en
         assert (in_batch.active_modules, in_batch.active_rank) == (single.active_modules, single.active_rank)
         assert probabilities(in_batch, ["neg", "pos"]) == pytest.approx(probabilities(single, ["neg", "pos"]), abs=1e-5)
         assert in_batch.flops == single.flops
-    # torch's count of the mixed batch equals the per-row analytic FLOPs at the ranks each row used
-    # (less the gathered routers' output dot products, 2 x hidden 4 per row and site: elementwise to torch).
+    # torch's count of the mixed batch equals the per-row analytic FLOPs at the ranks each row used.
     attention = sum(row.adapter.flops.attention_per_token_pair * row.tokens**2 for row in rows)
-    router_outputs = 2 * 4 * len(rows) * 12  # 12 sites on the tiny encoder
-    reported = sum(result.flops.total for result in outcome.results) - attention - router_outputs
+    reported = sum(map(torch_counted, rows, outcome.results)) - attention
     per_rank = rows[0].adapter.flops.adapter_per_token_rank[0] * rows[0].tokens
     assert counter.get_total_flops() == pytest.approx(reported, abs=per_rank / 2), "off by one rank of one site"
 
