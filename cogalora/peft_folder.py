@@ -122,6 +122,11 @@ def read_peft_folder(directory: str | Path, data: bool = True) -> tuple[Checkpoi
         )
     base = _base(resolve_base_model(base_name), base_name)
     adapter_path = directory / ADAPTER_FILE
+    if not adapter_path.is_file():
+        raise CheckpointError(
+            f"{adapter_path}: file not found; only safetensors weights are read (pickled .bin files never are): "
+            "save the adapter with save_pretrained(..., safe_serialization=True), PEFT's default"
+        )
     lora, head = _split_tensors(read_tensors(adapter_path, data), adapter_path, base)
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, int | float):
@@ -293,7 +298,10 @@ def _split_tensors(
         elif module in base.architecture.head_linears and part in ("weight", "bias"):
             head.setdefault(module, {})[part] = tensor
         elif "lora_" in name:
-            raise CheckpointError(f"{path}: tensor {key!r}: this kind of LoRA weight is not served (plain LoRA only)")
+            raise CheckpointError(
+                f"{path}: tensor {key!r}: this kind of LoRA weight is not served; only lora_A / lora_B on Linear "
+                "layers (plain LoRA)"
+            )
         else:
             raise CheckpointError(
                 f"{path}: tensor {key!r} trains {module!r} itself, which one shared encoder cannot hold per "
