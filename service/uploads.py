@@ -450,12 +450,12 @@ def _tar_kind(member: tarfile.TarInfo) -> str:
 
 
 def _zip_kind(info: zipfile.ZipInfo) -> str:
-    mode = info.external_attr >> 16
+    file_type = stat.S_IFMT(info.external_attr >> 16)  # 0: the writer recorded permissions only
     if info.is_dir():
         return "dir"
-    if stat.S_ISLNK(mode):
+    if file_type == stat.S_IFLNK:
         return "link"
-    if mode and not stat.S_ISREG(mode):
+    if file_type not in (0, stat.S_IFREG):
         return "device or special file"
     return "file"
 
