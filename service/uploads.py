@@ -24,7 +24,6 @@ import asyncio
 import errno
 import io
 import logging
-import lzma
 import os
 import re
 import secrets
@@ -32,7 +31,6 @@ import shutil
 import stat
 import tarfile
 import zipfile
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -247,8 +245,10 @@ class Installer:
                         source = archive.extractfile(member)
                         assert source is not None  # a regular file always has data
                         self._write(staged / file, source, member.size, members)
-        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
-            raise InvalidArchiveError(f"the archive is damaged or truncated ({type(exc).__name__})") from None
+        except ServiceError:
+            raise
+        except Exception as exc:  # what a decoder raises on a hostile or cut archive varies (TarError, zlib ...)
+            raise _damaged(exc) from None
 
     def _unzip(self, data: bytes, staged: Path, members: _Members) -> None:
         try:
@@ -263,8 +263,10 @@ class Installer:
                 for info, file in admitted:
                     with archive.open(info) as source:
                         self._write(staged / file, source, info.file_size, members)
-        except (zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, NotImplementedError, OSError) as exc:
-            raise InvalidArchiveError(f"the archive is damaged or truncated ({type(exc).__name__})") from None
+        except ServiceError:
+            raise
+        except Exception as exc:  # BadZipFile, zlib.error, a negative seek, a name that is not UTF-8 ...
+            raise _damaged(exc) from None
 
     def stage_hub(self, name: str, source: str, revision: str | None) -> tuple[Path, str]:
         """Download ``hf://org/name`` (or take it from the local Hugging Face cache) into a staging folder.
@@ -429,6 +431,11 @@ def _download(source: str, repo_id: str, revision: str | None) -> Path:
             f"{shown}: the Hugging Face Hub cannot be reached from the service and its local cache "
             "(HF_HUB_CACHE) has no copy; upload the adapter folder as an archive instead"
         ) from None
+
+
+def _damaged(exc: Exception) -> InvalidArchiveError:
+    logger.debug("unreadable archive: %r", exc)
+    return InvalidArchiveError(f"the archive is damaged or truncated ({type(exc).__name__})")
 
 
 def _require_adapter_files(staged: Path) -> None:
