@@ -4,10 +4,12 @@ Tiny random BERT, in process; the real service over HTTP is tests/test_peft_serv
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from conftest import batch, peft_lora_folder, synthetic_checkpoint
 from safetensors.torch import load_file, save_file
 
 from cogalora.checkpoint import ADAPTER_FILE, PEFT_CONFIG_FILE
+from service import uploads
 from service.errors import (
     AdapterConflictError,
     AdapterLoadError,
@@ -27,6 +30,7 @@ from service.errors import (
     UnknownAdapterError,
 )
 from service.repository import ModelRepository
+from service.settings import Settings
 from service.uploads import Installer, recover_interrupted
 
 
@@ -276,3 +280,16 @@ def test_a_replacement_lets_admitted_requests_finish_on_the_old_weights(model_di
     assert not repo.is_current(admitted)
     assert admitted.slot not in admitted.encoder.slots or admitted.encoder.slots[admitted.slot] != "alpha"
     assert sorted(admitted.encoder.slots.values()) == ["alpha", "beta"]
+
+
+def test_under_ray_serve_installs_and_deletions_answer_409_and_change_nothing(model_dir, peft_dir):
+    deployments = pytest.importorskip("service.ray_serve.deployments")
+    settings = Settings(model_dir=model_dir)
+    catalogue = deployments.CatalogueRepository(settings)
+    service = SimpleNamespace(settings=settings, admin_lock=asyncio.Lock())
+    before = tree(model_dir)
+    with pytest.raises(AdapterConflictError, match="redeploy"):
+        asyncio.run(uploads.install(service, catalogue, "new", pack(peft_dir), "application/gzip", replace=False))
+    with pytest.raises(AdapterConflictError, match="redeploy"):
+        asyncio.run(uploads.remove(service, catalogue, "alpha"))
+    assert tree(model_dir) == before and catalogue.names() == ["alpha"]
