@@ -91,7 +91,7 @@ class Site:
 
     @property
     def name(self) -> str:
-        return f"layer.{self.layer}.{self.kind}"
+        return site_name(self.layer, self.kind)
 
     @property
     def input_group(self) -> str:
@@ -99,6 +99,11 @@ class Site:
         if self.kind in _SHARED_INPUT_KINDS:
             return f"layer.{self.layer}.attention.input"
         return self.name
+
+
+def site_name(layer: int, kind: str) -> str:
+    """The name of a site, e.g. ``layer.0.attention.query`` (checkpoints, results and metrics use it)."""
+    return f"layer.{layer}.{kind}"
 
 
 def architecture_of(model: nn.Module) -> Architecture:

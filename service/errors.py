@@ -7,6 +7,20 @@ for the client: they never contain server paths or request text.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
+
+#: Adapter names an error message lists at most ("a, b, c, d, e and 12 more").
+NAMES_SHOWN = 5
+#: Past this many adapters, an unknown name gets no "did you mean" (it would cost the event loop).
+SUGGESTION_CANDIDATES = 2000
+
+
+def some_names(names: Sequence[str], limit: int = NAMES_SHOWN) -> str:
+    """The first ``limit`` names, comma-separated, and how many more there are."""
+    shown = ", ".join(names[:limit])
+    return f"{shown} and {len(names) - limit} more" if len(names) > limit else shown
+
 
 class ServiceError(Exception):
     status_code: int = 500
@@ -36,6 +50,20 @@ class UnauthorizedError(ServiceError):
 class UnknownAdapterError(ServiceError):
     status_code = 404
     error_type = "unknown_adapter"
+
+    @classmethod
+    def among(cls, name: str, available: Sequence[str]) -> UnknownAdapterError:
+        """The error for ``name``, with the closest available name and the first few (``name`` bounded)."""
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        if not available:
+            return cls(f"unknown adapter {shown!r}: no adapter is available")
+        close = (
+            difflib.get_close_matches(name[:64], available, n=1, cutoff=0.6)
+            if len(available) <= SUGGESTION_CANDIDATES
+            else []
+        )
+        guess = f" did you mean {close[0]!r}?" if close else ""
+        return cls(f"unknown adapter {shown!r};{guess} available: {some_names(available)}")
 
 
 class AdapterUnloadedError(ServiceError):

@@ -27,9 +27,10 @@ from service.responses import service_error_response, short
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-#: Routes that need the API key when one is configured (probes, server metadata and /metrics stay
-#: open); /replicas exists under Ray Serve only (service/ray_serve) and names loaded adapters like /adapters.
-PROTECTED_PREFIXES = ("/classify", "/adapters", "/models", "/v2/models", "/replicas")
+#: Routes that need the API key when one is configured (probes, server metadata, /metrics and the
+#: console's page and files stay open); /info and /console/stats name the adapters like /adapters;
+#: /replicas exists under Ray Serve only (service/ray_serve) and names loaded adapters too.
+PROTECTED_PREFIXES = ("/classify", "/adapters", "/info", "/models", "/v2/models", "/replicas", "/console/stats")
 #: Adapter uploads (``PUT /adapters/{name}``): their body limit is ``max_upload_bytes``, not ``max_body_bytes``.
 UPLOAD_PATH = re.compile(r"^/adapters/[^/]+$")
 #: Classification calls, whatever the protocol: counted in the request metrics (POST only).

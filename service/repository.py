@@ -51,7 +51,8 @@ from cogalora import (
     read_meta,
     resolve_base_model,
 )
-from cogalora.checkpoint import CONFIG_FILE, looks_like_checkpoint
+from cogalora.architectures import site_name
+from cogalora.checkpoint import CONFIG_FILE, PEFT_CONFIG_FILE, looks_like_checkpoint
 from service.errors import (
     AdapterCapacityError,
     AdapterConflictError,
@@ -59,6 +60,7 @@ from service.errors import (
     AdapterRequiredError,
     InvalidRequestError,
     UnknownAdapterError,
+    some_names,
 )
 from service.schemas import ADAPTER_NAME_PATTERN, AdapterInfo
 from service.uploads import recover_interrupted
@@ -71,6 +73,43 @@ _NAME = re.compile(ADAPTER_NAME_PATTERN)
 DEFAULT_MAX_LOADED = 256
 UNSERVED_METHODS: tuple[str, ...] = ("hyperlora",)
 """Methods the training side produces for study only: the catalogue refuses them with a clear error."""
+
+
+def check_model_dir(model_dir: Path, allow_empty: bool = False) -> None:
+    """Raise ``ValueError`` (``FileNotFoundError`` when absent) unless ``model_dir`` is a folder of checkpoint
+    folders; the message names the problem and the fix. ``allow_empty``: a folder with none yet is fine."""
+    flag = "--model-dir (or COGALORA_MODEL_DIR)"
+    if not model_dir.exists():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist: point {flag} at a folder of checkpoints")
+    if not model_dir.is_dir():
+        raise ValueError(f"model directory {model_dir} is a file: point {flag} at a folder of checkpoint folders")
+    if looks_like_checkpoint(model_dir):
+        parent = model_dir.resolve().parent
+        raise ValueError(
+            f"model directory {model_dir} is one checkpoint, not a folder of checkpoints: serve its parent "
+            f"(--model-dir {parent}, adapter {model_dir.resolve().name!r}), or copy it into a folder of its own "
+            f"(mkdir repo && cp -r {model_dir} repo/)"
+        )
+    if allow_empty or any(looks_like_checkpoint(folder) for folder in model_dir.iterdir()):
+        return
+    problem = (
+        f"model directory {model_dir} holds no checkpoint folder "
+        f"(a folder with {CONFIG_FILE}, or a PEFT adapter's {PEFT_CONFIG_FILE})"
+    )
+    nested = sorted(folder for folder in model_dir.iterdir() if folder.is_dir() and _holds_checkpoints(folder))
+    if nested:
+        raise ValueError(f"{problem}, but {nested[0]} does: use --model-dir {nested[0]}")
+    raise ValueError(
+        f"{problem}: train one with `python -m training train` or put a PEFT adapter folder in it, or set "
+        "COGALORA_ALLOW_EMPTY_MODEL_DIR=true to start empty and add adapters with PUT /adapters/{name}"
+    )
+
+
+def _holds_checkpoints(folder: Path) -> bool:
+    try:
+        return any(looks_like_checkpoint(child) for child in folder.iterdir())
+    except OSError:
+        return False
 
 
 class RepositoryListener(Protocol):
@@ -192,8 +231,7 @@ class ModelRepository:
         """(Re)read every checkpoint folder's metadata and weight headers; returns name -> why it is
         not servable. Folders without adapter files, and hidden ones (runtime installs in progress,
         ``service.uploads``), are not checkpoints and are ignored."""
-        if not self.model_dir.is_dir():
-            raise FileNotFoundError(f"model directory {self.model_dir} does not exist or is not a directory")
+        check_model_dir(self.model_dir, allow_empty=True)
         recover_interrupted(self.model_dir)
         names = sorted(
             p.name for p in self.model_dir.iterdir() if not p.name.startswith(".") and looks_like_checkpoint(p)
@@ -202,7 +240,7 @@ class ModelRepository:
             try:
                 self._add_to_catalogue(name)
             except (AdapterLoadError, InvalidRequestError) as exc:
-                logger.warning("skipping checkpoint %r: %s", name, exc.message)
+                logger.warning("%s (not served)", exc.message)
         with self._cond:
             return dict(self._failures)
 
@@ -230,7 +268,15 @@ class ModelRepository:
             if requested is None:
                 if len(self._catalogue) == 1:
                     return next(iter(self._catalogue))
-                raise AdapterRequiredError(f"'adapter' is required: {len(self._catalogue)} adapters are available")
+                if not self._catalogue:
+                    raise AdapterRequiredError(
+                        "no adapter is being served: /adapters lists the folders that cannot be, and an admin "
+                        "adds one with POST /adapters/{name}"
+                    )
+                raise AdapterRequiredError(
+                    f"'adapter' is required: {len(self._catalogue)} adapters are available "
+                    f"({some_names(sorted(self._catalogue))})"
+                )
             return self._entry(requested).name
 
     def info(self, name: str) -> AdapterInfo:
@@ -255,8 +301,9 @@ class ModelRepository:
     def _entry(self, name: str) -> _Entry:
         entry = self._catalogue.get(name)
         if entry is None:
-            shown = name if len(name) <= 64 else name[:64] + "..."
-            raise UnknownAdapterError(f"unknown adapter {shown!r}")
+            if name in self._failures:
+                raise _load_failed(name, self._failures[name])
+            raise UnknownAdapterError.among(name, sorted(self._catalogue))
         return entry
 
     def validate(self, directory: Path) -> tuple[CheckpointMeta, _BaseSpec]:
@@ -285,7 +332,9 @@ class ModelRepository:
             meta, spec = self.validate(directory)
         except Exception as exc:  # any failure of one folder is that folder's problem, never the server's
             raise self._failed(name, exc) from exc
-        kinds = [kind for kind in meta.target_modules if kind in ALL_MODULE_KINDS]
+        kinds = [kind for kind in ALL_MODULE_KINDS if kind in meta.target_modules]  # the encoder's site order
+        sites = [site_name(layer, kind) for layer in range(spec.num_layers) for kind in kinds]
+        present = set(meta.sites or sites)
         info = AdapterInfo(
             name=name,
             base_model=meta.base_model,
@@ -293,7 +342,11 @@ class ModelRepository:
             labels=list(meta.labels),
             tau=meta.tau,
             max_length=min(meta.max_length, spec.max_positions),
-            total_adapters=len(kinds) * spec.num_layers,
+            total_adapters=len(sites),
+            sites=sites,
+            dropped_sites=[name for name in sites if name not in present],
+            rank=meta.rank,
+            rank_set=meta.rank_set if meta.method == "radlora" else None,
             loaded=False,
             metrics=dict(meta.metrics),
         )
@@ -309,7 +362,7 @@ class ModelRepository:
         message = self._client_message(str(exc))
         with self._cond:
             self._failures[name] = message
-        return AdapterLoadError(f"checkpoint {name!r} cannot be loaded: {message}")
+        return _load_failed(name, message)
 
     def _folder(self, name: str) -> Path:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -512,7 +565,7 @@ class ModelRepository:
             base_config = AutoConfig.from_pretrained(key, trust_remote_code=False)
             hf_model = load_base_model(meta.base_model, num_labels=base_config.num_labels)
             tokenizer = load_tokenizer(meta.base_model)
-        except (OSError, ValueError, ImportError) as exc:
+        except Exception as exc:  # unreadable weights raise the reader's own errors (e.g. SafetensorError)
             raise CheckpointError(f"base model {meta.base_model!r} cannot be loaded ({exc})") from exc
         model = CoGaLoRAModel(hf_model, config)
         model.requires_grad_(False)
@@ -534,7 +587,7 @@ class ModelRepository:
             try:
                 self.release(self.acquire(name))
             except AdapterLoadError as exc:
-                logger.warning("skipping checkpoint %r: %s", name, exc.message)
+                logger.warning("%s (not served)", exc.message)
         return self.loaded_names()
 
     def load(self, name: str, replace: bool = False) -> AdapterInfo:
@@ -548,7 +601,10 @@ class ModelRepository:
         self._reap_retired()
         with self._cond:
             if name in self._loaded and not replace:
-                raise AdapterConflictError(f"adapter {name!r} is already loaded; unload it first or replace it")
+                raise AdapterConflictError(
+                    f"adapter {name!r} is already loaded; to reload it from its folder, "
+                    f"DELETE /adapters/{name} first, then POST /adapters/{name}"
+                )
             swap = name in self._loaded
         entry = self._add_to_catalogue(name)
         if not swap:
@@ -586,3 +642,7 @@ class ModelRepository:
             self._release_slot(adapter)
         self._reap_retired(name)
         logger.info("unloaded adapter %r", name)
+
+
+def _load_failed(name: str, reason: str) -> AdapterLoadError:
+    return AdapterLoadError(f"adapter {name!r} failed to load: {reason}")

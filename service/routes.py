@@ -18,6 +18,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 
 from service import uploads
+from service.about import NAME, runtime
 from service.classification import classify_texts, service_of
 from service.metrics import CONTENT_TYPE
 from service.responses import documented_errors, error_response
@@ -28,6 +29,7 @@ from service.schemas import (
     AdaptersResponse,
     ClassifyBody,
     ClassifyResponse,
+    ServerInfo,
     StatusResponse,
     UnloadResponse,
 )
@@ -82,6 +84,25 @@ def readiness_response(request: Request, ready_body: str) -> Response:
     if service.state == "ready":
         return Response(ready_body, media_type="application/json")
     return error_response(503, f"not ready: {service.state}", "not_ready", service.settings.retry_after_s)
+
+
+@router.get(
+    "/info",
+    response_model=ServerInfo,
+    responses=documented_errors(401),
+    summary="What is served: version, device, resolved dtype, torch threads, adapters and unservable folders.",
+)
+async def info(request: Request) -> ServerInfo:
+    service = service_of(request)
+    repository = service.repository
+    return ServerInfo(
+        name=NAME,
+        state=service.state,
+        **runtime(service.settings),
+        adapters=repository.names() if repository is not None else [],
+        loaded=len(repository.loaded_names()) if repository is not None else 0,
+        unavailable=repository.failures if repository is not None else {},
+    )
 
 
 @router.get(
