@@ -316,9 +316,10 @@ class SlotLoraLinear(nn.Module):
 
     Plain LoRA adapters may also adapt BERT's pooler (PEFT's ``all-linear`` reaches it; see
     ``Architecture.pooler_linears``). Its input is one vector per row, so there is no router and no
-    gate: a row whose adapter has a delta here gets it, every other row passes through unchanged.
-    Storage is an :class:`~cogalora.bank.AdapterBank` per rank (scaling folded into ``B``); the rows of
-    a mixed batch are gathered per bank, as at the gated sites.
+    gate: a row whose adapter has a delta here gets it, every other row passes through unchanged
+    (``force_gates`` concerns the gated sites only). Storage is an :class:`~cogalora.bank.AdapterBank`
+    per rank (scaling folded into ``B``); the rows of a mixed batch are gathered per bank, as at the
+    gated sites.
     """
 
     def __init__(self, base: nn.Linear, routing: RoutingState) -> None:
