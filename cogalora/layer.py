@@ -57,23 +57,14 @@ class GatedLoraLinear(nn.Module):
         for index, bank in enumerate(self.banks):
             if (bank.rank, bank.fold_scaling, bank.rank_set, bank.generated_scales) == kind:
                 return index
-        if self.integer:
-            device, dtype = self.base.device, torch.float32
-        else:
-            device, dtype = self.base.weight.device, self.base.weight.dtype
-        bank = AdapterBank(
-            self.base.in_features,
-            self.base.out_features,
+        bank = _new_bank(
+            self.base,
             rank,
             router_hidden,
             rank_set=rank_set,
             generated_scales=generated_scales,
             fold_scaling=fold_scaling,
-            device=device,
-            dtype=dtype,
         )
-        if self.integer:
-            bank.use_integer_products()
         self.banks.append(bank)
         return len(self.banks) - 1
 
@@ -362,6 +353,132 @@ class SlotHead(nn.Module):
             rows = self._row_of_slot[state.row_slots]
             weight, bias = self.weight.index_select(0, rows), self.bias.index_select(0, rows)
         return (x.unsqueeze(-2) * weight).sum(-1) + bias
+
+
+class SlotLoraLinear(nn.Module):
+    """``W0 x + B A x * scaling`` for the adapter of each row, at a Linear outside the gated sites.
+
+    Plain LoRA adapters may also adapt BERT's pooler (PEFT's ``all-linear`` reaches it; see
+    ``Architecture.pooler_linears``). Its input is one vector per row, so there is no router and no
+    gate: a row whose adapter has a delta here gets it, every other row passes through unchanged
+    (``force_gates`` concerns the gated sites only). Storage is an :class:`~cogalora.bank.AdapterBank`
+    per rank (scaling folded into ``B``); the rows of a mixed batch are gathered per bank, as at the
+    gated sites.
+    """
+
+    def __init__(self, base: nn.Linear, routing: RoutingState) -> None:
+        super().__init__()
+        self.base = base
+        self.routing = routing
+        self.banks = nn.ModuleList()
+        self.entries: dict[int, tuple[int, int]] = {}
+        """slot -> (bank, row) of the slots that have a delta here."""
+
+    def set_slot(self, slot: int, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
+        """Store ``slot``'s delta (shapes checked by the caller)."""
+        self.reset_slot(slot)
+        rank = lora_A.shape[0]
+        index = next((i for i, bank in enumerate(self.banks) if bank.rank == rank), None)
+        if index is None:
+            self.banks.append(_new_bank(self.base, rank, 1))
+            index = len(self.banks) - 1
+        bank = self.banks[index]
+        row = bank.allocate()
+        bank.write(row, lora_A.to(bank.lora_A), lora_B.to(bank.lora_B), scaling, None)
+        self.entries[slot] = (index, row)
+
+    def reset_slot(self, slot: int) -> None:
+        entry = self.entries.pop(slot, None)
+        if entry is not None:
+            self.banks[entry[0]].release(entry[1])
+
+    def read_slot(self, slot: int, scaling: float) -> tuple[Tensor, Tensor] | None:
+        """``(A, B)`` of ``slot`` with ``B`` unscaled, or None when it has no delta here."""
+        entry = self.entries.get(slot)
+        if entry is None:
+            return None
+        lora_A, lora_B, _ = self.banks[entry[0]].read(entry[1], scaling)
+        return lora_A, lora_B
+
+    def rank_of(self, slot: int) -> int:
+        entry = self.entries.get(slot)
+        return 0 if entry is None else self.banks[entry[0]].rank
+
+    @property
+    def integer(self) -> bool:
+        return isinstance(self.base, Int8Linear)
+
+    @torch.no_grad()
+    def use_integer_products(self) -> None:
+        """Serve with exact integer products (see :meth:`GatedLoraLinear.use_integer_products`)."""
+        if not self.integer:
+            self.base = Int8Linear(self.base)
+        for bank in self.banks:
+            bank.use_integer_products()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.integer:
+            return self._forward_exact(x)
+        out = self.base(x)
+        state = self.routing
+        if not state.active or not self.entries:
+            return out
+        if state.single_slot is not None:
+            entry = self.entries.get(state.single_slot)
+            if entry is not None:
+                bank = self.banks[entry[0]]
+                bank.add_delta(out.unsqueeze(1), x.unsqueeze(1), entry[1], bank.output_scale)
+            return out
+        members: dict[int, tuple[list[int], list[int]]] = {}
+        for position, slot in enumerate(state.slots):
+            entry = self.entries.get(slot)
+            if entry is not None:
+                positions, rows = members.setdefault(entry[0], ([], []))
+                positions.append(position)
+                rows.append(entry[1])
+        for index, (positions, rows) in members.items():
+            bank = self.banks[index]
+            where = torch.tensor(positions, device=x.device)
+            gathered = out.index_select(0, where).unsqueeze(1)
+            bank_rows = torch.tensor(rows, device=x.device)
+            bank.add_delta(gathered, x.index_select(0, where).unsqueeze(1), bank_rows, bank.output_scale)
+            out.index_copy_(0, where, gathered.squeeze(1))
+        return out
+
+    def _forward_exact(self, x: Tensor) -> Tensor:
+        """The forward with exact integer products: each row's delta in a product pair of its adapter."""
+        rows = quantize_rows(x)
+        out = self.base.forward_quantized(rows, x.shape[:-1])
+        state = self.routing
+        if not state.active or not self.entries:
+            return out
+        slots = [state.single_slot] * x.shape[0] if state.single_slot is not None else state.slots
+        members: dict[tuple[int, int], list[int]] = {}
+        for position, slot in enumerate(slots):
+            entry = self.entries.get(slot)
+            if entry is not None:
+                members.setdefault(entry, []).append(position)
+        for (index, row), positions in members.items():
+            if len(positions) == x.shape[0]:
+                self.banks[index].add_delta_exact(out, rows, row)
+                continue
+            where = torch.tensor(positions, device=x.device)
+            update = out.new_zeros(len(positions), out.shape[-1])
+            self.banks[index].add_delta_exact(update, rows.select_sequences(where, 1), row)
+            out.index_add_(0, where, update)
+        return out
+
+
+def _new_bank(base: nn.Linear | Int8Linear, rank: int, router_hidden: int, **kinds) -> AdapterBank:
+    """An empty bank for adapters of ``rank`` beside ``base``: on its device, in its precision."""
+    integer = isinstance(base, Int8Linear)
+    weights = (base.device, torch.float32) if integer else (base.weight.device, base.weight.dtype)
+    bank = AdapterBank(
+        base.in_features, base.out_features, rank, router_hidden, device=weights[0], dtype=weights[1], **kinds
+    )
+    if integer:
+        bank.use_integer_products()
+    return bank
 
 
 def _subset(bank_rows: int | Tensor, rows: Tensor) -> int | Tensor:

@@ -92,6 +92,34 @@ class AdapterConflictError(ServiceError):
     error_type = "adapter_conflict"
 
 
+class InvalidArchiveError(ServiceError):
+    """An uploaded adapter archive is unreadable, or holds something an adapter folder may not."""
+
+    status_code = 422
+    error_type = "invalid_archive"
+
+
+class AdapterSourceUnavailableError(ServiceError):
+    """An adapter source (a Hugging Face Hub id) cannot be reached and is not in the local cache."""
+
+    status_code = 422
+    error_type = "adapter_source_unavailable"
+
+
+class AdapterSourceNotFoundError(ServiceError):
+    """The hub answered: no such repository or revision (or no access to it)."""
+
+    status_code = 404
+    error_type = "adapter_source_not_found"
+
+
+class ModelDirReadOnlyError(ServiceError):
+    """The service cannot write to its model directory, so adapters cannot be added or removed at runtime."""
+
+    status_code = 403
+    error_type = "model_dir_read_only"
+
+
 class PayloadTooLargeError(ServiceError):
     status_code = 413
     error_type = "payload_too_large"

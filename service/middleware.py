@@ -31,6 +31,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 #: console's page and files stay open); /info and /console/stats name the adapters like /adapters;
 #: /replicas exists under Ray Serve only (service/ray_serve) and names loaded adapters too.
 PROTECTED_PREFIXES = ("/classify", "/adapters", "/info", "/models", "/v2/models", "/replicas", "/console/stats")
+#: Adapter uploads (``PUT /adapters/{name}``): their body limit is ``max_upload_bytes``, not ``max_body_bytes``.
+UPLOAD_PATH = re.compile(r"^/adapters/[^/]+$")
 #: Classification calls, whatever the protocol: counted in the request metrics (POST only).
 COUNTED_PATHS = re.compile(r"^/(classify|models/[^/]+(/predict)?|v2/models/[^/]+/infer)$")
 
@@ -125,7 +127,9 @@ class EdgeMiddleware:
 
     async def _buffer_body(self, scope: Scope, receive: Receive) -> tuple[Receive, Response | None]:
         """Read the whole body up to the limit (Content-Length first, then the streamed size)."""
-        limit = self.service.settings.max_body_bytes
+        settings = self.service.settings
+        upload = scope.get("method") == "PUT" and UPLOAD_PATH.match(scope.get("path", "")) is not None
+        limit = settings.max_upload_bytes if upload else settings.max_body_bytes
         too_large = service_error_response(PayloadTooLargeError(f"request body exceeds {limit} bytes"))
         declared = _header(scope, b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:

@@ -178,6 +178,21 @@ class AdaptersResponse(BaseModel):
     )
 
 
+class AdapterSource(BaseModel):
+    """``PUT /adapters/{name}`` with a JSON body: where to fetch the adapter folder from."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"source": "hf://org/sst2-lora", "revision": "main"}]},
+    )
+
+    source: str = Field(max_length=200, description="A Hugging Face Hub model repository: hf://org/name.")
+    revision: str | None = Field(
+        None, max_length=128, description="Branch, tag or commit to fetch (default main); a commit pins it."
+    )
+
+
 class StatusResponse(BaseModel):
     status: str
 
@@ -198,7 +213,7 @@ class ServerInfo(BaseModel):
 
 class UnloadResponse(BaseModel):
     name: str
-    status: Literal["unloaded"] = "unloaded"
+    status: Literal["unloaded", "deleted"] = "unloaded"
 
 
 class AdapterLiveStats(BaseModel):

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     max_client_batch: int = Field(64, ge=1, description="Most inputs in one request (413 beyond).")
     max_input_chars: int = Field(10_000, ge=1, description="Most characters in one input (413 beyond).")
     max_body_bytes: int = Field(1 << 20, ge=1, description="Largest request body (413 beyond).")
+    max_upload_bytes: int = Field(
+        64 << 20,
+        ge=1,
+        description="Largest adapter archive PUT /adapters/{name} accepts, and the most its files may unpack to "
+        "(413 beyond).",
+    )
     api_key: SecretStr | None = Field(None, description="When set, /classify and /adapters need it.")
     device: str = Field("cpu", description='Torch device; "auto" picks cuda when available.')
     dtype: Literal[PRECISION_CHOICES] = Field(
@@ -70,7 +76,7 @@ class Settings(BaseSettings):
     allow_empty_model_dir: bool = Field(
         False,
         description="Start even when the model directory holds no checkpoint yet (adapters added later with "
-        "POST /adapters/{name}); off: exit with an error.",
+        "PUT or POST /adapters/{name}); off: exit with an error.",
     )
     metrics_adapter_labels: str = Field(
         "all",
@@ -99,7 +105,6 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON objects.")
     log_level: str = Field("INFO", description="Root log level (DEBUG, INFO, WARNING, ...).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 responses.")
-
 
     @field_validator("metrics_adapter_labels")
     @classmethod
