@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, synthetic_checkpoint, tiny_text, torch_visible_flops
+from conftest import SHARED_DATA, peft_lora_folder, synthetic_checkpoint, tiny_text, torch_visible_flops
 from torch.utils.flop_counter import FlopCounterMode
 
-from cogalora import PACKAGED_MODEL_ID, load_base_model, load_model, read_adapter
+from cogalora import PACKAGED_MODEL_ID, load_base_model, load_model, read_adapter, resolve_base_model
 from service.engine import Engine, PreparedRow, length_chunks
 from service.errors import AdapterUnloadedError, InferenceError, InputTooLongError, UnknownAdapterError
 from service.repository import ModelRepository
@@ -130,11 +130,13 @@ def test_engine_matches_training_model_in_eval(minilm_engine: Engine, minilm_mod
 
 @pytest.fixture(scope="module")
 def mixed_minilm_dir(minilm_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The MiniLM repository (two CoGaLoRA adapters, a plain LoRA) plus a RAD-LoRA adapter."""
+    """The MiniLM repository (two CoGaLoRA adapters, a plain LoRA) plus a RAD-LoRA adapter and a PEFT
+    folder adapting every Linear (BERT's pooler included)."""
     root = tmp_path_factory.mktemp("mixed")
     for folder in minilm_model_dir.iterdir():
         shutil.copytree(folder, root / folder.name)
     synthetic_checkpoint(root / "rad", PACKAGED_MODEL_ID, ["negative", "positive"], method="radlora", seed=30)
+    peft_lora_folder(resolve_base_model(PACKAGED_MODEL_ID), root / "peft", r=4, target_modules="all-linear")
     return root
 
 
@@ -158,10 +160,10 @@ def test_batch_invariance_mixed_adapters_lengths_and_taus(mixed_minilm_dir: Path
     round in a batch-dependent order, so there only to 1e-5."""
     engine = Engine(scanned(mixed_minilm_dir, precision=precision), tune_malloc=False)
     texts = sentences(64)
-    adapters = ["sst2", "agnews", "plain", "rad"]
+    adapters = ["sst2", "agnews", "plain", "rad", "peft"]
     taus = [None, 0.3, 0.7]
     requests = [
-        ClassifyRequest(texts=[text], adapter=adapters[i % 4], threshold=taus[(i // 4) % 3])
+        ClassifyRequest(texts=[text], adapter=adapters[i % 5], threshold=taus[(i // 5) % 3])
         for i, text in enumerate(texts)
     ]
     alone = [engine.classify(request)[0] for request in requests]
