@@ -429,4 +429,3 @@ class ModelRepository:
             self._release_slot(adapter)
         self._reap_retired(name)
         logger.info("unloaded adapter %r", name)
-
