@@ -95,7 +95,16 @@ def _holds_checkpoints(folder: Path) -> bool:
 
 
 def load_failed(name: str, reason: str) -> AdapterLoadError:
-    return AdapterLoadError(f"adapter {name!r} failed to load: {reason}")
+    return AdapterLoadError(f"{_failed_prefix(name)}{reason}")
+
+
+def failure_reason(name: str, error: AdapterLoadError) -> str:
+    """The reason a load error of ``name`` gives (its message without the adapter's name)."""
+    return error.message.removeprefix(_failed_prefix(name))
+
+
+def _failed_prefix(name: str) -> str:
+    return f"adapter {name!r} failed to load: "
 
 
 class Catalogue:
@@ -108,12 +117,14 @@ class Catalogue:
         self._specs: dict[str, BaseSpec] = {}
         self._lock = threading.RLock()
 
-    def scan(self) -> dict[str, str]:
+    def scan(self, recover: bool = True) -> dict[str, str]:
         """(Re)read every checkpoint folder's metadata and weight headers; returns name -> why it is
         not servable. Folders without adapter files, and hidden ones (runtime installs in progress,
-        ``service.uploads``), are not checkpoints and are ignored."""
+        ``service.uploads``), are not checkpoints and are ignored. ``recover``: first finish or undo
+        installs a crash interrupted (only the process that writes installs may)."""
         check_model_dir(self.model_dir, allow_empty=True)
-        recover_interrupted(self.model_dir)
+        if recover:
+            recover_interrupted(self.model_dir)
         names = sorted(
             p.name for p in self.model_dir.iterdir() if not p.name.startswith(".") and looks_like_checkpoint(p)
         )
@@ -150,6 +161,8 @@ class Catalogue:
                 if name in self._failures:
                     raise load_failed(name, self._failures[name])
                 raise UnknownAdapterError.among(name, sorted(self._entries))
+            if entry.error is not None:
+                raise load_failed(name, entry.error)
             return entry
 
     def resolve(self, requested: str | None) -> str:
@@ -228,12 +241,16 @@ class Catalogue:
         if not isinstance(exc, CheckpointError | ValueError | OSError):
             logger.exception("unexpected error reading checkpoint %r", name)
         message = self.client_message(str(exc))
+        self.mark_failed(name, message)
+        return load_failed(name, message)
+
+    def mark_failed(self, name: str, reason: str) -> None:
+        """Record that ``name`` cannot be served, and why."""
         with self._lock:
-            self._failures[name] = message
+            self._failures[name] = reason
             entry = self._entries.get(name)
             if entry is not None:  # read fine, failed to load: its requests fail fast until reloaded
-                entry.error = message
-        return load_failed(name, message)
+                entry.error = reason
 
     def remove(self, name: str) -> bool:
         """Forget ``name`` (servable or not); whether it was known."""

@@ -199,9 +199,7 @@ class ModelRepository:
     def try_acquire(self, name: str) -> LoadedAdapter | None:
         """Pin ``name`` if it is in memory (never blocks on a load); None when it must be loaded."""
         with self._cond:
-            entry = self.catalogue.entry(name)
-            if entry.error is not None:
-                raise AdapterLoadError(entry.error)
+            self.catalogue.entry(name)  # raises for unknown names and for a folder whose last load failed
             adapter = self._loaded.get(name)
             if adapter is not None:
                 adapter.pins += 1

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         'bfloat16/float16 are half precision (not bitwise batch invariant). "auto": int8 on CPU and CUDA, '
         "else float32. Routers always decide in float32 (python -m benchmarks.precision measures the accuracy).",
     )
+    engine_process: bool = Field(
+        True,
+        description="Run the model in an engine process of its own, fed through a local socket: HTTP, JSON and "
+        "tokenization then never hold up a forward (false: one process, as each Ray Serve replica runs). A dead "
+        "engine process is restarted and the requests it held are sent to its successor.",
+    )
     torch_threads: int = Field(
         0,
         ge=0,

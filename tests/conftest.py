@@ -267,3 +267,32 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class Described:
+    """An engine whose answers come back named, as the HTTP layer names them (``service.results``):
+    ``classify`` and ``run_batch`` give wire ``RowResult`` objects instead of the engine's ``RowOutput``."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def classify(self, request):
+        from service.results import describe
+
+        adapter = self.engine.repository.acquire(request.adapter)
+        try:
+            rows = self.engine.tokenize(adapter, list(request.texts), request.truncate, request.threshold)
+        finally:
+            self.engine.repository.release(adapter)
+        outputs = self.engine.classify(request)
+        return [describe(row, output) for row, output in zip(rows, outputs, strict=True)]
+
+    def run_batch(self, rows):
+        from service.engine import EngineRun
+        from service.results import describe
+
+        outcome = self.engine.run_batch(rows)
+        return EngineRun([describe(row, out) for row, out in zip(rows, outcome.results, strict=True)], outcome.stats)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)

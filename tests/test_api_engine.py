@@ -13,7 +13,8 @@ from api_fakes import assert_envelope, running
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
-from service.lifecycle import build_engine, make_batcher
+from service.engine_client import EngineClient, LocalTransport
+from service.engine_core import EngineCore, build_engine, make_batcher
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -65,7 +66,8 @@ def app_on(loaded, minilm_model_dir, gated: GatedEngine | None = None, **overrid
     settings = Settings(model_dir=minilm_model_dir, **overrides)
 
     async def components(settings_, listener):
-        return repository, make_batcher(gated or engine, settings_, listener)
+        core = EngineCore(repository, make_batcher(gated or engine, settings_, listener))
+        return repository, EngineClient(settings_, repository.catalogue, LocalTransport(core))
 
     return create_app(settings, components=components)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, peft_lora_folder, synthetic_checkpoint, tiny_text, torch_visible_flops
+from conftest import SHARED_DATA, Described, peft_lora_folder, synthetic_checkpoint, tiny_text, torch_visible_flops
 from torch.utils.flop_counter import FlopCounterMode
 
 from cogalora import PACKAGED_MODEL_ID, load_base_model, load_model, read_adapter, resolve_base_model
@@ -54,7 +54,7 @@ def scanned(model_dir: Path, **options) -> ModelRepository:
 
 @pytest.fixture(scope="module")
 def minilm_engine(minilm_model_dir: Path) -> Engine:
-    return Engine(scanned(minilm_model_dir), tune_malloc=False)
+    return Described(Engine(scanned(minilm_model_dir), tune_malloc=False))
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def tiny_dir(tmp_path: Path, tiny_base_dir: Path) -> Path:
 
 @pytest.fixture
 def tiny_engine(tiny_dir: Path) -> Engine:
-    return Engine(scanned(tiny_dir), tune_malloc=False)
+    return Described(Engine(scanned(tiny_dir), tune_malloc=False))
 
 
 def prepare(engine: Engine, request: ClassifyRequest) -> list[PreparedRow]:
@@ -158,7 +158,7 @@ def test_batch_invariance_mixed_adapters_lengths_and_taus(mixed_minilm_dir: Path
     """A row's answer alone and inside batches of 1 to 64 rows of other adapters, methods, lengths and
     taus: bit for bit in int8 (exact integer products), on one and on two threads; float32 products
     round in a batch-dependent order, so there only to 1e-5."""
-    engine = Engine(scanned(mixed_minilm_dir, precision=precision), tune_malloc=False)
+    engine = Described(Engine(scanned(mixed_minilm_dir, precision=precision), tune_malloc=False))
     texts = sentences(64)
     adapters = ["sst2", "agnews", "plain", "rad", "peft"]
     taus = [None, 0.3, 0.7]
@@ -176,7 +176,7 @@ def test_batch_invariance_mixed_adapters_lengths_and_taus(mixed_minilm_dir: Path
         runs = [(1, True, (64, 33, 17, 5, 2)), (1, False, (64, 8)), (2, True, (64, 3))]
         for thread_count, split_by_length, sizes in runs:
             torch.set_num_threads(thread_count)
-            batched = Engine(engine.repository, split_by_length=split_by_length, tune_malloc=False)
+            batched = Described(Engine(engine.repository, split_by_length=split_by_length, tune_malloc=False))
             for size in sizes:
                 for start in range(0, 64, size):
                     outcome = batched.run_batch(rows[start : start + size])
@@ -202,8 +202,8 @@ def test_gathered_path_equals_the_one_adapter_path(tmp_path: Path, tiny_base_dir
     for index in range(adapters):
         synthetic_checkpoint(root / f"a{index:02d}", str(tiny_base_dir), labels[index % 3], seed=index)
     repository = scanned(root)
-    single = Engine(repository, tune_malloc=False)
-    gathered = Engine(repository, tune_malloc=False, always_gather=True)
+    single = Described(Engine(repository, tune_malloc=False))
+    gathered = Described(Engine(repository, tune_malloc=False, always_gather=True))
     rng = random.Random(adapters)
     requests = [
         ClassifyRequest(
@@ -231,8 +231,8 @@ def test_router_input_norm_is_per_adapter_in_mixed_batches(tmp_path: Path, tiny_
     synthetic_checkpoint(root / "plain", str(tiny_base_dir), ["neg", "pos"], seed=5)
     synthetic_checkpoint(root / "normed", str(tiny_base_dir), ["neg", "pos"], seed=5, router_input_norm="layer_norm")
     repository = scanned(root)
-    single = Engine(repository, tune_malloc=False)
-    gathered = Engine(repository, tune_malloc=False, always_gather=True)
+    single = Described(Engine(repository, tune_malloc=False))
+    gathered = Described(Engine(repository, tune_malloc=False, always_gather=True))
     texts = [tiny_text(length, seed=length) for length in (1, 3, 6, 9, 14, 20)]
     requests = [ClassifyRequest(texts=[text], adapter=name) for text in texts for name in ("plain", "normed")]
     alone = [single.classify(request)[0] for request in requests]
@@ -393,7 +393,7 @@ def test_two_encoders_in_one_batch(tmp_path: Path, tiny_dir: Path, tiny_base_dir
     other_base = tmp_path / "other-base"
     shutil.copytree(tiny_base_dir, other_base)
     synthetic_checkpoint(tiny_dir / "elsewhere", str(other_base), ["neg", "pos"], seed=3)
-    engine = Engine(scanned(tiny_dir), tune_malloc=False)
+    engine = Described(Engine(scanned(tiny_dir), tune_malloc=False))
     texts = ["good", "bad plot", "the movie"]
     rows = prepare(engine, ClassifyRequest(texts=texts[:2], adapter="two"))
     rows += prepare(engine, ClassifyRequest(texts=texts[2:], adapter="elsewhere"))
@@ -443,7 +443,7 @@ def rank_routed_engine(tmp_path: Path, tiny_base_dir: Path) -> Engine:
     root = tmp_path / "models"
     synthetic_checkpoint(root / "rad", str(tiny_base_dir), ["neg", "pos"], method="radlora", seed=3)
     synthetic_checkpoint(root / "two", str(tiny_base_dir), ["neg", "pos"], seed=0)
-    return Engine(scanned(root), tune_malloc=False)
+    return Described(Engine(scanned(root), tune_malloc=False))
 
 
 def test_rank_routed_engine_matches_the_training_model_and_reports_ranks(rank_routed_engine: Engine) -> None:
@@ -495,7 +495,7 @@ def test_every_committed_model_is_served_with_its_ranks() -> None:
     use less than the full rank of their active sites, every other method exactly the full rank."""
     committed = Path(__file__).resolve().parents[1] / "models"
     repository = scanned(committed)
-    engine = Engine(repository, tune_malloc=False)
+    engine = Described(Engine(repository, tune_malloc=False))
     texts = sentences(4)
     assert "sst2-radlora" in repository.names()
     for name in repository.names():
