@@ -67,7 +67,7 @@ def build_engine(
     return repository, engine
 
 
-def make_batcher(engine: Engine, settings: Settings, events: EngineEvents | None) -> Batcher:
+def make_batcher(engine: Engine, settings: Settings, listener: EngineEvents | None) -> Batcher:
     """The dynamic batcher over ``engine``, configured from the settings."""
     config = BatcherConfig(
         max_batch_size=settings.max_batch_size,
@@ -76,7 +76,7 @@ def make_batcher(engine: Engine, settings: Settings, events: EngineEvents | None
         max_queue=settings.max_queue,
         request_timeout_s=settings.request_timeout_s,
     )
-    return Batcher(engine, config, events)
+    return Batcher(engine, config, listener)
 
 
 def engine_threads(requested: int) -> int:

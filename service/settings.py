@@ -65,8 +65,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0,
         ge=0,
-        description="torch.set_num_threads; 0 = auto: every core but one, which is left to the HTTP event loop and "
-        "the tokenizer (on 2 cores, 1 thread served 12 % more requests/s than 2: docs/engine.md).",
+        description="Intra-op threads of the engine; 0 = auto: every core but one, which is left to the API process "
+        "(HTTP, JSON, tokenization). Rounded down to 1, 2, 3, 4, 6 or 12: with those counts element-wise kernels cut "
+        "the encoder's tensors at whole vectors, which int8's bitwise batch invariance relies on.",
     )
     max_loaded_adapters: int = Field(
         256, ge=1, description="Adapters kept in memory; beyond it the least recently used idle one is evicted."
