@@ -27,15 +27,40 @@ class AdapterRequiredError(ServiceError):
     status_code = 422
     error_type = "adapter_required"
 
+    @classmethod
+    def among(cls, available: int) -> AdapterRequiredError:
+        """No adapter named, and ``available`` (not exactly one) adapters to choose from."""
+        return cls(f"'adapter' is required: {available} adapters are available")
+
 
 class UnauthorizedError(ServiceError):
     status_code = 401
     error_type = "unauthorized"
 
 
+class ForbiddenError(ServiceError):
+    """A valid key (or none, where none is needed) that may not do this: admin routes, the catalogue."""
+
+    status_code = 403
+    error_type = "forbidden"
+
+
+class RateLimitedError(ServiceError):
+    """The key's requests or input rows per second are used up; ``retry_after`` says when they refill."""
+
+    status_code = 429
+    error_type = "rate_limited"
+
+
 class UnknownAdapterError(ServiceError):
     status_code = 404
     error_type = "unknown_adapter"
+
+    @classmethod
+    def named(cls, name: str) -> UnknownAdapterError:
+        """The one answer for an adapter a caller cannot use: absent, or outside its key's scope."""
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        return cls(f"unknown adapter {shown!r}")
 
 
 class AdapterUnloadedError(ServiceError):

@@ -218,7 +218,7 @@ class ModelRepository:
             if requested is None:
                 if len(self._catalogue) == 1:
                     return next(iter(self._catalogue))
-                raise AdapterRequiredError(f"'adapter' is required: {len(self._catalogue)} adapters are available")
+                raise AdapterRequiredError.among(len(self._catalogue))
             return self._entry(requested).name
 
     def info(self, name: str) -> AdapterInfo:
@@ -243,8 +243,7 @@ class ModelRepository:
     def _entry(self, name: str) -> _Entry:
         entry = self._catalogue.get(name)
         if entry is None:
-            shown = name if len(name) <= 64 else name[:64] + "..."
-            raise UnknownAdapterError(f"unknown adapter {shown!r}")
+            raise UnknownAdapterError.named(name)
         return entry
 
     def _add_to_catalogue(self, name: str) -> _Entry:

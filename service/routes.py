@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
 from fastapi.responses import Response
 
+from service.auth import AdminOnly, CatalogueReader, scoped
 from service.classification import classify_texts, service_of
 from service.metrics import CONTENT_TYPE
 from service.responses import documented_errors, error_response
@@ -43,7 +44,7 @@ AdapterName = Annotated[
     "/classify",
     response_model=ClassifyResponse,
     responses=documented_errors(401, 404, 413, 422, 429, 503, 504),
-    summary="Classify one text or a list of texts with an adapter.",
+    summary="Classify one text or a list of texts with an adapter the key may use.",
 )
 async def classify(body: ClassifyBody, request: Request) -> Response:
     answer = await classify_texts(
@@ -85,16 +86,18 @@ def readiness_response(request: Request, ready_body: str) -> Response:
 @router.get(
     "/adapters",
     response_model=AdaptersResponse,
-    responses=documented_errors(401, 503),
-    summary="Every servable adapter (loaded in memory or not), the memory bound and unservable folders.",
+    responses=documented_errors(401, 403, 429, 503),
+    dependencies=[CatalogueReader],
+    summary="Every servable adapter the key may use (loaded or not), the memory bound and unservable folders.",
 )
 async def adapters(request: Request) -> AdaptersResponse:
     repository, _ = service_of(request).require_ready()
+    visible = scoped(request, repository)
     return AdaptersResponse(
-        adapters=repository.adapters(),
-        loaded=len(repository.loaded_names()),
+        adapters=visible.adapters(),
+        loaded=len(visible.loaded_names()),
         max_loaded=repository.max_loaded,
-        unavailable=repository.failures,
+        unavailable=visible.failures(),
     )
 
 
@@ -102,7 +105,8 @@ async def adapters(request: Request) -> AdaptersResponse:
     "/adapters/{name}",
     status_code=201,
     response_model=AdapterInfo,
-    responses=documented_errors(401, 404, 409, 422, 503),
+    responses=documented_errors(401, 403, 404, 409, 422, 429, 503),
+    dependencies=[AdminOnly],
     summary="Admin: (re)read the checkpoint folder <model_dir>/<name> and load it now.",
 )
 async def load_adapter(name: AdapterName, request: Request) -> AdapterInfo:
@@ -118,7 +122,8 @@ async def load_adapter(name: AdapterName, request: Request) -> AdapterInfo:
 @router.delete(
     "/adapters/{name}",
     response_model=UnloadResponse,
-    responses=documented_errors(401, 404, 422, 503),
+    responses=documented_errors(401, 403, 404, 422, 429, 503),
+    dependencies=[AdminOnly],
     summary="Admin: unload an adapter until it is loaded again (requests still queued for it get 404).",
 )
 async def unload_adapter(name: AdapterName, request: Request) -> UnloadResponse:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -32,7 +32,27 @@ class Settings(BaseSettings):
     max_client_batch: int = Field(64, ge=1, description="Most inputs in one request (413 beyond).")
     max_input_chars: int = Field(10_000, ge=1, description="Most characters in one input (413 beyond).")
     max_body_bytes: int = Field(1 << 20, ge=1, description="Largest request body (413 beyond).")
-    api_key: SecretStr | None = Field(None, description="When set, /classify and /adapters need it.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="The inference key: when set, classification and catalogue routes need it (or a key of the key "
+        "file). It never opens the admin routes.",
+    )
+    admin_key: SecretStr | None = Field(
+        None,
+        description="Opens the routes that change what is served (load, unload); while neither it nor an admin entry "
+        "of the key file exists, they answer 403 to everyone. Must differ from api_key.",
+    )
+    key_file: Path | None = Field(
+        None,
+        description="Key file (TOML, or JSON by its .json suffix): key ids -> SHA-256 of the key, the adapters each "
+        "may use (fnmatch patterns), optional rates and admin flag (docs/security.md). Re-read when it changes "
+        "and on SIGHUP. Setting it makes classification and catalogue routes need a key.",
+    )
+    catalogue_access: Literal["scoped", "admin"] = Field(
+        "scoped",
+        description='Who may list adapters (GET /adapters, GET /replicas under Ray Serve): "scoped" = every caller, '
+        'each seeing only the adapters its key may use; "admin" = admin keys only (403 for others).',
+    )
     device: str = Field("cpu", description='Torch device; "auto" picks cuda when available.')
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(  # cogalora.precision.DTYPE_CHOICES
         "auto",
@@ -75,6 +95,14 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Root log level (DEBUG, INFO, WARNING, ...).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 responses.")
 
+    @model_validator(mode="after")
+    def _consistent_keys(self) -> Settings:
+        """The keys must make a valid key ring (readable key file, no key twice): fail at start, not later."""
+        from service.keys import KeyRing
+
+        KeyRing(self.api_key_value(), self.admin_key_value(), self.key_file)  # KeyFileError is a ValueError
+        return self
+
     @field_validator("metrics_adapter_labels")
     @classmethod
     def _known_label_mode(cls, value: str) -> str:
@@ -105,6 +133,12 @@ class Settings(BaseSettings):
 
     def api_key_value(self) -> str | None:
         """The configured API key, or None when the service is open (an empty key counts as unset)."""
-        if self.api_key is None:
-            return None
-        return self.api_key.get_secret_value() or None
+        return _secret(self.api_key)
+
+    def admin_key_value(self) -> str | None:
+        """The configured admin key, or None (an empty key counts as unset)."""
+        return _secret(self.admin_key)
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() or None if value is not None else None
