@@ -24,12 +24,12 @@ from fastapi import Depends, Request
 
 from service.errors import AdapterRequiredError, ForbiddenError, UnauthorizedError, UnknownAdapterError
 from service.keys import ANONYMOUS, KeyRing, Principal
+from service.logs import AUDIT_LOGGER
 from service.metrics import ServiceMetrics
 from service.ratelimit import RateLimiter
 from service.schemas import AdapterInfo
 from service.settings import Settings
 
-AUDIT_LOGGER = "cogalora.audit"
 audit_log = logging.getLogger(AUDIT_LOGGER)
 
 

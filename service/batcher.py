@@ -9,9 +9,9 @@ in one call on a tokenizer thread, then the rows are queued. A batch closes when
 The engine sorts each batch by length and cuts it into length chunks.
 
 Fair between clients (``ClassifyRequest.client``, the key id): each client has its own first-in,
-first-out queue, and a batch takes one row from each client in turn (the first client moves to the
-back after every batch), so a client with a thousand rows waiting delays another client's rows by
-at most a batch. When the queue is full, a new request of a client that holds less of it than the
+first-out queue, and batches take one row of each client in turn (the next batch goes on where the
+last one stopped), so a client with a thousand rows waiting does not delay another client's next row
+past the next batch. When the queue is full, a new request of a client that holds less of it than the
 client holding most would displace that client's newest waiting request (answered 503
 ``queue_full``), rather than being refused: longest queue drop. With one client this is plain first
 in, first out with a bounded queue. A request larger than a batch spans several.
@@ -378,14 +378,16 @@ class Batcher:
             pending.next_row += 1
             self._queued_rows -= 1
             self._forget_rows(pending.client, 1)
+        if taken:  # the next batch goes on with the client after the last one served
+            clients = list(self._queues)
+            for client in clients[: clients.index(taken[-1][0].client) + 1]:
+                self._queues.move_to_end(client)
         for client in list(self._queues):
             queue = self._queues[client]
             while queue and queue[0].next_row == len(queue[0].rows):
                 queue.popleft()
             if not queue:
                 del self._queues[client]
-        if self._queues:  # the next batch starts with the next client
-            self._queues.move_to_end(next(iter(self._queues)))
         return taken
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, taken: list[tuple[_Pending, int, PreparedRow]]) -> None:

@@ -43,9 +43,10 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from service.logs import AUDIT_LOGGER
 from service.ratelimit import RateLimits
 
-log = logging.getLogger("cogalora.audit")
+log = logging.getLogger(AUDIT_LOGGER)
 
 #: Key ids: what logs and metric labels show (bounded, printable).
 KEY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -278,9 +279,9 @@ def new_entry(key_id: str, adapters: list[str], admin: bool, rates: RateLimits, 
             fields[name] = getattr(rates, name)
     if rates.burst_seconds != 1.0:
         fields["burst_seconds"] = rates.burst_seconds
-    KeyFile.model_validate({"keys": {key_id: fields}})  # the same checks as loading the file
     if key_id in RESERVED_IDS:
         raise KeyFileError(f"the id {key_id!r} is reserved")
+    KeyFile.model_validate({"keys": {key_id: fields}})  # the same checks as loading the file
     if json_format:
         return key, f"{json.dumps(key_id)}: {json.dumps(fields)}"
     lines = [f"[keys.{key_id}]"] + [f"{name} = {json.dumps(value)}" for name, value in fields.items()]
