@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from processes import API_KEY, REPO, metric_sum, wait_until
+from processes import API_KEY, REPO, ServiceProcess, metric_sum, wait_until
 
 from benchmarks.loadtest import LoadTestConfig, percentile, run_load
 from service.keys import digest
@@ -354,3 +354,41 @@ def test_an_invalid_key_file_stops_the_start_with_a_clear_message(tmp_path):
     result = subprocess.run([sys.executable, "-m", "service"], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 2
     assert "keys.alice.sha256" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---- the same through Ray Serve ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_keyed(minilm_model_dir, tmp_path_factory):
+    """``python -m service.ray_serve --replicas 1`` with a key file of alice and bob only."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install -e '.[ray]' (the dev extra)")
+    directory = tmp_path_factory.mktemp("ray_keys")
+    key_file = directory / "keys.toml"
+    key_file.write_text(key_file_text("alice", "bob"), encoding="utf-8")
+    process = ServiceProcess(
+        minilm_model_dir,
+        directory / "ray_serve.log",
+        {"COGALORA_KEY_FILE": str(key_file), "COGALORA_PRELOAD_ADAPTERS": "0"},
+        command=[sys.executable, "-m", "service.ray_serve", "--replicas", "1", "--host", "127.0.0.1"],
+        name="ray_serve",
+    )
+    try:
+        process.wait_ready(timeout=300)
+        yield process
+    finally:
+        process.stop(timeout=90)
+
+
+def test_scopes_hold_through_ray_serve(ray_keyed):
+    assert_scoped(ray_keyed.url)
+    with httpx.Client(base_url=ray_keyed.url, timeout=60, trust_env=False) as client:
+        assert client.get("/replicas").status_code == 401
+        # The one replica holds sst2 and agnews (each key used its own above); each key sees only its own.
+        held = {}
+        for key_id in ("alice", "bob"):
+            (replica,) = client.get("/replicas", headers=auth(key_id)).json()["replicas"]
+            held[key_id] = set(replica["loaded"])
+        assert held == {"alice": {"sst2"}, "bob": {"agnews"}}
+        refused = client.delete("/adapters/sst2", headers=auth("alice"))
+        assert refused.status_code == 403 and refused.json()["error_type"] == "forbidden"
