@@ -46,6 +46,7 @@ class Access:
 
     def authenticate(self, key: str | None, key_needed: bool) -> Principal:
         """The principal of ``key``; ``anonymous`` without a valid one, unless ``key_needed`` and keys are on."""
+        self.keys.refresh()  # every request, so a changed key file is noticed whichever route is called
         principal = self.keys.identify(key) if key else None
         if principal is not None:
             return principal

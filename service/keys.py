@@ -121,6 +121,10 @@ class KeyFile(BaseModel):
     keys: dict[KeyId, KeyEntry] = Field(description="Key id -> entry.")
 
 
+def _message(error: dict) -> str:
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
 def digest(key: str) -> bytes:
     """The stored form of a key: its SHA-256."""
     return hashlib.sha256(key.encode("utf-8", "replace")).digest()
@@ -144,7 +148,7 @@ def read_key_file(path: Path) -> Entries:
         parsed = KeyFile.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(part) for part in err['loc']) or 'file'}: {err['msg']}" for err in exc.errors()[:5]
+            f"{'.'.join(str(part) for part in err['loc']) or 'file'}: {_message(err)}" for err in exc.errors()[:5]
         )
         raise KeyFileError(f"key file {path}: {problems}") from None
     entries: list[tuple[bytes, Principal]] = []
@@ -206,7 +210,7 @@ class KeyRing:
         return self.key_file is not None or any(p.key_id == API_KEY_ID for _, p in self._fixed)
 
     def principals(self) -> list[Principal]:
-        self._refresh()
+        self.refresh()
         return [principal for _, principal in self._entries]
 
     def has_admin(self) -> bool:
@@ -215,7 +219,7 @@ class KeyRing:
 
     def identify(self, key: str) -> Principal | None:
         """The principal of ``key``, or None. Every entry is compared, in constant time each."""
-        self._refresh()
+        self.refresh()
         offered = digest(key)
         found = None
         for known, principal in self._entries:
@@ -245,7 +249,8 @@ class KeyRing:
         self.on_reload(True)
         return True
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
+        """Reload the key file if it changed (looked at no more than once a second)."""
         if self.key_file is None or self._clock() < self._next_check:
             return
         self._next_check = self._clock() + CHECK_INTERVAL_S
@@ -284,8 +289,22 @@ def new_entry(key_id: str, adapters: list[str], admin: bool, rates: RateLimits, 
     KeyFile.model_validate({"keys": {key_id: fields}})  # the same checks as loading the file
     if json_format:
         return key, f"{json.dumps(key_id)}: {json.dumps(fields)}"
-    lines = [f"[keys.{key_id}]"] + [f"{name} = {json.dumps(value)}" for name, value in fields.items()]
+    lines = ["", f"[keys.{key_id}]"] + [f"{name} = {json.dumps(value)}" for name, value in fields.items()]
     return key, "\n".join(lines) + "\n"
+
+
+def describe(principal: Principal) -> str:
+    """One line about a key, without its hash: id, adapters, admin, rates."""
+    parts = [f"{principal.key_id}: adapters {' '.join(principal.adapters)}"]
+    if principal.admin:
+        parts.append("admin")
+    limits = principal.limits
+    if limits is not None:
+        for rate, unit in ((limits.requests_per_second, "requests/s"), (limits.rows_per_second, "rows/s")):
+            if rate is not None:
+                parts.append(f"{rate:g} {unit}")
+        parts.append(f"burst {limits.burst_seconds:g} s")
+    return ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,16 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check":
             for _, principal in read_key_file(args.path):
-                print(
-                    f"{principal.key_id}: adapters {list(principal.adapters)}"
-                    + (", admin" if principal.admin else "")
-                    + (f", limits {principal.limits}" if principal.limits else "")
-                )
+                print(describe(principal))
             return 0
         rates = RateLimits(args.requests_per_second, args.rows_per_second, args.burst_seconds)
         key, entry = new_entry(args.key_id, args.adapters, args.admin, rates, args.json)
     except (KeyFileError, ValidationError) as exc:
-        message = exc if isinstance(exc, KeyFileError) else "; ".join(err["msg"] for err in exc.errors())
+        message = exc if isinstance(exc, KeyFileError) else "; ".join(_message(err) for err in exc.errors())
         print(f"python -m service.keys: {message}", file=sys.stderr)
         return 2
     print(f"key for {args.key_id!r} (shown once; give it to its holder): {key}", file=sys.stderr)
