@@ -98,8 +98,8 @@ def require_admin(request: Request) -> Principal:
     principal = principal_of(request)
     route = request.scope.get("route")
     action = f"{request.method} {getattr(route, 'path', request.url.path)}"
-    target = ",".join(f"{name}={value}" for name, value in request.path_params.items())
-    request.scope["state"]["cogalora"]["audit"] = AuditRecord(principal.key_id, action, target[:200])
+    target = ",".join(f"{name}={_printable(str(value))}" for name, value in request.path_params.items())
+    request.scope["state"]["cogalora"]["audit"] = AuditRecord(principal.key_id, action, target)
     if not access_of(request).keys.has_admin():
         raise ForbiddenError(
             "admin routes are closed: no admin key is configured (set COGALORA_ADMIN_KEY, or admin = true "
@@ -110,6 +110,12 @@ def require_admin(request: Request) -> Principal:
     if not principal.admin:
         raise ForbiddenError(f"key {principal.key_id!r} may not change what is served; use an admin key")
     return principal
+
+
+def _printable(value: str, limit: int = 80) -> str:
+    """A client-sent value fit for a log line: bounded, one line (not yet validated when it is logged)."""
+    shown = "".join(char if char.isprintable() else "?" for char in value[:limit])
+    return shown + ("..." if len(value) > limit else "")
 
 
 def require_catalogue_reader(request: Request) -> Principal:
@@ -128,10 +134,11 @@ CatalogueReader = Depends(require_catalogue_reader)
 
 def write_audit_line(record: AuditRecord, status: int, request_id: str) -> None:
     outcome = "allowed" if status < 400 else ("refused" if status in (401, 403) else "failed")
+    target = f" {record.target}" if record.target else ""
     audit_log.info(
-        "admin %s %s by %s: %s %d",
+        "admin %s%s by %s: %s %d",
         record.action,
-        record.target,
+        target,
         record.who,
         outcome,
         status,

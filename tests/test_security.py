@@ -306,12 +306,14 @@ async def test_audit_lines_name_who_what_and_the_outcome_and_no_key(tmp_path, ca
         await client.post("/adapters/extra", headers=key(ALICE))
         await client.post("/adapters/extra", headers=key(OPS))
         await client.post("/adapters/nothere", headers=key(OPS))
+        await client.delete("/adapters/a%0Afake%20line", headers=key(BOB))  # a name that is no name
         await client.post("/classify", json={"inputs": "good", "adapter": "sst2"}, headers=key(ALICE))
     lines = [r for r in caplog.records if r.name == "cogalora.audit" and getattr(r, "audit", False)]
     assert [(r.who, r.action, r.target, r.outcome, r.status) for r in lines] == [
         ("alice", "POST /adapters/{name}", "name=extra", "refused", 403),
         ("ops", "POST /adapters/{name}", "name=extra", "allowed", 201),
         ("ops", "POST /adapters/{name}", "name=nothere", "failed", 404),
+        ("bob", "DELETE /adapters/{name}", "name=a?fake line", "refused", 403),
     ]
     assert all(r.request_id for r in lines)
     assert not any(secret in caplog.text for secret in (ALICE, OPS, digest(OPS).hex()))
