@@ -48,8 +48,8 @@ from service.ratelimit import RateLimits
 
 log = logging.getLogger(AUDIT_LOGGER)
 
-#: Key ids: what logs and metric labels show (bounded, printable).
-KEY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+#: Key ids: what logs and metric labels show (bounded, printable, and bare keys in TOML).
+KEY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 #: Ids of the keys that come from settings rather than the key file, and of requests without a key.
 API_KEY_ID, ADMIN_KEY_ID, ANONYMOUS_ID = "api_key", "admin_key", "anonymous"
 RESERVED_IDS = frozenset({API_KEY_ID, ADMIN_KEY_ID, ANONYMOUS_ID})

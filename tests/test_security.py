@@ -73,6 +73,7 @@ def test_toml_and_json_key_files_give_the_same_principals(tmp_path):
         ({"alice": entry("k", adapters=["*"], colour="red")}, "keys.alice.colour"),
         ({"alice": entry("k", adapters=["*"], requests_per_second=0)}, "keys.alice.requests_per_second"),
         ({"bad id!": entry("k", adapters=["*"])}, "bad id!"),
+        ({"a.b": entry("k", adapters=["*"])}, "a.b"),
         ({"admin_key": entry("k", adapters=["*"])}, "reserved"),
         ({"a": entry("same", adapters=["*"]), "b": entry("same", adapters=["x"])}, "the same key as keys.a"),
     ],
