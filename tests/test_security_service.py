@@ -16,7 +16,8 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -235,6 +236,9 @@ FLOOD_RATE = 40.0
 """Flooding key: requests per second of two inputs each, 10x its limit of 4 per second."""
 WINDOW_S = 3.0
 PAIRS = 3
+ATTEMPTS = 2
+"""The latency comparison is measured again once when the first measurement fails it (a burst of load from
+elsewhere on a shared machine); every other check holds on every measurement."""
 
 
 def flood_requests(service, page: str | None = None, code: str | None = None) -> float:
@@ -262,58 +266,79 @@ def flooding(service):
         flood.wait(30)
 
 
-class SteadyKey:
-    """The steady key's open-loop traffic, window by window: latencies and statuses kept per condition."""
+def steady_window(url: str) -> list[tuple[float, int | None]]:
+    """The steady key's open-loop traffic for one window: (latency, status) per request."""
+    config = LoadTestConfig(
+        url=url,
+        rate=STEADY_RATE,
+        arrival="constant",
+        duration=WINDOW_S,
+        adapter_mix=[("sst2", 1.0)],
+        api_key=KEYS["steady"],
+        timeout=30.0,
+        progress=False,
+    )
+    return [(record.latency, record.status) for record in asyncio.run(run_load(config))["_records"]]
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.latencies: dict[str, list[float]] = {"unloaded": [], "loaded": []}
-        self.statuses: Counter[int | None] = Counter()
 
-    def window(self, condition: str) -> None:
-        config = LoadTestConfig(
-            url=self.url,
-            rate=STEADY_RATE,
-            arrival="constant",
-            duration=WINDOW_S,
-            adapter_mix=[("sst2", 1.0)],
-            api_key=KEYS["steady"],
-            timeout=30.0,
-            progress=False,
+@dataclass
+class FloodMeasurement:
+    """Windows without and with the flood, alternating (so load from elsewhere falls on both alike)."""
+
+    unloaded: list[float] = field(default_factory=list)
+    loaded: list[float] = field(default_factory=list)
+    statuses: Counter[int | None] = field(default_factory=Counter)
+    flood_admitted: float = 0.0
+    flood_refused: float = 0.0
+
+    def p(self, condition: str, q: float) -> float:
+        return percentile(getattr(self, condition), q) * 1000
+
+    @property
+    def p99_ratio(self) -> float:
+        return self.p("loaded", 99) / self.p("unloaded", 99)
+
+    def summary(self) -> str:
+        return (
+            f"steady key without the flood: p50 {self.p('unloaded', 50):.1f} ms, p99 {self.p('unloaded', 99):.1f} ms "
+            f"({len(self.unloaded)} requests); with it: p50 {self.p('loaded', 50):.1f} ms, p99 "
+            f"{self.p('loaded', 99):.1f} ms ({len(self.loaded)}); p99 ratio {self.p99_ratio:.2f}. Flood: "
+            f"{self.flood_admitted:.0f} admitted, {self.flood_refused:.0f} refused with 429"
         )
-        records = asyncio.run(run_load(config))["_records"]
-        self.latencies[condition] += [record.latency for record in records]
-        self.statuses.update(record.status for record in records)
+
+
+def measure_flood(service) -> FloodMeasurement:
+    measured = FloodMeasurement()
+    before = service.metrics_text()
+    measured.statuses.update(status for _, status in steady_window(service.url))  # a warm-up: no latencies
+    for _ in range(PAIRS):
+        for condition in ("unloaded", "loaded"):
+            with flooding(service) if condition == "loaded" else nullcontext():
+                window = steady_window(service.url)
+            getattr(measured, condition).extend(latency for latency, _ in window)
+            measured.statuses.update(status for _, status in window)
+    after = service.metrics_text()
+    measured.flood_admitted = flood_requests(service, after, "200") - flood_requests(service, before, "200")
+    measured.flood_refused = flood_requests(service, after, "429") - flood_requests(service, before, "429")
+    return measured
 
 
 def test_a_flooding_key_does_not_slow_a_steady_key(keyed):
     """Key "flood" sends 40 requests/s of two inputs, 10x its rate of 4/s; key "steady" sends 20 requests/s.
 
-    Windows without and with the flood alternate (three of each), so load from other processes on a
-    shared machine falls on both alike. The steady key's p99 under the flood stays within 2x of its own
-    p99 without it, and it gets no 429, 503 or timeout.
+    The steady key gets no 429, 503 or timeout, and its p99 latency under the flood stays within 2x of
+    its own p99 without it (three alternating windows of each).
     """
-    before = keyed.metrics_text()
-    steady = SteadyKey(keyed.url)
-    for _ in range(PAIRS):
-        steady.window("unloaded")
-        with flooding(keyed):
-            steady.window("loaded")
-    after = keyed.metrics_text()
-    admitted = flood_requests(keyed, after, "200") - flood_requests(keyed, before, "200")
-    refused = flood_requests(keyed, after, "429") - flood_requests(keyed, before, "429")
-    unloaded, loaded = steady.latencies["unloaded"], steady.latencies["loaded"]
-    p50 = {name: percentile(values, 50) * 1000 for name, values in steady.latencies.items()}
-    p99 = {name: percentile(values, 99) * 1000 for name, values in steady.latencies.items()}
-    print(
-        f"\nsteady key without the flood: p50 {p50['unloaded']:.1f} ms, p99 {p99['unloaded']:.1f} ms "
-        f"({len(unloaded)} requests); with it: p50 {p50['loaded']:.1f} ms, p99 {p99['loaded']:.1f} ms "
-        f"({len(loaded)}); p99 ratio {p99['loaded'] / p99['unloaded']:.2f}. "
-        f"Flood: {admitted:.0f} admitted, {refused:.0f} refused with 429"
-    )
-    assert steady.statuses == {200: len(unloaded) + len(loaded)}, steady.statuses
-    assert refused > 4 * admitted > 0, "the flood ran at about 10x its rate, mostly refused"
-    assert p99["loaded"] <= 2 * p99["unloaded"]
+    attempts: list[FloodMeasurement] = []
+    while len(attempts) < ATTEMPTS:
+        measured = measure_flood(keyed)
+        attempts.append(measured)
+        print("\n" + measured.summary())
+        assert set(measured.statuses) == {200}, measured.statuses  # no 429, 503, 504 or lost request
+        assert measured.flood_refused > 4 * measured.flood_admitted > 0, "about 10x its rate, mostly refused"
+        if measured.p99_ratio <= 2:
+            break
+    assert attempts[-1].p99_ratio <= 2, [attempt.summary() for attempt in attempts]
 
 
 # ---- key file reloads ----------------------------------------------------------------------------
