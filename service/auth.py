@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, Request
 
@@ -29,6 +30,9 @@ from service.metrics import ServiceMetrics
 from service.ratelimit import RateLimiter
 from service.schemas import AdapterInfo
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.lifecycle import Repository
 
 audit_log = logging.getLogger(AUDIT_LOGGER)
 
@@ -160,7 +164,7 @@ def write_audit_line(record: AuditRecord, status: int, request_id: str) -> None:
 class ScopedCatalogue:
     """The repository as one principal sees it: adapters outside its scope do not exist."""
 
-    def __init__(self, repository, principal: Principal) -> None:
+    def __init__(self, repository: Repository, principal: Principal) -> None:
         self.repository = repository
         self.principal = principal
 
@@ -190,6 +194,6 @@ class ScopedCatalogue:
         return {name: why for name, why in self.repository.failures.items() if self.principal.may_use(name)}
 
 
-def scoped(request: Request, repository) -> ScopedCatalogue:
+def scoped(request: Request, repository: Repository) -> ScopedCatalogue:
     """``repository`` as the sender of ``request`` may see it."""
     return ScopedCatalogue(repository, principal_of(request))
