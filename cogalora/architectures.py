@@ -27,6 +27,11 @@ class Architecture:
     peft_modules_to_save: tuple[str, ...]
     """How PEFT names the head in ``modules_to_save`` for this family."""
 
+    pooler_linears: tuple[str, ...] = ()
+    """Regexes on the module path of Linear layers between the encoder layers and the head (BERT's
+    pooler). They are not sites (no router, no gate, one vector per row), but plain LoRA adapters may
+    adapt them: PEFT's ``all-linear`` and a ``"dense"`` target both reach BERT's pooler."""
+
 
 _BERT_LIKE = Architecture(
     kinds={
@@ -39,6 +44,7 @@ _BERT_LIKE = Architecture(
     },
     head_linears=("classifier",),
     peft_modules_to_save=("classifier",),
+    pooler_linears=(r"(^|\.)pooler\.dense$",),
 )
 
 _ROBERTA_LIKE = Architecture(
@@ -85,7 +91,7 @@ class Site:
 
     @property
     def name(self) -> str:
-        return f"layer.{self.layer}.{self.kind}"
+        return site_name(self.layer, self.kind)
 
     @property
     def input_group(self) -> str:
@@ -95,6 +101,11 @@ class Site:
         return self.name
 
 
+def site_name(layer: int, kind: str) -> str:
+    """The name of a site, e.g. ``layer.0.attention.query`` (checkpoints, results and metrics use it)."""
+    return f"layer.{layer}.{kind}"
+
+
 def architecture_of(model: nn.Module) -> Architecture:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ARCHITECTURES:
@@ -102,6 +113,16 @@ def architecture_of(model: nn.Module) -> Architecture:
             f"model type {model_type!r} is not supported by CoGaLoRA; supported model types: {sorted(ARCHITECTURES)}"
         )
     return ARCHITECTURES[model_type]
+
+
+def find_pooler_linears(model: nn.Module) -> list[str]:
+    """Module paths of the Linear layers matching the architecture's ``pooler_linears``."""
+    patterns = [re.compile(pattern) for pattern in architecture_of(model).pooler_linears]
+    return [
+        path
+        for path, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(pattern.search(path) for pattern in patterns)
+    ]
 
 
 def find_sites(model: nn.Module, kinds: tuple[str, ...]) -> list[Site]:

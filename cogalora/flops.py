@@ -49,6 +49,9 @@ class FlopModel:
     adapter_per_example: tuple[int, ...] = ()
     """per site: FLOPs an active adapter spends once per example (HyperLoRA's scale generator,
     ``2 d_in r``); empty when no site has any."""
+    pooler_adapter_per_example: int = 0
+    """FLOPs of the adapter's always-on LoRA at the pooler (``2 r (d_in + d_out)`` per example; plain LoRA
+    adapters trained on every Linear), counted as adapter work that no gate saves."""
 
     @classmethod
     def for_slot(cls, model: CoGaLoRAModel, slot: int = 0) -> FlopModel:
@@ -81,6 +84,10 @@ class FlopModel:
                 if site.input_group not in pooled_groups:
                     pooled_groups.add(site.input_group)
                     pooling += 2 * site.in_features
+        pooler = sum(
+            2 * layer.rank_of(slot) * (layer.base.in_features + layer.base.out_features)
+            for layer in model.pooler_layers.values()
+        )
         return cls(
             linear_per_token=per_token,
             # QK^T and attention-weighted V: 2 * T * T * hidden each, per layer.
@@ -91,6 +98,7 @@ class FlopModel:
             pooling_per_token=pooling,
             router_per_example=router,
             adapter_per_example=tuple(per_example_adapter) if any(per_example_adapter) else (),
+            pooler_adapter_per_example=pooler,
         )
 
     def request(
@@ -110,7 +118,8 @@ class FlopModel:
                 flops * rank for flops, rank, on in zip(self.adapter_per_token_rank, ranks, gates, strict=True) if on
             )
         all_on = tokens * sum(self.adapter_per_token)
-        adapter = tokens * active
+        adapter = tokens * active + self.pooler_adapter_per_example
+        all_on += self.pooler_adapter_per_example
         if self.adapter_per_example:
             all_on += sum(self.adapter_per_example)
             adapter += sum(flops for flops, on in zip(self.adapter_per_example, gates, strict=True) if on)

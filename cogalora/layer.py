@@ -311,6 +311,85 @@ class SlotHead(nn.Module):
         return torch.baddbmm(self.bias.index_select(0, rows).unsqueeze(2), weight, x.unsqueeze(2)).squeeze(2)
 
 
+class SlotLoraLinear(nn.Module):
+    """``W0 x + B A x * scaling`` for the adapter of each row, at a Linear outside the gated sites.
+
+    Plain LoRA adapters may also adapt BERT's pooler (PEFT's ``all-linear`` reaches it; see
+    ``Architecture.pooler_linears``). Its input is one vector per row, so there is no router and no
+    gate: a row whose adapter has a delta here gets it, every other row passes through unchanged
+    (``force_gates`` concerns the gated sites only). Storage is an :class:`~cogalora.bank.AdapterBank`
+    per rank (scaling folded into ``B``); the rows of a mixed batch are gathered per bank, as at the
+    gated sites.
+    """
+
+    def __init__(self, base: nn.Linear, routing: RoutingState) -> None:
+        super().__init__()
+        self.base = base
+        self.routing = routing
+        self.banks = nn.ModuleList()
+        self.entries: dict[int, tuple[int, int]] = {}
+        """slot -> (bank, row) of the slots that have a delta here."""
+
+    def set_slot(self, slot: int, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
+        """Store ``slot``'s delta (shapes checked by the caller)."""
+        self.reset_slot(slot)
+        rank = lora_A.shape[0]
+        index = next((i for i, bank in enumerate(self.banks) if bank.rank == rank), None)
+        if index is None:
+            weight = self.base.weight
+            features = (self.base.in_features, self.base.out_features)
+            self.banks.append(AdapterBank(*features, rank, 1, device=weight.device, dtype=weight.dtype))
+            index = len(self.banks) - 1
+        bank = self.banks[index]
+        row = bank.allocate()
+        bank.write(row, lora_A.to(bank.lora_A), lora_B.to(bank.lora_B), scaling, None)
+        self.entries[slot] = (index, row)
+
+    def reset_slot(self, slot: int) -> None:
+        entry = self.entries.pop(slot, None)
+        if entry is not None:
+            self.banks[entry[0]].release(entry[1])
+
+    def read_slot(self, slot: int, scaling: float) -> tuple[Tensor, Tensor] | None:
+        """``(A, B)`` of ``slot`` with ``B`` unscaled, or None when it has no delta here."""
+        entry = self.entries.get(slot)
+        if entry is None:
+            return None
+        lora_A, lora_B, _ = self.banks[entry[0]].read(entry[1], scaling)
+        return lora_A, lora_B
+
+    def rank_of(self, slot: int) -> int:
+        entry = self.entries.get(slot)
+        return 0 if entry is None else self.banks[entry[0]].rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        state = self.routing
+        if not state.active or not self.entries:
+            return out
+        if state.single_slot is not None:
+            entry = self.entries.get(state.single_slot)
+            if entry is not None:
+                bank = self.banks[entry[0]]
+                bank.add_delta(out.unsqueeze(1), x.unsqueeze(1), entry[1], bank.output_scale)
+            return out
+        members: dict[int, tuple[list[int], list[int]]] = {}
+        for position, slot in enumerate(state.slots):
+            entry = self.entries.get(slot)
+            if entry is not None:
+                positions, rows = members.setdefault(entry[0], ([], []))
+                positions.append(position)
+                rows.append(entry[1])
+        for index, (positions, rows) in members.items():
+            bank = self.banks[index]
+            where = torch.tensor(positions, device=x.device)
+            gathered = out.index_select(0, where).unsqueeze(1)
+            bank_rows = torch.tensor(rows, device=x.device)
+            bank.add_delta(gathered, x.index_select(0, where).unsqueeze(1), bank_rows, bank.output_scale)
+            out.index_copy_(0, where, gathered.squeeze(1))
+        return out
+
+
 def _subset(bank_rows: int | Tensor, rows: Tensor) -> int | Tensor:
     """The bank rows of the batch rows ``rows`` (one shared bank row stays an int)."""
     return bank_rows if isinstance(bank_rows, int) else bank_rows.index_select(0, rows)

@@ -15,10 +15,10 @@ from functools import cached_property
 import torch
 from torch import Tensor, nn
 
-from cogalora.architectures import Site, architecture_of, find_sites
+from cogalora.architectures import Site, architecture_of, find_pooler_linears, find_sites
 from cogalora.attention import LengthGroups, install_length_grouped_attention
 from cogalora.config import CoGaLoRAConfig
-from cogalora.layer import GatedLoraLinear, SlotHead
+from cogalora.layer import GatedLoraLinear, SlotHead, SlotLoraLinear
 from cogalora.routing import ForceGates, RoutingState
 from cogalora.slots import SlotEntry, SlotTable
 from cogalora.weights import AdapterWeights
@@ -69,6 +69,12 @@ class CoGaLoRAModel(nn.Module):
             self.gated_layers[site.module_path] = layer
         self.layers: list[GatedLoraLinear] = list(self.gated_layers.values())
         """Gated layers in site order (``layers[i].site.index == i``)."""
+        self.pooler_layers: dict[str, SlotLoraLinear] = {}
+        """Always-on LoRA over the pooler's Linear layers (plain LoRA adapters only; not sites)."""
+        for path in find_pooler_linears(base_model) if config.has_adapters else []:
+            layer = SlotLoraLinear(base_model.get_submodule(path), self.routing)
+            _replace_module(base_model, path, layer)
+            self.pooler_layers[path] = layer
         self.head_layers: dict[str, SlotHead] = {}
         # The heads as the base model was loaded: prepare_for_training starts from them. A plain dict,
         # not submodules: they are templates, never part of a forward.
@@ -82,7 +88,8 @@ class CoGaLoRAModel(nn.Module):
             self.head_layers[path] = head
             self._head_templates[path] = template
         self.slot_labels: dict[int, list[str]] = {}
-        self.slot_scaling: dict[int, float] = {}
+        self.slot_scaling: dict[int, tuple[float, dict[str, float]]] = {}
+        """slot -> (its scaling, its per-site exceptions): how to unfold ``B`` when reading it back."""
 
     # ---- properties -----------------------------------------------------------------------
 
@@ -152,7 +159,7 @@ class CoGaLoRAModel(nn.Module):
             head.weight.requires_grad_(True)
             head.bias.requires_grad_(True)
         self.slot_labels[0] = list(labels)
-        self.slot_scaling[0] = config.scaling
+        self.slot_scaling[0] = (config.scaling, {})
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [param for param in self.parameters() if param.requires_grad]
@@ -164,14 +171,17 @@ class CoGaLoRAModel(nn.Module):
 
         Shapes are checked before anything is written, so a failure leaves the slot unchanged.
         """
-        unknown = sorted(set(weights.lora) - set(self.gated_layers))
+        unknown = sorted(set(weights.lora) - set(self.gated_layers) - set(self.pooler_layers))
         if unknown:
             raise ValueError(f"{source}: adapter modules {unknown[:3]} are not adapter sites of this base model")
+        pooled = sorted(set(weights.lora) & set(self.pooler_layers))
+        if pooled and weights.routers:
+            raise ValueError(f"{source}: the pooler {pooled} can carry plain LoRA only, not a routed adapter")
         missing_heads = sorted(set(self.head_layers) - set(weights.head))
         if missing_heads:
             raise ValueError(f"{source}: head weights missing for {missing_heads}")
         for path, (lora_A, lora_B) in weights.lora.items():
-            layer = self.gated_layers[path]
+            layer = self.gated_layers.get(path) or self.pooler_layers[path]
             rank = lora_A.shape[0]
             expected_a, expected_b = (rank, layer.base.in_features), (layer.base.out_features, rank)
             if tuple(lora_A.shape) != expected_a or tuple(lora_B.shape) != expected_b:
@@ -192,8 +202,10 @@ class CoGaLoRAModel(nn.Module):
             bank_index = layer.bank_for(lora_A.shape[0], hidden, rank_set=rank_set, generated_scales=scaled)
             bank = layer.banks[bank_index]
             row = bank.allocate()
-            bank.write(row, lora_A.to(bank.lora_A), lora_B.to(bank.lora_B), weights.scaling, router)
+            bank.write(row, lora_A.to(bank.lora_A), lora_B.to(bank.lora_B), weights.scaling_at(path), router)
             self.slot_table.set(slot, layer.site.index, SlotEntry(bank_index, row, router is not None))
+        for path in pooled:
+            self.pooler_layers[path].set_slot(slot, *weights.lora[path], weights.scaling_at(path))
         try:
             for path, head in self.head_layers.items():
                 weight, bias = weights.head[path]
@@ -202,7 +214,7 @@ class CoGaLoRAModel(nn.Module):
             self.reset_adapter(slot)
             raise
         self.slot_labels[slot] = list(labels)
-        self.slot_scaling[slot] = weights.scaling
+        self.slot_scaling[slot] = (weights.scaling, dict(weights.site_scaling))
 
     def reset_adapter(self, slot: int) -> None:
         """Remove the adapter in ``slot`` (its bank rows are reused by later loads)."""
@@ -210,6 +222,8 @@ class CoGaLoRAModel(nn.Module):
             self._drop(layer, slot)
         for head in self.head_layers.values():
             head.reset_slot(slot)
+        for pooler in self.pooler_layers.values():
+            pooler.reset_slot(slot)
         self.slot_labels.pop(slot, None)
         self.slot_scaling.pop(slot, None)
 
@@ -221,8 +235,8 @@ class CoGaLoRAModel(nn.Module):
 
     def adapter_weights(self, slot: int = 0) -> AdapterWeights:
         """The adapter in ``slot`` as a checkpoint stores it: own rank, present sites, ``B`` unscaled."""
-        scaling = self.slot_scaling.get(slot, self.config.scaling)
-        weights = AdapterWeights(scaling=scaling)
+        scaling, site_scaling = self.slot_scaling.get(slot, (self.config.scaling, {}))
+        weights = AdapterWeights(scaling=scaling, site_scaling=dict(site_scaling))
         for layer, entry in zip(self.layers, self.slot_table.entries(slot), strict=True):
             if entry is None:
                 continue
@@ -231,10 +245,14 @@ class CoGaLoRAModel(nn.Module):
                 weights.rank_set = bank.rank_set
             if bank.generated_scales and entry.routed:
                 weights.generated_scales = True
-            lora_A, lora_B, router = bank.read(entry.row, scaling)
+            lora_A, lora_B, router = bank.read(entry.row, weights.scaling_at(layer.site.module_path))
             weights.lora[layer.site.module_path] = (lora_A, lora_B)
             if router is not None:
                 weights.routers[layer.site.module_path] = router
+        for path, pooler in self.pooler_layers.items():
+            delta = pooler.read_slot(slot, weights.scaling_at(path))
+            if delta is not None:
+                weights.lora[path] = delta
         for path, head in self.head_layers.items():
             weights.head[path] = head.get_slot(slot)
         return weights

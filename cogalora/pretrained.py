@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from cogalora.base_model import load_base_model, load_tokenizer
+from cogalora.base_model import load_base_model, load_tokenizer, resolve_base_model
 from cogalora.checkpoint import (
     FULL_MODEL_FILE,
     CheckpointError,
@@ -16,7 +16,7 @@ from cogalora.checkpoint import (
     read_full_weights,
     read_meta,
 )
-from cogalora.config import CoGaLoRAConfig
+from cogalora.config import ALL_MODULE_KINDS, CoGaLoRAConfig
 from cogalora.model import CoGaLoRAModel
 
 
@@ -74,3 +74,27 @@ def load_model(
     model.requires_grad_(False)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=load_tokenizer(meta.base_model), meta=meta)
+
+
+def verify_adapter(directory: str | Path) -> CheckpointMeta:
+    """Everything a serving load does short of the base model's weights; raises :class:`CheckpointError`.
+
+    Every tensor is read, then the adapter is put into a slot of a weightless (``meta`` device) copy of
+    its base model, built as the service builds its shared encoders (every site kind): what passes
+    here loads into the service.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    directory = Path(directory)
+    meta, weights = read_adapter(directory)
+    config = CoGaLoRAConfig(
+        method="cogalora", target_modules=ALL_MODULE_KINDS, head_modules=tuple(meta.head_modules) or None
+    )
+    try:
+        base_config = AutoConfig.from_pretrained(resolve_base_model(meta.base_model), trust_remote_code=False)
+        with torch.device("meta"):
+            base = AutoModelForSequenceClassification.from_config(base_config, trust_remote_code=False)
+        CoGaLoRAModel(base, config).set_adapter(0, weights, meta.labels, source=directory.name)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(str(exc)) from None
+    return meta

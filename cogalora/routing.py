@@ -76,6 +76,8 @@ class RoutingState:
         self.routes: list[tuple[BankRoute, ...]] = [()] * self.table.num_sites
         self.single_slot: int | None = None
         """The slot of every row, when the batch uses one adapter."""
+        self.slots: Sequence[int] = ()
+        """The slot of each row (host list), as the forward was given them."""
         self.row_slots: Tensor | None = None
         self.training = False
         self._present: Tensor | None = None
@@ -114,6 +116,7 @@ class RoutingState:
         # gives the masked mean, and padding contributes exact zeros (batch invariance).
         self._mean_weights = (mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)).unsqueeze(1)
         self._batch_size = len(slots)
+        self.slots = slots
         self.training = training
         thresholds = torch.tensor([tau_logit(float(tau)) for tau in taus], dtype=torch.float32, device=device)
         distinct = set(slots)

@@ -32,6 +32,10 @@ class AdapterWeights:
     """
 
     scaling: float
+    """``alpha / r``: what ``B A x`` is multiplied by, at every site not listed in ``site_scaling``."""
+    site_scaling: dict[str, float] = field(default_factory=dict)
+    """module path -> its own scaling, where it differs from ``scaling`` (PEFT's ``rank_pattern`` /
+    ``alpha_pattern`` give sites their own rank or alpha; rsLoRA scales by ``alpha / sqrt(r)``)."""
     rank_set: tuple[int, ...] | None = None
     """RAD-LoRA: the ranks its routers choose from (every router then has ``rank_w``/``rank_b``)."""
     generated_scales: bool = False
@@ -42,3 +46,7 @@ class AdapterWeights:
     """module path -> router; empty for plain LoRA and (folded) GaLoRA"""
     head: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     """head Linear path -> (weight, bias)"""
+
+    def scaling_at(self, path: str) -> float:
+        """The scaling of the adapter at module ``path``."""
+        return self.site_scaling.get(path, self.scaling)

@@ -3,7 +3,8 @@
 #   bash scripts/setup.sh          runtime only (serve, train, evaluate)
 #   bash scripts/setup.sh --dev    + test tools, and the Debian packages the integration tests run
 #                                  (prometheus, docker-compose; docker.io and debootstrap for the
-#                                  image test, which builds its base images locally)
+#                                  image test, which builds its base images locally; chromium and
+#                                  chromium-driver for the console's browser test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,8 @@ if [ "$dev" = 1 ] && command -v apt-get >/dev/null 2>&1; then
   command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
   command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
   command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
   if [ "${#missing[@]}" -gt 0 ]; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"

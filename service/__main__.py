@@ -1,63 +1,31 @@
-"""``python -m service [--host H] [--port P] [--model-dir D]``: run the server (one uvicorn worker)."""
+"""``python -m service [--host H] [--port P] [--model-dir D] [--SETTING VALUE ...]``: run the server.
+
+One uvicorn worker. Exit status: 2 for a configuration problem found before serving (one line on
+stderr names it and the fix), 1 when loading the models fails after the server started (the
+reason on stderr), and that of SIGTERM/SIGINT after a graceful drain. ``--help`` lists every
+setting; ``--print-settings`` prints the effective ones.
+"""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from types import FrameType
 
 import uvicorn
-from pydantic import ValidationError
 
-from cogalora.precision import DTYPE_CHOICES
+from service.about import VERSION
 from service.app import create_app
+from service.cli import PROG, StartupError, check_startup, describe_settings, read_configuration
 from service.lifecycle import Service
 from service.logs import configure_logging
-from service.settings import DEFAULT_MODEL_DIR, Settings
 
 log = logging.getLogger("cogalora.service")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m service",
-        description=(
-            "Serve CoGaLoRA text classifiers over HTTP. Every setting also comes from a COGALORA_* "
-            "environment variable (see docs/service.md); a flag given here overrides its variable."
-        ),
-    )
-    parser.add_argument("--host", default=None, help="Interface to listen on. Env: COGALORA_HOST (default 0.0.0.0).")
-    parser.add_argument(
-        "--port", type=int, default=None, help="TCP port to listen on. Env: COGALORA_PORT (default 8000)."
-    )
-    parser.add_argument(
-        "--model-dir",
-        default=None,
-        help=(
-            "Model repository: one checkpoint folder per adapter (scanned at start, loaded on demand). "
-            f"Env: COGALORA_MODEL_DIR (default {DEFAULT_MODEL_DIR})."
-        ),
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=list(DTYPE_CHOICES),
-        default=None,
-        help="Encoder precision; auto = the fastest the device runs natively (bfloat16 on CPUs with avx512_bf16). "
-        "Env: COGALORA_DTYPE (default auto).",
-    )
-    parser.add_argument(
-        "--max-loaded-adapters",
-        type=int,
-        default=None,
-        help="Adapters kept in memory; the least recently used idle one is evicted beyond it, and adapters "
-        "load on their first request. Env: COGALORA_MAX_LOADED_ADAPTERS (default 256).",
-    )
-    return parser.parse_args(argv)
-
-
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, but a SIGTERM/SIGINT first marks the service as draining (/ready -> 503)."""
+    """uvicorn's server, but a SIGTERM/SIGINT first marks the service as draining (/ready -> 503),
+    and a failed model load stops it (the process must not stay up looking alive)."""
 
     def __init__(self, config: uvicorn.Config, service: Service) -> None:
         super().__init__(config)
@@ -67,28 +35,26 @@ class DrainingServer(uvicorn.Server):
         self.service.begin_drain()
         super().handle_exit(sig, frame)
 
+    async def on_tick(self, counter: int) -> bool:
+        if self.service.failure is not None:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    overrides = {
-        key: value
-        for key, value in {
-            "host": args.host,
-            "port": args.port,
-            "model_dir": args.model_dir,
-            "dtype": args.dtype,
-            "max_loaded_adapters": args.max_loaded_adapters,
-        }.items()
-        if value is not None
-    }
     try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in exc.errors())
-        print(f"python -m service: invalid setting ({problems})", file=sys.stderr)
+        configuration = read_configuration(argv)
+        if configuration.print_settings:
+            print(describe_settings(configuration))
+            return 0
+        settings = configuration.settings
+        check_startup(settings)
+    except StartupError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
     app = create_app(settings)
+    service: Service = app.state.service
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -101,9 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     log.info(
         "starting",
-        extra={"host": settings.host, "port": settings.port, "model_dir": str(settings.model_dir)},
+        extra={"version": VERSION, "host": settings.host, "port": settings.port, "model_dir": str(settings.model_dir)},
     )
-    DrainingServer(config, app.state.service).run()
+    DrainingServer(config, service).run()
+    if service.failure is not None:
+        print(f"{PROG}: error: {service.failure}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,8 +3,10 @@
 Where things live: request/response schemas in ``schemas.py``, routes in ``routes.py``, the TEI and
 Open Inference routes in ``protocols/`` (all three share ``classification.py``), the raw ASGI edge
 (request ids, keys and rates, body limit, access and audit logs, request metrics) in ``middleware.py``, who
-may do what (keys, scopes, the admin check) in ``auth.py``, the error
-envelope in ``responses.py``, start-up and draining in ``lifecycle.py``.
+may do what (keys, scopes, the admin check) in ``auth.py``, the error envelope in ``responses.py``,
+start-up and draining in ``lifecycle.py``, the web console in ``console.py``.
+The documentation pages (``/docs``, ``/redoc``) load their scripts from this server, never from a CDN, so they
+work offline.
 """
 
 from __future__ import annotations
@@ -14,10 +16,17 @@ import contextlib
 import signal
 import threading
 from contextlib import asynccontextmanager
+from pathlib import Path
 
-from fastapi import FastAPI
+import fastapi_offline
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
+from service.about import VERSION
 from service.auth import Access
+from service.console import install_console
 from service.lifecycle import ComponentFactory, Service, build_components
 from service.middleware import EdgeMiddleware
 from service.protocols import oip, tei
@@ -48,16 +57,54 @@ def create_app(settings: Settings | None = None, components: ComponentFactory | 
 
     app = FastAPI(
         title="CoGaLoRA Serve",
-        version="0.2.0",
+        version=VERSION,
         summary="Text classification with conditionally gated LoRA adapters.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = service
     app.state.access = access
     install_error_handlers(app)
+    install_docs(app)
     app.add_middleware(EdgeMiddleware, service=service, access=access)
     app.include_router(router)
     app.include_router(tei.router)
     app.include_router(oip.router)
     app.include_router(oip.infer_router)
+    if settings.console:
+        install_console(app)
     return app
+
+
+#: Swagger UI (Apache-2.0) and ReDoc (MIT) as the fastapi-offline package ships them.
+DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
+DOCS_ASSETS_URL = "/docs/assets"
+
+
+def install_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc`` with their scripts, styles and icon served from ``/docs/assets``."""
+    app.mount(DOCS_ASSETS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS_URL}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from the public validator
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS_URL}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
+            with_google_fonts=False,
+        )

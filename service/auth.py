@@ -18,8 +18,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Depends, Request
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from service.lifecycle import Repository
 
 audit_log = logging.getLogger(AUDIT_LOGGER)
+T = TypeVar("T")
 
 
 class Access:
@@ -162,27 +164,27 @@ def write_audit_line(record: AuditRecord, status: int, request_id: str) -> None:
 
 
 class ScopedCatalogue:
-    """The repository as one principal sees it: adapters outside its scope do not exist."""
+    """The repository as one principal sees it: adapters outside its scope do not exist, and errors name
+    only adapters in scope."""
 
     def __init__(self, repository: Repository, principal: Principal) -> None:
         self.repository = repository
         self.principal = principal
 
+    def names(self) -> list[str]:
+        return [name for name in self.repository.names() if self.principal.may_use(name)]
+
     def resolve(self, requested: str | None) -> str:
         """The adapter a request means: the one named, or the only one in scope (errors as the repository's)."""
         if requested is None:
-            visible = [name for name in self.repository.names() if self.principal.may_use(name)]
+            visible = self.names()
             if len(visible) == 1:
                 return visible[0]
-            raise AdapterRequiredError.among(len(visible))
-        if not self.principal.may_use(requested):
-            raise UnknownAdapterError.named(requested)
-        return self.repository.resolve(requested)
+            raise AdapterRequiredError.among(visible)
+        return self._in_scope(requested, self.repository.resolve)
 
     def info(self, name: str) -> AdapterInfo:
-        if not self.principal.may_use(name):
-            raise UnknownAdapterError.named(name)
-        return self.repository.info(name)
+        return self._in_scope(name, self.repository.info)
 
     def adapters(self) -> list[AdapterInfo]:
         return [info for info in self.repository.adapters() if self.principal.may_use(info.name)]
@@ -192,6 +194,18 @@ class ScopedCatalogue:
 
     def failures(self) -> dict[str, str]:
         return {name: why for name, why in self.repository.failures.items() if self.principal.may_use(name)}
+
+    def unknown(self, name: str) -> UnknownAdapterError:
+        """The answer for an adapter this principal cannot use: the one a missing adapter gets."""
+        return UnknownAdapterError.among(name, self.names())
+
+    def _in_scope(self, name: str, read: Callable[[str], T]) -> T:
+        if self.principal.may_use(name):
+            try:
+                return read(name)
+            except UnknownAdapterError:
+                pass  # the repository's message offers every adapter: answer with the principal's own
+        raise self.unknown(name)
 
 
 def scoped(request: Request, repository: Repository) -> ScopedCatalogue:

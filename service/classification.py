@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from service.auth import access_of, principal_of, scoped
+from service.errors import UnknownAdapterError
 from service.lifecycle import Service
 from service.schemas import RowResult, check_texts
 from service.types import ClassifyRequest
@@ -56,11 +57,15 @@ async def classify_texts(
     check_texts(texts, settings.max_client_batch, settings.max_input_chars)
     repository, batcher = service.require_ready()
     principal = principal_of(request)
-    name = scoped(request, repository).resolve(adapter)
+    visible = scoped(request, repository)
+    name = visible.resolve(adapter)
     info["adapter"] = name
     access_of(request).admit_rows(principal, len(texts))
     job = ClassifyRequest(texts=texts, adapter=name, threshold=threshold, truncate=truncate, client=principal.key_id)
-    results = await batcher.submit(job)
+    try:
+        results = await batcher.submit(job)
+    except UnknownAdapterError:  # removed since it was resolved: answered within the key's scope too
+        raise visible.unknown(name) from None
     queue_s, inference_s = service.metrics.observe_results(name, results)
     if principal.keyed:
         service.metrics.key_inputs.labels(principal.key_id).inc(len(results))

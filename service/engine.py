@@ -390,6 +390,7 @@ def _row_result(
         total_adapters=adapter.total_adapters,
         active_modules=active,
         active_rank=sum(ranks),
+        active_ranks=[rank for rank, on in zip(ranks, gates, strict=True) if on],
         tokens=row.tokens,
         input_tokens=row.input_tokens,
         truncated=row.input_tokens > row.tokens,

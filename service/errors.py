@@ -7,6 +7,20 @@ for the client: they never contain server paths or request text.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
+
+#: Adapter names an error message lists at most ("a, b, c, d, e and 12 more").
+NAMES_SHOWN = 5
+#: Past this many adapters, an unknown name gets no "did you mean" (it would cost the event loop).
+SUGGESTION_CANDIDATES = 2000
+
+
+def some_names(names: Sequence[str], limit: int = NAMES_SHOWN) -> str:
+    """The first ``limit`` names, comma-separated, and how many more there are."""
+    shown = ", ".join(names[:limit])
+    return f"{shown} and {len(names) - limit} more" if len(names) > limit else shown
+
 
 class ServiceError(Exception):
     status_code: int = 500
@@ -28,9 +42,14 @@ class AdapterRequiredError(ServiceError):
     error_type = "adapter_required"
 
     @classmethod
-    def among(cls, available: int) -> AdapterRequiredError:
-        """No adapter named, and ``available`` (not exactly one) adapters to choose from."""
-        return cls(f"'adapter' is required: {available} adapters are available")
+    def among(cls, available: Sequence[str]) -> AdapterRequiredError:
+        """No adapter named, and not exactly one to choose from (``available``: the caller's to see)."""
+        if not available:
+            return cls(
+                "no adapter is being served: /adapters lists the folders that cannot be, and an admin adds one "
+                "with POST /adapters/{name}"
+            )
+        return cls(f"'adapter' is required: {len(available)} adapters are available ({some_names(available)})")
 
 
 class UnauthorizedError(ServiceError):
@@ -57,10 +76,21 @@ class UnknownAdapterError(ServiceError):
     error_type = "unknown_adapter"
 
     @classmethod
-    def named(cls, name: str) -> UnknownAdapterError:
-        """The one answer for an adapter a caller cannot use: absent, or outside its key's scope."""
+    def among(cls, name: str, available: Sequence[str]) -> UnknownAdapterError:
+        """The error for ``name``, with the closest available name and the first few (``name`` bounded).
+
+        ``available`` is what the caller may see: an adapter outside a key's scope gets exactly the answer
+        of a missing one, and the names offered are the key's own."""
         shown = name if len(name) <= 64 else name[:64] + "..."
-        return cls(f"unknown adapter {shown!r}")
+        if not available:
+            return cls(f"unknown adapter {shown!r}: no adapter is available")
+        close = (
+            difflib.get_close_matches(name[:64], available, n=1, cutoff=0.6)
+            if len(available) <= SUGGESTION_CANDIDATES
+            else []
+        )
+        guess = f" did you mean {close[0]!r}?" if close else ""
+        return cls(f"unknown adapter {shown!r};{guess} available: {some_names(available)}")
 
 
 class AdapterUnloadedError(ServiceError):
@@ -87,6 +117,34 @@ class AdapterCapacityError(ServiceError):
 class AdapterConflictError(ServiceError):
     status_code = 409
     error_type = "adapter_conflict"
+
+
+class InvalidArchiveError(ServiceError):
+    """An uploaded adapter archive is unreadable, or holds something an adapter folder may not."""
+
+    status_code = 422
+    error_type = "invalid_archive"
+
+
+class AdapterSourceUnavailableError(ServiceError):
+    """An adapter source (a Hugging Face Hub id) cannot be reached and is not in the local cache."""
+
+    status_code = 422
+    error_type = "adapter_source_unavailable"
+
+
+class AdapterSourceNotFoundError(ServiceError):
+    """The hub answered: no such repository or revision (or no access to it)."""
+
+    status_code = 404
+    error_type = "adapter_source_not_found"
+
+
+class ModelDirReadOnlyError(ServiceError):
+    """The service cannot write to its model directory, so adapters cannot be added or removed at runtime."""
+
+    status_code = 403
+    error_type = "model_dir_read_only"
 
 
 class PayloadTooLargeError(ServiceError):

@@ -2,7 +2,10 @@
 
 ``/health`` answers at once; ``/ready`` turns 200 once the repository is scanned, its base encoders
 are loaded, the preloaded adapters are in memory and the engine is warmed up; a drain (SIGTERM)
-turns it back to 503 while accepted requests finish.
+turns it back to 503 while accepted requests finish. Checkpoint folders that cannot be served are
+logged one warning each and do not hold readiness back, unless ``require_all_adapters`` is set:
+then they fail the start like any loading error, and ``failure`` says why (``python -m service``
+exits with it).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
-from service.errors import NotReadyError, ShuttingDownError
+from service.about import runtime
+from service.errors import NotReadyError, ShuttingDownError, some_names
 from service.metrics import AdapterLabels, ServiceMetrics
 from service.schemas import AdapterInfo, RowResult
 from service.settings import Settings
@@ -34,7 +38,7 @@ class Repository(Protocol):
     def adapters(self) -> list[AdapterInfo]: ...
     def info(self, name: str) -> AdapterInfo: ...
     def loaded_names(self) -> list[str]: ...
-    def load(self, name: str) -> AdapterInfo: ...
+    def load(self, name: str, replace: bool = False) -> AdapterInfo: ...
     def unload(self, name: str) -> None: ...
 
 
@@ -103,6 +107,8 @@ class Service:
         self.repository: Repository | None = None
         self.batcher: BatcherLike | None = None
         self.state: Literal["loading", "ready", "failed", "draining"] = "loading"
+        self.failure: str | None = None
+        """Why loading failed, for the operator (server paths included)."""
         self.ready_event = asyncio.Event()
         self.admin_lock = asyncio.Lock()
         """Serializes admin loads and unloads."""
@@ -124,22 +130,34 @@ class Service:
         started = time.perf_counter()
         try:
             repository, batcher = await self.components(self.settings, self.metrics)
-            await batcher.start()
-        except Exception:
+            unavailable = repository.failures
+            if unavailable and self.settings.require_all_adapters:
+                reasons = [f"{name}: {unavailable[name]}" for name in sorted(unavailable)]
+                self.failure = (
+                    f"{len(unavailable)} checkpoint folder(s) cannot be served ({some_names(reasons, limit=3)}): "
+                    "fix or remove them, or unset COGALORA_REQUIRE_ALL_ADAPTERS to serve the others"
+                )
+            else:
+                await batcher.start()
+        except Exception as exc:
             log.exception("loading the model repository failed")
+            self.failure = f"loading the model repository failed: {str(exc) or type(exc).__name__}"
+        if self.failure is not None:
             self.state = "failed"
             self.ready_event.set()
             return
         self.repository, self.batcher = repository, batcher
         if self.state == "loading":
             self.state = "ready"
-        if repository.failures:
-            log.warning("some checkpoints cannot be served", extra={"unavailable": sorted(repository.failures)})
+        names = repository.names()
         log.info(
             "ready",
             extra={
-                "adapters": len(repository.names()),
+                **runtime(self.settings),
+                "adapters": len(names),
+                "adapter_names": some_names(names),
                 "loaded": repository.loaded_names(),
+                "unavailable": sorted(unavailable),
                 "load_seconds": round(time.perf_counter() - started, 3),
             },
         )

@@ -59,9 +59,10 @@ class AdapterLabels:
         self.top = 0
         self.listed: frozenset[str] = frozenset()
         if mode.startswith("top:"):
-            self.top = int(mode[4:])
+            count = mode[4:].strip()
+            self.top = int(count) if count.isdigit() else 0
             if self.top < 1:
-                raise ValueError(f"metrics adapter labels: top:N needs N >= 1, got {mode!r}")
+                raise ValueError(f"top:N needs a whole number N >= 1 (e.g. top:20), got {mode!r}")
         elif mode != "all":
             self.listed = frozenset(name.strip() for name in mode.split(",") if name.strip())
             if not self.listed:

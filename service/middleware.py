@@ -29,9 +29,12 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 #: Routes that need a key when keys are configured, and count against a key's request rate (probes,
-#: server metadata and /metrics stay open); /replicas exists under Ray Serve only (service/ray_serve)
-#: and names loaded adapters like /adapters.
-PROTECTED_PREFIXES = ("/classify", "/adapters", "/models", "/v2/models", "/replicas")
+#: server metadata, /metrics and the console's page and files stay open); /info and /console/stats name
+#: the adapters like /adapters; /replicas exists under Ray Serve only (service/ray_serve) and names
+#: loaded adapters too.
+PROTECTED_PREFIXES = ("/classify", "/adapters", "/info", "/models", "/v2/models", "/replicas", "/console/stats")
+#: Adapter uploads (``PUT /adapters/{name}``): their body limit is ``max_upload_bytes``, not ``max_body_bytes``.
+UPLOAD_PATH = re.compile(r"^/adapters/[^/]+$")
 #: Classification calls, whatever the protocol: counted in the request metrics (POST only).
 COUNTED_PATHS = re.compile(r"^/(classify|models/[^/]+(/predict)?|v2/models/[^/]+/infer)$")
 
@@ -45,6 +48,17 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 def _is_protected(path: str) -> bool:
     return any(path == prefix or path.startswith(prefix + "/") for prefix in PROTECTED_PREFIXES)
+
+
+def _is_upload(scope: Scope) -> bool:
+    return scope.get("method") == "PUT" and UPLOAD_PATH.match(scope.get("path", "")) is not None
+
+
+def _unread_upload(scope: Scope, info: dict[str, Any]) -> bool:
+    """An upload from a caller who is no admin: its route's admin check refuses it before reading the body,
+    so the edge does not buffer up to ``max_upload_bytes`` of it either."""
+    principal = info.get("principal")
+    return _is_upload(scope) and not (principal is not None and principal.admin)
 
 
 def _offered_key(scope: Scope) -> str | None:
@@ -88,7 +102,7 @@ class EdgeMiddleware:
             self.service.metrics.inflight.inc()
         try:
             rejection = self._admit(scope, info)
-            if rejection is None:
+            if rejection is None and not _unread_upload(scope, info):
                 receive, rejection = await self._buffer_body(scope, receive)
             if rejection is not None:
                 await rejection(scope, receive, send_with_id)
@@ -135,7 +149,8 @@ class EdgeMiddleware:
 
     async def _buffer_body(self, scope: Scope, receive: Receive) -> tuple[Receive, Response | None]:
         """Read the whole body up to the limit (Content-Length first, then the streamed size)."""
-        limit = self.service.settings.max_body_bytes
+        settings = self.service.settings
+        limit = settings.max_upload_bytes if _is_upload(scope) else settings.max_body_bytes
         too_large = service_error_response(PayloadTooLargeError(f"request body exceeds {limit} bytes"))
         declared = _header(scope, b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:

@@ -10,8 +10,13 @@ one shared encoder per base model.
 - Adapters on the same base model live in slots of one :class:`~cogalora.CoGaLoRAModel`; each holds
   only its own LoRA matrices, routers and head. Slot changes take the encoder's lock, which the
   engine also holds for a forward, so a forward never sees a slot change half-way.
-- Every load gets a fresh ``generation``: a row prepared for an adapter that an admin unloaded or
-  reloaded meanwhile is detected by the engine and answered with ``AdapterUnloadedError``.
+- Every load gets a fresh ``generation``: a row prepared for an adapter that an admin unloaded
+  meanwhile is detected by the engine and answered with ``AdapterUnloadedError``. A replaced adapter
+  (``load(name, replace=True)``) is different: its new weights go into a fresh slot, and rows pinned
+  to the old load finish on the old weights, whose slot is freed once no request holds it.
+- A checkpoint folder is one with ``cogalora.json`` or a plain PEFT LoRA folder (``adapter_config.json``,
+  read by ``cogalora.peft_folder``); a folder with adapter files that is neither is listed as
+  unavailable with the reason, never skipped silently.
 
 Thread-safe: the event loop pins loaded adapters directly (:meth:`try_acquire`, never blocks on a
 load); worker threads do the loading.
@@ -46,7 +51,8 @@ from cogalora import (
     read_meta,
     resolve_base_model,
 )
-from cogalora.checkpoint import CONFIG_FILE
+from cogalora.architectures import site_name
+from cogalora.checkpoint import CONFIG_FILE, PEFT_CONFIG_FILE, looks_like_checkpoint
 from service.errors import (
     AdapterCapacityError,
     AdapterConflictError,
@@ -56,6 +62,7 @@ from service.errors import (
     UnknownAdapterError,
 )
 from service.schemas import ADAPTER_NAME_PATTERN, AdapterInfo
+from service.uploads import recover_interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +72,43 @@ _NAME = re.compile(ADAPTER_NAME_PATTERN)
 DEFAULT_MAX_LOADED = 256
 UNSERVED_METHODS: tuple[str, ...] = ("hyperlora",)
 """Methods the training side produces for study only: the catalogue refuses them with a clear error."""
+
+
+def check_model_dir(model_dir: Path, allow_empty: bool = False) -> None:
+    """Raise ``ValueError`` (``FileNotFoundError`` when absent) unless ``model_dir`` is a folder of checkpoint
+    folders; the message names the problem and the fix. ``allow_empty``: a folder with none yet is fine."""
+    flag = "--model-dir (or COGALORA_MODEL_DIR)"
+    if not model_dir.exists():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist: point {flag} at a folder of checkpoints")
+    if not model_dir.is_dir():
+        raise ValueError(f"model directory {model_dir} is a file: point {flag} at a folder of checkpoint folders")
+    if looks_like_checkpoint(model_dir):
+        parent = model_dir.resolve().parent
+        raise ValueError(
+            f"model directory {model_dir} is one checkpoint, not a folder of checkpoints: serve its parent "
+            f"(--model-dir {parent}, adapter {model_dir.resolve().name!r}), or copy it into a folder of its own "
+            f"(mkdir repo && cp -r {model_dir} repo/)"
+        )
+    if allow_empty or any(looks_like_checkpoint(folder) for folder in model_dir.iterdir()):
+        return
+    problem = (
+        f"model directory {model_dir} holds no checkpoint folder "
+        f"(a folder with {CONFIG_FILE}, or a PEFT adapter's {PEFT_CONFIG_FILE})"
+    )
+    nested = sorted(folder for folder in model_dir.iterdir() if folder.is_dir() and _holds_checkpoints(folder))
+    if nested:
+        raise ValueError(f"{problem}, but {nested[0]} does: use --model-dir {nested[0]}")
+    raise ValueError(
+        f"{problem}: train one with `python -m training train` or put a PEFT adapter folder in it, or set "
+        "COGALORA_ALLOW_EMPTY_MODEL_DIR=true to start empty and add adapters with PUT /adapters/{name}"
+    )
+
+
+def _holds_checkpoints(folder: Path) -> bool:
+    try:
+        return any(looks_like_checkpoint(child) for child in folder.iterdir())
+    except OSError:
+        return False
 
 
 class RepositoryListener(Protocol):
@@ -173,6 +217,8 @@ class ModelRepository:
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()
         """Least recently used first."""
         self._loading: set[str] = set()
+        self._retired: list[LoadedAdapter] = []
+        """Replaced loads still pinned by requests admitted before the swap (their slots are freed later)."""
         self._encoders: dict[str, SharedEncoder] = {}
         self._specs: dict[str, _BaseSpec] = {}
         self._cond = threading.Condition(threading.RLock())
@@ -182,15 +228,18 @@ class ModelRepository:
 
     def scan(self) -> dict[str, str]:
         """(Re)read every checkpoint folder's metadata and weight headers; returns name -> why it is
-        not servable. Folders without ``cogalora.json`` are not checkpoints and are ignored."""
-        if not self.model_dir.is_dir():
-            raise FileNotFoundError(f"model directory {self.model_dir} does not exist or is not a directory")
-        names = sorted(p.name for p in self.model_dir.iterdir() if (p / CONFIG_FILE).is_file())
+        not servable. Folders without adapter files, and hidden ones (runtime installs in progress,
+        ``service.uploads``), are not checkpoints and are ignored."""
+        check_model_dir(self.model_dir, allow_empty=True)
+        recover_interrupted(self.model_dir)
+        names = sorted(
+            p.name for p in self.model_dir.iterdir() if not p.name.startswith(".") and looks_like_checkpoint(p)
+        )
         for name in names:
             try:
                 self._add_to_catalogue(name)
             except (AdapterLoadError, InvalidRequestError) as exc:
-                logger.warning("skipping checkpoint %r: %s", name, exc.message)
+                logger.warning("%s (not served)", exc.message)
         with self._cond:
             return dict(self._failures)
 
@@ -218,7 +267,7 @@ class ModelRepository:
             if requested is None:
                 if len(self._catalogue) == 1:
                     return next(iter(self._catalogue))
-                raise AdapterRequiredError.among(len(self._catalogue))
+                raise AdapterRequiredError.among(sorted(self._catalogue))
             return self._entry(requested).name
 
     def info(self, name: str) -> AdapterInfo:
@@ -243,30 +292,40 @@ class ModelRepository:
     def _entry(self, name: str) -> _Entry:
         entry = self._catalogue.get(name)
         if entry is None:
-            raise UnknownAdapterError.named(name)
+            if name in self._failures:
+                raise _load_failed(name, self._failures[name])
+            raise UnknownAdapterError.among(name, sorted(self._catalogue))
         return entry
+
+    def validate(self, directory: Path) -> tuple[CheckpointMeta, _BaseSpec]:
+        """What a scan checks of one folder (metadata, weight headers, servable method, base model);
+        raises ``CheckpointError`` (or what a library raised) naming the file and the field."""
+        meta = read_meta(directory)
+        config_file = f"{directory.name}/{CONFIG_FILE}"
+        if meta.method == "full":
+            raise CheckpointError(
+                f"{config_file}: field 'method': a full fine-tune ('full') carries its own encoder "
+                "weights and cannot share a base model; serve a lora, galora or cogalora checkpoint instead"
+            )
+        if meta.method in UNSERVED_METHODS:
+            raise CheckpointError(
+                f"{config_file}: field 'method': {meta.method!r} is a training-side study method "
+                "(the generated-scale hypernetwork variant) that this service does not serve; "
+                "evaluate it with `python -m training evaluate`, or serve a lora, galora, cogalora or "
+                "radlora checkpoint"
+            )
+        read_adapter(directory, data=False)
+        return meta, self._spec(meta)
 
     def _add_to_catalogue(self, name: str) -> _Entry:
         directory = self._folder(name)
         try:
-            meta = read_meta(directory)
-            if meta.method == "full":
-                raise CheckpointError(
-                    f"{name}/{CONFIG_FILE}: field 'method': a full fine-tune ('full') carries its own encoder "
-                    "weights and cannot share a base model; serve a lora, galora or cogalora checkpoint instead"
-                )
-            if meta.method in UNSERVED_METHODS:
-                raise CheckpointError(
-                    f"{name}/{CONFIG_FILE}: field 'method': {meta.method!r} is a training-side study method "
-                    "(issue 12's generated-scale hypernetwork variant) that this service does not serve; "
-                    "evaluate it with `python -m training evaluate`, or serve a lora, galora, cogalora or "
-                    "radlora checkpoint"
-                )
-            read_adapter(directory, data=False)
-            spec = self._spec(meta)
+            meta, spec = self.validate(directory)
         except Exception as exc:  # any failure of one folder is that folder's problem, never the server's
             raise self._failed(name, exc) from exc
-        kinds = [kind for kind in meta.target_modules if kind in ALL_MODULE_KINDS]
+        kinds = [kind for kind in ALL_MODULE_KINDS if kind in meta.target_modules]  # the encoder's site order
+        sites = [site_name(layer, kind) for layer in range(spec.num_layers) for kind in kinds]
+        present = set(meta.sites or sites)
         info = AdapterInfo(
             name=name,
             base_model=meta.base_model,
@@ -274,7 +333,11 @@ class ModelRepository:
             labels=list(meta.labels),
             tau=meta.tau,
             max_length=min(meta.max_length, spec.max_positions),
-            total_adapters=len(kinds) * spec.num_layers,
+            total_adapters=len(sites),
+            sites=sites,
+            dropped_sites=[name for name in sites if name not in present],
+            rank=meta.rank,
+            rank_set=meta.rank_set if meta.method == "radlora" else None,
             loaded=False,
             metrics=dict(meta.metrics),
         )
@@ -290,7 +353,7 @@ class ModelRepository:
         message = self._client_message(str(exc))
         with self._cond:
             self._failures[name] = message
-        return AdapterLoadError(f"checkpoint {name!r} cannot be loaded: {message}")
+        return _load_failed(name, message)
 
     def _folder(self, name: str) -> Path:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -303,7 +366,7 @@ class ModelRepository:
         directory = (self.model_dir / name).resolve()
         if directory.parent != root:
             raise InvalidRequestError(f"adapter {name!r} resolves outside the model directory")
-        if not (directory / CONFIG_FILE).is_file():
+        if not looks_like_checkpoint(directory):
             raise UnknownAdapterError(f"no checkpoint named {name!r} in the model directory")
         return directory
 
@@ -374,6 +437,7 @@ class ModelRepository:
             self._release_slot(victim)
             if self.listener is not None:
                 self.listener.on_adapter_evicted(victim.name)
+        self._reap_retired()
         try:
             adapter = self._load(entry)
         except Exception as exc:
@@ -399,8 +463,17 @@ class ModelRepository:
                 self._cond.notify_all()
 
     def is_current(self, adapter: LoadedAdapter) -> bool:
-        """Whether ``adapter`` is still loaded as the same load (not unloaded, not replaced)."""
-        return self._loaded.get(adapter.name) is adapter
+        """Whether ``adapter`` may still run: loaded as the same load (not unloaded, not evicted), or a
+        replaced load that requests admitted before the replacement still hold."""
+        return self._loaded.get(adapter.name) is adapter or adapter in self._retired
+
+    def _reap_retired(self, name: str | None = None) -> None:
+        """Free the slots of replaced loads no request holds any more (and of every one of ``name``)."""
+        with self._cond:
+            done = [a for a in self._retired if a.pins <= 0 or a.name == name]
+            self._retired = [a for a in self._retired if a not in done]
+        for adapter in done:
+            self._release_slot(adapter)
 
     def _make_room(self) -> tuple[bool, LoadedAdapter | None]:
         """Room for one more load (under the lock); evicts the least recently used unpinned adapter."""
@@ -483,7 +556,7 @@ class ModelRepository:
             base_config = AutoConfig.from_pretrained(key, trust_remote_code=False)
             hf_model = load_base_model(meta.base_model, num_labels=base_config.num_labels)
             tokenizer = load_tokenizer(meta.base_model)
-        except (OSError, ValueError, ImportError) as exc:
+        except Exception as exc:  # unreadable weights raise the reader's own errors (e.g. SafetensorError)
             raise CheckpointError(f"base model {meta.base_model!r} cannot be loaded ({exc})") from exc
         model = CoGaLoRAModel(hf_model, config)
         model.requires_grad_(False)
@@ -505,37 +578,62 @@ class ModelRepository:
             try:
                 self.release(self.acquire(name))
             except AdapterLoadError as exc:
-                logger.warning("skipping checkpoint %r: %s", name, exc.message)
+                logger.warning("%s (not served)", exc.message)
         return self.loaded_names()
 
     def load(self, name: str, replace: bool = False) -> AdapterInfo:
         """Admin: re-read the folder ``model_dir/name`` and load it now.
 
-        ``replace``: an adapter of that name already in memory is swapped for the new load; without
-        it that is an ``AdapterConflictError``.
+        ``replace``: an adapter of that name already in memory is swapped for the new load (requests
+        admitted before the swap finish on the old weights); without it that is an
+        ``AdapterConflictError``.
         """
         self._folder(name)
+        self._reap_retired()
         with self._cond:
             if name in self._loaded and not replace:
-                raise AdapterConflictError(f"adapter {name!r} is already loaded; unload it first or replace it")
+                raise AdapterConflictError(
+                    f"adapter {name!r} is already loaded; to reload it from its folder, "
+                    f"DELETE /adapters/{name} first, then POST /adapters/{name}"
+                )
+            swap = name in self._loaded
+        entry = self._add_to_catalogue(name)
+        if not swap:
+            self.release(self.acquire(name))
+            return self.info(name)
+        try:  # into a fresh slot, beside the old load, which keeps serving meanwhile
+            adapter = self._load(entry)
+        except Exception as exc:
+            raise self._failed(name, exc) from exc
+        with self._cond:
             old = self._loaded.pop(name, None)
+            self._loaded[name] = adapter
+            if old is not None and old.pins > 0:
+                self._retired.append(old)
+                old = None
+            self._cond.notify_all()
         if old is not None:
             self._release_slot(old)
-        self._add_to_catalogue(name)
-        self.release(self.acquire(name))
         return self.info(name)
 
     def unload(self, name: str) -> None:
-        """Admin: drop ``name`` from memory and from the catalogue until it is loaded again.
+        """Admin: drop ``name`` from memory and from the catalogue (or from the unavailable folders)
+        until it is loaded again.
 
         Rows already queued for it are answered with ``AdapterUnloadedError`` by the engine.
         """
         with self._cond:
-            if name not in self._catalogue and name not in self._loaded:
+            if name not in self._catalogue and name not in self._loaded and name not in self._failures:
                 raise UnknownAdapterError(f"adapter {name!r} is not loaded")
             self._catalogue.pop(name, None)
+            self._failures.pop(name, None)
             adapter = self._loaded.pop(name, None)
             self._cond.notify_all()
         if adapter is not None:
             self._release_slot(adapter)
+        self._reap_retired(name)
         logger.info("unloaded adapter %r", name)
+
+
+def _load_failed(name: str, reason: str) -> AdapterLoadError:
+    return AdapterLoadError(f"adapter {name!r} failed to load: {reason}")

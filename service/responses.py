@@ -45,8 +45,12 @@ def documented_errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody} for code in codes}
 
 
-def _validation_message(errors: list[dict[str, Any]]) -> str:
+def _validation_message(errors: list[dict[str, Any]], content_type: str) -> str:
     """A short, path-free message that never echoes the offending input."""
+    if "json" not in content_type.lower() and any(err.get("loc", ())[:1] == ("body",) for err in errors):
+        # FastAPI reads a body as JSON only when the request says so (curl -d sends a form type).
+        got = f"content-type {short(content_type, 64)!r}" if content_type else "no content-type"
+        return f"the body must be JSON sent with the header 'content-type: application/json' (got {got})"
     if any(err.get("type") == "json_invalid" for err in errors):
         return "malformed JSON body"
     parts = []
@@ -64,8 +68,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return service_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, _validation_message(list(exc.errors())), "invalid_request")
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        return error_response(422, _validation_message(list(exc.errors()), content_type), "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -13,10 +13,12 @@ import asyncio
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
+from service import uploads
+from service.about import NAME, runtime
 from service.auth import AdminOnly, CatalogueReader, scoped
 from service.classification import classify_texts, service_of
 from service.metrics import CONTENT_TYPE
@@ -24,9 +26,11 @@ from service.responses import documented_errors, error_response
 from service.schemas import (
     ADAPTER_NAME_PATTERN,
     AdapterInfo,
+    AdapterSource,
     AdaptersResponse,
     ClassifyBody,
     ClassifyResponse,
+    ServerInfo,
     StatusResponse,
     UnloadResponse,
 )
@@ -84,6 +88,27 @@ def readiness_response(request: Request, ready_body: str) -> Response:
 
 
 @router.get(
+    "/info",
+    response_model=ServerInfo,
+    responses=documented_errors(401, 403, 429),
+    dependencies=[CatalogueReader],
+    summary="What is served: version, device, resolved dtype, torch threads, the key's adapters and unservable "
+    "folders.",
+)
+async def info(request: Request) -> ServerInfo:
+    service = service_of(request)
+    visible = scoped(request, service.repository) if service.repository is not None else None
+    return ServerInfo(
+        name=NAME,
+        state=service.state,
+        **runtime(service.settings),
+        adapters=visible.names() if visible is not None else [],
+        loaded=len(visible.loaded_names()) if visible is not None else 0,
+        unavailable=visible.failures() if visible is not None else {},
+    )
+
+
+@router.get(
     "/adapters",
     response_model=AdaptersResponse,
     responses=documented_errors(401, 403, 429, 503),
@@ -119,20 +144,64 @@ async def load_adapter(name: AdapterName, request: Request) -> AdapterInfo:
     return loaded
 
 
+_ARCHIVE_BODY = {"schema": {"type": "string", "format": "binary"}}
+
+
+@router.put(
+    "/adapters/{name}",
+    status_code=201,
+    response_model=AdapterInfo,
+    responses=documented_errors(401, 403, 404, 409, 413, 422, 429, 503),
+    dependencies=[AdminOnly],
+    summary="Admin: add an adapter from an uploaded .tar.gz / .zip of its folder, or from a Hugging Face Hub id.",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/gzip": _ARCHIVE_BODY,
+                "application/zip": _ARCHIVE_BODY,
+                "application/json": {"schema": AdapterSource.model_json_schema()},
+            },
+        }
+    },
+)
+async def install_adapter(
+    name: AdapterName,
+    request: Request,
+    replace: bool = Query(False, description="Replace an existing adapter of that name (else 409)."),
+) -> Response:
+    service = service_of(request)
+    repository, _ = service.require_ready()
+    content_type = request.headers.get("content-type", "")
+    installed = await uploads.install(service, repository, name, await request.body(), content_type, replace)
+    request.scope["state"]["cogalora"]["adapter"] = name
+    log.info("adapter installed", extra={"adapter": name})
+    headers = {"X-Adapter-Revision": installed.revision} if installed.revision else None
+    return JSONResponse(installed.info.model_dump(mode="json"), status_code=201, headers=headers)
+
+
 @router.delete(
     "/adapters/{name}",
     response_model=UnloadResponse,
-    responses=documented_errors(401, 403, 404, 422, 429, 503),
+    responses=documented_errors(401, 403, 404, 409, 422, 429, 503),
     dependencies=[AdminOnly],
-    summary="Admin: unload an adapter until it is loaded again (requests still queued for it get 404).",
+    summary="Admin: unload an adapter until it is loaded again (requests still queued for it get 404); "
+    "with delete_files=true also delete its folder.",
 )
-async def unload_adapter(name: AdapterName, request: Request) -> UnloadResponse:
+async def unload_adapter(
+    name: AdapterName,
+    request: Request,
+    delete_files: bool = Query(False, description="Also delete the adapter's folder from the model directory."),
+) -> UnloadResponse:
     service = service_of(request)
     repository, _ = service.require_ready()
-    async with service.admin_lock:
-        await asyncio.to_thread(repository.unload, name)
-    log.info("adapter unloaded", extra={"adapter": name})
-    return UnloadResponse(name=name)
+    if delete_files:
+        await uploads.remove(service, repository, name)
+    else:
+        async with service.admin_lock:
+            await asyncio.to_thread(repository.unload, name)
+    log.info("adapter %s", "deleted" if delete_files else "unloaded", extra={"adapter": name})
+    return UnloadResponse(name=name, status="deleted" if delete_files else "unloaded")
 
 
 @router.get(

@@ -1,12 +1,18 @@
-"""Service configuration from ``COGALORA_*`` environment variables (DESIGN.md §5)."""
+"""Service configuration: one pydantic model, read from ``COGALORA_*`` environment variables and,
+through :mod:`service.cli`, from the command line (one flag per field, generated from this model).
+
+Adding a setting is adding a field here, with a ``description``: its flag, its ``--help`` line, its
+environment variable and its line in ``--print-settings`` follow from the field.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -15,11 +21,15 @@ if TYPE_CHECKING:
 #: The committed model repository: ``<repo>/models`` next to the ``service`` package.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models"
 
+ENV_PREFIX = "COGALORA_"
+#: ``COGALORA_*`` variables that are not service settings: docker/compose.yaml reads them itself.
+OTHER_VARIABLES = frozenset({"COGALORA_IMAGE", "COGALORA_HOST_PORT"})
+
 
 class Settings(BaseSettings):
     """Every knob of the server; each field is read from ``COGALORA_<FIELD>``."""
 
-    model_config = SettingsConfigDict(env_prefix="COGALORA_", extra="ignore", case_sensitive=False)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", case_sensitive=False)
 
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Model repository: one checkpoint folder per adapter.")
     host: str = Field("0.0.0.0", description="Interface to listen on.")
@@ -32,6 +42,12 @@ class Settings(BaseSettings):
     max_client_batch: int = Field(64, ge=1, description="Most inputs in one request (413 beyond).")
     max_input_chars: int = Field(10_000, ge=1, description="Most characters in one input (413 beyond).")
     max_body_bytes: int = Field(1 << 20, ge=1, description="Largest request body (413 beyond).")
+    max_upload_bytes: int = Field(
+        64 << 20,
+        ge=1,
+        description="Largest adapter archive PUT /adapters/{name} accepts, and the most its files may unpack to "
+        "(413 beyond).",
+    )
     api_key: SecretStr | None = Field(
         None,
         description="The inference key: when set, classification and catalogue routes need it (or a key of the key "
@@ -39,8 +55,9 @@ class Settings(BaseSettings):
     )
     admin_key: SecretStr | None = Field(
         None,
-        description="Opens the routes that change what is served (load, unload); while neither it nor an admin entry "
-        "of the key file exists, they answer 403 to everyone. Must differ from api_key.",
+        description="Opens the routes that change what is served (load, install, replace, unload, delete); while "
+        "neither it nor an admin entry of the key file exists, they answer 403 to everyone. Must differ from "
+        "api_key.",
     )
     key_file: Path | None = Field(
         None,
@@ -50,8 +67,8 @@ class Settings(BaseSettings):
     )
     catalogue_access: Literal["scoped", "admin"] = Field(
         "scoped",
-        description='Who may list adapters (GET /adapters, GET /replicas under Ray Serve): "scoped" = every caller, '
-        'each seeing only the adapters its key may use; "admin" = admin keys only (403 for others).',
+        description='Who may list adapters (/adapters, /info, /console/stats, /replicas under Ray Serve): "scoped" = '
+        'every caller, each seeing only the adapters its key may use; "admin" = admin keys only (403 for others).',
     )
     device: str = Field("cpu", description='Torch device; "auto" picks cuda when available.')
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(  # cogalora.precision.DTYPE_CHOICES
@@ -72,6 +89,16 @@ class Settings(BaseSettings):
     preload_adapters: int = Field(
         16, ge=0, description="Adapters loaded (in name order) before /ready; the others load on first request."
     )
+    require_all_adapters: bool = Field(
+        False,
+        description="Exit at start when any checkpoint folder cannot be served; off: serve the others, warn, and "
+        "list the folders and their reasons in /adapters and /info.",
+    )
+    allow_empty_model_dir: bool = Field(
+        False,
+        description="Start even when the model directory holds no checkpoint yet (adapters added later with "
+        "PUT or POST /adapters/{name}); off: exit with an error.",
+    )
     metrics_adapter_labels: str = Field(
         "all",
         description='Per-adapter metric labels: "all", "top:N" (the N busiest, the rest "other") or a '
@@ -91,17 +118,35 @@ class Settings(BaseSettings):
         description="Rows per adapter (served at its own tau) over which live per-site activation rates are "
         "compared with the checkpoint's dev-data rates for cogalora_routing_drift; 0 disables.",
     )
+    console: bool = Field(
+        True,
+        description="Serve the web console at / (the page, its static files and /console/stats); false: those "
+        "routes answer 404.",
+    )
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON objects.")
     log_level: str = Field("INFO", description="Root log level (DEBUG, INFO, WARNING, ...).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 responses.")
 
-    @model_validator(mode="after")
-    def _consistent_keys(self) -> Settings:
-        """The keys must make a valid key ring (readable key file, no key twice): fail at start, not later."""
+    _dtypes: dict[tuple[str, str], torch.dtype] = PrivateAttr(default_factory=dict)
+    """``resolved_dtype`` by (dtype, device), once computed (resolving probes the CPU, and may warn)."""
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_is_not_the_api_key(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        api_key = info.data.get("api_key")
+        if _secret(value) is not None and _secret(value) == _secret(api_key):
+            raise ValueError("must differ from the API key (the inference key never opens admin routes)")
+        return value
+
+    @field_validator("key_file")
+    @classmethod
+    def _valid_key_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        """Readable, valid, and no key of it repeats a settings key: fail at start, not later."""
         from service.keys import KeyRing
 
-        KeyRing(self.api_key_value(), self.admin_key_value(), self.key_file)  # KeyFileError is a ValueError
-        return self
+        if value is not None:  # KeyFileError is a ValueError naming the file and the field
+            KeyRing(_secret(info.data.get("api_key")), _secret(info.data.get("admin_key")), value)
+        return value
 
     @field_validator("metrics_adapter_labels")
     @classmethod
@@ -110,6 +155,19 @@ class Settings(BaseSettings):
 
         AdapterLabels(value)  # raises ValueError with the accepted forms
         return value
+
+    @classmethod
+    def variable(cls, name: str) -> str:
+        """The environment variable of the field ``name``: ``COGALORA_<NAME>``."""
+        return f"{ENV_PREFIX}{name.upper()}"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        levels = [name for name in logging.getLevelNamesMapping() if name not in ("NOTSET", "WARN", "FATAL")]
+        if value.upper() not in levels:
+            raise ValueError(f"unknown log level {value!r}; choose from {', '.join(levels)}")
+        return value.upper()
 
     def resolved_device(self) -> str:
         """The torch device to use: ``auto`` becomes ``cuda`` when available, else ``cpu``."""
@@ -127,9 +185,12 @@ class Settings(BaseSettings):
 
     def resolved_dtype(self) -> torch.dtype:
         """The torch dtype to serve in (``auto`` resolved for the device)."""
-        from cogalora.precision import resolve_dtype
+        key = (self.dtype, self.resolved_device())
+        if key not in self._dtypes:
+            from cogalora.precision import resolve_dtype
 
-        return resolve_dtype(self.dtype, self.resolved_device())
+            self._dtypes[key] = resolve_dtype(*key)
+        return self._dtypes[key]
 
     def api_key_value(self) -> str | None:
         """The configured API key, or None when the service is open (an empty key counts as unset)."""

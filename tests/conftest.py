@@ -174,6 +174,28 @@ def synthetic_checkpoint(
     return save_checkpoint(model, directory, meta)
 
 
+def peft_lora_folder(base: str | Path, directory: Path, num_labels: int = 3, seed: int = 0, **lora):
+    """A plain PEFT LoRA sequence classifier saved by PEFT's own ``save_pretrained`` (what users bring),
+    with random non-zero ``lora_B`` (fresh LoRA has B = 0); returns the PeftModel in eval mode.
+
+    ``lora``: LoraConfig arguments (``r``, ``target_modules``, ``rank_pattern``, ``use_rslora`` ...).
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(base), num_labels=num_labels, ignore_mismatched_sizes=True
+    )
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", **lora))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "classifier" in name:
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(directory)
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def minilm_model_dir(tmp_path_factory) -> Path:
     """A model repository on the real packaged all-MiniLM-L6-v2: two routed adapters and a plain LoRA.

@@ -9,7 +9,10 @@ with a deadline.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,6 +34,15 @@ from benchmarks.processes import (  # noqa: F401 (re-exported for the tests)
 API_KEY = "test-key"
 #: Start-up variables the command-line flags must win over (``ServiceProcess`` passes --host/--port).
 IGNORED_BY_FLAGS = {"COGALORA_PORT": "1", "COGALORA_HOST": "203.0.113.1"}
+
+
+def run_service_once(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m service ARGS`` to its end (``--help``, ``--print-settings``, a start that must fail),
+    with ``env`` as its only ``COGALORA_*`` variables; stdout and stderr captured apart."""
+    environment = {key: value for key, value in os.environ.items() if not key.upper().startswith("COGALORA_")}
+    environment.update(env)
+    command = [sys.executable, "-m", "service", *args]
+    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
 def metric_sum(text: str, name: str, **labels: str) -> float:

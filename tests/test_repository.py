@@ -108,8 +108,8 @@ def test_broken_checkpoints_are_reported_and_skipped(model_dir: Path, tiny_base_
         repo.load("fullft")
     with pytest.raises(AdapterLoadError, match="does not serve"):
         repo.load("hyper")
-    with pytest.raises(UnknownAdapterError):
-        repo.acquire("badjson")
+    with pytest.raises(AdapterLoadError, match=r"^adapter 'badjson' failed to load: badjson/cogalora\.json: not valid"):
+        repo.acquire("badjson")  # it exists and failed: not "unknown adapter"
 
 
 def test_weights_damaged_after_the_scan_fail_their_own_requests_only(model_dir: Path) -> None:

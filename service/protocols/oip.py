@@ -352,7 +352,7 @@ async def live() -> LiveResponse:
     "/v2/health/ready",
     response_model=ReadyResponse,
     responses=documented_errors(503),
-    summary="OIP readiness: 200 once every model is loaded and warmed up; 503 before and while draining.",
+    summary="OIP readiness: 200 once the preloaded adapters are loaded and warmed up; 503 before and while draining.",
 )
 async def ready(request: Request) -> Response:
     return readiness_response(request, '{"ready":true}')

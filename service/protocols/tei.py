@@ -15,7 +15,7 @@ information travels in response headers (one comma-separated value per input).
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from service.classification import Classified, classify_texts
 from service.errors import InvalidRequestError
 from service.responses import documented_errors
-from service.schemas import LabelScore, RowResult
+from service.schemas import Inputs, LabelScore, RowResult
 
 router = APIRouter(tags=["Text Embeddings Inference (Hugging Face InferenceClient)"])
 
@@ -56,7 +56,7 @@ class TEIBody(BaseModel):
         json_schema_extra={"examples": [{"inputs": "a gripping film", "parameters": {"top_k": 2}}]},
     )
 
-    inputs: str | Annotated[list[str], Field(min_length=1)] = Field(description="One text or a non-empty list.")
+    inputs: Inputs = Field(description="One text or a non-empty list.")
     parameters: TEIParameters | None = None
     truncate: bool | None = Field(None, description="TEI's top-level form of parameters.truncate.")
     raw_scores: bool | None = Field(None, description="TEI's top-level form of parameters.raw_scores.")

@@ -216,7 +216,9 @@ class CatalogueRepository:
 
     ``resolve`` and ``adapters`` answer exactly as the single-process repository does (same errors);
     ``loaded`` means "held by a replica that answered lately". Loading and unloading are per
-    replica under Ray (adapters load on demand), so the admin routes answer 409.
+    replica under Ray (adapters load on demand), so the admin routes answer 409, installs and
+    deletions (``PUT /adapters/{name}``, ``DELETE ...?delete_files=true``) too, before the folder
+    appears or goes: the replicas would not see the change until they restart.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -247,11 +249,18 @@ class CatalogueRepository:
         held = set(self.loaded_names())
         return [info.model_copy(update={"loaded": info.name in held}) for info in self.catalogue.adapters()]
 
-    def load(self, name: str) -> AdapterInfo:
+    def load(self, name: str, replace: bool = False) -> AdapterInfo:
         raise AdapterConflictError("under Ray Serve adapters load on demand on each replica; redeploy to reload")
 
     def unload(self, name: str) -> None:
         raise AdapterConflictError("under Ray Serve adapters are evicted per replica (LRU); redeploy to unload")
+
+    def validate(self, directory: Path) -> None:
+        """Refuses runtime installs: every replica reads the model directory once, at its start."""
+        raise AdapterConflictError(
+            "under Ray Serve adapters cannot be added at runtime (each replica scans the model directory at its "
+            "start): put the folder in the model directory and redeploy"
+        )
 
     def record(self, answer: ReplicaAnswer) -> None:
         report = self.replicas.setdefault(answer.replica, ReplicaReport(answer.replica))

@@ -1,0 +1,34 @@
+"""What this server is and what it serves with: the version, device, precision and threads.
+
+The version has one home, the installed package's metadata (``version`` in pyproject.toml); the
+OpenAPI document, ``GET /v2``, ``GET /info`` and the start log all read it from here.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from service.settings import Settings
+
+NAME = "cogalora-serve"
+
+
+def package_version() -> str:
+    try:
+        return version(NAME)
+    except PackageNotFoundError:  # sources run without installing the project
+        return "0+unknown"
+
+
+VERSION = package_version()
+
+
+def runtime(settings: Settings) -> dict[str, Any]:
+    """The device, resolved precision and torch threads the engine serves with (``auto`` values resolved)."""
+    return {
+        "version": VERSION,
+        "device": settings.resolved_device(),
+        "dtype": str(settings.resolved_dtype()).removeprefix("torch."),
+        "torch_threads": settings.resolved_torch_threads(),
+    }
