@@ -22,14 +22,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from processes import API_KEY, REPO, ServiceProcess, metric_sum, wait_until
+from processes import ADMIN_KEY, API_KEY, REPO, ServiceProcess, metric_sum, wait_until
 
 from benchmarks.loadtest import LoadTestConfig, percentile, run_load
 from service.keys import digest
 
 pytestmark = pytest.mark.integration
 
-ADMIN_KEY = "admin-key-for-tests"
 #: key id -> key; their entries are written by ``key_file_text``.
 KEYS = {
     "alice": "alice-key-0123456789",
