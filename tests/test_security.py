@@ -292,13 +292,17 @@ async def test_scopes_hold_on_every_route_that_names_an_adapter(tmp_path):
         listed = (await client.get("/adapters", headers=key(BOB))).json()
         assert [a["name"] for a in listed["adapters"]] == ["agnews", "plain"] and listed["loaded"] == 2
         assert len((await client.get("/adapters", headers=key(OPS))).json()["adapters"]) == 3  # admin: all
+        assert (await client.get("/info", headers=key(BOB))).json()["adapters"] == ["agnews", "plain"]
+        live = {k: set((await client.get("/console/stats", headers=key(k))).json()["adapters"]) for k in (ALICE, BOB, OPS)}
+        assert live == {ALICE: {"sst2"}, BOB: {"plain"}, OPS: {"sst2", "plain"}}  # the adapters that served above
 
 
 async def test_catalogue_access_admin_hides_the_list_but_not_the_adapters(tmp_path):
     async with running(keyed_app(tmp_path, catalogue_access="admin")) as client:
-        body = assert_envelope(await client.get("/adapters", headers=key(ALICE)), 403, "forbidden")
-        assert "admin keys only" in body["error"]
-        assert (await client.get("/adapters", headers=key(OPS))).status_code == 200
+        for path in ("/adapters", "/info", "/console/stats"):
+            body = assert_envelope(await client.get(path, headers=key(ALICE)), 403, "forbidden")
+            assert "admin keys only" in body["error"]
+            assert (await client.get(path, headers=key(OPS))).status_code == 200
         answer = await client.post("/classify", json={"inputs": "good", "adapter": "sst2"}, headers=key(ALICE))
         assert answer.status_code == 200
 
