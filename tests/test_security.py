@@ -293,7 +293,9 @@ async def test_scopes_hold_on_every_route_that_names_an_adapter(tmp_path):
         assert [a["name"] for a in listed["adapters"]] == ["agnews", "plain"] and listed["loaded"] == 2
         assert len((await client.get("/adapters", headers=key(OPS))).json()["adapters"]) == 3  # admin: all
         assert (await client.get("/info", headers=key(BOB))).json()["adapters"] == ["agnews", "plain"]
-        live = {k: set((await client.get("/console/stats", headers=key(k))).json()["adapters"]) for k in (ALICE, BOB, OPS)}
+        live = {}
+        for holder in (ALICE, BOB, OPS):
+            live[holder] = set((await client.get("/console/stats", headers=key(holder))).json()["adapters"])
         assert live == {ALICE: {"sst2"}, BOB: {"plain"}, OPS: {"sst2", "plain"}}  # the adapters that served above
 
 
