@@ -60,7 +60,6 @@ from service.errors import (
     AdapterRequiredError,
     InvalidRequestError,
     UnknownAdapterError,
-    some_names,
 )
 from service.schemas import ADAPTER_NAME_PATTERN, AdapterInfo
 from service.uploads import recover_interrupted
@@ -268,15 +267,7 @@ class ModelRepository:
             if requested is None:
                 if len(self._catalogue) == 1:
                     return next(iter(self._catalogue))
-                if not self._catalogue:
-                    raise AdapterRequiredError(
-                        "no adapter is being served: /adapters lists the folders that cannot be, and an admin "
-                        "adds one with POST /adapters/{name}"
-                    )
-                raise AdapterRequiredError(
-                    f"'adapter' is required: {len(self._catalogue)} adapters are available "
-                    f"({some_names(sorted(self._catalogue))})"
-                )
+                raise AdapterRequiredError.among(sorted(self._catalogue))
             return self._entry(requested).name
 
     def info(self, name: str) -> AdapterInfo:
