@@ -2,14 +2,19 @@
 
 Where things live: request/response schemas in ``schemas.py``, routes in ``routes.py``, the TEI and
 Open Inference routes in ``protocols/`` (all three share ``classification.py``), the raw ASGI edge
-(request ids, API key, body limit, access log, request metrics) in ``middleware.py``, the error
-envelope in ``responses.py``, start-up and draining in ``lifecycle.py``, the web console in ``console.py``.
+(request ids, keys and rates, body limit, access and audit logs, request metrics) in ``middleware.py``, who
+may do what (keys, scopes, the admin check) in ``auth.py``, the error envelope in ``responses.py``,
+start-up and draining in ``lifecycle.py``, the web console in ``console.py``.
 The documentation pages (``/docs``, ``/redoc``) load their scripts from this server, never from a CDN, so they
 work offline.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from service.about import VERSION
+from service.auth import Access
 from service.console import install_console
 from service.lifecycle import ComponentFactory, Service, build_components
 from service.middleware import EdgeMiddleware
@@ -33,13 +39,20 @@ def create_app(settings: Settings | None = None, components: ComponentFactory | 
     """Build the app; ``components`` replaces the real repository/engine/batcher (tests)."""
     settings = settings or Settings()
     service = Service(settings, components or build_components)
+    access = Access(settings, service.metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         await service.start()
+        reload_on_sighup = settings.key_file is not None and threading.current_thread() is threading.main_thread()
+        if reload_on_sighup:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, access.reload_keys)
         try:
             yield
         finally:
+            if reload_on_sighup:
+                with contextlib.suppress(RuntimeError):
+                    asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await service.stop()
 
     app = FastAPI(
@@ -51,9 +64,10 @@ def create_app(settings: Settings | None = None, components: ComponentFactory | 
         redoc_url=None,
     )
     app.state.service = service
+    app.state.access = access
     install_error_handlers(app)
     install_docs(app)
-    app.add_middleware(EdgeMiddleware, service=service)
+    app.add_middleware(EdgeMiddleware, service=service, access=access)
     app.include_router(router)
     app.include_router(tei.router)
     app.include_router(oip.router)

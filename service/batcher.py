@@ -6,10 +6,18 @@ refused at once, before any work), then the adapter is pinned (loaded on demand 
 thread; other traffic keeps flowing), then the rows are queued. A batch closes when it holds
 ``max_batch_size`` rows, or when its padded size (rows x longest row) would pass
 ``max_batch_tokens``, or when its oldest row has waited ``max_wait_s``, or at once while stopping.
-Rows are taken first in, first out (a request larger than a batch spans several); the engine sorts
-each batch by length and cuts it into length chunks. Inference runs on one worker thread, so the
-event loop keeps accepting requests while a batch runs. The clock and the timer are injectable so
-tests drive ``max_wait_s`` by hand.
+The engine sorts each batch by length and cuts it into length chunks.
+
+Fair between clients (``ClassifyRequest.client``, the key id): each client has its own first-in,
+first-out queue, and batches take one row of each client in turn (the next batch goes on where the
+last one stopped), so a client with a thousand rows waiting does not delay another client's next row
+past the next batch. When the queue is full, a new request of a client that holds less of it than the
+client holding most would displace that client's newest waiting request (answered 503
+``queue_full``), rather than being refused: longest queue drop. With one client this is plain first
+in, first out with a bounded queue. A request larger than a batch spans several.
+
+Inference runs on one worker thread, so the event loop keeps accepting requests while a batch runs.
+The clock and the timer are injectable so tests drive ``max_wait_s`` by hand.
 """
 
 from __future__ import annotations
@@ -18,8 +26,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -69,6 +77,7 @@ class _Pending:
     rows: list[PreparedRow]
     future: asyncio.Future
     enqueued_at: float
+    client: str = ""
     next_row: int = 0
     """Rows before this index have been taken into a batch."""
     results: list[RowOutput | ServiceError | None] = field(default_factory=list)
@@ -100,7 +109,10 @@ class Batcher:
         self.listener = listener
         self._clock = clock
         self._sleep = sleep
-        self._queue: deque[_Pending] = deque()
+        self._queues: OrderedDict[str, deque[_Pending]] = OrderedDict()
+        """Waiting requests per client, first in first out; the order of clients is the order of turns."""
+        self._rows_by_client: Counter[str] = Counter()
+        """Rows admitted and not running yet, per client (queue_depth split by client)."""
         self._queued_rows = 0
         self._admitted_rows = 0
         """Rows of requests admitted but not queued yet (pinning or tokenizing)."""
@@ -165,14 +177,13 @@ class Batcher:
         if self._stopping or not self.running:
             raise ShuttingDownError("the service is shutting down; retry on another instance", retry_after=1.0)
         count = len(request.ids)
+        client = request.client
         config = self.config
         if count > config.max_queue:
             raise PayloadTooLargeError(f"{count} inputs exceed the queue capacity of {config.max_queue} inputs")
-        if self.queue_depth + count > config.max_queue:
-            raise QueueFullError(
-                f"queue full ({self.queue_depth} inputs waiting); retry later", retry_after=self._retry_after()
-            )
+        self._make_room(client, count)
         self._admitted_rows += count
+        self._rows_by_client[client] += count
         admitted = True
         adapter: LoadedAdapter | None = None
         pending: _Pending | None = None
@@ -181,10 +192,10 @@ class Batcher:
                 adapter = await self._pin(request.adapter, config.request_timeout_s)
                 rows = self.engine.prepare(adapter, request.ids, request.input_tokens, request.threshold)
                 future = asyncio.get_running_loop().create_future()
-                pending = _Pending(rows, future, self._clock())
+                pending = _Pending(rows, future, self._clock(), client=client)
                 self._admitted_rows -= count
                 admitted = False
-                self._queue.append(pending)
+                self._queues.setdefault(client, deque()).append(pending)
                 self._queued_rows += count
                 self._poke()
                 return await asyncio.shield(future)
@@ -195,6 +206,7 @@ class Batcher:
         finally:
             if admitted:
                 self._admitted_rows -= count
+                self._forget_rows(client, count)
             if pending is not None:
                 self._withdraw(pending)
             if adapter is not None:
@@ -219,13 +231,56 @@ class Batcher:
             return 1.0
         return max(1.0, self.queue_depth / self._rows_per_second)
 
+    def _make_room(self, client: str, count: int) -> None:
+        """Admit ``count`` rows of ``client``, displacing requests of the client holding most (else QueueFullError)."""
+        while self.queue_depth + count > self.config.max_queue:
+            victim = self._displaceable(client, count)
+            if victim is None:
+                raise QueueFullError(
+                    f"queue full ({self.queue_depth} inputs waiting); retry later", retry_after=self._retry_after()
+                )
+            self._unqueue(victim)
+            victim.future.set_exception(
+                QueueFullError(
+                    "queue full: this client held the largest share of the queue and other clients needed room; "
+                    "retry later",
+                    retry_after=self._retry_after(),
+                )
+            )
+
+    def _displaceable(self, client: str, count: int) -> _Pending | None:
+        """The newest not-yet-started request of the client holding most rows, if it holds more than ``client``
+        would with ``count`` more."""
+        others = [other for other in self._queues if other != client]
+        if not others:
+            return None
+        longest = max(others, key=self._rows_by_client.__getitem__)
+        if self._rows_by_client[longest] <= self._rows_by_client[client] + count:
+            return None
+        return next((pending for pending in reversed(self._queues[longest]) if pending.next_row == 0), None)
+
     def _withdraw(self, pending: _Pending) -> None:
         """Forget a request that is answered or abandoned: its still-queued rows are not run."""
         if not pending.future.done():
             pending.future.cancel()
-        if pending in self._queue:
-            self._queue.remove(pending)
-            self._queued_rows -= len(pending.rows) - pending.next_row
+        queue = self._queues.get(pending.client)
+        if queue is not None and pending in queue:
+            self._unqueue(pending)
+
+    def _unqueue(self, pending: _Pending) -> None:
+        """Take a waiting request out of its client's queue, with its rows not taken yet."""
+        queue = self._queues[pending.client]
+        queue.remove(pending)
+        if not queue:
+            del self._queues[pending.client]
+        untaken = len(pending.rows) - pending.next_row
+        self._queued_rows -= untaken
+        self._forget_rows(pending.client, untaken)
+
+    def _forget_rows(self, client: str, count: int) -> None:
+        self._rows_by_client[client] -= count
+        if self._rows_by_client[client] <= 0:
+            del self._rows_by_client[client]
 
     def _poke(self) -> None:
         if self._wakeup is not None:
@@ -238,7 +293,7 @@ class Batcher:
         assert self._wakeup is not None
         while True:
             self._wakeup.clear()
-            if not self._queue:
+            if not self._queues:
                 if self._stopping and self._admitted_rows == 0:
                     return
                 await self._wakeup.wait()
@@ -258,14 +313,14 @@ class Batcher:
             return 0.0
         config = self.config
         rows = longest = 0
-        for pending in self._queue:
-            for row in pending.rows[pending.next_row :]:
-                if rows and not self._fits(rows + 1, max(longest, row.tokens)):
-                    return 0.0  # the next row does not fit: the batch is as full as it gets
-                rows, longest = rows + 1, max(longest, row.tokens)
-                if rows >= config.max_batch_size or rows * longest >= config.max_batch_tokens:
-                    return 0.0
-        return self._queue[0].enqueued_at + config.max_wait_s - self._clock()
+        for _, _, row in self._take_order():
+            if rows and not self._fits(rows + 1, max(longest, row.tokens)):
+                return 0.0  # the next row does not fit: the batch is as full as it gets
+            rows, longest = rows + 1, max(longest, row.tokens)
+            if rows >= config.max_batch_size or rows * longest >= config.max_batch_tokens:
+                return 0.0
+        oldest = min(queue[0].enqueued_at for queue in self._queues.values())
+        return oldest + config.max_wait_s - self._clock()
 
     async def _wait(self, seconds: float) -> None:
         """Until ``seconds`` pass (the injected sleep) or something is queued or stopping."""
@@ -280,20 +335,47 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(timer, woken, return_exceptions=True)
 
+    def _take_order(self) -> Iterator[tuple[_Pending, int, PreparedRow]]:
+        """Waiting rows in the order batches take them: one row of each client in turn, first in first out
+        within a client."""
+        turns = [self._waiting_rows(queue) for queue in self._queues.values()]
+        while turns:
+            still_waiting = []
+            for rows in turns:
+                item = next(rows, None)
+                if item is not None:
+                    yield item
+                    still_waiting.append(rows)
+            turns = still_waiting
+
+    @staticmethod
+    def _waiting_rows(queue: deque[_Pending]) -> Iterator[tuple[_Pending, int, PreparedRow]]:
+        for pending in queue:
+            for index in range(pending.next_row, len(pending.rows)):
+                yield pending, index, pending.rows[index]
+
     def _take_batch(self) -> list[tuple[_Pending, int, PreparedRow]]:
         taken: list[tuple[_Pending, int, PreparedRow]] = []
         longest = 0
-        while self._queue:
-            pending = self._queue[0]
-            while pending.next_row < len(pending.rows):
-                row = pending.rows[pending.next_row]
-                if taken and not self._fits(len(taken) + 1, max(longest, row.tokens)):
-                    return taken
-                taken.append((pending, pending.next_row, row))
-                longest = max(longest, row.tokens)
-                pending.next_row += 1
-                self._queued_rows -= 1
-            self._queue.popleft()
+        for pending, index, row in self._take_order():
+            if taken and not self._fits(len(taken) + 1, max(longest, row.tokens)):
+                break
+            taken.append((pending, index, row))
+            longest = max(longest, row.tokens)
+        for pending, _, _ in taken:  # a request's rows are taken in order, so next_row just advances
+            pending.next_row += 1
+            self._queued_rows -= 1
+            self._forget_rows(pending.client, 1)
+        if taken:  # the next batch goes on with the client after the last one served
+            clients = list(self._queues)
+            for client in clients[: clients.index(taken[-1][0].client) + 1]:
+                self._queues.move_to_end(client)
+        for client in list(self._queues):
+            queue = self._queues[client]
+            while queue and queue[0].next_row == len(queue[0].rows):
+                queue.popleft()
+            if not queue:
+                del self._queues[client]
         return taken
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, taken: list[tuple[_Pending, int, PreparedRow]]) -> None:

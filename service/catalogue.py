@@ -22,7 +22,7 @@ from pathlib import Path
 from cogalora import ALL_MODULE_KINDS, CheckpointError, CheckpointMeta, read_adapter, read_meta, resolve_base_model
 from cogalora.architectures import site_name
 from cogalora.checkpoint import CONFIG_FILE, PEFT_CONFIG_FILE, looks_like_checkpoint
-from service.errors import AdapterLoadError, AdapterRequiredError, InvalidRequestError, UnknownAdapterError, some_names
+from service.errors import AdapterLoadError, AdapterRequiredError, InvalidRequestError, UnknownAdapterError
 from service.schemas import ADAPTER_NAME_PATTERN, AdapterInfo
 from service.uploads import recover_interrupted
 
@@ -172,15 +172,7 @@ class Catalogue:
                 return self.entry(requested).name
             if len(self._entries) == 1:
                 return next(iter(self._entries))
-            if not self._entries:
-                raise AdapterRequiredError(
-                    "no adapter is being served: /adapters lists the folders that cannot be, and an admin "
-                    "adds one with POST /adapters/{name}"
-                )
-            raise AdapterRequiredError(
-                f"'adapter' is required: {len(self._entries)} adapters are available "
-                f"({some_names(sorted(self._entries))})"
-            )
+            raise AdapterRequiredError.among(sorted(self._entries))
 
     # ---- changing -----------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """The one classification path every protocol shares: ``/classify``, the TEI routes and Open Inference v2.
 
 A route translates its wire format into texts plus options, calls :func:`classify_texts`, and
-translates the :class:`Classified` answer back. Size limits, adapter resolution, batching and the
-per-input metrics happen here, once, whichever protocol the client speaks.
+translates the :class:`Classified` answer back. Size limits, adapter resolution within the key's
+scope, the key's row rate, batching and the per-input metrics happen here, once, whichever protocol
+the client speaks.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from service.auth import access_of, principal_of, scoped
+from service.errors import UnknownAdapterError
 from service.lifecycle import Service
 from service.schemas import RowResult, check_texts
 from service.types import ClassifyRequest
@@ -53,10 +56,19 @@ async def classify_texts(
     settings = service.settings
     check_texts(texts, settings.max_client_batch, settings.max_input_chars)
     repository, batcher = service.require_ready()
-    name = repository.resolve(adapter)
+    principal = principal_of(request)
+    visible = scoped(request, repository)
+    name = visible.resolve(adapter)
     info["adapter"] = name
-    results = await batcher.submit(ClassifyRequest(texts=texts, adapter=name, threshold=threshold, truncate=truncate))
+    access_of(request).admit_rows(principal, len(texts))
+    job = ClassifyRequest(texts=texts, adapter=name, threshold=threshold, truncate=truncate, client=principal.key_id)
+    try:
+        results = await batcher.submit(job)
+    except UnknownAdapterError:  # removed since it was resolved: answered within the key's scope too
+        raise visible.unknown(name) from None
     queue_s, inference_s = service.metrics.observe_results(name, results)
+    if principal.keyed:
+        service.metrics.key_inputs.labels(principal.key_id).inc(len(results))
     if not raw_scores:
         for row in results:
             row.raw_scores = None

@@ -17,6 +17,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
+from service.auth import CatalogueReader, principal_of
 from service.live_stats import LiveStats
 from service.responses import documented_errors
 from service.schemas import LiveStatsResponse
@@ -67,12 +68,16 @@ async def static_file(name: str) -> Response:
 @router.get(
     "/console/stats",
     response_model=LiveStatsResponse,
-    responses=documented_errors(401),
+    responses=documented_errors(401, 403, 429),
+    dependencies=[CatalogueReader],
     summary="What the console's live panel shows: request rate and latency over a recent window, per-adapter "
-    "routing since start, from the service's own metrics.",
+    "routing since start (the key's adapters), from the service's own metrics.",
 )
 async def stats(request: Request) -> LiveStatsResponse:
-    return request.app.state.live_stats.summary()
+    summary = request.app.state.live_stats.summary()
+    principal = principal_of(request)
+    summary.adapters = {name: stats for name, stats in summary.adapters.items() if principal.may_use(name)}
+    return summary
 
 
 def install_console(app: FastAPI) -> None:

@@ -136,7 +136,7 @@ class EngineClient:
                     self._tokenizing -= count
                 tokenize_seconds = time.perf_counter() - began
                 outputs = await self.transport.classify(
-                    TokenizedRequest(entry.name, ids, input_tokens, request.threshold)
+                    TokenizedRequest(entry.name, ids, input_tokens, request.threshold, request.client)
                 )
         except AdapterLoadError as exc:  # the engine could not load it: later requests fail fast here
             self.catalogue.mark_failed(entry.name, failure_reason(entry.name, exc))

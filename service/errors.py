@@ -41,10 +41,34 @@ class AdapterRequiredError(ServiceError):
     status_code = 422
     error_type = "adapter_required"
 
+    @classmethod
+    def among(cls, available: Sequence[str]) -> AdapterRequiredError:
+        """No adapter named, and not exactly one to choose from (``available``: the caller's to see)."""
+        if not available:
+            return cls(
+                "no adapter is being served: /adapters lists the folders that cannot be, and an admin adds one "
+                "with POST /adapters/{name}"
+            )
+        return cls(f"'adapter' is required: {len(available)} adapters are available ({some_names(available)})")
+
 
 class UnauthorizedError(ServiceError):
     status_code = 401
     error_type = "unauthorized"
+
+
+class ForbiddenError(ServiceError):
+    """A valid key (or none, where none is needed) that may not do this: admin routes, the catalogue."""
+
+    status_code = 403
+    error_type = "forbidden"
+
+
+class RateLimitedError(ServiceError):
+    """The key's requests or input rows per second are used up; ``retry_after`` says when they refill."""
+
+    status_code = 429
+    error_type = "rate_limited"
 
 
 class UnknownAdapterError(ServiceError):
@@ -53,7 +77,10 @@ class UnknownAdapterError(ServiceError):
 
     @classmethod
     def among(cls, name: str, available: Sequence[str]) -> UnknownAdapterError:
-        """The error for ``name``, with the closest available name and the first few (``name`` bounded)."""
+        """The error for ``name``, with the closest available name and the first few (``name`` bounded).
+
+        ``available`` is what the caller may see: an adapter outside a key's scope gets exactly the answer
+        of a missing one, and the names offered are the key's own."""
         shown = name if len(name) <= 64 else name[:64] + "..."
         if not available:
             return cls(f"unknown adapter {shown!r}: no adapter is available")

@@ -58,6 +58,7 @@ def encode_request(request: TokenizedRequest) -> dict[str, Any]:
         "lengths": [len(row) for row in request.ids],
         "input_tokens": request.input_tokens,
         "threshold": request.threshold,
+        "client": request.client,
     }
 
 
@@ -69,7 +70,11 @@ def decode_request(message: dict[str, Any]) -> TokenizedRequest:
         ids.append(flat[start : start + length].tolist())
         start += length
     return TokenizedRequest(
-        adapter=message["adapter"], ids=ids, input_tokens=message["input_tokens"], threshold=message["threshold"]
+        adapter=message["adapter"],
+        ids=ids,
+        input_tokens=message["input_tokens"],
+        threshold=message["threshold"],
+        client=message["client"],
     )
 
 

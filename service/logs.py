@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 ACCESS_LOGGER = "cogalora.access"
+#: Admin actions (service/auth.py): logged whatever the log level.
+AUDIT_LOGGER = "cogalora.audit"
 
 #: Attributes every LogRecord has; anything else was passed through ``extra=`` and is logged as a field.
 #: (``color_message`` is uvicorn's ANSI-coloured copy of the message.)
@@ -61,6 +63,7 @@ def configure_logging(log_format: str = "text", level: str | int = "INFO") -> No
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    logging.getLogger(AUDIT_LOGGER).setLevel(logging.INFO)  # an audit trail is not a verbosity choice
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()

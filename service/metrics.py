@@ -243,6 +243,26 @@ class ServiceMetrics:
         self.adapter_evictions = Counter(
             "cogalora_adapter_evictions", "Adapters evicted from memory (least recently used).", registry=r
         )
+        self.key_requests = Counter(
+            "cogalora_key_requests",
+            "Requests to classification and catalogue routes made with a key, by key id (never the key) and "
+            "status code.",
+            ["key_id", "code"],
+            registry=r,
+        )
+        self.key_inputs = Counter("cogalora_key_inputs", "Inputs classified, by key id.", ["key_id"], registry=r)
+        self.key_rate_limited = Counter(
+            "cogalora_key_rate_limited",
+            "Requests refused with 429 by a key's token bucket, by key id and limit (requests, rows).",
+            ["key_id", "limit"],
+            registry=r,
+        )
+        self.key_file_reloads = Counter(
+            "cogalora_key_file_reloads",
+            "Key file reloads (on change or SIGHUP) by outcome: ok, or invalid (the keys in force were kept).",
+            ["outcome"],
+            registry=r,
+        )
         self.adapter_load_duration = Histogram(
             "cogalora_adapter_load_duration_seconds",
             "Reading one adapter's files and loading it onto its shared encoder.",

@@ -1,4 +1,5 @@
-"""The raw ASGI edge of the service: request ids, API key, body size limit, access log, request metrics.
+"""The raw ASGI edge of the service: request ids, API keys and rates, body size limit, access and audit logs,
+request metrics.
 
 Plain ASGI rather than Starlette middleware so that a rejected request (bad key, oversized body)
 costs no routing, no body parsing and no exception handling, and every request, rejected or not,
@@ -7,7 +8,6 @@ gets exactly one access-log line and one request metric.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 import time
@@ -18,7 +18,8 @@ from fastapi.responses import Response
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLargeError, UnauthorizedError
+from service.auth import Access, write_audit_line
+from service.errors import PayloadTooLargeError, ServiceError
 from service.lifecycle import Service
 from service.logs import ACCESS_LOGGER
 from service.metrics import UNKNOWN_ADAPTER
@@ -27,9 +28,10 @@ from service.responses import service_error_response, short
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-#: Routes that need the API key when one is configured (probes, server metadata, /metrics and the
-#: console's page and files stay open); /info and /console/stats name the adapters like /adapters;
-#: /replicas exists under Ray Serve only (service/ray_serve) and names loaded adapters too.
+#: Routes that need a key when keys are configured, and count against a key's request rate (probes,
+#: server metadata, /metrics and the console's page and files stay open); /info and /console/stats name
+#: the adapters like /adapters; /replicas exists under Ray Serve only (service/ray_serve) and names
+#: loaded adapters too.
 PROTECTED_PREFIXES = ("/classify", "/adapters", "/info", "/models", "/v2/models", "/replicas", "/console/stats")
 #: Adapter uploads (``PUT /adapters/{name}``): their body limit is ``max_upload_bytes``, not ``max_body_bytes``.
 UPLOAD_PATH = re.compile(r"^/adapters/[^/]+$")
@@ -48,21 +50,32 @@ def _is_protected(path: str) -> bool:
     return any(path == prefix or path.startswith(prefix + "/") for prefix in PROTECTED_PREFIXES)
 
 
-def _key_matches(scope: Scope, key: str) -> bool:
-    expected = key.encode()
-    offered = _header(scope, b"x-api-key")
+def _is_upload(scope: Scope) -> bool:
+    return scope.get("method") == "PUT" and UPLOAD_PATH.match(scope.get("path", "")) is not None
+
+
+def _unread_upload(scope: Scope, info: dict[str, Any]) -> bool:
+    """An upload from a caller who is no admin: its route's admin check refuses it before reading the body,
+    so the edge does not buffer up to ``max_upload_bytes`` of it either."""
+    principal = info.get("principal")
+    return _is_upload(scope) and not (principal is not None and principal.admin)
+
+
+def _offered_key(scope: Scope) -> str | None:
+    """``Authorization: Bearer <key>``, else ``X-API-Key: <key>``."""
     authorization = _header(scope, b"authorization")
     if authorization and authorization[:7].lower() == "bearer ":
-        offered = authorization[7:].strip()
-    return hmac.compare_digest((offered or "").encode("utf-8", "replace"), expected)
+        return authorization[7:].strip()
+    return _header(scope, b"x-api-key")
 
 
 class EdgeMiddleware:
     """Everything that must happen before (and around) routing, as plain ASGI."""
 
-    def __init__(self, app: ASGIApp, service: Service) -> None:
+    def __init__(self, app: ASGIApp, service: Service, access: Access) -> None:
         self.app = app
         self.service = service
+        self.access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,8 +101,8 @@ class EdgeMiddleware:
         if counted:
             self.service.metrics.inflight.inc()
         try:
-            rejection = self._check_auth(scope)
-            if rejection is None:
+            rejection = self._admit(scope, info)
+            if rejection is None and not _unread_upload(scope, info):
                 receive, rejection = await self._buffer_body(scope, receive)
             if rejection is not None:
                 await rejection(scope, receive, send_with_id)
@@ -101,6 +114,11 @@ class EdgeMiddleware:
             if counted:
                 self.service.metrics.inflight.dec()
                 self.service.metrics.observe_request(adapter, status, elapsed)
+            principal = info.get("principal")
+            if principal is not None and principal.keyed and _is_protected(path):
+                self.service.metrics.key_requests.labels(principal.key_id, str(status)).inc()
+            if "audit" in info:
+                write_audit_line(info["audit"], status, request_id)
             access_log.info(
                 "%s %s %s",
                 method,
@@ -117,19 +135,22 @@ class EdgeMiddleware:
                 },
             )
 
-    def _check_auth(self, scope: Scope) -> Response | None:
-        key = self.service.settings.api_key_value()
-        if key is None or not _is_protected(scope.get("path", "")):
-            return None
-        if _key_matches(scope, key):
-            return None
-        return service_error_response(UnauthorizedError("missing or invalid API key"))
+    def _admit(self, scope: Scope, info: dict[str, Any]) -> Response | None:
+        """Who sent the request (``info["principal"]``); a 401 or 429 response when it may not go on."""
+        protected = _is_protected(scope.get("path", ""))
+        try:
+            principal = self.access.authenticate(_offered_key(scope), key_needed=protected)
+            info["principal"] = principal
+            if protected:
+                self.access.admit_request(principal)
+        except ServiceError as exc:
+            return service_error_response(exc)
+        return None
 
     async def _buffer_body(self, scope: Scope, receive: Receive) -> tuple[Receive, Response | None]:
         """Read the whole body up to the limit (Content-Length first, then the streamed size)."""
         settings = self.service.settings
-        upload = scope.get("method") == "PUT" and UPLOAD_PATH.match(scope.get("path", "")) is not None
-        limit = settings.max_upload_bytes if upload else settings.max_body_bytes
+        limit = settings.max_upload_bytes if _is_upload(scope) else settings.max_body_bytes
         too_large = service_error_response(PayloadTooLargeError(f"request body exceeds {limit} bytes"))
         declared = _header(scope, b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:

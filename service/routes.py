@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from service import uploads
 from service.about import NAME, runtime
+from service.auth import AdminOnly, CatalogueReader, scoped
 from service.classification import classify_texts, service_of
 from service.metrics import CONTENT_TYPE
 from service.responses import documented_errors, error_response
@@ -47,7 +48,7 @@ AdapterName = Annotated[
     "/classify",
     response_model=ClassifyResponse,
     responses=documented_errors(401, 404, 413, 422, 429, 503, 504),
-    summary="Classify one text or a list of texts with an adapter.",
+    summary="Classify one text or a list of texts with an adapter the key may use.",
 )
 async def classify(body: ClassifyBody, request: Request) -> Response:
     answer = await classify_texts(
@@ -90,35 +91,39 @@ def readiness_response(request: Request, ready_body: str) -> Response:
 @router.get(
     "/info",
     response_model=ServerInfo,
-    responses=documented_errors(401),
-    summary="What is served: version, device, resolved dtype, torch threads, adapters and unservable folders.",
+    responses=documented_errors(401, 403, 429),
+    dependencies=[CatalogueReader],
+    summary="What is served: version, device, resolved dtype, torch threads, the key's adapters and unservable "
+    "folders.",
 )
 async def info(request: Request) -> ServerInfo:
     service = service_of(request)
-    repository = service.repository
+    visible = scoped(request, service.repository) if service.repository is not None else None
     return ServerInfo(
         name=NAME,
         state=service.state,
         **runtime(service.settings),
-        adapters=repository.names() if repository is not None else [],
-        loaded=len(repository.loaded_names()) if repository is not None else 0,
-        unavailable=repository.failures if repository is not None else {},
+        adapters=visible.names() if visible is not None else [],
+        loaded=len(visible.loaded_names()) if visible is not None else 0,
+        unavailable=visible.failures() if visible is not None else {},
     )
 
 
 @router.get(
     "/adapters",
     response_model=AdaptersResponse,
-    responses=documented_errors(401, 503),
-    summary="Every servable adapter (loaded in memory or not), the memory bound and unservable folders.",
+    responses=documented_errors(401, 403, 429, 503),
+    dependencies=[CatalogueReader],
+    summary="Every servable adapter the key may use (loaded or not), the memory bound and unservable folders.",
 )
 async def adapters(request: Request) -> AdaptersResponse:
     repository, _ = service_of(request).require_ready()
+    visible = scoped(request, repository)
     return AdaptersResponse(
-        adapters=repository.adapters(),
-        loaded=len(repository.loaded_names()),
+        adapters=visible.adapters(),
+        loaded=len(visible.loaded_names()),
         max_loaded=repository.max_loaded,
-        unavailable=repository.failures,
+        unavailable=visible.failures(),
     )
 
 
@@ -126,7 +131,8 @@ async def adapters(request: Request) -> AdaptersResponse:
     "/adapters/{name}",
     status_code=201,
     response_model=AdapterInfo,
-    responses=documented_errors(401, 404, 409, 422, 503),
+    responses=documented_errors(401, 403, 404, 409, 422, 429, 503),
+    dependencies=[AdminOnly],
     summary="Admin: (re)read the checkpoint folder <model_dir>/<name> and load it now.",
 )
 async def load_adapter(name: AdapterName, request: Request) -> AdapterInfo:
@@ -146,7 +152,8 @@ _ARCHIVE_BODY = {"schema": {"type": "string", "format": "binary"}}
     "/adapters/{name}",
     status_code=201,
     response_model=AdapterInfo,
-    responses=documented_errors(401, 403, 404, 409, 413, 422, 503),
+    responses=documented_errors(401, 403, 404, 409, 413, 422, 429, 503),
+    dependencies=[AdminOnly],
     summary="Admin: add an adapter from an uploaded .tar.gz / .zip of its folder, or from a Hugging Face Hub id.",
     openapi_extra={
         "requestBody": {
@@ -177,7 +184,8 @@ async def install_adapter(
 @router.delete(
     "/adapters/{name}",
     response_model=UnloadResponse,
-    responses=documented_errors(401, 403, 404, 409, 422, 503),
+    responses=documented_errors(401, 403, 404, 409, 422, 429, 503),
+    dependencies=[AdminOnly],
     summary="Admin: unload an adapter until it is loaded again (requests still queued for it get 404); "
     "with delete_files=true also delete its folder.",
 )

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cogalora.precision import PRECISION_CHOICES, Precision, resolve_precision
@@ -47,7 +47,28 @@ class Settings(BaseSettings):
         description="Largest adapter archive PUT /adapters/{name} accepts, and the most its files may unpack to "
         "(413 beyond).",
     )
-    api_key: SecretStr | None = Field(None, description="When set, /classify and /adapters need it.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="The inference key: when set, classification and catalogue routes need it (or a key of the key "
+        "file). It never opens the admin routes.",
+    )
+    admin_key: SecretStr | None = Field(
+        None,
+        description="Opens the routes that change what is served (load, install, replace, unload, delete); while "
+        "neither it nor an admin entry of the key file exists, they answer 403 to everyone. Must differ from "
+        "api_key.",
+    )
+    key_file: Path | None = Field(
+        None,
+        description="Key file (TOML, or JSON by its .json suffix): key ids -> SHA-256 of the key, the adapters each "
+        "may use (fnmatch patterns), optional rates and admin flag (docs/security.md). Re-read when it changes "
+        "and on SIGHUP. Setting it makes classification and catalogue routes need a key.",
+    )
+    catalogue_access: Literal["scoped", "admin"] = Field(
+        "scoped",
+        description='Who may list adapters (/adapters, /info, /console/stats, /replicas under Ray Serve): "scoped" = '
+        'every caller, each seeing only the adapters its key may use; "admin" = admin keys only (403 for others).',
+    )
     device: str = Field("cpu", description='Torch device; "auto" picks cuda when available.')
     dtype: Literal[PRECISION_CHOICES] = Field(
         "auto",
@@ -113,6 +134,24 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Root log level (DEBUG, INFO, WARNING, ...).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 responses.")
 
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_is_not_the_api_key(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        api_key = info.data.get("api_key")
+        if _secret(value) is not None and _secret(value) == _secret(api_key):
+            raise ValueError("must differ from the API key (the inference key never opens admin routes)")
+        return value
+
+    @field_validator("key_file")
+    @classmethod
+    def _valid_key_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        """Readable, valid, and no key of it repeats a settings key: fail at start, not later."""
+        from service.keys import KeyRing
+
+        if value is not None:  # KeyFileError is a ValueError naming the file and the field
+            KeyRing(_secret(info.data.get("api_key")), _secret(info.data.get("admin_key")), value)
+        return value
+
     @field_validator("metrics_adapter_labels")
     @classmethod
     def _known_label_mode(cls, value: str) -> str:
@@ -154,6 +193,12 @@ class Settings(BaseSettings):
 
     def api_key_value(self) -> str | None:
         """The configured API key, or None when the service is open (an empty key counts as unset)."""
-        if self.api_key is None:
-            return None
-        return self.api_key.get_secret_value() or None
+        return _secret(self.api_key)
+
+    def admin_key_value(self) -> str | None:
+        """The configured admin key, or None (an empty key counts as unset)."""
+        return _secret(self.admin_key)
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() or None if value is not None else None

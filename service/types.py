@@ -25,6 +25,8 @@ class ClassifyRequest:
     """Per-request tau override; ``None`` uses the adapter's tau."""
     truncate: bool = True
     """False: an input longer than the adapter's max_length is an InputTooLongError (413)."""
+    client: str = ""
+    """Who sent it (a key id): the batcher shares its queue and its batches fairly between clients."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class TokenizedRequest:
     """Tokens per input before truncation."""
     threshold: float | None = None
     """Per-request tau override; ``None`` uses the adapter's tau."""
+    client: str = ""
+    """Who sent it (a key id): the batcher shares its queue and its batches fairly between clients."""
 
 
 @dataclass

@@ -33,6 +33,8 @@ from benchmarks.processes import (  # noqa: F401 (re-exported for the tests)
 
 #: The API key of the shared real service (conftest ``keyed_service``).
 API_KEY = "test-key"
+#: The admin key of real services that load, install or delete adapters (admin routes are closed without one).
+ADMIN_KEY = "test-admin-key"
 #: Start-up variables the command-line flags must win over (``ServiceProcess`` passes --host/--port).
 IGNORED_BY_FLAGS = {"COGALORA_PORT": "1", "COGALORA_HOST": "203.0.113.1"}
 

@@ -17,6 +17,9 @@ import service
 from service.app import create_app
 from service.settings import DEFAULT_MODEL_DIR, Settings
 
+#: The admin key of the tests that load and unload adapters (admin routes are closed without one).
+ADMIN_KEY = "admin-s3cret"
+
 
 def make_app(tmp_path, names=("sst2",), available=(), hold=None, max_queue=1000, **overrides):
     for name in available:
@@ -297,8 +300,9 @@ async def test_adapters_listing(tmp_path):
 
 
 async def test_admin_load_and_unload(tmp_path):
-    app, _ = make_app(tmp_path, available=("extra",))
+    app, _ = make_app(tmp_path, available=("extra",), admin_key=ADMIN_KEY)
     async with running(app) as client:
+        client.headers["X-API-Key"] = ADMIN_KEY
         assert_envelope(
             await client.post("/classify", json={"inputs": "x", "adapter": "extra"}), 404, "unknown_adapter"
         )
@@ -318,9 +322,10 @@ async def test_admin_load_and_unload(tmp_path):
 
 @pytest.mark.parametrize("name", ["..", ".hidden", "a" * 65, "bad name", "a%2F..%2F..", "-x", "%00"])
 async def test_admin_rejects_bad_names(tmp_path, name):
-    app, _ = make_app(tmp_path, available=("extra",))
+    app, _ = make_app(tmp_path, available=("extra",), admin_key=ADMIN_KEY)
     (tmp_path.parent / "outside").mkdir(exist_ok=True)
     async with running(app) as client:
+        client.headers["X-API-Key"] = ADMIN_KEY
         response = await client.post(f"/adapters/{name}")
         # ".." is resolved by the client to POST / (the console's page, GET only): 405.
         assert response.status_code in (404, 405, 422), response.text
@@ -330,10 +335,11 @@ async def test_admin_rejects_bad_names(tmp_path, name):
 
 
 async def test_admin_path_escape_is_not_loaded(tmp_path):
-    app, _ = make_app(tmp_path / "models", available=())
+    app, _ = make_app(tmp_path / "models", available=(), admin_key=ADMIN_KEY)
     (tmp_path / "models").mkdir()
     (tmp_path / "outside").mkdir()
     async with running(app) as client:
+        client.headers["X-API-Key"] = ADMIN_KEY
         for path in ("/adapters/../outside", "/adapters/..%2Foutside", "/adapters/%2E%2E"):
             response = await client.post(path)
             assert response.status_code in (404, 405, 422), (path, response.text)

@@ -241,8 +241,9 @@ async def test_metrics_match_the_responses(loaded, minilm_model_dir):
 
 
 async def test_admin_unload_and_reload_for_real(own_model_dir):
-    settings = Settings(model_dir=own_model_dir)
+    settings = Settings(model_dir=own_model_dir, admin_key="admin-s3cret")
     async with running(create_app(settings)) as client:
+        client.headers["X-API-Key"] = "admin-s3cret"
         before = await classify(client, TEXTS[:2], adapter="plain")
         assert (await client.delete("/adapters/plain")).status_code == 200
         assert_envelope(
@@ -259,7 +260,8 @@ async def test_admin_unload_and_reload_for_real(own_model_dir):
 
 
 async def test_admin_load_of_a_broken_folder_is_422(own_model_dir):
-    async with running(create_app(Settings(model_dir=own_model_dir))) as client:
+    async with running(create_app(Settings(model_dir=own_model_dir, admin_key="admin-s3cret"))) as client:
+        client.headers["X-API-Key"] = "admin-s3cret"
         broken = own_model_dir / "broken"
         broken.mkdir()
         (broken / "cogalora.json").write_text("{not json", encoding="utf-8")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -435,3 +435,87 @@ async def test_traffic_over_five_adapters_with_room_for_two(tmp_path: Path, tiny
         assert answer.probabilities == pytest.approx(expected.probabilities, abs=1e-5)
     assert bounded.in_use() == {}, "every pin was given back"
     assert events.evictions >= 3 and events.loads == events.evictions + len(bounded.loaded_names())
+
+
+# ---- fairness between clients (key ids) ----------------------------------------------------------
+
+
+def from_client(client: str, *texts: str) -> TokenizedRequest:
+    return replace(request(*texts), client=client)
+
+
+async def test_a_batch_takes_the_clients_in_turn() -> None:
+    """Client "a" has six rows waiting when client "b" sends one: b's row runs in the next batch, not after a's.
+
+    First in, first out between clients would run ``a1..a4``, then ``a5 a6 b1``.
+    """
+    engine = FakeEngine()
+    batcher = Batcher(engine, BatcherConfig(max_batch_size=4, max_wait_s=0, max_queue=100))
+    engine.gate.clear()
+    await batcher.start()
+    try:
+        blocker = asyncio.create_task(batcher.submit(from_client("a", "hold")))
+        await started(engine)
+        flood = [asyncio.create_task(batcher.submit(from_client("a", f"a{i}", f"a{i + 1}"))) for i in (1, 3, 5)]
+        await queued(batcher, 6)
+        steady = asyncio.create_task(batcher.submit(from_client("b", "b1")))
+        await queued(batcher, 7)
+        engine.gate.set()
+        await asyncio.gather(blocker, steady, *flood)
+        assert engine.batches == [["hold"], ["a1", "b1", "a2", "a3"], ["a4", "a5", "a6"]]
+    finally:
+        engine.gate.set()
+        await batcher.stop()
+
+
+async def test_turns_go_on_across_batches() -> None:
+    """Rows of three clients, batches of two: the turns go on across batches (rows stay in order per client)."""
+    engine = FakeEngine()
+    batcher = Batcher(engine, BatcherConfig(max_batch_size=2, max_wait_s=0, max_queue=100))
+    engine.gate.clear()
+    await batcher.start()
+    try:
+        blocker = asyncio.create_task(batcher.submit(from_client("x", "hold")))
+        await started(engine)
+        jobs = [asyncio.create_task(batcher.submit(from_client(c, f"{c}1", f"{c}2"))) for c in "abc"]
+        await queued(batcher, 6)
+        engine.gate.set()
+        await asyncio.gather(blocker, *jobs)
+        assert engine.batches[1:] == [["a1", "b1"], ["c1", "a2"], ["b2", "c2"]]
+    finally:
+        engine.gate.set()
+        await batcher.stop()
+
+
+async def test_a_full_queue_makes_room_for_a_smaller_client_by_dropping_the_largest_clients_newest() -> None:
+    """Longest queue drop: client "a" fills the queue; "b" is admitted and a's newest waiting request is
+    answered 503 instead; "a" cannot push "b" out, and "b" cannot grow past "a" the same way."""
+    engine = FakeEngine()
+    batcher = Batcher(engine, BatcherConfig(max_batch_size=2, max_wait_s=0, max_queue=6))
+    engine.gate.clear()
+    await batcher.start()
+    try:
+        blocker = asyncio.create_task(batcher.submit(from_client("a", "hold", "hold")))
+        await started(engine)
+        a_jobs = [asyncio.create_task(batcher.submit(from_client("a", f"a{i}", f"a{i + 1}"))) for i in (1, 3, 5)]
+        await queued(batcher, 6)
+        with pytest.raises(QueueFullError):
+            await batcher.submit(from_client("a", "a7"))  # a holds the whole queue: refused
+        b_job = asyncio.create_task(batcher.submit(from_client("b", "b1")))
+        await until(lambda: a_jobs[2].done())
+        with pytest.raises(QueueFullError, match="largest share") as dropped:
+            await a_jobs[2]  # a's newest request made room for b
+        assert dropped.value.retry_after is not None and dropped.value.retry_after >= 1
+        await queued(batcher, 5)
+        assert batcher.queue_depth == 5
+        with pytest.raises(QueueFullError):  # b with 4 more would hold more than a's 4: refused, a untouched
+            await batcher.submit(from_client("b", "b2", "b3", "b4", "b5"))
+        assert not any(job.done() for job in a_jobs[:2])
+        engine.gate.set()
+        results = await asyncio.gather(blocker, b_job, *a_jobs[:2])
+        assert [[row.label for row in rows] for rows in results[1:]] == [["b1"], ["a1", "a2"], ["a3", "a4"]]
+        assert all("a5" not in batch for batch in engine.batches), "the dropped request never ran"
+        assert batcher.queue_depth == 0 and engine.repository.pins == 0
+    finally:
+        engine.gate.set()
+        await batcher.stop()

@@ -137,7 +137,9 @@ def test_an_empty_model_dir_is_refused_unless_allowed(tmp_path):
 async def test_a_service_started_empty_serves_what_an_admin_adds(tmp_path, tiny_base_dir):
     root = tmp_path / "models"
     root.mkdir()
-    async with running(create_app(Settings(model_dir=root, allow_empty_model_dir=True, dtype="float32"))) as client:
+    settings = Settings(model_dir=root, allow_empty_model_dir=True, dtype="float32", admin_key="admin-key")
+    async with running(create_app(settings)) as client:
+        client.headers["X-API-Key"] = "admin-key"  # admin routes are closed without an admin key
         body = assert_envelope(await client.post("/classify", json={"inputs": "good"}), 422, "adapter_required")
         assert body["error"].startswith("no adapter is being served") and "POST /adapters/{name}" in body["error"]
         synthetic_checkpoint(root / "alpha", str(tiny_base_dir), ["neg", "pos"], seed=0)
@@ -150,9 +152,10 @@ async def test_a_service_started_empty_serves_what_an_admin_adds(tmp_path, tiny_
 
 
 async def test_an_unservable_folder_is_warned_about_listed_and_named_while_the_others_serve(tiny_model_dir, caplog):
-    settings = Settings(model_dir=tiny_model_dir, dtype="float32")
+    settings = Settings(model_dir=tiny_model_dir, dtype="float32", admin_key="admin-key")
     with caplog.at_level(logging.INFO):
         async with running(create_app(settings)) as client:  # /ready 200: the default keeps serving the others
+            client.headers["X-API-Key"] = "admin-key"  # for the admin load at the end
             warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
             assert any(m.startswith("adapter 'broken' failed to load: broken/cogalora.json") for m in warnings)
             ready = next(r for r in caplog.records if r.getMessage() == "ready")

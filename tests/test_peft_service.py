@@ -19,7 +19,7 @@ import pytest
 import torch
 from archives import HOSTILE, pack
 from peft import LoraConfig, PeftModel, get_peft_model
-from processes import API_KEY, REPO, metric_sum
+from processes import ADMIN_KEY, API_KEY, REPO, metric_sum
 from test_uploads import fill_hub_cache, tree
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -28,7 +28,7 @@ from cogalora.peft_folder import SIDECAR_FILE
 
 pytestmark = pytest.mark.integration
 
-AUTH = {"X-API-Key": API_KEY}
+AUTH = {"X-API-Key": ADMIN_KEY}  # an admin key also classifies, with every adapter
 COMMITTED = ("sst2", "agnews", "sst2-radlora")
 TEXTS = [
     "a gripping, beautifully acted film",
@@ -130,6 +130,7 @@ def service(model_dir, trained, start_service, tmp_path_factory):
         model_dir,
         COGALORA_DTYPE="float32",
         COGALORA_API_KEY=API_KEY,
+        COGALORA_ADMIN_KEY=ADMIN_KEY,
         COGALORA_MAX_WAIT_MS="100",
         COGALORA_MAX_BATCH_SIZE="64",
         COGALORA_SHADOW_FRACTION="0",
@@ -331,17 +332,18 @@ async def test_hostile_uploads_are_refused_and_nothing_is_written(service, model
         bad_name = await client.put("/adapters/..%2Fevil", content=pack(good))
         assert bad_name.status_code in (404, 422)
         assert (await client.get("/adapters")).json() == listed
-    assert declared_2gb_body(service.url).startswith(b"HTTP/1.1 413")
+    assert declared_2gb_body(service.url, ADMIN_KEY).startswith(b"HTTP/1.1 413")
+    assert declared_2gb_body(service.url, API_KEY).startswith(b"HTTP/1.1 403"), "no admin: refused, body unread"
     assert tree(model_dir) == before, "nothing written, not even a staging folder"
     assert "Traceback" not in service.log_text()
 
 
-def declared_2gb_body(url: str) -> bytes:
+def declared_2gb_body(url: str, key: str) -> bytes:
     """The first bytes of the answer to an upload whose Content-Length says 2 GB (the body is never sent)."""
     address = urlparse(url)
     with socket.create_connection((address.hostname, address.port), timeout=30) as connection:
         connection.sendall(
-            b"PUT /adapters/huge HTTP/1.1\r\nHost: test\r\nX-API-Key: " + API_KEY.encode() + b"\r\n"
+            b"PUT /adapters/huge HTTP/1.1\r\nHost: test\r\nX-API-Key: " + key.encode() + b"\r\n"
             b"Content-Type: application/gzip\r\nContent-Length: 2147483648\r\n\r\n"
         )
         return connection.recv(64)

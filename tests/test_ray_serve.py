@@ -232,7 +232,7 @@ async def test_ingress_routes_by_adapter_and_relays_replica_answers(minilm_model
         return ReplicaAnswer("r1", loaded=["sst2"], adapter_loads={}, results=[])
 
     replicas = FakeReplicas(answer)
-    settings = Settings(model_dir=minilm_model_dir, api_key="secret")
+    settings = Settings(model_dir=minilm_model_dir, api_key="secret", admin_key="admin-secret")
     app = Ingress(replicas, settings).__serve_build_asgi_app__()
     key = {"x-api-key": "secret"}
     async with running(app) as client:
@@ -251,7 +251,9 @@ async def test_ingress_routes_by_adapter_and_relays_replica_answers(minilm_model
         assert [r["metrics_url"] for r in listed] == ["http://10.0.0.1:9500/metrics", None]
         adapters = (await client.get("/adapters", headers=key)).json()
         assert {a["name"]: a["loaded"] for a in adapters["adapters"]} == {"agnews": True, "plain": False, "sst2": True}
-        assert_envelope(await client.post("/adapters/sst2", headers=key), 409, "adapter_conflict")
+        assert_envelope(await client.post("/adapters/sst2", headers=key), 403, "forbidden")  # not an admin key
+        admin = {"x-api-key": "admin-secret"}
+        assert_envelope(await client.post("/adapters/sst2", headers=admin), 409, "adapter_conflict")
 
 
 def test_the_serve_config_file_builds_the_application(minilm_model_dir: Path) -> None:

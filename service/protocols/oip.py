@@ -28,6 +28,7 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.auth import scoped
 from service.classification import Classified, classify_texts, service_of
 from service.errors import InvalidRequestError
 from service.responses import documented_errors
@@ -365,12 +366,12 @@ async def server_metadata(request: Request) -> ServerMetadata:
 @router.get(
     "/v2/models/{adapter}",
     response_model=ModelMetadata,
-    responses=documented_errors(401, 404, 422, 503),
+    responses=documented_errors(401, 404, 422, 429, 503),
     summary="OIP model metadata: the input tensor, every output tensor and the labels of an adapter.",
 )
 async def model_metadata(adapter: str, request: Request) -> ModelMetadata:
     repository, _ = service_of(request).require_ready()
-    info = repository.info(adapter)
+    info = scoped(request, repository).info(adapter)
     outputs = [
         TensorMetadata(name=name, datatype=output.datatype, shape=[-1, len(info.labels)] if output.per_label else [-1])
         for name, output in OUTPUTS.items()
@@ -394,12 +395,12 @@ async def model_metadata(adapter: str, request: Request) -> ModelMetadata:
 @router.get(
     "/v2/models/{adapter}/ready",
     response_model=ModelReadyResponse,
-    responses=documented_errors(401, 404, 422, 503),
+    responses=documented_errors(401, 404, 422, 429, 503),
     summary="OIP model readiness: 200 when the service is ready and serves this adapter (loaded now or on demand).",
 )
 async def model_ready(adapter: str, request: Request) -> ModelReadyResponse:
     repository, _ = service_of(request).require_ready()
-    return ModelReadyResponse(name=repository.info(adapter).name, ready=True)
+    return ModelReadyResponse(name=scoped(request, repository).info(adapter).name, ready=True)
 
 
 @infer_router.post(
@@ -415,6 +416,7 @@ async def infer(adapter: str, body: InferRequestBody, request: Request) -> Respo
     texts = _texts(body)
     options = _options(body)
     _requested(body, options.binary_output)  # reject unknown outputs before any work
-    labels = service_of(request).require_ready()[0].info(adapter).labels  # the column order of "scores"
+    repository, _ = service_of(request).require_ready()
+    labels = scoped(request, repository).info(adapter).labels  # the column order of "scores"
     answer = await classify_texts(request, texts, adapter, threshold=options.threshold, truncate=options.truncate)
     return _answer(body, answer, labels, options.binary_output)

@@ -9,8 +9,10 @@
 
 - The ingress runs the very app of ``python -m service`` (``service.app.create_app``) with other
   components: a :class:`CatalogueRepository` (the model directory scanned for metadata, nothing
-  loaded) and a :class:`ReplicaPool` in place of the batcher. Validation, the API key, body limits,
-  the error envelope and the ``/classify`` response are therefore the single-process ones.
+  loaded) and a :class:`ReplicaPool` in place of the batcher. Validation, keys, adapter scopes,
+  per-key rates, the admin check, body limits, the error envelope and the ``/classify`` response
+  are therefore the single-process ones; ``GET /replicas`` shows each key only its adapters. The
+  key file is read by the ingress (its path must exist where the ingress runs).
 - Each :class:`ClassifierReplica` builds the same repository, engine and batcher as the
   single-process service. Its adapter loader is ``@serve.multiplexed`` with
   ``max_num_models_per_replica = max_loaded_adapters``: Ray learns which adapters each replica
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastapi import Request
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.exceptions import RayActorError
@@ -39,9 +42,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import CatalogueReader, principal_of
 from service.engine_client import EngineClient, LocalTransport
 from service.engine_core import EngineCore
 from service.errors import AdapterConflictError, NotReadyError, QueueFullError, RequestTimeoutError, ServiceError
+from service.keys import Principal
 from service.metrics import ServiceMetrics, service_metrics
 from service.schemas import AdapterInfo, RowResult
 from service.settings import Settings
@@ -373,15 +378,31 @@ class Ingress:
 
         app = create_app(self.settings, components)
 
-        @app.get("/replicas", summary="Ray Serve: the engine replicas that answered, what they hold, their metrics.")
-        async def replicas() -> JSONResponse:
+        @app.get(
+            "/replicas",
+            dependencies=[CatalogueReader],
+            summary="Ray Serve: the engine replicas that answered, which of the key's adapters they hold, metrics.",
+        )
+        async def replicas(request: Request) -> JSONResponse:
             if "replicas" not in pool:
                 raise NotReadyError("not ready: loading", retry_after=self.settings.retry_after_s)
             reports = await pool["replicas"].refresh()
-            return JSONResponse({"replicas": [report.__dict__ for report in sorted(reports, key=lambda r: r.replica)]})
+            principal = principal_of(request)
+            return JSONResponse(
+                {"replicas": [_visible(report, principal) for report in sorted(reports, key=lambda r: r.replica)]}
+            )
 
         app.add_middleware(ReplicaHeader)
         return app
+
+
+def _visible(report: ReplicaReport, principal: Principal) -> dict[str, Any]:
+    """A replica's report with only the adapters ``principal`` may see."""
+    return {
+        **report.__dict__,
+        "loaded": [name for name in report.loaded if principal.may_use(name)],
+        "adapter_loads": {name: n for name, n in report.adapter_loads.items() if principal.may_use(name)},
+    }
 
 
 def build_app(args: RayServeArgs | dict[str, Any] | None = None):
