@@ -293,3 +293,37 @@ class Catalogue:
         spec = BaseSpec(key=key, num_layers=layers, max_positions=positions)
         with self._lock:
             return self._specs.setdefault(key, spec)
+
+
+class CatalogueReads:
+    """The catalogue's reading methods, for a repository built around one (``self.catalogue``): what the
+    routes read, each adapter marked ``loaded`` as the repository's ``loaded_names`` says."""
+
+    catalogue: Catalogue
+
+    def loaded_names(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def model_dir(self) -> Path:
+        return self.catalogue.model_dir
+
+    @property
+    def failures(self) -> dict[str, str]:
+        return self.catalogue.failures
+
+    def names(self) -> list[str]:
+        return self.catalogue.names()
+
+    def resolve(self, requested: str | None) -> str:
+        return self.catalogue.resolve(requested)
+
+    def validate(self, directory: Path) -> tuple[CheckpointMeta, BaseSpec]:
+        return self.catalogue.validate(directory)
+
+    def adapters(self) -> list[AdapterInfo]:
+        loaded = set(self.loaded_names())
+        return [info.model_copy(update={"loaded": info.name in loaded}) for info in self.catalogue.infos()]
+
+    def info(self, name: str) -> AdapterInfo:
+        return self.catalogue.entry(name).info.model_copy(update={"loaded": name in self.loaded_names()})

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from cogalora import ALL_MODULE_KINDS
 from cogalora.architectures import site_name
-from service.catalogue import BaseSpec, Catalogue, failure_reason
+from service.catalogue import BaseSpec, Catalogue, CatalogueReads, failure_reason
 from service.engine_core import EngineCore
 from service.errors import AdapterLoadError, AdapterUnloadedError, NotReadyError, QueueFullError, RequestTimeoutError
 from service.results import row_result
@@ -156,7 +156,7 @@ class EngineClient:
         return results
 
 
-class RemoteRepository:
+class RemoteRepository(CatalogueReads):
     """The resident adapters as the API process sees them when the engine runs in its own process.
 
     Its own :class:`~service.catalogue.Catalogue` (the same scan as the engine's) answers names and
@@ -193,31 +193,8 @@ class RemoteRepository:
 
     # ---- reading ------------------------------------------------------------------------------
 
-    @property
-    def model_dir(self):
-        return self.catalogue.model_dir
-
-    @property
-    def failures(self) -> dict[str, str]:
-        return self.catalogue.failures
-
-    def names(self) -> list[str]:
-        return self.catalogue.names()
-
-    def resolve(self, requested: str | None) -> str:
-        return self.catalogue.resolve(requested)
-
-    def validate(self, directory):
-        return self.catalogue.validate(directory)
-
     def loaded_names(self) -> list[str]:
         return list(self._loaded)
-
-    def adapters(self) -> list[AdapterInfo]:
-        return [info.model_copy(update={"loaded": info.name in self._loaded}) for info in self.catalogue.infos()]
-
-    def info(self, name: str) -> AdapterInfo:
-        return self.catalogue.entry(name).info.model_copy(update={"loaded": name in self._loaded})
 
     # ---- admin (blocking) ---------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ from cogalora import (
     resolve_base_model,
 )
 from cogalora.precision import Precision, resolve_precision
-from service.catalogue import Catalogue, CatalogueEntry
+from service.catalogue import Catalogue, CatalogueEntry, CatalogueReads
 from service.errors import AdapterCapacityError, AdapterConflictError, AdapterLoadError, UnknownAdapterError
 from service.schemas import AdapterInfo
 from service.settings import Settings
@@ -117,7 +117,7 @@ class LoadedAdapter:
         return self.meta.labels
 
 
-class ModelRepository:
+class ModelRepository(CatalogueReads):
     """The adapters of a :class:`~service.catalogue.Catalogue` in memory, on shared base encoders.
 
     The catalogue's reading methods (``names``, ``resolve``, ``adapters``, ``info``, ``failures``)
@@ -151,34 +151,9 @@ class ModelRepository:
 
     # ---- the catalogue, with what is loaded ----------------------------------------------------
 
-    @property
-    def model_dir(self) -> Path:
-        return self.catalogue.model_dir
-
     def scan(self) -> dict[str, str]:
         """Scan the model directory (``Catalogue.scan``); returns name -> why it is not servable."""
         return self.catalogue.scan()
-
-    @property
-    def failures(self) -> dict[str, str]:
-        return self.catalogue.failures
-
-    def names(self) -> list[str]:
-        return self.catalogue.names()
-
-    def resolve(self, requested: str | None) -> str:
-        return self.catalogue.resolve(requested)
-
-    def validate(self, directory: Path):
-        return self.catalogue.validate(directory)
-
-    def adapters(self) -> list[AdapterInfo]:
-        loaded = set(self.loaded_names())
-        return [info.model_copy(update={"loaded": info.name in loaded}) for info in self.catalogue.infos()]
-
-    def info(self, name: str) -> AdapterInfo:
-        info = self.catalogue.entry(name).info
-        return info.model_copy(update={"loaded": name in self._loaded})
 
     def loaded_names(self) -> list[str]:
         """Adapters in memory, least recently used first."""

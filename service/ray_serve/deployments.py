@@ -43,6 +43,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import CatalogueReader, principal_of
+from service.catalogue import CatalogueReads
 from service.engine_client import EngineClient, LocalTransport
 from service.engine_core import EngineCore
 from service.errors import AdapterConflictError, NotReadyError, QueueFullError, RequestTimeoutError, ServiceError
@@ -215,7 +216,7 @@ def _serve_metrics(metrics: ServiceMetrics, base_port: int, rank: int) -> str | 
 _ROUTED: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("cogalora_routed", default=None)
 
 
-class CatalogueRepository:
+class CatalogueRepository(CatalogueReads):
     """The repository as the ingress sees it: the scanned catalogue, and what replicas say they hold.
 
     ``resolve`` and ``adapters`` answer exactly as the single-process repository does (same errors);
@@ -233,25 +234,8 @@ class CatalogueRepository:
         self.max_loaded = settings.max_loaded_adapters
         self.replicas: dict[str, ReplicaReport] = {}
 
-    @property
-    def failures(self) -> dict[str, str]:
-        return self.catalogue.failures
-
-    def names(self) -> list[str]:
-        return self.catalogue.names()
-
-    def resolve(self, requested: str | None) -> str:
-        return self.catalogue.resolve(requested)
-
     def loaded_names(self) -> list[str]:
         return sorted({name for report in self.replicas.values() for name in report.loaded})
-
-    def info(self, name: str) -> AdapterInfo:
-        return self.catalogue.entry(name).info.model_copy(update={"loaded": name in self.loaded_names()})
-
-    def adapters(self) -> list[AdapterInfo]:
-        held = set(self.loaded_names())
-        return [info.model_copy(update={"loaded": info.name in held}) for info in self.catalogue.infos()]
 
     def load(self, name: str, replace: bool = False) -> AdapterInfo:
         raise AdapterConflictError("under Ray Serve adapters load on demand on each replica; redeploy to reload")
