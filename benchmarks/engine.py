@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from cogalora.precision import PRECISION_CHOICES, resolve_precision
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2-sentences" / "dev.tsv"
 VARIANTS = {
@@ -61,7 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
     parser.add_argument(
-        "--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"], help="precision"
+        "--dtype",
+        default="float32",
+        choices=PRECISION_CHOICES,
+        help="the engine's precision; the bare encoder and PEFT run in its activation dtype (float32 for int8)",
     )
     parser.add_argument("--adapters", default=None, help="many-adapter study: comma-separated adapter counts")
     parser.add_argument(
@@ -142,12 +147,12 @@ def variants(args: argparse.Namespace, sizes: list[int]) -> dict:
     from peft import PeftModel
 
     from cogalora import load_base_model, read_adapter
-    from cogalora.precision import resolve_dtype
     from service.engine import Engine
     from service.repository import ModelRepository
 
-    dtype = resolve_dtype(args.dtype)
-    repository = ModelRepository(args.model_dir, dtype=dtype)
+    precision = resolve_precision(args.dtype)
+    dtype = precision.activations
+    repository = ModelRepository(args.model_dir, precision=precision)
     repository.scan()
     for name in (args.adapter, args.second_adapter):
         if name not in repository.names():
@@ -256,7 +261,6 @@ def adapter_bytes(repository) -> int:
 
 def many_adapters(args: argparse.Namespace, sizes: list[int], counts: list[int]) -> dict:
     from cogalora.checkpoint import CONFIG_FILE
-    from cogalora.precision import resolve_dtype
     from service.engine import Engine
     from service.repository import ModelRepository
 
@@ -273,7 +277,7 @@ def many_adapters(args: argparse.Namespace, sizes: list[int], counts: list[int])
             for file in source.iterdir():
                 if file.is_file():
                     os.link(file, root / name / file.name)
-        repository = ModelRepository(root, dtype=resolve_dtype(args.dtype), max_loaded=largest)
+        repository = ModelRepository(root, precision=resolve_precision(args.dtype), max_loaded=largest)
         began = time.perf_counter()
         repository.scan()
         scan_seconds = time.perf_counter() - began

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.engine import DEFAULT_DATA, ROOT, machine, read_sentences
+from cogalora.precision import PRECISION_CHOICES
 
 DEFAULT_OTHER_DATA = ROOT.parent / "shared" / "data" / "agnews" / "dev.tsv"
 
@@ -40,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shadow-fractions", default="0.05,1", help="fractions timed against 0 (default: 0.05,1)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
-    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"], help="precision")
+    parser.add_argument("--dtype", default="float32", choices=PRECISION_CHOICES, help="precision")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     parser.set_defaults(statistic="ratio of total CPU / wall times, variants back to back per batch")  # for machine()
     return parser.parse_args(argv)
@@ -49,13 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from cogalora.precision import resolve_dtype
     from service.engine import Engine
     from service.fidelity import DriftWindow
     from service.repository import ModelRepository
 
     fractions = [float(part) for part in args.shadow_fractions.split(",") if part.strip()]
-    repository = ModelRepository(args.model_dir, dtype=resolve_dtype(args.dtype, "cpu"))
+    repository = ModelRepository(args.model_dir, precision=args.dtype)
     failures = repository.scan()
     if args.adapter in failures:
         raise SystemExit(f"adapter {args.adapter!r} cannot be served: {failures[args.adapter]}")

@@ -1,13 +1,13 @@
-"""Does half precision keep the served models' answers? Accuracy and gate decisions per dtype.
+"""Does a precision keep the served models' answers? Accuracy and gate decisions per precision.
 
 Runs every labelled dev set through the serving engine (the served path, batches of 32) once per
 dtype, and compares each dtype with float32: accuracy, labels that change, gate decisions that
 flip (out of every (row, site) pair), and the largest probability difference.
 
-    python -m benchmarks.precision [--dtypes float32,bfloat16] [--output runs/precision.json]
+    python -m benchmarks.precision [--dtypes float32,int8,bfloat16] [--output runs/precision.json]
 
-The gate-flip and accuracy budget for adopting a dtype as the default (issue 10): accuracy within
-0.3 points of float32 on every set, and gate decisions differing on < 1 % of (row, site) pairs.
+The budget for adopting a precision as the default: accuracy within 0.3 points of float32 on every
+set, and gate decisions differing on < 1 % of (row, site) pairs.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ class Outcome:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.precision", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models", help="checkpoint folders (default: models/)")
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated; the first is the reference")
+    parser.add_argument(
+        "--dtypes", default="float32,int8,bfloat16", help="comma-separated precisions; the first is the reference"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="rows per engine batch (default: 32)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many rows per set")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes: dict[str, dict] = {}
     seconds: dict[str, float] = {}
     for dtype in dtypes:
-        repository = ModelRepository(args.model_dir, dtype=getattr(torch, dtype))
+        repository = ModelRepository(args.model_dir, precision=dtype)
         repository.scan()
         engine = Engine(repository, tune_malloc=False)
         began = time.perf_counter()

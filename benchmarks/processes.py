@@ -151,3 +151,15 @@ class ServiceProcess(ManagedProcess, ServiceAPI):
         env.update({"COGALORA_LOG_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"})
         env.update(extra_env or {})
         super().__init__(name, command, log_path, env)
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` (exact sample name, e.g. ``cogalora_requests_total``) matching labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

@@ -3,16 +3,19 @@
 Every figure comes from the same run on the same sentences (real full SST-2 sentences, one per
 request):
 
-1. the bare encoder offline (Hugging Face model + head, no HTTP) at batch 32 in float32 and in
-   the served dtype: the yardstick the served throughput is a ratio to;
-2. each server (the service in each ``--dtypes``, then the naive FastAPI + PEFT server) under
-   ``--concurrency`` closed-loop clients, measured with ``wrk`` (a C load generator: it leaves
-   the two cores to the server) and with this project's httpx load tester;
+1. what a user would run instead, offline at batch 32 (``benchmarks.baselines``): the bare encoder
+   + head in torch (float32, bfloat16, dynamic int8) and in ONNX Runtime (float32, int8). Torch
+   float32 is the yardstick every throughput is a ratio to;
+2. each server (the service in each ``--dtypes`` and ``--modes``, then the naive FastAPI + PEFT
+   server) under ``--concurrency`` closed-loop clients, measured with ``wrk`` (a C load generator:
+   it leaves the two cores to the server) and with this project's httpx load tester; for the
+   service also the engine alone, offline, at the batch size it formed under that load (its
+   ``cogalora_batch_size``), with the engine's own thread count: what serving costs on top;
 3. with ``--sweep``: the service under open-loop Poisson arrivals at fractions of its maximum
    throughput, p50/p99 latency against offered load (``--plot`` writes the PNG), beside the
    latency of a lone request.
 
-    python -m benchmarks.serving --duration 20 --sweep --plot docs/latency_vs_load.png \\
+    python -m benchmarks.serving --duration 20 --sweep --plot runs/latency_vs_load.png \\
         --output runs/serving.json
 """
 
@@ -31,7 +34,8 @@ from pathlib import Path
 import httpx
 import torch
 
-from benchmarks.processes import ServiceProcess
+from benchmarks.baselines import baseline_rates
+from benchmarks.processes import ServiceProcess, metric_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2-sentences" / "dev.tsv"
@@ -44,7 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter", default="sst2", help="adapter every request names (default: sst2)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="TSV, sentences in the first column")
     parser.add_argument("--sentences", type=int, default=1000, help="distinct sentences sent in turn (default: 1000)")
-    parser.add_argument("--dtypes", default="auto,float32", help="service dtypes to measure (default: auto,float32)")
+    parser.add_argument("--dtypes", default="auto", help="service precisions to measure (default: auto)")
+    parser.add_argument(
+        "--modes",
+        default="process",
+        help="process (the engine in its own process, the default service) and/or inprocess (one process)",
+    )
     parser.add_argument("--torch-threads", default="0", help="service torch_threads values, comma-separated")
     parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients (default: 32)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per measurement (default: 20)")
@@ -65,24 +74,32 @@ def read_sentences(path: Path, count: int) -> list[str]:
 # ---- the yardstick: the bare encoder offline ------------------------------------------------------
 
 
-def bare_encoder_rate(model_dir: Path, adapter: str, sentences: list[str], dtype: torch.dtype) -> float:
-    """Sentences/s of the plain Hugging Face encoder + head at batch 32 (tokenization not timed)."""
-    from cogalora import load_base_model, load_tokenizer, read_meta
+def engine_rate(model_dir: Path, adapter: str, sentences: list[str], precision: str, batch: int, threads: int) -> float:
+    """Sentences/s of the engine alone (no HTTP, tokenization not timed) at ``batch`` rows per batch."""
+    from service.engine import Engine
+    from service.repository import ModelRepository
 
-    meta = read_meta(model_dir / adapter)
-    model = load_base_model(meta.base_model, num_labels=len(meta.labels)).to(dtype)
-    tokenizer = load_tokenizer(meta.base_model)
-    batches = [
-        tokenizer(sentences[i : i + 32], padding=True, truncation=True, max_length=meta.max_length, return_tensors="pt")
-        for i in range(0, min(len(sentences), 320), 32)
-    ]
-    with torch.inference_mode():
-        model(**batches[0])
-        began = time.perf_counter()
-        for batch in batches:
-            model(**batch)
-        seconds = time.perf_counter() - began
-    return sum(len(batch["input_ids"]) for batch in batches) / seconds
+    torch.set_num_threads(threads)
+    repository = ModelRepository(model_dir, precision=precision)
+    repository.scan()
+    engine = Engine(repository)
+    loaded = repository.acquire(adapter)
+    rows = engine.tokenize(loaded, sentences[:320])
+    batches = [rows[i : i + batch] for i in range(0, len(rows), batch)]
+    engine.run_batch(batches[0])
+    began = time.perf_counter()
+    for chunk in batches:
+        engine.run_batch(chunk)
+    return len(rows) / (time.perf_counter() - began)
+
+
+def mean_batch_size(metrics_before: str, metrics_after: str) -> float:
+    """Rows per engine batch between two /metrics scrapes."""
+    rows, count = (
+        metric_sum(metrics_after, name) - metric_sum(metrics_before, name)
+        for name in ("cogalora_batch_size_sum", "cogalora_batch_size_count")
+    )
+    return rows / count if count else float("nan")
 
 
 # ---- load generators ----------------------------------------------------------------------------
@@ -160,7 +177,10 @@ def measure_server(server: ServiceProcess, args, bodies, script, texts_file) -> 
     warm(server.url, bodies[0])
     results = {}
     if "wrk" in args.clients:
+        before = server.metrics_text() if server.name == "service" else ""
         results["wrk"] = run_wrk(server.url, script, args.concurrency, args.duration)
+        if server.name == "service":
+            results["wrk"]["mean_batch_size"] = mean_batch_size(before, server.metrics_text())
     if "httpx" in args.clients:
         results["httpx"] = run_httpx(server.url, args.adapter, texts_file, args.duration, concurrency=args.concurrency)
     return results
@@ -215,39 +235,51 @@ def main(argv: list[str] | None = None) -> int:
     if "wrk" in args.clients and shutil.which("wrk") is None:
         print("note: wrk is not installed (apt-get install wrk); measuring with httpx only", file=sys.stderr)
         args.clients.discard("wrk")
-    from cogalora.precision import resolve_dtype
+    from cogalora.precision import resolve_precision
+    from service.engine_core import engine_threads
+    from service.settings import Settings
 
     sentences = read_sentences(args.data, args.sentences)
     bodies = [json.dumps({"inputs": text, "adapter": args.adapter}) for text in sentences]
     report: dict = {"concurrency": args.concurrency, "duration_s": args.duration, "sentences": len(sentences)}
-    torch.set_num_threads(2)
-    served = {resolve_dtype(name) for name in args.dtypes.split(",")} | {torch.float32}
-    report["bare_batch32_per_s"] = {
-        str(dtype).removeprefix("torch."): bare_encoder_rate(args.model_dir, args.adapter, sentences, dtype)
-        for dtype in sorted(served, key=str)
-    }
-    print(f"bare encoder, batch 32, sentences/s: {report['bare_batch32_per_s']}", flush=True)
+    report["baselines_batch32_per_s"] = baseline_rates(args.model_dir, args.adapter, sentences)
+    print(f"baselines, batch 32, sentences/s: {report['baselines_batch32_per_s']}", flush=True)
     servers = []
     with tempfile.TemporaryDirectory() as scratch:
         script, texts_file = Path(scratch) / "classify.lua", Path(scratch) / "texts.txt"
         wrk_script(bodies, script)
         texts_file.write_text("\n".join(sentences) + "\n", encoding="utf-8")
         configs = [
-            (f"service {dtype}" + (f", torch_threads {threads}" if threads != "0" else ""), dtype, threads)
+            (dtype, mode, threads)
             for dtype in args.dtypes.split(",")
+            for mode in args.modes.split(",")
             for threads in args.torch_threads.split(",")
         ]
-        for label, dtype, threads in configs:
-            env = {"COGALORA_DTYPE": dtype, "COGALORA_TORCH_THREADS": threads}
+        for dtype, mode, threads in configs:
+            precision = resolve_precision(dtype).name
+            label = f"service {precision}" + (", one process" if mode == "inprocess" else "")
+            label += f", torch_threads {threads}" if threads != "0" else ""
+            env = {
+                "COGALORA_DTYPE": dtype,
+                "COGALORA_TORCH_THREADS": threads,
+                "COGALORA_ENGINE_PROCESS": str(mode == "process").lower(),
+            }
             server = ServiceProcess(args.model_dir, Path(scratch) / "service.log", extra_env=env)
             try:
                 print(f"{label}: measuring", flush=True)
-                servers.append({"server": label, **measure_server(server, args, bodies, script, texts_file)})
+                measured = {"server": label, **measure_server(server, args, bodies, script, texts_file)}
                 if args.sweep and "sweep" not in report:
-                    maximum = servers[-1].get("wrk", servers[-1].get("httpx"))["requests_per_s"]
+                    maximum = measured.get("wrk", measured.get("httpx"))["requests_per_s"]
                     report["sweep"] = {"server": label, **sweep(server, args, texts_file, maximum)}
             finally:
                 server.stop()
+            batch = measured.get("wrk", {}).get("mean_batch_size")
+            if batch and batch == batch:  # not NaN
+                threads_used = engine_threads(Settings(torch_threads=int(threads)).resolved_torch_threads())
+                measured["engine_offline_per_s"] = engine_rate(
+                    args.model_dir, args.adapter, sentences, precision, max(1, round(batch)), threads_used
+                )
+            servers.append(measured)
         if not args.no_naive:
             naive = ServiceProcess(
                 args.model_dir / args.adapter, Path(scratch) / "naive.log", command=NAIVE_COMMAND, name="naive"
@@ -275,11 +307,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_report(report: dict) -> None:
-    bare32 = report["bare_batch32_per_s"]["float32"]
+    baselines = report["baselines_batch32_per_s"]
+    bare32 = baselines["torch-float32"]
+    ort_int8 = baselines.get("onnxruntime-int8")
     naive = next((s for s in report["servers"] if s["server"].startswith("naive")), None)
     print(f"\n{report['concurrency']} closed-loop clients, one sentence per request, {report['duration_s']:.0f} s each")
-    print("| server | client | req/s | p50 ms | p99 ms | vs naive | vs bare fp32 batch 32 |")
-    print("|---|---|---|---|---|---|---|")
+    columns = ["server", "client", "req/s", "p50 / p99 ms", "vs naive", "vs torch fp32 bs32", "vs ORT int8 bs32"]
+    print("| " + " | ".join([*columns, "vs engine offline"]) + " |")
+    print("|---|---|---|---|---|---|---|---|")
     for server in report["servers"]:
         for client in ("wrk", "httpx"):
             if client not in server:
@@ -287,15 +322,22 @@ def print_report(report: dict) -> None:
             result = server[client]
             rate = result["requests_per_s"]
             versus_naive = f"{rate / naive[client]['requests_per_s']:.2f}x" if naive and client in naive else "-"
-            p50, p99 = (1000 * result["latency_s"].get(key, float("nan")) for key in ("p50", "p99"))
-            print(
-                f"| {server['server']} | {client} | {rate:.1f} | {p50:.0f} | {p99:.0f} | {versus_naive} | "
-                f"{rate / bare32:.2f}x |"
+            versus_ort = f"{rate / ort_int8:.2f}x" if ort_int8 else "-"
+            offline = server.get("engine_offline_per_s")
+            versus_engine = (
+                f"{rate / offline:.2f}x (batch {result['mean_batch_size']:.1f})" if offline and client == "wrk" else "-"
             )
-    print(
-        "bare encoder offline, batch 32: "
-        + ", ".join(f"{k} {v:.0f}/s" for k, v in report["bare_batch32_per_s"].items())
-    )
+            p50, p99 = (1000 * result["latency_s"].get(key, float("nan")) for key in ("p50", "p99"))
+            bad = f", {result['non_2xx']} non-2xx" if result.get("non_2xx") else ""
+            print(
+                f"| {server['server']}{bad} | {client} | {rate:.1f} | {p50:.0f} / {p99:.0f} | {versus_naive} | "
+                f"{rate / bare32:.2f}x | {versus_ort} | {versus_engine} |"
+            )
+    for name, rate in baselines.items():
+        print(
+            f"| {name}, offline | - | {rate:.1f} | - | - | {rate / bare32:.2f}x | "
+            + (f"{rate / ort_int8:.2f}x | - |" if ort_int8 else "- | - |")
+        )
     if "sweep" in report:
         result = report["sweep"]
         lone = result["lone_request_latency_s"]

@@ -41,6 +41,13 @@ class LengthGroups:
     """The rows of a batch grouped by real length (tokens, padding excluded)."""
 
     groups: tuple[LengthGroup, ...]
+    order: Tensor | None = None
+    """Where each batch row sits when the groups' rows are concatenated in group order; ``None`` when
+    that concatenation is already the batch order (rows sorted by length, as the engine sends them)."""
+
+    @property
+    def in_order(self) -> bool:
+        return self.order is None
 
     @classmethod
     def from_lengths(cls, lengths: Sequence[int], device: torch.device | str = "cpu") -> LengthGroups:
@@ -56,7 +63,13 @@ class LengthGroups:
                 groups.append(LengthGroup(length, start=rows[0], stop=rows[-1] + 1))
             else:
                 groups.append(LengthGroup(length, rows=torch.tensor(rows, device=device)))
-        return cls(tuple(groups))
+        concatenated = [row for rows in positions.values() for row in rows]
+        if concatenated == sorted(concatenated):
+            return cls(tuple(groups))
+        order = [0] * len(concatenated)
+        for position, row in enumerate(concatenated):
+            order[row] = position
+        return cls(tuple(groups), torch.tensor(order, device=device))
 
     @classmethod
     def from_mask(cls, attention_mask: Tensor) -> LengthGroups:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cogalora.int8 import QuantizedRows, dequantize, int_matmul, quantize_rows, quantize_weight
 from cogalora.weights import RouterWeights
 
 ALWAYS_ON_LOGIT = float("inf")
@@ -69,6 +70,8 @@ class AdapterBank(nn.Module):
         "router_scale_b",
     )
     """The router weights (every head): trained with the router learning rate, kept in float32."""
+    INTEGER_BUFFERS: tuple[str, ...] = ("codes_A", "scale_A", "sum_A", "codes_B", "scale_B")
+    """int8 codes of ``A`` (per rank component) and ``B`` (per output channel), with their scales."""
 
     def __init__(
         self,
@@ -123,6 +126,8 @@ class AdapterBank(nn.Module):
         self.register_buffer("router_norm", torch.zeros(capacity, dtype=torch.bool, device=device), persistent=False)
         self._normalised_rows: set[int] = set()
         self._free = list(range(capacity - 1, -1, -1))
+        self.integer = False
+        """Whether every row also keeps int8 codes of ``A`` and ``B`` for exact products (:meth:`add_delta_exact`)."""
 
     # ---- capacity -----------------------------------------------------------------------------
 
@@ -149,6 +154,8 @@ class AdapterBank(nn.Module):
         """Zero ``row`` and make it available again."""
         for tensor in self._tensors():
             tensor[row].zero_()
+        if self.integer:
+            self._quantize_row(row)
         self._set_input_norm(row, "none")
         self._free.append(row)
 
@@ -171,6 +178,10 @@ class AdapterBank(nn.Module):
             param = getattr(self, name)
             setattr(self, name, nn.Parameter(_grown(param.data, shape), requires_grad=param.requires_grad))
         self.router_norm = _grown(self.router_norm, (capacity,))
+        if self.integer:
+            for name in self.INTEGER_BUFFERS:
+                buffer = getattr(self, name)
+                setattr(self, name, _grown(buffer, (capacity, *buffer.shape[1:])))
         # New rows are handed out lowest first.
         self._free = list(range(capacity - 1, old - 1, -1)) + self._free
 
@@ -202,6 +213,28 @@ class AdapterBank(nn.Module):
         """The router input normalisation of ``row`` (one of ``ROUTER_INPUT_NORMS``)."""
         return "layer_norm" if row in self._normalised_rows else "none"
 
+    @torch.no_grad()
+    def use_integer_products(self) -> None:
+        """From now on keep int8 codes of every row's ``A`` and ``B`` (serving in ``int8``)."""
+        if self.integer:
+            return
+        if not self.fold_scaling or self.generated_scales:
+            raise ValueError("exact integer products need a serving bank (scaling folded, no generated scales)")
+        device = self.lora_A.device
+        capacity, rank, out_features = self.capacity, self.rank, self.out_features
+        self.register_buffer("codes_A", torch.zeros(capacity, rank, self.in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale_A", torch.zeros(capacity, rank, device=device))
+        self.register_buffer("sum_A", torch.zeros(capacity, rank, device=device))
+        self.register_buffer("codes_B", torch.zeros(capacity, out_features, rank, dtype=torch.int8, device=device))
+        self.register_buffer("scale_B", torch.zeros(capacity, out_features, device=device))
+        self.integer = True
+        for row in range(capacity):
+            self._quantize_row(row)
+
+    def _quantize_row(self, row: int) -> None:
+        self.codes_A[row], self.scale_A[row], self.sum_A[row] = quantize_weight(self.lora_A[row])
+        self.codes_B[row], self.scale_B[row], _ = quantize_weight(self.lora_B[row])
+
     # ---- rows ---------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -215,6 +248,8 @@ class AdapterBank(nn.Module):
             self.output_scale = float(scaling)
         self.lora_A[row].copy_(lora_A)
         self.lora_B[row].copy_(lora_B)
+        if self.integer:
+            self._quantize_row(row)
         for tensor in self._tensors()[2:]:
             tensor[row].zero_()
         self._set_input_norm(row, "none" if router is None else router.input_norm)
@@ -291,23 +326,19 @@ class AdapterBank(nn.Module):
         return self.router(pooled, rows)[0]
 
     def router(self, pooled: Tensor, rows: int | Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(gate logits [B], rank logits [B, choices] or None)``: both heads on one hidden layer."""
+        """``(gate logits [B], rank logits [B, choices] or None)``: both heads on one hidden layer.
+
+        Each row is a multiply-and-sum of its own, never a matrix product over the batch, so a
+        row's logits do not depend on how many rows are scored with it (gate decisions are thresholds
+        on them).
+        """
         pooled = self._router_input(pooled, rows)
-        ranked = self.rank_set is not None
-        if isinstance(rows, int):
-            hidden = torch.relu(F.linear(pooled, self.router_w1[rows], self.router_b1[rows]))
-            gate = torch.addmv(self.router_b2[rows], hidden, self.router_w2[rows])
-            rank = F.linear(hidden, self.router_rank_w[rows], self.router_rank_b[rows]) if ranked else None
-            return gate, rank
-        w1 = self.router_w1.index_select(0, rows)
-        hidden = torch.baddbmm(self.router_b1.index_select(0, rows).unsqueeze(2), w1, pooled.unsqueeze(2))
-        hidden = torch.relu(hidden.squeeze(2))
-        gate = (hidden * self.router_w2.index_select(0, rows)).sum(1) + self.router_b2.index_select(0, rows)
+        pick = (lambda t: t[rows]) if isinstance(rows, int) else (lambda t: t.index_select(0, rows))
+        hidden = torch.relu(_row_matvec(pooled, pick(self.router_w1)) + pick(self.router_b1))
+        gate = _row_dot(hidden, pick(self.router_w2)) + pick(self.router_b2)
         rank = None
-        if ranked:
-            rank_w = self.router_rank_w.index_select(0, rows)
-            rank_b = self.router_rank_b.index_select(0, rows).unsqueeze(2)
-            rank = torch.baddbmm(rank_b, rank_w, hidden.unsqueeze(2)).squeeze(2)
+        if self.rank_set is not None:
+            rank = _row_matvec(hidden, pick(self.router_rank_w)) + pick(self.router_rank_b)
         return gate, rank
 
     def component_scales(self, pooled: Tensor, rows: int | Tensor) -> Tensor:
@@ -316,11 +347,8 @@ class AdapterBank(nn.Module):
         ``pooled``: the rows' pooled site inputs ([B, d_in], float32); ``rows`` as in :meth:`router`.
         """
         pooled = self._router_input(pooled, rows)
-        if isinstance(rows, int):
-            return F.linear(pooled, self.router_scale_w[rows], self.router_scale_b[rows])
-        weight = self.router_scale_w.index_select(0, rows)
-        bias = self.router_scale_b.index_select(0, rows).unsqueeze(2)
-        return torch.baddbmm(bias, weight, pooled.unsqueeze(2)).squeeze(2)
+        pick = (lambda t: t[rows]) if isinstance(rows, int) else (lambda t: t.index_select(0, rows))
+        return _row_matvec(pooled, pick(self.router_scale_w)) + pick(self.router_scale_b)
 
     def _router_input(self, pooled: Tensor, rows: int | Tensor) -> Tensor:
         """``pooled``, standardised for the rows whose adapter asks for it (each row on its own)."""
@@ -385,3 +413,29 @@ class AdapterBank(nn.Module):
         if scales is not None:
             down = down * scales[:, None, :]
         torch.baddbmm(out, down, lora_B.index_select(0, rows).transpose(1, 2), alpha=alpha, out=out)
+
+    def add_delta_exact(self, out: Tensor, x: QuantizedRows, row: int, rank: int | None = None) -> None:
+        """``out += B A x`` for the token rows of ``x`` (``[n, d_in]`` int8 codes) and ``out`` (``[n, d_out]``).
+
+        Both products are exact integer sums (``A x`` is quantized per token again before ``B``), so a
+        token's update is the same bits whatever other rows run beside it. Serving banks fold
+        ``alpha / r`` into ``B``, so nothing else multiplies it. ``rank``: nested rank (RAD-LoRA).
+        """
+        rank = self.rank if rank is None else rank
+        codes_A = self.codes_A[row, :rank]
+        down = dequantize(int_matmul(x.values, codes_A.t()), x, self.scale_A[row, :rank], self.sum_A[row, :rank], None)
+        down = quantize_rows(down)
+        codes_B = self.codes_B[row, :, :rank]
+        scale_B = self.scale_B[row]
+        sum_B = codes_B.sum(dim=1, dtype=torch.int32).float().mul_(scale_B)
+        out.add_(dequantize(int_matmul(down.values, codes_B.t()), down, scale_B, sum_B, None))
+
+
+def _row_dot(x: Tensor, weight: Tensor) -> Tensor:
+    """One output per row: ``x [B, d]`` with ``weight [d]`` (shared) or ``[B, d]`` (per row) -> ``[B]``."""
+    return (x * weight).sum(-1)
+
+
+def _row_matvec(x: Tensor, weight: Tensor) -> Tensor:
+    """Several outputs per row: ``x [B, d]`` with ``weight [h, d]`` (shared) or ``[B, h, d]`` -> ``[B, h]``."""
+    return (x.unsqueeze(1) * weight).sum(-1)

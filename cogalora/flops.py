@@ -2,10 +2,14 @@
 
 Counts matrix products only (2 FLOPs per multiply-add), the convention of
 ``torch.utils.flop_counter.FlopCounterMode``: base encoder Linears, attention
-scores and mixing, the routers (masked mean pooling as a matvec, then the MLP and,
+scores and mixing, the routers (mean pooling as a matvec, then the MLP and,
 for RAD-LoRA, its rank head), the active adapters at the rank each one used (for
 HyperLoRA with the generation of their component scales, counted as adapter work
 since it runs only where the gate is on), and the head. Elementwise work (norms, softmax, activations) is not counted.
+
+Routers, pooling and the per-adapter output head run as per-row multiply-and-sums (so that a row's
+numbers do not depend on its batch), which torch's counter does not see: ``router`` and
+``FlopModel.head_output_per_example`` are what to leave out when comparing with it.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class FlopModel:
     adapter_per_example: tuple[int, ...] = ()
     """per site: FLOPs an active adapter spends once per example (HyperLoRA's scale generator,
     ``2 d_in r``); empty when no site has any."""
+    head_output_per_example: int = 0
+    """The part of ``head_per_example`` spent in the adapter's own output layer (``2 d labels``)."""
     pooler_adapter_per_example: int = 0
     """FLOPs of the adapter's always-on LoRA at the pooler (``2 r (d_in + d_out)`` per example; plain LoRA
     adapters trained on every Linear), counted as adapter work that no gate saves."""
@@ -98,6 +104,7 @@ class FlopModel:
             pooling_per_token=pooling,
             router_per_example=router,
             adapter_per_example=tuple(per_example_adapter) if any(per_example_adapter) else (),
+            head_output_per_example=per_label * labels,
             pooler_adapter_per_example=pooler,
         )
 

@@ -9,12 +9,12 @@ threshold, come from the forward's :class:`~cogalora.routing.RoutingState`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cogalora.architectures import Site
 from cogalora.bank import AdapterBank, _grown
 from cogalora.gates import hard_rank_choice, sampled_warmup_ranks, training_gates, training_rank_choice
+from cogalora.int8 import Int8Linear, quantize_rows
 from cogalora.routing import BankRoute, RoutingState
 
 
@@ -29,7 +29,7 @@ class GatedLoraLinear(nn.Module):
     number of adapters).
     """
 
-    def __init__(self, base: nn.Linear, site: Site, routing: RoutingState, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Linear | Int8Linear, site: Site, routing: RoutingState, dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base
         self.site = site
@@ -57,20 +57,31 @@ class GatedLoraLinear(nn.Module):
         for index, bank in enumerate(self.banks):
             if (bank.rank, bank.fold_scaling, bank.rank_set, bank.generated_scales) == kind:
                 return index
-        weight = self.base.weight
-        bank = AdapterBank(
-            self.base.in_features,
-            self.base.out_features,
+        bank = _new_bank(
+            self.base,
             rank,
             router_hidden,
             rank_set=rank_set,
             generated_scales=generated_scales,
             fold_scaling=fold_scaling,
-            device=weight.device,
-            dtype=weight.dtype,
         )
         self.banks.append(bank)
         return len(self.banks) - 1
+
+    @property
+    def integer(self) -> bool:
+        """Whether the base product (and so every adapter product here) is an exact integer product."""
+        return isinstance(self.base, Int8Linear)
+
+    @torch.no_grad()
+    def use_integer_products(self) -> None:
+        """Serve with exact integer products: the base Linear becomes an :class:`Int8Linear`, every bank
+        keeps int8 codes of its adapters."""
+        if not self.integer:
+            self.base = Int8Linear(self.base)
+        for bank in self.banks:
+            if bank.rows_used or bank.fold_scaling:  # an empty training bank is never routed to: left as is
+                bank.use_integer_products()
 
     def enable_galora_gate(self) -> None:
         self.galora_gate = nn.Parameter(torch.ones((), device=self.base.weight.device))
@@ -78,8 +89,13 @@ class GatedLoraLinear(nn.Module):
     # ---- forward --------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)
         state = self.routing
+        if self.integer:
+            # q, k and v read one tensor: it is quantized once per forward (cached by the routing state).
+            rows = state.quantized(x) if state.active else quantize_rows(x.reshape(-1, x.shape[-1]))
+            out = self.base.forward_quantized(rows, x.shape[:-1])
+        else:
+            out = self.base(x)
         if not state.active:
             return out
         routes = state.routes[self.site.index]
@@ -148,6 +164,9 @@ class GatedLoraLinear(nn.Module):
             if rows.shape[0] == size:
                 rows = None
         self.routing.adapter_rows += size if rows is None else rows.shape[0]
+        if bank.integer:
+            self._add_active_exact(x, out, route, rows, rank)
+            return
         alpha = bank.output_scale
         scales = None
         if bank.generated_scales:  # only the active rows' scales are generated: none for rows that are off
@@ -172,6 +191,29 @@ class GatedLoraLinear(nn.Module):
         active_out = out.index_select(0, rows)
         bank.add_delta(active_out, x.index_select(0, rows), _subset(route.rows, rows), alpha, rank, scales)
         out.index_copy_(0, rows, active_out)
+
+    def _add_active_exact(
+        self, x: Tensor, out: Tensor, route: BankRoute, rows: Tensor | None, rank: int | None
+    ) -> None:
+        """``out += B A x`` with exact integer products for the batch rows ``rows`` (``None``: all), one
+        product pair per adapter among them (a row's update never depends on the others)."""
+        bank = self.banks[route.bank]
+        tokens = self.routing.quantized(x)
+        width = x.shape[1]
+        if isinstance(route.rows, int):
+            groups = [(route.rows, rows)]
+        else:
+            members = torch.arange(x.shape[0], device=x.device) if rows is None else rows
+            bank_rows = route.rows.index_select(0, members)
+            groups = [(int(row), members[bank_rows == row]) for row in torch.unique(bank_rows).tolist()]
+        flat = out.view(-1, out.shape[-1])
+        for bank_row, members in groups:
+            if members is None:
+                bank.add_delta_exact(flat, tokens, bank_row, rank)
+                continue
+            update = out.new_zeros(members.shape[0] * width, out.shape[-1])
+            bank.add_delta_exact(update, tokens.select_sequences(members, width), bank_row, rank)
+            out.index_add_(0, members, update.view(members.shape[0], width, -1))
 
     def _forward_train(self, x: Tensor, out: Tensor, routes: tuple[BankRoute, ...]) -> Tensor:
         """Dense adapter on every row, times a sampled gate (``cogalora.gates``).
@@ -300,15 +342,17 @@ class SlotHead(nn.Module):
         self.bias = nn.Parameter(_grown(self.bias.data, (capacity, out_capacity)), grad)
 
     def forward(self, x: Tensor) -> Tensor:
+        # The head input is one vector per row ([B, d]); each row's logits are a multiply-and-sum of
+        # its own (never a matrix product over the batch), so they do not depend on the batch size.
         state = self.routing
         if not state.active or state.single_slot is not None:
             slot = state.single_slot if state.active else 0
             row = self._slot_rows.get(slot, 0)
-            return F.linear(x, self.weight[row], self.bias[row])
-        rows = self._row_of_slot[state.row_slots]
-        # Gathered per-row heads: [B, C, d] @ [B, d, 1]; the head input is one vector per row.
-        weight = self.weight.index_select(0, rows)
-        return torch.baddbmm(self.bias.index_select(0, rows).unsqueeze(2), weight, x.unsqueeze(2)).squeeze(2)
+            weight, bias = self.weight[row], self.bias[row]
+        else:
+            rows = self._row_of_slot[state.row_slots]
+            weight, bias = self.weight.index_select(0, rows), self.bias.index_select(0, rows)
+        return (x.unsqueeze(-2) * weight).sum(-1) + bias
 
 
 class SlotLoraLinear(nn.Module):
@@ -336,9 +380,7 @@ class SlotLoraLinear(nn.Module):
         rank = lora_A.shape[0]
         index = next((i for i, bank in enumerate(self.banks) if bank.rank == rank), None)
         if index is None:
-            weight = self.base.weight
-            features = (self.base.in_features, self.base.out_features)
-            self.banks.append(AdapterBank(*features, rank, 1, device=weight.device, dtype=weight.dtype))
+            self.banks.append(_new_bank(self.base, rank, 1))
             index = len(self.banks) - 1
         bank = self.banks[index]
         row = bank.allocate()
@@ -362,7 +404,21 @@ class SlotLoraLinear(nn.Module):
         entry = self.entries.get(slot)
         return 0 if entry is None else self.banks[entry[0]].rank
 
+    @property
+    def integer(self) -> bool:
+        return isinstance(self.base, Int8Linear)
+
+    @torch.no_grad()
+    def use_integer_products(self) -> None:
+        """Serve with exact integer products (see :meth:`GatedLoraLinear.use_integer_products`)."""
+        if not self.integer:
+            self.base = Int8Linear(self.base)
+        for bank in self.banks:
+            bank.use_integer_products()
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.integer:
+            return self._forward_exact(x)
         out = self.base(x)
         state = self.routing
         if not state.active or not self.entries:
@@ -388,6 +444,41 @@ class SlotLoraLinear(nn.Module):
             bank.add_delta(gathered, x.index_select(0, where).unsqueeze(1), bank_rows, bank.output_scale)
             out.index_copy_(0, where, gathered.squeeze(1))
         return out
+
+    def _forward_exact(self, x: Tensor) -> Tensor:
+        """The forward with exact integer products: each row's delta in a product pair of its adapter."""
+        rows = quantize_rows(x)
+        out = self.base.forward_quantized(rows, x.shape[:-1])
+        state = self.routing
+        if not state.active or not self.entries:
+            return out
+        slots = [state.single_slot] * x.shape[0] if state.single_slot is not None else state.slots
+        members: dict[tuple[int, int], list[int]] = {}
+        for position, slot in enumerate(slots):
+            entry = self.entries.get(slot)
+            if entry is not None:
+                members.setdefault(entry, []).append(position)
+        for (index, row), positions in members.items():
+            if len(positions) == x.shape[0]:
+                self.banks[index].add_delta_exact(out, rows, row)
+                continue
+            where = torch.tensor(positions, device=x.device)
+            update = out.new_zeros(len(positions), out.shape[-1])
+            self.banks[index].add_delta_exact(update, rows.select_sequences(where, 1), row)
+            out.index_add_(0, where, update)
+        return out
+
+
+def _new_bank(base: nn.Linear | Int8Linear, rank: int, router_hidden: int, **kinds) -> AdapterBank:
+    """An empty bank for adapters of ``rank`` beside ``base``: on its device, in its precision."""
+    integer = isinstance(base, Int8Linear)
+    weights = (base.device, torch.float32) if integer else (base.weight.device, base.weight.dtype)
+    bank = AdapterBank(
+        base.in_features, base.out_features, rank, router_hidden, device=weights[0], dtype=weights[1], **kinds
+    )
+    if integer:
+        bank.use_integer_products()
+    return bank
 
 
 def _subset(bank_rows: int | Tensor, rows: Tensor) -> int | Tensor:

@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from cogalora.architectures import Site, architecture_of, find_pooler_linears, find_sites
 from cogalora.attention import LengthGroups, install_length_grouped_attention
 from cogalora.config import CoGaLoRAConfig
+from cogalora.int8 import Int8Linear
 from cogalora.layer import GatedLoraLinear, SlotHead, SlotLoraLinear
+from cogalora.precision import PRECISIONS, Precision, resolve_precision
 from cogalora.routing import ForceGates, RoutingState
 from cogalora.slots import SlotEntry, SlotTable
 from cogalora.weights import AdapterWeights
@@ -90,6 +92,8 @@ class CoGaLoRAModel(nn.Module):
         self.slot_labels: dict[int, list[str]] = {}
         self.slot_scaling: dict[int, tuple[float, dict[str, float]]] = {}
         """slot -> (its scaling, its per-site exceptions): how to unfold ``B`` when reading it back."""
+        self.precision: Precision = PRECISIONS["float32"]
+        """How the model computes (:meth:`set_precision`)."""
 
     # ---- properties -----------------------------------------------------------------------
 
@@ -321,6 +325,22 @@ class CoGaLoRAModel(nn.Module):
         gates = [layer.galora_gate.abs() for layer in self.layers if layer.galora_gate is not None]
         return torch.stack(gates).mean() if gates else torch.zeros(())
 
+    def set_precision(self, precision: Precision | str) -> CoGaLoRAModel:
+        """Serve in ``precision`` (``cogalora.precision``): cast to its activation dtype and, for
+        ``int8``, compute every Linear of the encoder and every adapter product with exact integer
+        sums. One way: a model in ``int8`` is not turned back (load a fresh one)."""
+        precision = resolve_precision(precision, next(self.parameters()).device)
+        self.cast(precision.activations)
+        if precision.integer_products:
+            _ = self.linear_flops  # counted on the float layers, before they are replaced
+            for layer in [*self.layers, *self.pooler_layers.values()]:
+                layer.use_integer_products()
+            for path, module in list(self.model.named_modules()):
+                if type(module) is nn.Linear:
+                    _replace_module(self.model, path, Int8Linear(module))
+        self.precision = precision
+        return self
+
     def cast(self, dtype: torch.dtype) -> CoGaLoRAModel:
         """Cast the encoder, adapters and heads to ``dtype``; routers stay float32 (gate decisions)."""
         routers = [
@@ -365,13 +385,14 @@ class CoGaLoRAModel(nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
+        groups = (
+            LengthGroups.from_mask(attention_mask)
+            if lengths is None
+            else LengthGroups.from_lengths(lengths, attention_mask.device)
+        )
         if self.length_grouped:
-            inputs["length_groups"] = (
-                LengthGroups.from_mask(attention_mask)
-                if lengths is None
-                else LengthGroups.from_lengths(lengths, attention_mask.device)
-            )
-        with self.routing.route(attention_mask, slots, taus, force_gates, self.training, gather) as state:
+            inputs["length_groups"] = groups
+        with self.routing.route(attention_mask, slots, taus, force_gates, self.training, gather, groups) as state:
             logits = self.model(**inputs).logits
             gate_probs, gates = state.collect()
             ranks, expected_ranks = state.collect_ranks()

@@ -1,76 +1,62 @@
-"""Choosing the numeric precision of a model: ``float32``, ``bfloat16``, ``float16`` or ``auto``.
+"""The numeric precision a model runs in: ``int8``, ``float32``, ``bfloat16``, ``float16`` or ``auto``.
 
-``auto`` is the fastest precision the device runs natively *and batch invariantly*: bfloat16 on CPUs
-with native bf16 instructions (``avx512_bf16`` or AMX) whose bf16 matrix products do not depend on
-the batch size, and on GPUs that support it; float16 on older GPUs; float32 elsewhere.
-Routers always stay float32 (see :meth:`cogalora.CoGaLoRAModel.cast`).
+- ``int8``: every linear product of the encoder and of the adapters runs on int8 codes with exact
+  int32 sums (``cogalora.int8``); activations between the products stay float32. A row's result is
+  the same bits alone and in any batch *by construction*: no floating-point sum whose rounding
+  order depends on the batch. The fastest choice on CPUs with VNNI or AMX, and on GPUs.
+- ``float32``: the reference. ``bfloat16`` / ``float16``: half precision. Their matrix products
+  round a row's sums in an order the kernel picks from the batch's row count, so a row's scores can
+  move in the last bits (float32: ~1e-7; half precision: ~1e-3) with its batch-mates.
+
+``auto`` is ``int8`` wherever torch has integer matrix products (CPU, CUDA), else float32.
+Routers always decide in float32 (see :meth:`cogalora.CoGaLoRAModel.set_precision`).
 """
 
 from __future__ import annotations
 
-import logging
-import sys
-from functools import cache
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-logger = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES: tuple[str, ...] = ("auto", *DTYPES)
+@dataclass(frozen=True)
+class Precision:
+    """How a model computes: the activations' dtype, and whether linear products are exact integers."""
+
+    name: str
+    activations: torch.dtype
+    """Dtype of hidden states, LayerNorm and attention (float32 for ``int8``)."""
+    integer_products: bool = False
+    """Linear products on int8 codes with exact int32 sums: bitwise batch invariant."""
+
+    @property
+    def half(self) -> bool:
+        return self.activations in (torch.bfloat16, torch.float16)
+
+    def __str__(self) -> str:
+        return self.name
 
 
-@cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU executes bfloat16 dot products natively (Linux: from /proc/cpuinfo flags)."""
-    if not sys.platform.startswith("linux"):
-        return False
+PRECISIONS: dict[str, Precision] = {
+    "int8": Precision("int8", torch.float32, integer_products=True),
+    "float32": Precision("float32", torch.float32),
+    "bfloat16": Precision("bfloat16", torch.bfloat16),
+    "float16": Precision("float16", torch.float16),
+}
+PRECISION_CHOICES: tuple[str, ...] = ("auto", *PRECISIONS)
+"""Every name a user can ask for (settings, command lines)."""
+
+#: Devices where ``torch._int_mm`` runs.
+_INTEGER_DEVICES = ("cpu", "cuda")
+
+
+def resolve_precision(name: str | Precision, device: torch.device | str = "cpu") -> Precision:
+    """The :class:`Precision` for a name; ``auto`` picks the device's fastest batch-invariant one."""
+    if isinstance(name, Precision):
+        return name
+    if name == "auto":
+        return PRECISIONS["int8" if torch.device(device).type in _INTEGER_DEVICES else "float32"]
     try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-@cache
-def cpu_bf16_is_batch_invariant() -> bool:
-    """Whether this CPU's bfloat16 matrix products give a row the same bits alone and in a batch.
-
-    oneDNN picks its bf16 GEMM blocking from the number of rows; on some CPUs (measured on an
-    AMX Xeon: MiniLM's FFN-down shape, K = 1536) that moves a row by one bf16 step between a batch
-    of 33 and a batch of 1, which breaks batch invariance (DESIGN.md section 1). A probe of that
-    shape at a few batch sizes takes milliseconds, once per process.
-    """
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(384, 1536, generator=generator).bfloat16()
-    inputs = torch.randn(300, 1536, generator=generator).bfloat16()
-    with torch.inference_mode():
-        for rows in (33, 64, 300):
-            together = torch.nn.functional.linear(inputs[:rows], weight)
-            for row in (0, rows // 2, rows - 1):
-                if not torch.equal(torch.nn.functional.linear(inputs[row : row + 1], weight)[0], together[row]):
-                    return False
-    return True
-
-
-def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
-    """The torch dtype for a precision name; ``auto`` picks the device's fastest native one."""
-    device = torch.device(device)
-    if name in DTYPES:
-        if name == "bfloat16" and device.type == "cpu" and not cpu_bf16_is_batch_invariant():
-            logger.warning(
-                "bfloat16 on this CPU is not batch invariant: its matrix products round a row differently "
-                "with different batch sizes, so scores may differ by one bf16 step with batch-mates; "
-                "use float32 (or auto) where results must not depend on batching"
-            )
-        return DTYPES[name]
-    if name != "auto":
-        raise ValueError(f"unknown dtype {name!r}; choose from {list(DTYPE_CHOICES)}")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_native_bf16():
-        if cpu_bf16_is_batch_invariant():
-            return torch.bfloat16
-        logger.info("dtype auto: float32, because this CPU's bfloat16 matrix products are not batch invariant")
-    return torch.float32
+        return PRECISIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown precision {name!r}; choose from {list(PRECISION_CHOICES)}") from None

@@ -23,7 +23,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from cogalora.attention import LengthGroups
 from cogalora.gates import DEFAULT_RANK_WARMUP
+from cogalora.int8 import QuantizedRows, quantize_rows
 from cogalora.slots import SlotTable
 
 ForceGates = Literal["on", "off"] | None
@@ -81,8 +83,10 @@ class RoutingState:
         self.row_slots: Tensor | None = None
         self.training = False
         self._present: Tensor | None = None
-        self._mean_weights: Tensor | None = None
+        self._lengths: LengthGroups | None = None
+        self._device: torch.device | None = None
         self._pooled: dict[int, tuple[Tensor, Tensor]] = {}
+        self._quantized: dict[int, tuple[Tensor, QuantizedRows]] = {}
         self._records: dict[int, tuple[Tensor | None, Tensor]] = {}
         self._ranks: dict[int, Tensor] = {}
         self._expected_ranks: dict[int, Tensor] = {}
@@ -99,11 +103,13 @@ class RoutingState:
         force: ForceGates = None,
         training: bool = False,
         gather: bool = False,
+        lengths: LengthGroups | None = None,
     ) -> Iterator[RoutingState]:
         """Open the state for one forward; always closed afterwards, also on error.
 
         ``gather``: use the per-row gathered products even when every row has the same adapter
-        (the path of mixed batches; tests and benchmarks compare the two).
+        (the path of mixed batches; tests and benchmarks compare the two). ``lengths``: the rows
+        grouped by real length (read from the mask when not given).
         """
         if self.active:
             raise RuntimeError("a routed forward is already running on this model (forwards are not reentrant)")
@@ -111,10 +117,8 @@ class RoutingState:
             raise ValueError(f"{len(slots)} slots and {len(taus)} taus for a batch of {attention_mask.shape[0]} rows")
         self._reset()
         device = attention_mask.device
-        mask = attention_mask.to(torch.float32)
-        # Mean-pooling weights: 1/len on real tokens, 0 on padding. One bmm per distinct input then
-        # gives the masked mean, and padding contributes exact zeros (batch invariance).
-        self._mean_weights = (mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)).unsqueeze(1)
+        self._device = device
+        self._lengths = LengthGroups.from_mask(attention_mask) if lengths is None else lengths
         self._batch_size = len(slots)
         self.slots = slots
         self.training = training
@@ -134,7 +138,8 @@ class RoutingState:
         finally:
             self.active = False
             self._pooled.clear()
-            self._mean_weights = None
+            self._quantized.clear()
+            self._lengths = None
 
     def _route_single(self, slot: int, thresholds: Tensor, force: ForceGates) -> None:
         if force == "off":
@@ -186,14 +191,32 @@ class RoutingState:
     # ---- what sites call ----------------------------------------------------------------------
 
     def pooled(self, x: Tensor) -> Tensor:
-        """Masked mean of ``x`` ([B, T, d]) over real tokens, in float32, once per distinct tensor."""
+        """Mean of ``x`` ([B, T, d]) over each row's real tokens, in float32, once per distinct tensor.
+
+        Rows are summed per length group over exactly their own tokens: a row's mean is the same
+        sum of the same numbers in any batch (a reduction over the padded width would group the
+        additions by the width, which depends on the batch-mates).
+        """
         cached = self._pooled.get(id(x))
         if cached is not None and cached[0] is x:
             return cached[1]
-        pooled = torch.bmm(self._mean_weights, x.to(torch.float32)).squeeze(1)
+        means = []
+        for group in self._lengths.groups:
+            rows = x[group.start : group.stop] if group.rows is None else x.index_select(0, group.rows)
+            means.append(rows[:, : group.length].to(torch.float32).sum(dim=1) / group.length)
+        pooled = torch.cat(means) if self._lengths.in_order else torch.cat(means).index_select(0, self._lengths.order)
         # Keep a reference to x so that its id cannot be reused by another tensor in this forward.
         self._pooled[id(x)] = (x, pooled)
         return pooled
+
+    def quantized(self, x: Tensor) -> QuantizedRows:
+        """``x`` ([B, T, d]) as int8 codes per token (``cogalora.int8``), once per distinct tensor."""
+        cached = self._quantized.get(id(x))
+        if cached is not None and cached[0] is x:
+            return cached[1]
+        rows = quantize_rows(x.reshape(-1, x.shape[-1]))
+        self._quantized[id(x)] = (x, rows)
+        return rows
 
     def record(
         self,
@@ -231,7 +254,7 @@ class RoutingState:
         """The rank each row used at each site (``[B, num_sites]`` long, 0 where off), and in training
         the expected ranks (``[B, num_sites]``, with grad; ``None`` in eval)."""
         size = self._batch_size
-        device = self._mean_weights.device if self._mean_weights is not None else None
+        device = self._device
         zeros = torch.zeros(size, dtype=torch.long, device=device)
         ranks = [self._ranks.get(site, zeros) for site in range(self.num_sites)]
         used = torch.stack(ranks, dim=1) if ranks else torch.zeros(size, 0, dtype=torch.long, device=device)
@@ -243,7 +266,7 @@ class RoutingState:
     def collect(self) -> tuple[Tensor, Tensor]:
         """Gate probabilities (with grad in training) and hard gates, both ``[B, num_sites]``."""
         size = self._batch_size
-        device = self._mean_weights.device if self._mean_weights is not None else None
+        device = self._device
         if self.num_sites == 0:
             return torch.zeros(size, 0, device=device), torch.zeros(size, 0, dtype=torch.bool, device=device)
         off = torch.zeros(size, dtype=torch.bool, device=device)

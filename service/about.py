@@ -29,6 +29,6 @@ def runtime(settings: Settings) -> dict[str, Any]:
     return {
         "version": VERSION,
         "device": settings.resolved_device(),
-        "dtype": str(settings.resolved_dtype()).removeprefix("torch."),
+        "dtype": settings.resolved_precision().name,
         "torch_threads": settings.resolved_torch_threads(),
     }

@@ -1,9 +1,9 @@
-"""Dynamic batching on asyncio: admit, pin the adapter, tokenize off the loop, queue, batch, run.
+"""Dynamic batching on asyncio: admit, pin the adapter, queue, batch, run.
 
-``submit`` follows the order of text-embeddings-inference's router: *admission* first (a request
-that would overflow the queue is refused at once, before any work), then the adapter is pinned
-(loaded on demand by a worker thread; other traffic keeps flowing), then the texts are tokenized
-in one call on a tokenizer thread, then the rows are queued. A batch closes when it holds
+``submit`` takes tokenized requests (the API process tokenizes) and follows the order of
+text-embeddings-inference's router: *admission* first (a request that would overflow the queue is
+refused at once, before any work), then the adapter is pinned (loaded on demand by a worker
+thread; other traffic keeps flowing), then the rows are queued. A batch closes when it holds
 ``max_batch_size`` rows, or when its padded size (rows x longest row) would pass
 ``max_batch_tokens``, or when its oldest row has waited ``max_wait_s``, or at once while stopping.
 The engine sorts each batch by length and cuts it into length chunks.
@@ -41,8 +41,7 @@ from service.errors import (
     ShuttingDownError,
 )
 from service.repository import LoadedAdapter
-from service.schemas import RowResult
-from service.types import BatchListener, ClassifyRequest
+from service.types import BatchListener, RowOutput, TokenizedRequest
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ class BatcherConfig:
     max_queue: int = 1024
     """Rows admitted and not yet running before new requests are refused with QueueFullError."""
     request_timeout_s: float = 30.0
-    """From submit to answer (loading, tokenizing, queueing, running); RequestTimeoutError after that."""
+    """From submit to answer (loading, queueing, running); RequestTimeoutError after that."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
@@ -78,11 +77,10 @@ class _Pending:
     rows: list[PreparedRow]
     future: asyncio.Future
     enqueued_at: float
-    tokenize_seconds: float
     client: str = ""
     next_row: int = 0
     """Rows before this index have been taken into a batch."""
-    results: list[RowResult | ServiceError | None] = field(default_factory=list)
+    results: list[RowOutput | ServiceError | None] = field(default_factory=list)
     remaining: int = 0
 
     def __post_init__(self) -> None:
@@ -121,7 +119,6 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._engine_thread: ThreadPoolExecutor | None = None
-        self._tokenizer_thread: ThreadPoolExecutor | None = None
         self._loader_threads: ThreadPoolExecutor | None = None
         self._stopping = False
         self._rows_per_second = 0.0
@@ -130,12 +127,12 @@ class Batcher:
 
     @property
     def queue_depth(self) -> int:
-        """Rows admitted and not running yet (including those being tokenized)."""
+        """Rows admitted and not running yet (including those whose adapter is being pinned)."""
         return self._queued_rows + self._admitted_rows
 
     @property
     def queued_rows(self) -> int:
-        """Rows tokenized and waiting for a batch."""
+        """Rows waiting for a batch."""
         return self._queued_rows
 
     @property
@@ -155,7 +152,6 @@ class Batcher:
         self._stopping = False
         self._wakeup = asyncio.Event()
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cogalora-engine")
-        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cogalora-tokenize")
         self._loader_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cogalora-load")
         self._task = asyncio.create_task(self._schedule(), name="cogalora-batcher")
 
@@ -169,18 +165,18 @@ class Batcher:
             await self._task
         finally:
             self._task = None
-            for pool in (self._engine_thread, self._tokenizer_thread, self._loader_threads):
+            for pool in (self._engine_thread, self._loader_threads):
                 if pool is not None:
                     pool.shutdown(wait=True)
-            self._engine_thread = self._tokenizer_thread = self._loader_threads = None
+            self._engine_thread = self._loader_threads = None
 
     # ---- requests -----------------------------------------------------------------------------
 
-    async def submit(self, request: ClassifyRequest) -> list[RowResult]:
+    async def submit(self, request: TokenizedRequest) -> list[RowOutput]:
         """Results in input order; raises the ServiceError of the first failing input."""
         if self._stopping or not self.running:
             raise ShuttingDownError("the service is shutting down; retry on another instance", retry_after=1.0)
-        count = len(request.texts)
+        count = len(request.ids)
         client = request.client
         config = self.config
         if count > config.max_queue:
@@ -194,17 +190,9 @@ class Batcher:
         try:
             async with asyncio.timeout(config.request_timeout_s):
                 adapter = await self._pin(request.adapter, config.request_timeout_s)
-                began = time.perf_counter()
-                rows = await asyncio.get_running_loop().run_in_executor(
-                    self._tokenizer_thread,
-                    self.engine.tokenize,
-                    adapter,
-                    list(request.texts),
-                    request.truncate,
-                    request.threshold,
-                )
+                rows = self.engine.prepare(adapter, request.ids, request.input_tokens, request.threshold)
                 future = asyncio.get_running_loop().create_future()
-                pending = _Pending(rows, future, self._clock(), time.perf_counter() - began, client)
+                pending = _Pending(rows, future, self._clock(), client=client)
                 self._admitted_rows -= count
                 admitted = False
                 self._queues.setdefault(client, deque()).append(pending)
@@ -406,9 +394,8 @@ class Batcher:
             rate = len(rows) / elapsed
             self._rows_per_second = rate if self._rows_per_second == 0 else 0.8 * self._rows_per_second + 0.2 * rate
         for (pending, index, _), result in zip(taken, results, strict=True):
-            if isinstance(result, RowResult):
+            if isinstance(result, RowOutput):
                 result.queue_seconds = max(0.0, now - pending.enqueued_at)
-                result.tokenize_seconds = pending.tokenize_seconds
             pending.results[index] = result
             pending.remaining -= 1
             if pending.remaining == 0 and not pending.future.done():

@@ -206,7 +206,7 @@ def describe_settings(configuration: Configuration) -> str:
 
 def check_startup(settings: Settings) -> None:
     """What needs no model loading: a folder of checkpoints and a usable device (imports torch)."""
-    from service.repository import check_model_dir
+    from service.catalogue import check_model_dir
 
     try:
         check_model_dir(settings.model_dir, allow_empty=settings.allow_empty_model_dir)

@@ -26,11 +26,11 @@ from typing import Literal
 
 import torch
 
-from service.errors import AdapterUnloadedError, InferenceError, InputTooLongError, ServiceError
+from service.errors import AdapterUnloadedError, InferenceError, ServiceError
 from service.fidelity import ShadowSampler, compare
 from service.repository import LoadedAdapter, ModelRepository, SharedEncoder
-from service.schemas import Flops, LabelScore, RowResult
-from service.types import BatchStats, ClassifyRequest, RoutingSample
+from service.tokenization import tokenize_texts
+from service.types import BatchStats, ClassifyRequest, RoutingSample, RowOutput
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class PreparedRow:
 class EngineRun:
     """What :meth:`Engine.run_batch` returns: per-row results (in input order) and per-encoder stats."""
 
-    results: list[RowResult | ServiceError]
+    results: list[RowOutput | ServiceError]
     stats: list[BatchStats]
 
 
@@ -130,7 +130,7 @@ class Engine:
         """Use the mixed-batch (gathered) adapter path even for one-adapter batches (tests, benchmarks)."""
         self.split_by_length = split_by_length
         if chunk_overhead_tokens is None:
-            half = repository.dtype in (torch.bfloat16, torch.float16)
+            half = repository.precision.half
             chunk_overhead_tokens = HALF_PRECISION_CHUNK_OVERHEAD_TOKENS if half else DEFAULT_CHUNK_OVERHEAD_TOKENS
         self.chunk_overhead_tokens = chunk_overhead_tokens
         self.force_gates = force_gates
@@ -147,29 +147,21 @@ class Engine:
     ) -> list[PreparedRow]:
         """Tokenize the texts of one request in one call; raises ``InputTooLongError`` (truncate=False)."""
         encoder = adapter.encoder
-        limit = adapter.max_length
-        with encoder.tokenizer_lock:
-            ids = encoder.tokenizer(texts, truncation=False)["input_ids"]
-            too_long = [i for i, row in enumerate(ids) if len(row) > limit]
-            if too_long and not truncate:
-                first = too_long[0]
-                raise InputTooLongError(
-                    f"input {first} has {len(ids[first])} tokens; adapter {adapter.name!r} accepts at most {limit} "
-                    "(shorten it or send truncate=true)"
-                )
-            cut = []
-            if too_long:
-                cut = encoder.tokenizer([texts[i] for i in too_long], truncation=True, max_length=limit)["input_ids"]
-        input_tokens = [len(row) for row in ids]
-        for i, row in zip(too_long, cut, strict=True):
-            ids[i] = row
+        ids, input_tokens = tokenize_texts(
+            encoder.tokenizer, encoder.tokenizer_lock, texts, adapter.max_length, truncate, adapter.name
+        )
+        return self.prepare(adapter, ids, input_tokens, tau)
+
+    @staticmethod
+    def prepare(adapter: LoadedAdapter, ids: list[list[int]], input_tokens: list[int], tau: float | None) -> list:
+        """Rows of tokenized inputs for a pinned adapter (``tau`` None: the adapter's own)."""
         tau = adapter.meta.tau if tau is None else float(tau)
         return [
             PreparedRow(adapter=adapter, input_ids=row, tau=tau, input_tokens=count)
             for row, count in zip(ids, input_tokens, strict=True)
         ]
 
-    def classify(self, request: ClassifyRequest) -> list[RowResult]:
+    def classify(self, request: ClassifyRequest) -> list[RowOutput]:
         """One request, synchronously (tests, benchmarks, warm-up): pin, tokenize, run, unpin."""
         adapter = self.repository.acquire(request.adapter)
         try:
@@ -192,7 +184,7 @@ class Engine:
         """
         shadow_of = {len(rows) + k: position for k, position in enumerate(self._pick_shadows(rows))}
         rows = rows + [replace(rows[position], tau=0.0) for position in shadow_of.values()]
-        results: list[RowResult | ServiceError | None] = [None] * len(rows)
+        results: list[RowOutput | ServiceError | None] = [None] * len(rows)
         groups: dict[int, tuple[SharedEncoder, list[int]]] = {}
         for position, row in enumerate(rows):
             if not self.repository.is_current(row.adapter):
@@ -250,7 +242,7 @@ class Engine:
         outcomes = tuple(
             compare(rows[served].adapter.name, results[served], results[dense])
             for served, dense in shadows
-            if isinstance(results[served], RowResult) and isinstance(results[dense], RowResult)
+            if isinstance(results[served], RowOutput) and isinstance(results[dense], RowOutput)
         )
         return BatchStats(
             rows=len(served),
@@ -305,12 +297,9 @@ class Engine:
         probs = torch.softmax(logits.masked_fill(columns[None, :] >= num_labels[:, None], float("-inf")), -1).tolist()
         raw = logits.tolist()
         seconds = time.perf_counter() - began
-        site_names = encoder.site_names
         routers = self.force_gates is None
         for i, position in enumerate(live):
-            results[position] = _row_result(
-                rows[position], probs[i], raw[i], gates[i], ranks[i], site_names, seconds, routers
-            )
+            results[position] = _row_output(rows[position], probs[i], raw[i], gates[i], ranks[i], seconds, routers)
         if routers:
             routing += _routing_samples([rows[p] for p in live], gate_matrix)
         return output.adapter_rows
@@ -365,37 +354,26 @@ def _unloaded(row: PreparedRow) -> AdapterUnloadedError:
     return AdapterUnloadedError(f"adapter {row.adapter.name!r} was unloaded while the request waited")
 
 
-def _row_result(
+def _row_output(
     row: PreparedRow,
     probs: list[float],
     logits: list[float],
     gates: list[bool],
     ranks: list[int],
-    site_names: list[str],
     seconds: float,
     routers: bool,
-) -> RowResult:
+) -> RowOutput:
     adapter = row.adapter
-    order = sorted(range(len(adapter.labels)), key=lambda i: probs[i], reverse=True)
-    scores = [LabelScore.model_construct(label=adapter.labels[i], score=probs[i]) for i in order]
-    # Always built (a few floats); the HTTP layer drops them unless the client asked for raw scores.
-    raw_scores = [LabelScore.model_construct(label=adapter.labels[i], score=logits[i]) for i in order]
-    active = [name for name, on in zip(site_names, gates, strict=True) if on]
+    labels = len(adapter.labels)
+    active = [site for site, on in enumerate(gates) if on]
     flops = adapter.flops.request(row.tokens, gates, routers=routers, ranks=ranks)
-    return RowResult.model_construct(
-        label=scores[0].label,
-        score=scores[0].score,
-        scores=scores,
-        active_adapters=len(active),
-        total_adapters=adapter.total_adapters,
-        active_modules=active,
-        active_rank=sum(ranks),
-        active_ranks=[rank for rank, on in zip(ranks, gates, strict=True) if on],
+    return RowOutput(
+        probabilities=probs[:labels],
+        logits=logits[:labels],
+        active_sites=active,
+        active_ranks=[ranks[site] for site in active],
+        flops=(flops.total, flops.adapter, flops.adapter_saved),
         tokens=row.tokens,
         input_tokens=row.input_tokens,
-        truncated=row.input_tokens > row.tokens,
-        flops=Flops.model_construct(total=flops.total, adapter=flops.adapter, adapter_saved=flops.adapter_saved),
-        raw_scores=raw_scores,
-        queue_seconds=0.0,
         inference_seconds=seconds,
     )

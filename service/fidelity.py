@@ -20,8 +20,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from service.schemas import RowResult
-from service.types import RoutingSample, ShadowOutcome
+from service.types import RoutingSample, RowOutput, ShadowOutcome
 
 
 class ShadowSampler:
@@ -46,11 +45,14 @@ class ShadowSampler:
             return self._random.random() < self.fraction
 
 
-def compare(adapter: str, routed: RowResult, dense: RowResult) -> ShadowOutcome:
-    """The shadow outcome of one row: label agreement and the score gap on the returned label."""
-    dense_score = next((item.score for item in dense.scores if item.label == routed.label), 0.0)
+def compare(adapter: str, routed: RowOutput, dense: RowOutput) -> ShadowOutcome:
+    """The shadow outcome of one row: label agreement and the score gap on the returned label (the
+    routed row's most probable one; ties go to the first label, as the answer's sort does)."""
+    routed_probs, dense_probs = routed.probabilities, dense.probabilities
+    label = max(range(len(routed_probs)), key=routed_probs.__getitem__)
+    dense_label = max(range(len(dense_probs)), key=dense_probs.__getitem__)
     return ShadowOutcome(
-        adapter=adapter, agree=routed.label == dense.label, score_difference=abs(routed.score - dense_score)
+        adapter=adapter, agree=label == dense_label, score_difference=abs(routed_probs[label] - dense_probs[label])
     )
 
 

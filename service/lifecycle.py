@@ -18,10 +18,10 @@ from typing import Literal, Protocol
 
 from service.about import runtime
 from service.errors import NotReadyError, ShuttingDownError, some_names
-from service.metrics import AdapterLabels, ServiceMetrics
+from service.metrics import ServiceMetrics, service_metrics
 from service.schemas import AdapterInfo, RowResult
 from service.settings import Settings
-from service.types import BatchListener, ClassifyRequest
+from service.types import ClassifyRequest
 
 log = logging.getLogger("cogalora.service")
 
@@ -53,47 +53,34 @@ class BatcherLike(Protocol):
 ComponentFactory = Callable[[Settings, ServiceMetrics], Awaitable[tuple[Repository, BatcherLike]]]
 
 
-def build_engine(settings: Settings, metrics: ServiceMetrics):
-    """Scan the model repository, load its encoders and the preloaded adapters, warm up (blocking)."""
-    import torch
-
-    from service.engine import Engine
-    from service.repository import ModelRepository
-
-    torch.set_num_threads(settings.resolved_torch_threads())
-    repository = ModelRepository(
-        settings.model_dir,
-        device=settings.resolved_device(),
-        dtype=settings.resolved_dtype(),
-        max_loaded=settings.max_loaded_adapters,
-        listener=metrics,
-    )
-    repository.scan()
-    repository.load_encoders()
-    repository.preload(settings.preload_adapters)
-    engine = Engine(repository, shadow_fraction=settings.shadow_fraction)
-    engine.warmup()
-    return repository, engine
-
-
-def make_batcher(engine, settings: Settings, listener: BatchListener | None):
-    """The dynamic batcher over ``engine``, configured from the settings."""
-    from service.batcher import Batcher, BatcherConfig
-
-    config = BatcherConfig(
-        max_batch_size=settings.max_batch_size,
-        max_batch_tokens=settings.max_batch_tokens,
-        max_wait_s=settings.max_wait_ms / 1000.0,
-        max_queue=settings.max_queue,
-        request_timeout_s=settings.request_timeout_s,
-    )
-    return Batcher(engine, config, listener)
-
-
 async def build_components(settings: Settings, metrics: ServiceMetrics) -> tuple[Repository, BatcherLike]:
-    """The real repository, engine and batcher; loading and warm-up run off the event loop."""
-    repository, engine = await asyncio.to_thread(build_engine, settings, metrics)
-    return repository, make_batcher(engine, settings, metrics)
+    """The real engine side: in its own process (``engine_process``, the default) or in this one.
+
+    Either way the routes get a repository (names, metadata, admin changes) and an
+    :class:`~service.engine_client.EngineClient` to submit to; the engine starts (and the service
+    turns ready) when the client's ``start`` returns.
+    """
+    from service.catalogue import Catalogue
+    from service.engine_client import EngineClient, LocalTransport, RemoteRepository
+    from service.engine_core import EngineCore
+
+    if not settings.engine_process:
+        core = await asyncio.to_thread(EngineCore.build, settings, metrics)
+        return core.repository, EngineClient(settings, core.repository.catalogue, LocalTransport(core))
+    from service.engine_process import ProcessTransport
+
+    catalogue = Catalogue(settings.model_dir)
+    await asyncio.to_thread(catalogue.scan)
+    repository = RemoteRepository(catalogue, settings.max_loaded_adapters, metrics)
+    transport = ProcessTransport(engine_settings(settings), repository, repository.on_ready)
+    repository.attach(transport, asyncio.get_running_loop())
+    return repository, EngineClient(settings, catalogue, transport)
+
+
+def engine_settings(settings: Settings) -> dict:
+    """The settings the engine process builds from: every field but the secrets (it needs none)."""
+    secret = {name for name, field in Settings.model_fields.items() if "SecretStr" in str(field.annotation)}
+    return settings.model_dump(mode="json", exclude=secret)
 
 
 class Service:
@@ -101,8 +88,7 @@ class Service:
 
     def __init__(self, settings: Settings, components: ComponentFactory) -> None:
         self.settings = settings
-        self.metrics = ServiceMetrics(AdapterLabels(settings.metrics_adapter_labels), settings.drift_window)
-        self.metrics.queue_capacity.set(settings.max_queue)
+        self.metrics = service_metrics(settings)
         self.components = components
         self.repository: Repository | None = None
         self.batcher: BatcherLike | None = None
@@ -179,10 +165,17 @@ class Service:
             await self.batcher.stop()
         log.info("stopped")
 
+    @property
+    def serving(self) -> bool:
+        """Ready and its engine up (a restarting engine process makes /ready 503 for a while)."""
+        return self.state == "ready" and getattr(self.batcher, "ready", True)
+
     def require_ready(self) -> tuple[Repository, BatcherLike]:
         if self.state == "draining":
             raise ShuttingDownError("the server is shutting down", retry_after=self.settings.retry_after_s)
         if self.repository is None or self.batcher is None:
             reason = "loading the models failed" if self.state == "failed" else "models are not loaded yet"
             raise NotReadyError(reason, retry_after=self.settings.retry_after_s)
+        if not getattr(self.batcher, "ready", True):
+            raise NotReadyError("the engine is restarting; retry shortly", retry_after=self.settings.retry_after_s)
         return self.repository, self.batcher

@@ -26,6 +26,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from service.fidelity import DriftWindow
 from service.schemas import RowResult
+from service.settings import Settings
 from service.types import BatchStats
 
 UNKNOWN_ADAPTER = "unknown"
@@ -98,6 +99,13 @@ class AdapterLabels:
         for name in self._labelled - leaders:
             self.on_dropped(name)
         self._labelled = leaders
+
+
+def service_metrics(settings: Settings) -> ServiceMetrics:
+    """The service's metrics, configured from its settings (one process, or a Ray Serve replica)."""
+    metrics = ServiceMetrics(AdapterLabels(settings.metrics_adapter_labels), settings.drift_window)
+    metrics.queue_capacity.set(settings.max_queue)
+    return metrics
 
 
 class ServiceMetrics:

@@ -1,8 +1,8 @@
-"""The model repository: a catalogue of checkpoint folders, a bounded set of adapters in memory, and
-one shared encoder per base model.
+"""The resident adapters: a bounded set of adapters in memory, and one shared encoder per base model.
 
-- :meth:`ModelRepository.scan` validates every folder's metadata and weight *headers* (no tensors
-  are read): the catalogue of servable adapters, and the reasons the others are not.
+What exists on disk is the catalogue's business (``service.catalogue``); this module loads what
+requests need:
+
 - :meth:`~ModelRepository.acquire` pins an adapter for a request, loading it first when needed;
   :meth:`~ModelRepository.release` unpins it. At most ``max_loaded`` adapters stay in memory:
   loading one more evicts the least recently used adapter that no queued or running row needs.
@@ -14,9 +14,6 @@ one shared encoder per base model.
   meanwhile is detected by the engine and answered with ``AdapterUnloadedError``. A replaced adapter
   (``load(name, replace=True)``) is different: its new weights go into a fresh slot, and rows pinned
   to the old load finish on the old weights, whose slot is freed once no request holds it.
-- A checkpoint folder is one with ``cogalora.json`` or a plain PEFT LoRA folder (``adapter_config.json``,
-  read by ``cogalora.peft_folder``); a folder with adapter files that is neither is listed as
-  unavailable with the reason, never skipped silently.
 
 Thread-safe: the event loop pins loaded adapters directly (:meth:`try_acquire`, never blocks on a
 load); worker threads do the loading.
@@ -26,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -48,67 +44,15 @@ from cogalora import (
     load_base_model,
     load_tokenizer,
     read_adapter,
-    read_meta,
     resolve_base_model,
 )
-from cogalora.architectures import site_name
-from cogalora.checkpoint import CONFIG_FILE, PEFT_CONFIG_FILE, looks_like_checkpoint
-from service.errors import (
-    AdapterCapacityError,
-    AdapterConflictError,
-    AdapterLoadError,
-    AdapterRequiredError,
-    InvalidRequestError,
-    UnknownAdapterError,
-)
-from service.schemas import ADAPTER_NAME_PATTERN, AdapterInfo
-from service.uploads import recover_interrupted
+from cogalora.precision import Precision, resolve_precision
+from service.catalogue import Catalogue, CatalogueEntry, CatalogueReads
+from service.errors import AdapterCapacityError, AdapterConflictError, AdapterLoadError, UnknownAdapterError
+from service.schemas import AdapterInfo
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-_NAME = re.compile(ADAPTER_NAME_PATTERN)
-
-#: Default bound on adapters held in memory (MiniLM adapters are ~1 MB each at rank 8).
-DEFAULT_MAX_LOADED = 256
-UNSERVED_METHODS: tuple[str, ...] = ("hyperlora",)
-"""Methods the training side produces for study only: the catalogue refuses them with a clear error."""
-
-
-def check_model_dir(model_dir: Path, allow_empty: bool = False) -> None:
-    """Raise ``ValueError`` (``FileNotFoundError`` when absent) unless ``model_dir`` is a folder of checkpoint
-    folders; the message names the problem and the fix. ``allow_empty``: a folder with none yet is fine."""
-    flag = "--model-dir (or COGALORA_MODEL_DIR)"
-    if not model_dir.exists():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist: point {flag} at a folder of checkpoints")
-    if not model_dir.is_dir():
-        raise ValueError(f"model directory {model_dir} is a file: point {flag} at a folder of checkpoint folders")
-    if looks_like_checkpoint(model_dir):
-        parent = model_dir.resolve().parent
-        raise ValueError(
-            f"model directory {model_dir} is one checkpoint, not a folder of checkpoints: serve its parent "
-            f"(--model-dir {parent}, adapter {model_dir.resolve().name!r}), or copy it into a folder of its own "
-            f"(mkdir repo && cp -r {model_dir} repo/)"
-        )
-    if allow_empty or any(looks_like_checkpoint(folder) for folder in model_dir.iterdir()):
-        return
-    problem = (
-        f"model directory {model_dir} holds no checkpoint folder "
-        f"(a folder with {CONFIG_FILE}, or a PEFT adapter's {PEFT_CONFIG_FILE})"
-    )
-    nested = sorted(folder for folder in model_dir.iterdir() if folder.is_dir() and _holds_checkpoints(folder))
-    if nested:
-        raise ValueError(f"{problem}, but {nested[0]} does: use --model-dir {nested[0]}")
-    raise ValueError(
-        f"{problem}: train one with `python -m training train` or put a PEFT adapter folder in it, or set "
-        "COGALORA_ALLOW_EMPTY_MODEL_DIR=true to start empty and add adapters with PUT /adapters/{name}"
-    )
-
-
-def _holds_checkpoints(folder: Path) -> bool:
-    try:
-        return any(looks_like_checkpoint(child) for child in folder.iterdir())
-    except OSError:
-        return False
 
 
 class RepositoryListener(Protocol):
@@ -146,27 +90,6 @@ class SharedEncoder:
         return next(slot for slot in itertools.count() if slot not in self.slots)
 
 
-@dataclass(frozen=True)
-class _BaseSpec:
-    """What the catalogue needs to know about a base model without loading its weights."""
-
-    key: str
-    num_layers: int
-    max_positions: int
-
-
-@dataclass
-class _Entry:
-    """One servable checkpoint folder."""
-
-    name: str
-    directory: Path
-    meta: CheckpointMeta
-    info: AdapterInfo
-    error: str | None = None
-    """Why its last load failed (its requests fail fast with it until an admin reloads it)."""
-
-
 @dataclass(eq=False)
 class LoadedAdapter:
     """One adapter in memory: where it lives and what a request needs to know about it."""
@@ -194,86 +117,43 @@ class LoadedAdapter:
         return self.meta.labels
 
 
-class ModelRepository:
-    """Checkpoint folders under ``model_dir``, served from shared base encoders."""
+class ModelRepository(CatalogueReads):
+    """The adapters of a :class:`~service.catalogue.Catalogue` in memory, on shared base encoders.
+
+    The catalogue's reading methods (``names``, ``resolve``, ``adapters``, ``info``, ``failures``)
+    are offered here too, with each adapter's ``loaded`` state.
+    """
 
     def __init__(
         self,
         model_dir: str | Path,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
-        max_loaded: int = DEFAULT_MAX_LOADED,
+        precision: Precision | str = "float32",
+        max_loaded: int = Settings.model_fields["max_loaded_adapters"].default,
         listener: RepositoryListener | None = None,
+        catalogue: Catalogue | None = None,
     ) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
-        self.model_dir = Path(model_dir).expanduser()
+        self.catalogue = catalogue or Catalogue(model_dir)
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.precision = resolve_precision(precision, self.device)
         self.max_loaded = max_loaded
         self.listener = listener
-        self._catalogue: dict[str, _Entry] = {}
-        self._failures: dict[str, str] = {}
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()
         """Least recently used first."""
         self._loading: set[str] = set()
         self._retired: list[LoadedAdapter] = []
         """Replaced loads still pinned by requests admitted before the swap (their slots are freed later)."""
         self._encoders: dict[str, SharedEncoder] = {}
-        self._specs: dict[str, _BaseSpec] = {}
         self._cond = threading.Condition(threading.RLock())
         self._generations = itertools.count(1)
 
-    # ---- catalogue ----------------------------------------------------------------------------
+    # ---- the catalogue, with what is loaded ----------------------------------------------------
 
     def scan(self) -> dict[str, str]:
-        """(Re)read every checkpoint folder's metadata and weight headers; returns name -> why it is
-        not servable. Folders without adapter files, and hidden ones (runtime installs in progress,
-        ``service.uploads``), are not checkpoints and are ignored."""
-        check_model_dir(self.model_dir, allow_empty=True)
-        recover_interrupted(self.model_dir)
-        names = sorted(
-            p.name for p in self.model_dir.iterdir() if not p.name.startswith(".") and looks_like_checkpoint(p)
-        )
-        for name in names:
-            try:
-                self._add_to_catalogue(name)
-            except (AdapterLoadError, InvalidRequestError) as exc:
-                logger.warning("%s (not served)", exc.message)
-        with self._cond:
-            return dict(self._failures)
-
-    @property
-    def failures(self) -> dict[str, str]:
-        """Folder name -> why it cannot be served (found by a scan or a failed load)."""
-        with self._cond:
-            return dict(self._failures)
-
-    def names(self) -> list[str]:
-        """Every servable adapter, loaded or not."""
-        with self._cond:
-            return sorted(self._catalogue)
-
-    def adapters(self) -> list[AdapterInfo]:
-        with self._cond:
-            return [
-                entry.info.model_copy(update={"loaded": name in self._loaded})
-                for name, entry in sorted(self._catalogue.items())
-            ]
-
-    def resolve(self, requested: str | None) -> str:
-        """The adapter a request means: the one named, or the only one there is."""
-        with self._cond:
-            if requested is None:
-                if len(self._catalogue) == 1:
-                    return next(iter(self._catalogue))
-                raise AdapterRequiredError.among(sorted(self._catalogue))
-            return self._entry(requested).name
-
-    def info(self, name: str) -> AdapterInfo:
-        with self._cond:
-            entry = self._entry(name)
-            return entry.info.model_copy(update={"loaded": name in self._loaded})
+        """Scan the model directory (``Catalogue.scan``); returns name -> why it is not servable."""
+        return self.catalogue.scan()
 
     def loaded_names(self) -> list[str]:
         """Adapters in memory, least recently used first."""
@@ -289,118 +169,12 @@ class ModelRepository:
         with self._cond:
             return list(self._encoders.values())
 
-    def _entry(self, name: str) -> _Entry:
-        entry = self._catalogue.get(name)
-        if entry is None:
-            if name in self._failures:
-                raise _load_failed(name, self._failures[name])
-            raise UnknownAdapterError.among(name, sorted(self._catalogue))
-        return entry
-
-    def validate(self, directory: Path) -> tuple[CheckpointMeta, _BaseSpec]:
-        """What a scan checks of one folder (metadata, weight headers, servable method, base model);
-        raises ``CheckpointError`` (or what a library raised) naming the file and the field."""
-        meta = read_meta(directory)
-        config_file = f"{directory.name}/{CONFIG_FILE}"
-        if meta.method == "full":
-            raise CheckpointError(
-                f"{config_file}: field 'method': a full fine-tune ('full') carries its own encoder "
-                "weights and cannot share a base model; serve a lora, galora or cogalora checkpoint instead"
-            )
-        if meta.method in UNSERVED_METHODS:
-            raise CheckpointError(
-                f"{config_file}: field 'method': {meta.method!r} is a training-side study method "
-                "(the generated-scale hypernetwork variant) that this service does not serve; "
-                "evaluate it with `python -m training evaluate`, or serve a lora, galora, cogalora or "
-                "radlora checkpoint"
-            )
-        read_adapter(directory, data=False)
-        return meta, self._spec(meta)
-
-    def _add_to_catalogue(self, name: str) -> _Entry:
-        directory = self._folder(name)
-        try:
-            meta, spec = self.validate(directory)
-        except Exception as exc:  # any failure of one folder is that folder's problem, never the server's
-            raise self._failed(name, exc) from exc
-        kinds = [kind for kind in ALL_MODULE_KINDS if kind in meta.target_modules]  # the encoder's site order
-        sites = [site_name(layer, kind) for layer in range(spec.num_layers) for kind in kinds]
-        present = set(meta.sites or sites)
-        info = AdapterInfo(
-            name=name,
-            base_model=meta.base_model,
-            method=meta.method,
-            labels=list(meta.labels),
-            tau=meta.tau,
-            max_length=min(meta.max_length, spec.max_positions),
-            total_adapters=len(sites),
-            sites=sites,
-            dropped_sites=[name for name in sites if name not in present],
-            rank=meta.rank,
-            rank_set=meta.rank_set if meta.method == "radlora" else None,
-            loaded=False,
-            metrics=dict(meta.metrics),
-        )
-        entry = _Entry(name=name, directory=directory, meta=meta, info=info)
-        with self._cond:
-            self._catalogue[name] = entry
-            self._failures.pop(name, None)
-        return entry
-
-    def _failed(self, name: str, exc: Exception) -> AdapterLoadError:
-        if not isinstance(exc, CheckpointError | ValueError | OSError):
-            logger.exception("unexpected error reading checkpoint %r", name)
-        message = self._client_message(str(exc))
-        with self._cond:
-            self._failures[name] = message
-        return _load_failed(name, message)
-
-    def _folder(self, name: str) -> Path:
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            shown = repr(name)[:70]
-            raise InvalidRequestError(
-                f"invalid adapter name {shown}: use 1-64 letters, digits, '_', '.' or '-', "
-                "starting with a letter or digit"
-            )
-        root = self.model_dir.resolve()
-        directory = (self.model_dir / name).resolve()
-        if directory.parent != root:
-            raise InvalidRequestError(f"adapter {name!r} resolves outside the model directory")
-        if not looks_like_checkpoint(directory):
-            raise UnknownAdapterError(f"no checkpoint named {name!r} in the model directory")
-        return directory
-
-    def _client_message(self, message: str) -> str:
-        """Error text without server paths: paths under the model directory become relative."""
-        for prefix in {str(self.model_dir.resolve()), str(self.model_dir)}:
-            message = message.replace(prefix + "/", "").replace(prefix, ".")
-        return message
-
-    def _spec(self, meta: CheckpointMeta) -> _BaseSpec:
-        key = resolve_base_model(meta.base_model)
-        spec = self._specs.get(key)
-        if spec is not None:
-            return spec
-        try:
-            config = AutoConfig.from_pretrained(key, trust_remote_code=False)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"base model {meta.base_model!r} cannot be loaded ({exc})") from exc
-        positions = getattr(config, "max_position_embeddings", None) or 512
-        if getattr(config, "model_type", "") in ("roberta", "xlm-roberta"):
-            positions -= 2  # RoBERTa position ids start after the padding index
-        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", 0)
-        spec = _BaseSpec(key=key, num_layers=layers, max_positions=positions)
-        self._specs[key] = spec
-        return spec
-
     # ---- pinning and loading ------------------------------------------------------------------
 
     def try_acquire(self, name: str) -> LoadedAdapter | None:
         """Pin ``name`` if it is in memory (never blocks on a load); None when it must be loaded."""
         with self._cond:
-            entry = self._entry(name)
-            if entry.error is not None:
-                raise AdapterLoadError(entry.error)
+            self.catalogue.entry(name)  # raises for unknown names and for a folder whose last load failed
             adapter = self._loaded.get(name)
             if adapter is not None:
                 adapter.pins += 1
@@ -423,7 +197,7 @@ class ModelRepository:
                     room, victim = self._make_room()
                     if room:
                         self._loading.add(name)
-                        entry = self._catalogue[name]
+                        entry = self.catalogue.entry(name)
                         break
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -441,11 +215,9 @@ class ModelRepository:
         try:
             adapter = self._load(entry)
         except Exception as exc:
-            error = self._failed(name, exc)
+            error = self.catalogue.failed(name, exc)
             with self._cond:
                 self._loading.discard(name)
-                if name in self._catalogue:
-                    self._catalogue[name].error = error.message
                 self._cond.notify_all()
             raise error from exc
         with self._cond:
@@ -486,7 +258,7 @@ class ModelRepository:
                 return True, adapter
         return False, None
 
-    def _load(self, entry: _Entry) -> LoadedAdapter:
+    def _load(self, entry: CatalogueEntry) -> LoadedAdapter:
         started = time.perf_counter()
         meta, weights = read_adapter(entry.directory)
         encoder = self._encoder_for(meta)
@@ -529,8 +301,7 @@ class ModelRepository:
 
     def load_encoders(self) -> list[SharedEncoder]:
         """Load the base encoder of every catalogued adapter (start-up: adapters then load fast)."""
-        with self._cond:
-            metas = [entry.meta for entry in self._catalogue.values()]
+        metas = [self.catalogue.entry(name).meta for name in self.catalogue.names()]
         for meta in metas:
             self._encoder_for(meta)
         return self.encoders()
@@ -561,9 +332,8 @@ class ModelRepository:
         model = CoGaLoRAModel(hf_model, config)
         model.requires_grad_(False)
         model.to(self.device).eval()
-        if self.dtype is not None:
-            model.cast(self.dtype)
-        spec = self._spec(meta)
+        model.set_precision(self.precision)
+        spec = self.catalogue.spec(meta)
         tokenizer_max = getattr(tokenizer, "model_max_length", spec.max_positions) or spec.max_positions
         logger.info("loaded base model %s (%d adapter sites)", key, len(model.sites))
         return SharedEncoder(
@@ -588,7 +358,7 @@ class ModelRepository:
         admitted before the swap finish on the old weights); without it that is an
         ``AdapterConflictError``.
         """
-        self._folder(name)
+        self.catalogue.folder(name)
         self._reap_retired()
         with self._cond:
             if name in self._loaded and not replace:
@@ -597,14 +367,14 @@ class ModelRepository:
                     f"DELETE /adapters/{name} first, then POST /adapters/{name}"
                 )
             swap = name in self._loaded
-        entry = self._add_to_catalogue(name)
+        entry = self.catalogue.add(name)
         if not swap:
             self.release(self.acquire(name))
             return self.info(name)
         try:  # into a fresh slot, beside the old load, which keeps serving meanwhile
             adapter = self._load(entry)
         except Exception as exc:
-            raise self._failed(name, exc) from exc
+            raise self.catalogue.failed(name, exc) from exc
         with self._cond:
             old = self._loaded.pop(name, None)
             self._loaded[name] = adapter
@@ -623,17 +393,12 @@ class ModelRepository:
         Rows already queued for it are answered with ``AdapterUnloadedError`` by the engine.
         """
         with self._cond:
-            if name not in self._catalogue and name not in self._loaded and name not in self._failures:
+            known = self.catalogue.remove(name)
+            if not known and name not in self._loaded:
                 raise UnknownAdapterError(f"adapter {name!r} is not loaded")
-            self._catalogue.pop(name, None)
-            self._failures.pop(name, None)
             adapter = self._loaded.pop(name, None)
             self._cond.notify_all()
         if adapter is not None:
             self._release_slot(adapter)
         self._reap_retired(name)
         logger.info("unloaded adapter %r", name)
-
-
-def _load_failed(name: str, reason: str) -> AdapterLoadError:
-    return AdapterLoadError(f"adapter {name!r} failed to load: {reason}")

@@ -82,9 +82,10 @@ async def ready(request: Request) -> Response:
 def readiness_response(request: Request, ready_body: str) -> Response:
     """``ready_body`` (200) once the service is ready, else the 503 ``not_ready`` envelope (any protocol)."""
     service = service_of(request)
-    if service.state == "ready":
+    if service.serving:
         return Response(ready_body, media_type="application/json")
-    return error_response(503, f"not ready: {service.state}", "not_ready", service.settings.retry_after_s)
+    state = service.state if service.state != "ready" else "engine restarting"
+    return error_response(503, f"not ready: {state}", "not_ready", service.settings.retry_after_s)
 
 
 @router.get(

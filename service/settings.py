@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from pydantic import Field, PrivateAttr, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-if TYPE_CHECKING:
-    import torch
+from cogalora.precision import PRECISION_CHOICES, Precision, resolve_precision
 
 #: The committed model repository: ``<repo>/models`` next to the ``service`` package.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -71,17 +70,25 @@ class Settings(BaseSettings):
         'every caller, each seeing only the adapters its key may use; "admin" = admin keys only (403 for others).',
     )
     device: str = Field("cpu", description='Torch device; "auto" picks cuda when available.')
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(  # cogalora.precision.DTYPE_CHOICES
+    dtype: Literal[PRECISION_CHOICES] = Field(
         "auto",
-        description='Encoder and adapter precision; "auto": the fastest the device runs natively (bfloat16 on '
-        "CPUs with avx512_bf16/AMX whose bf16 products are batch invariant, and on recent GPUs, else "
-        "float32). Routers always decide in float32 (benchmarks/precision.py measures the accuracy).",
+        description='Precision: "int8" computes every linear product with exact integer sums (int8 weights, '
+        "per-token int8 activations), so a result is the same bits in any batch; float32 is the reference; "
+        'bfloat16/float16 are half precision (not bitwise batch invariant). "auto": int8 on CPU and CUDA, '
+        "else float32. Routers always decide in float32 (python -m benchmarks.precision measures the accuracy).",
+    )
+    engine_process: bool = Field(
+        True,
+        description="Run the model in an engine process of its own, fed through a local socket: HTTP, JSON and "
+        "tokenization then never hold up a forward (false: one process, as each Ray Serve replica runs). A dead "
+        "engine process is restarted and the requests it held are sent to its successor.",
     )
     torch_threads: int = Field(
         0,
         ge=0,
-        description="torch.set_num_threads; 0 = auto: every core but one, which is left to the HTTP event loop and "
-        "the tokenizer (on 2 cores, 1 thread served 12 % more requests/s than 2: docs/engine.md).",
+        description="Intra-op threads of the engine; 0 = auto: every core but one, which is left to the API process "
+        "(HTTP, JSON, tokenization). Rounded down to 1, 2, 3, 4, 6 or 12: with those counts element-wise kernels cut "
+        "the encoder's tensors at whole vectors, which int8's bitwise batch invariance relies on.",
     )
     max_loaded_adapters: int = Field(
         256, ge=1, description="Adapters kept in memory; beyond it the least recently used idle one is evicted."
@@ -126,9 +133,6 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON objects.")
     log_level: str = Field("INFO", description="Root log level (DEBUG, INFO, WARNING, ...).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 responses.")
-
-    _dtypes: dict[tuple[str, str], torch.dtype] = PrivateAttr(default_factory=dict)
-    """``resolved_dtype`` by (dtype, device), once computed (resolving probes the CPU, and may warn)."""
 
     @field_validator("admin_key")
     @classmethod
@@ -183,14 +187,9 @@ class Settings(BaseSettings):
             return self.torch_threads
         return max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) - 1)
 
-    def resolved_dtype(self) -> torch.dtype:
-        """The torch dtype to serve in (``auto`` resolved for the device)."""
-        key = (self.dtype, self.resolved_device())
-        if key not in self._dtypes:
-            from cogalora.precision import resolve_dtype
-
-            self._dtypes[key] = resolve_dtype(*key)
-        return self._dtypes[key]
+    def resolved_precision(self) -> Precision:
+        """The precision to serve in (``auto`` resolved for the device)."""
+        return resolve_precision(self.dtype, self.resolved_device())
 
     def api_key_value(self) -> str | None:
         """The configured API key, or None when the service is open (an empty key counts as unset)."""

@@ -1,12 +1,12 @@
 """The data that flows between the HTTP layer, the batcher and the engine (wire schemas: ``schemas.py``).
 
-The request path::
+The request path (API process | engine process, see ``service/engine_client.py``)::
 
-    routes.classify          validate the body (schemas.ClassifyBody, check_texts), resolve the adapter
-      -> Batcher.submit      admission (queue room), pin the adapter (loading it if needed),
-                             tokenize off the event loop, queue the rows
-      -> Engine.run_batch    one routed forward per length chunk of a mixed-adapter batch (worker thread)
-      -> RowResult           per input, in input order
+    routes.classify            validate the body (schemas.ClassifyBody, check_texts), resolve the adapter
+      -> EngineClient.submit   admission (rows in flight), tokenize off the event loop  -> TokenizedRequest
+      |  Batcher.submit        pin the adapter (loading it if needed), queue the rows
+      |  Engine.run_batch      one routed forward per length chunk of a mixed-adapter batch -> RowOutput
+      -> results.row_result    labels, scores, site names: the wire RowResult, per input, in input order
 """
 
 from __future__ import annotations
@@ -27,6 +27,40 @@ class ClassifyRequest:
     """False: an input longer than the adapter's max_length is an InputTooLongError (413)."""
     client: str = ""
     """Who sent it (a key id): the batcher shares its queue and its batches fairly between clients."""
+
+
+@dataclass(frozen=True)
+class TokenizedRequest:
+    """A classification job as the engine takes it: token ids, no text."""
+
+    adapter: str
+    ids: list[list[int]]
+    """Token ids per input, truncated to the adapter's max_length."""
+    input_tokens: list[int]
+    """Tokens per input before truncation."""
+    threshold: float | None = None
+    """Per-request tau override; ``None`` uses the adapter's tau."""
+    client: str = ""
+    """Who sent it (a key id): the batcher shares its queue and its batches fairly between clients."""
+
+
+@dataclass
+class RowOutput:
+    """What the engine computed for one input: numbers and indices, no names (``service.results`` adds them)."""
+
+    probabilities: list[float]
+    """Per label of the adapter, in its label order."""
+    logits: list[float]
+    active_sites: list[int]
+    """Indices, in the encoder's site order, of the sites whose adapter ran."""
+    active_ranks: list[int]
+    """The rank each of ``active_sites`` used."""
+    flops: tuple[int, int, int]
+    """``(total, adapter, adapter_saved)``."""
+    tokens: int
+    input_tokens: int
+    inference_seconds: float = 0.0
+    queue_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -206,3 +206,16 @@ def assert_envelope(response: httpx.Response, status: int, error_type: str) -> d
     assert isinstance(body["error"], str) and body["error"]
     assert response.headers.get("x-request-id")
     return body
+
+
+def on_engine(repository, engine):
+    """A components factory for ``create_app`` around an already loaded repository and engine (loading
+    MiniLM once per module): the engine in the API process, behind the service's own client."""
+    from service.engine_client import EngineClient, LocalTransport
+    from service.engine_core import EngineCore, make_batcher
+
+    async def components(settings, listener):
+        core = EngineCore(repository, make_batcher(engine, settings, listener))
+        return repository, EngineClient(settings, repository.catalogue, LocalTransport(core))
+
+    return components

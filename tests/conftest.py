@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-from cogalora import CoGaLoRAConfig, CoGaLoRAModel
+from cogalora import CoGaLoRAConfig, CoGaLoRAModel, FlopBreakdown, FlopModel
 from cogalora.bank import AdapterBank
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -47,6 +47,12 @@ def tiny_model(
     model = CoGaLoRAModel(base, config or CoGaLoRAConfig(rank=4))
     model.prepare_for_training(list(labels))
     return model
+
+
+def torch_visible_flops(flops: FlopModel, breakdown: FlopBreakdown) -> int:
+    """The FLOPs of ``breakdown`` that torch's FlopCounterMode sees: routers, pooling and the output head
+    run as per-row multiply-and-sums (batch invariance), which it does not count."""
+    return breakdown.total - breakdown.router - flops.head_output_per_example
 
 
 def bank_row(model: CoGaLoRAModel, site: int, slot: int = 0) -> tuple[AdapterBank, int]:
@@ -261,3 +267,32 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class Described:
+    """An engine whose answers come back named, as the HTTP layer names them (``service.results``):
+    ``classify`` and ``run_batch`` give wire ``RowResult`` objects instead of the engine's ``RowOutput``."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def classify(self, request):
+        from service.results import describe
+
+        adapter = self.engine.repository.acquire(request.adapter)
+        try:
+            rows = self.engine.tokenize(adapter, list(request.texts), request.truncate, request.threshold)
+        finally:
+            self.engine.repository.release(adapter)
+        outputs = self.engine.classify(request)
+        return [describe(row, output) for row, output in zip(rows, outputs, strict=True)]
+
+    def run_batch(self, rows):
+        from service.engine import EngineRun
+        from service.results import describe
+
+        outcome = self.engine.run_batch(rows)
+        return EngineRun([describe(row, out) for row, out in zip(rows, outcome.results, strict=True)], outcome.stats)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)

@@ -26,6 +26,7 @@ from benchmarks.processes import (  # noqa: F401 (re-exported for the tests)
     ServiceAPI,
     ServiceProcess,
     free_port,
+    metric_sum,
     service_command,
     wait_until,
 )
@@ -45,18 +46,6 @@ def run_service_once(*args: str, timeout: float = 120, **env: str) -> subprocess
     environment.update(env)
     command = [sys.executable, "-m", "service", *args]
     return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
-
-
-def metric_sum(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` (exact sample name, e.g. ``cogalora_requests_total``) matching labels."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 async def burst_across_a_stop(

@@ -389,7 +389,7 @@ def test_settings_defaults_and_cogalora_env(monkeypatch):
 
 
 def test_make_batcher_maps_settings():
-    from service.lifecycle import make_batcher
+    from service.engine_core import make_batcher
 
     settings = Settings(max_batch_size=3, max_batch_tokens=99, max_wait_ms=7, max_queue=11, request_timeout_s=4)
     config = make_batcher(SimpleNamespace(repository=None), settings, listener=None).config

@@ -9,11 +9,11 @@ from collections import Counter
 
 import pytest
 import torch
-from api_fakes import assert_envelope, running
+from api_fakes import assert_envelope, on_engine, running
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
-from service.lifecycle import build_engine, make_batcher
+from service.engine_core import build_engine
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -64,10 +64,7 @@ def app_on(loaded, minilm_model_dir, gated: GatedEngine | None = None, **overrid
     repository, engine = loaded
     settings = Settings(model_dir=minilm_model_dir, **overrides)
 
-    async def components(settings_, listener):
-        return repository, make_batcher(gated or engine, settings_, listener)
-
-    return create_app(settings, components=components)
+    return create_app(settings, components=on_engine(repository, gated or engine))
 
 
 async def classify(client, inputs, adapter="sst2", **extra):

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import schemathesis
+from api_fakes import on_engine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -13,7 +14,7 @@ from schemathesis import checks
 from schemathesis.python import asgi
 
 from service.app import create_app
-from service.lifecycle import build_engine, make_batcher
+from service.engine_core import build_engine
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 
@@ -39,12 +40,7 @@ def loaded(minilm_model_dir):
 def api_schema(loaded, minilm_model_dir):
     """The app on the real engine; small limits so generated bodies reach every 413 path."""
     settings = Settings(model_dir=minilm_model_dir, max_client_batch=8, max_input_chars=400, max_body_bytes=20_000)
-    repository, engine = loaded
-
-    async def components(settings_, listener):
-        return repository, make_batcher(engine, settings_, listener)
-
-    app = create_app(settings, components=components)
+    app = create_app(settings, components=on_engine(*loaded))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     with asgi.get_client(app) as client:
         deadline = time.monotonic() + 60

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,8 +27,7 @@ from service.errors import (
     UnknownAdapterError,
 )
 from service.repository import ModelRepository
-from service.schemas import Flops, LabelScore, RowResult
-from service.types import BatchStats, ClassifyRequest
+from service.types import BatchStats, ClassifyRequest, RowOutput, TokenizedRequest
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,6 +53,13 @@ class FakeRepository:
         self.pins -= 1
 
 
+@dataclass
+class Echo(RowOutput):
+    """A fake engine's answer: the row's text as its label."""
+
+    label: str = ""
+
+
 class FakeEngine:
     """Rows are texts; results echo them. ``boom`` fails its row; ``gate`` blocks batches until released."""
 
@@ -63,9 +70,8 @@ class FakeEngine:
         self.gate.set()
         self.started = threading.Event()
 
-    def tokenize(self, adapter, texts: list[str], truncate: bool = True, tau: float | None = None) -> list[PreparedRow]:
-        # words + [CLS] + [SEP]; the text itself rides along in place of token ids
-        return [PreparedRow(adapter, [text] * (len(text.split()) + 2), 0.5, len(text.split()) + 2) for text in texts]
+    def prepare(self, adapter, ids: list[list], input_tokens: list[int], tau: float | None) -> list[PreparedRow]:
+        return [PreparedRow(adapter, row, 0.5, count) for row, count in zip(ids, input_tokens, strict=True)]
 
     def run_batch(self, rows: list[PreparedRow]) -> EngineRun:
         self.started.set()
@@ -75,19 +81,7 @@ class FakeEngine:
         results = [
             InferenceError("inference failed for this input")
             if text == "boom"
-            else RowResult(
-                label=text,
-                score=1.0,
-                scores=[LabelScore(label=text, score=1.0)],
-                active_adapters=0,
-                total_adapters=0,
-                active_modules=[],
-                active_rank=0,
-                tokens=row.tokens,
-                input_tokens=row.input_tokens,
-                truncated=row.input_tokens > row.tokens,
-                flops=Flops(total=1, adapter=0, adapter_saved=0),
-            )
+            else Echo([1.0], [0.0], [], [], (1, 0, 0), row.tokens, row.input_tokens, label=text)
             for row, text in zip(rows, texts, strict=True)
         ]
         stats = BatchStats(len(rows), 1, len(rows) * max(r.tokens for r in rows), sum(r.tokens for r in rows), 0.0, 0)
@@ -130,8 +124,20 @@ class Listener:
         self.stats.append(stats)
 
 
-def request(*texts: str) -> ClassifyRequest:
-    return ClassifyRequest(texts=list(texts), adapter="fake")
+def request(*texts: str) -> TokenizedRequest:
+    """Words + [CLS] + [SEP] tokens per text; the text itself rides along in place of token ids."""
+    ids = [[text] * (len(text.split()) + 2) for text in texts]
+    return TokenizedRequest(adapter="fake", ids=ids, input_tokens=[len(row) for row in ids])
+
+
+def tokenized(engine: Engine, request: ClassifyRequest) -> TokenizedRequest:
+    """A real request as the API process hands it to the engine process."""
+    adapter = engine.repository.acquire(request.adapter)
+    engine.repository.release(adapter)
+    rows = engine.tokenize(adapter, list(request.texts), request.truncate)
+    return TokenizedRequest(
+        request.adapter, [r.input_ids for r in rows], [r.input_tokens for r in rows], request.threshold
+    )
 
 
 async def started(engine: FakeEngine) -> None:
@@ -149,7 +155,7 @@ async def until(condition, timeout: float = 30) -> None:
 
 
 async def queued(batcher: Batcher, rows: int) -> None:
-    """Until ``rows`` rows are tokenized and queued (tokenization runs on its own thread)."""
+    """Until ``rows`` rows are queued (pinning an adapter may run on a loader thread)."""
     await until(lambda: batcher.queued_rows >= rows)
 
 
@@ -285,7 +291,7 @@ async def test_stop_drains_accepted_requests_and_refuses_new_ones(parts) -> None
 async def test_unknown_adapter_is_rejected_at_submit(parts) -> None:
     batcher, *_ = parts
     with pytest.raises(UnknownAdapterError):
-        await batcher.submit(ClassifyRequest(texts=["x"], adapter="nope"))
+        await batcher.submit(TokenizedRequest(adapter="nope", ids=[[1, 2]], input_tokens=[2]))
     assert batcher.queue_depth == 0
 
 
@@ -310,8 +316,8 @@ async def test_adapter_removed_while_queued(tiny_repository: ModelRepository) ->
     batcher = Batcher(engine, config, listener, clock=clock, sleep=timer.sleep)
     await batcher.start()
     try:
-        doomed = asyncio.create_task(batcher.submit(ClassifyRequest(texts=["good movie"], adapter="drop")))
-        kept = asyncio.create_task(batcher.submit(ClassifyRequest(texts=["bad plot", "the"], adapter="keep")))
+        doomed = asyncio.create_task(batcher.submit(tokenized(engine, ClassifyRequest(["good movie"], "drop"))))
+        kept = asyncio.create_task(batcher.submit(tokenized(engine, ClassifyRequest(["bad plot", "the"], "keep"))))
         await queued(batcher, 3)
         await asyncio.to_thread(tiny_repository.unload, "drop")
         clock.now += 1
@@ -319,7 +325,7 @@ async def test_adapter_removed_while_queued(tiny_repository: ModelRepository) ->
         with pytest.raises(AdapterUnloadedError):
             await doomed
         results = await kept
-        assert [len(r.scores) for r in results] == [2, 2]
+        assert [len(r.probabilities) for r in results] == [2, 2]
         assert listener.stats[-1].rows == 2
     finally:
         timer.fire()
@@ -336,47 +342,17 @@ async def test_real_engine_results_match_direct_engine_runs(tiny_repository: Mod
     ]
     await batcher.start()
     try:
-        answers = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        answers = await asyncio.gather(*(batcher.submit(tokenized(engine, r)) for r in requests))
     finally:
         await batcher.stop()
     for req, answer in zip(requests, answers, strict=True):
         direct = engine.classify(req)
-        assert [a.active_modules for a in answer] == [d.active_modules for d in direct]
-        assert [a.score for a in answer] == pytest.approx([d.score for d in direct], abs=1e-5)
+        assert [a.active_sites for a in answer] == [d.active_sites for d in direct]
+        for a, d in zip(answer, direct, strict=True):
+            assert a.probabilities == pytest.approx(d.probabilities, abs=1e-5)
 
 
-# ---- admission, tokenization, padded budget, pins ------------------------------------------------
-
-
-async def test_admission_comes_before_tokenization_which_runs_off_the_event_loop() -> None:
-    engine = FakeEngine()
-    tokenizing = threading.Event()
-    release = threading.Event()
-    tokenized: list[str] = []
-    real_tokenize = engine.tokenize
-
-    def slow_tokenize(adapter, texts, truncate=True, tau=None):
-        tokenized.extend(texts)
-        tokenizing.set()
-        assert release.wait(30)
-        return real_tokenize(adapter, texts, truncate, tau)
-
-    engine.tokenize = slow_tokenize
-    batcher = Batcher(engine, BatcherConfig(max_batch_size=8, max_wait_s=0, max_queue=4))
-    await batcher.start()
-    try:
-        first = asyncio.create_task(batcher.submit(request("a", "b", "c")))
-        assert await asyncio.to_thread(tokenizing.wait, 30)
-        # The event loop is free while "first" tokenizes, and its rows already count against the queue:
-        assert batcher.queue_depth == 3
-        with pytest.raises(QueueFullError):
-            await batcher.submit(request("d", "e"))
-        assert tokenized == ["a", "b", "c"], "a refused request is never tokenized"
-        release.set()
-        assert [r.label for r in await first] == ["a", "b", "c"]
-    finally:
-        release.set()
-        await batcher.stop()
+# ---- padded budget, pins ------------------------------------------------------------------------
 
 
 async def test_token_budget_counts_padded_tokens() -> None:
@@ -449,14 +425,14 @@ async def test_traffic_over_five_adapters_with_room_for_two(tmp_path: Path, tiny
     jobs = [ClassifyRequest(texts=[texts[i % 5]], adapter=names[(i * 3) % 5]) for i in range(40)]
     await batcher.start()
     try:
-        answers = await asyncio.gather(*(batcher.submit(job) for job in jobs))
+        answers = await asyncio.gather(*(batcher.submit(tokenized(reference, job)) for job in jobs))
     finally:
         await batcher.stop()
     assert most_loaded <= 2 and len(bounded.loaded_names()) <= 2
     for job, (answer,) in zip(jobs, answers, strict=True):
         (expected,) = reference.classify(job)
-        assert answer.active_modules == expected.active_modules
-        assert answer.score == pytest.approx(expected.score, abs=1e-5)
+        assert answer.active_sites == expected.active_sites
+        assert answer.probabilities == pytest.approx(expected.probabilities, abs=1e-5)
     assert bounded.in_use() == {}, "every pin was given back"
     assert events.evictions >= 3 and events.loads == events.evictions + len(bounded.loaded_names())
 
@@ -464,8 +440,8 @@ async def test_traffic_over_five_adapters_with_room_for_two(tmp_path: Path, tiny
 # ---- fairness between clients (key ids) ----------------------------------------------------------
 
 
-def from_client(client: str, *texts: str) -> ClassifyRequest:
-    return ClassifyRequest(texts=list(texts), adapter="fake", client=client)
+def from_client(client: str, *texts: str) -> TokenizedRequest:
+    return replace(request(*texts), client=client)
 
 
 async def test_a_batch_takes_the_clients_in_turn() -> None:

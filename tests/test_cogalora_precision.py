@@ -1,41 +1,82 @@
-"""Precision choice: ``auto`` never picks a dtype whose results would depend on batching."""
+"""Precisions, and the exact integer products of ``int8``: a row's result never depends on its batch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomize_adapter, spread_routers, tiny_model
+from torch import nn
 
-from cogalora import precision
-from cogalora.precision import cpu_bf16_is_batch_invariant, resolve_dtype
-
-
-def bf16_rows_match_alone_and_together(rows: int) -> bool:
-    """MiniLM's FFN-down product (K = 1536) of every row, alone vs in a batch of ``rows``."""
-    generator = torch.Generator().manual_seed(1)
-    weight = torch.randn(384, 1536, generator=generator).bfloat16()
-    inputs = torch.randn(rows, 1536, generator=generator).bfloat16()
-    together = torch.nn.functional.linear(inputs, weight)
-    return all(torch.equal(torch.nn.functional.linear(inputs[r : r + 1], weight)[0], together[r]) for r in range(rows))
+from cogalora import CoGaLoRAConfig
+from cogalora.int8 import Int8Linear, int_matmul, quantize_rows
+from cogalora.precision import PRECISION_CHOICES, PRECISIONS, resolve_precision
 
 
-def test_the_probe_agrees_with_an_exhaustive_check() -> None:
-    # The probe looks at three rows of three batch sizes; every row of other batches must agree with it
-    # wherever it says "invariant" (where it says "not", one mismatch is enough and the probe found it).
-    if cpu_bf16_is_batch_invariant():
-        assert all(bf16_rows_match_alone_and_together(rows) for rows in (2, 17, 33, 100))
-    else:
-        assert not all(bf16_rows_match_alone_and_together(rows) for rows in (33, 64, 300))
+def test_auto_is_the_exact_integer_precision_on_cpu() -> None:
+    assert resolve_precision("auto", "cpu").integer_products
+    assert resolve_precision("auto", "meta").name == "float32", "no integer products there"
+    assert resolve_precision("bfloat16", "cpu").half and not resolve_precision("bfloat16").integer_products
+    assert set(PRECISION_CHOICES) == {"auto", *PRECISIONS}
+    with pytest.raises(ValueError, match="unknown precision 'int3'"):
+        resolve_precision("int3")
 
 
-@pytest.mark.parametrize("invariant", [True, False])
-def test_auto_picks_bf16_on_cpu_only_where_it_is_batch_invariant(monkeypatch, invariant: bool) -> None:
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(precision, "cpu_bf16_is_batch_invariant", lambda: invariant)
-    assert resolve_dtype("auto", "cpu") is (torch.bfloat16 if invariant else torch.float32)
-    assert resolve_dtype("bfloat16", "cpu") is torch.bfloat16, "an explicit choice is kept (with a warning)"
+def test_int_matmul_is_exact_for_any_shape() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for m, k, n in [(1, 384, 8), (5, 4, 1536), (33, 1536, 384), (2, 3, 5)]:
+        a = torch.randint(-128, 128, (m, k), generator=generator, dtype=torch.int8)
+        b = torch.randint(-128, 128, (k, n), generator=generator, dtype=torch.int8)
+        assert torch.equal(int_matmul(a, b), (a.long() @ b.long()).int())
 
 
-def test_resolve_dtype_rejects_unknown_names() -> None:
-    assert resolve_dtype("float32") is torch.float32
-    with pytest.raises(ValueError, match="unknown dtype"):
-        resolve_dtype("int3")
+def test_quantized_rows_reconstruct_each_row_within_half_a_step() -> None:
+    x = torch.randn(7, 384) * torch.tensor([0.01, 1.0, 30.0, 1.0, 1.0, 5.0, 1.0])[:, None]
+    x[3] = 2.5  # a constant row: no division by zero, reconstructed exactly
+    rows = quantize_rows(x)
+    assert rows.values.dtype == torch.int8 and rows.values.abs().max() <= 127
+    restored = rows.mid + rows.scale * rows.values.float()
+    assert ((restored - x).abs() <= rows.scale * 0.5001).all(), "each row keeps its own scale"
+    assert torch.equal(restored[3], x[3])
+
+
+def test_int8_linear_is_close_to_float_and_bitwise_independent_of_the_batch() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(384, 1536)
+    layer = Int8Linear(linear)
+    x = torch.randn(100, 384)
+    together = layer(x)
+    relative = (together - linear(x)).norm() / linear(x).norm()
+    assert relative < 0.02, f"int8 error {relative:.4f} of the output's norm"
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            for size in (1, 3, 17, 33, 64, 100):
+                for row in (0, size // 2, size - 1):
+                    start = max(0, row - size + 1)
+                    batch = layer(x[start : start + size])
+                    assert torch.equal(batch[row - start], together[row]), (count, size, row)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_model_in_int8_serves_close_to_float32_with_float32_routers() -> None:
+    trained = tiny_model(CoGaLoRAConfig(rank=4, router_init_bias=0.0))
+    randomize_adapter(trained)
+    spread_routers(trained)
+    model = tiny_model(seed=0).eval()
+    model.set_adapter(0, trained.adapter_weights(), ["neg", "pos"])
+    ids = torch.randint(5, 60, (6, 9))
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        reference = model(ids, mask)
+        model.set_precision("int8")
+        quantized = model(ids, mask)
+    assert model.precision.integer_products
+    assert all(layer.integer for layer in model.layers)
+    assert not any(type(module) is nn.Linear for module in model.model.modules()), "every Linear is exact"
+    for layer in model.layers:
+        for bank in layer.banks:
+            assert bank.router_w1.dtype == torch.float32
+            assert bank.integer or bank.rows_used == 0, "every bank that holds an adapter keeps int8 codes"
+    assert (quantized.logits - reference.logits).abs().max() < 0.05

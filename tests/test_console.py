@@ -11,13 +11,14 @@ from html.parser import HTMLParser
 
 import pytest
 import torch
-from api_fakes import assert_envelope, fake_components, running
+from api_fakes import assert_envelope, fake_components, on_engine, running
 from conftest import synthetic_checkpoint, tiny_text
 
 from cogalora import load_model
 from service.app import create_app
 from service.console import STATIC_FILES
-from service.lifecycle import Service, build_engine, make_batcher
+from service.engine_core import build_engine
+from service.lifecycle import Service
 from service.live_stats import LiveStats, histogram_quantile
 from service.metrics import ServiceMetrics
 from service.settings import Settings
@@ -197,10 +198,7 @@ def rank_routed_dir(tmp_path, tiny_base_dir):
 async def test_adapters_list_their_sites_and_results_the_rank_of_each_active_site(rank_routed_dir):
     settings = Settings(model_dir=rank_routed_dir, dtype="float32")  # the reference below runs in float32
     repository, engine = build_engine(settings, ServiceMetrics())
-
-    async def components(settings, listener):
-        return repository, make_batcher(engine, settings, listener)
-
+    components = on_engine(repository, engine)
     texts = [tiny_text(3 + seed % 9, seed=seed) for seed in range(12)]
     app = create_app(settings, components=components)
     async with running(app) as client:

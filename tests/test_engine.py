@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, synthetic_checkpoint, tiny_text
+from conftest import SHARED_DATA, Described, peft_lora_folder, synthetic_checkpoint, tiny_text, torch_visible_flops
 from torch.utils.flop_counter import FlopCounterMode
 
-from cogalora import PACKAGED_MODEL_ID, load_base_model, load_model, read_adapter
-from cogalora.precision import cpu_bf16_is_batch_invariant
+from cogalora import PACKAGED_MODEL_ID, load_base_model, load_model, read_adapter, resolve_base_model
 from service.engine import Engine, PreparedRow, length_chunks
 from service.errors import AdapterUnloadedError, InferenceError, InputTooLongError, UnknownAdapterError
 from service.repository import ModelRepository
@@ -55,7 +54,7 @@ def scanned(model_dir: Path, **options) -> ModelRepository:
 
 @pytest.fixture(scope="module")
 def minilm_engine(minilm_model_dir: Path) -> Engine:
-    return Engine(scanned(minilm_model_dir), tune_malloc=False)
+    return Described(Engine(scanned(minilm_model_dir), tune_malloc=False))
 
 
 @pytest.fixture
@@ -69,7 +68,7 @@ def tiny_dir(tmp_path: Path, tiny_base_dir: Path) -> Path:
 
 @pytest.fixture
 def tiny_engine(tiny_dir: Path) -> Engine:
-    return Engine(scanned(tiny_dir), tune_malloc=False)
+    return Described(Engine(scanned(tiny_dir), tune_malloc=False))
 
 
 def prepare(engine: Engine, request: ClassifyRequest) -> list[PreparedRow]:
@@ -77,6 +76,16 @@ def prepare(engine: Engine, request: ClassifyRequest) -> list[PreparedRow]:
     adapter = engine.repository.acquire(request.adapter)
     engine.repository.release(adapter)
     return engine.tokenize(adapter, list(request.texts), request.truncate, request.threshold)
+
+
+def torch_counted(row: PreparedRow, result: RowResult) -> int:
+    """The FLOPs torch's counter sees of a result: its reported total less routers and output head."""
+    active = dict(zip(result.active_modules, result.active_ranks, strict=True))
+    names = row.adapter.encoder.site_names
+    ranks = [active.get(name, 0) for name in names]
+    breakdown = row.adapter.flops.request(row.tokens, [name in active for name in names], ranks=ranks)
+    assert breakdown.total == result.flops.total
+    return torch_visible_flops(row.adapter.flops, breakdown)
 
 
 def probabilities(result: RowResult, labels: list[str]) -> list[float]:
@@ -120,40 +129,69 @@ def test_engine_matches_training_model_in_eval(minilm_engine: Engine, minilm_mod
 
 
 @pytest.fixture(scope="module")
-def minilm_bf16_engine(minilm_model_dir: Path) -> Engine:
-    return Engine(scanned(minilm_model_dir, dtype=torch.bfloat16), tune_malloc=False)
+def mixed_minilm_dir(minilm_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MiniLM repository (two CoGaLoRA adapters, a plain LoRA) plus a RAD-LoRA adapter and a PEFT
+    folder adapting every Linear (BERT's pooler included)."""
+    root = tmp_path_factory.mktemp("mixed")
+    for folder in minilm_model_dir.iterdir():
+        shutil.copytree(folder, root / folder.name)
+    synthetic_checkpoint(root / "rad", PACKAGED_MODEL_ID, ["negative", "positive"], method="radlora", seed=30)
+    peft_lora_folder(resolve_base_model(PACKAGED_MODEL_ID), root / "peft", r=4, target_modules="all-linear")
+    return root
+
+
+def bit_pattern(result: RowResult) -> tuple:
+    """Everything a row's answer says, as exact values."""
+    return (
+        result.label,
+        [(item.label, item.score) for item in result.scores],
+        [(item.label, item.score) for item in result.raw_scores],
+        result.active_modules,
+        result.active_ranks,
+        result.flops,
+    )
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_batch_invariance_mixed_adapters_lengths_and_taus(request: pytest.FixtureRequest, dtype: str) -> None:
-    # bfloat16 too: padding-free attention (cogalora.attention) keeps a row's arithmetic independent
-    # of its batch-mates, where masked attention moved bf16 logits by up to 5e-4.
-    if dtype == "bfloat16" and not cpu_bf16_is_batch_invariant():
-        pytest.skip("this CPU's bf16 matrix products depend on the batch size (dtype auto serves float32 here)")
-    minilm_engine = request.getfixturevalue("minilm_engine" if dtype == "float32" else "minilm_bf16_engine")
+@pytest.mark.parametrize("precision", ["int8", "float32"])
+def test_batch_invariance_mixed_adapters_lengths_and_taus(mixed_minilm_dir: Path, precision: str) -> None:
+    """A row's answer alone and inside batches of 1 to 64 rows of other adapters, methods, lengths and
+    taus: bit for bit in int8 (exact integer products), on one and on two threads; float32 products
+    round in a batch-dependent order, so there only to 1e-5."""
+    engine = Described(Engine(scanned(mixed_minilm_dir, precision=precision), tune_malloc=False))
     texts = sentences(64)
-    adapters = ["sst2", "agnews", "plain"]
+    adapters = ["sst2", "agnews", "plain", "rad", "peft"]
     taus = [None, 0.3, 0.7]
     requests = [
-        ClassifyRequest(texts=[text], adapter=adapters[i % 3], threshold=taus[(i // 3) % 3])
+        ClassifyRequest(texts=[text], adapter=adapters[i % 5], threshold=taus[(i // 5) % 3])
         for i, text in enumerate(texts)
     ]
-    alone = [minilm_engine.classify(request)[0] for request in requests]
+    alone = [engine.classify(request)[0] for request in requests]
     assert len({result.tokens for result in alone}) > 10, "needs mixed lengths"
     assert len({len(result.active_modules) for result in alone}) > 3, "needs varied gate patterns"
-    for split_by_length in (True, False):
-        engine = Engine(minilm_engine.repository, split_by_length=split_by_length, tune_malloc=False)
-        rows: list[PreparedRow] = [row for request in requests for row in prepare(engine, request)]
-        outcome = engine.run_batch(rows)
-        assert outcome.stats[0].rows == 64
-        for single, in_batch in zip(alone, outcome.results, strict=True):
-            assert isinstance(in_batch, RowResult)
-            assert in_batch.active_modules == single.active_modules
-            assert in_batch.label == single.label
-            labels = [item.label for item in single.scores]
-            assert probabilities(in_batch, labels) == pytest.approx(probabilities(single, labels), abs=1e-5)
-            assert in_batch.flops == single.flops
+    assert any(0 < rank < 8 for result in alone for rank in result.active_ranks), "needs RAD-LoRA's smaller ranks"
+    rows = [row for request in requests for row in prepare(engine, request)]
+    threads = torch.get_num_threads()
+    try:
+        runs = [(1, True, (64, 33, 17, 5, 2)), (1, False, (64, 8)), (2, True, (64, 3))]
+        for thread_count, split_by_length, sizes in runs:
+            torch.set_num_threads(thread_count)
+            batched = Described(Engine(engine.repository, split_by_length=split_by_length, tune_malloc=False))
+            for size in sizes:
+                for start in range(0, 64, size):
+                    outcome = batched.run_batch(rows[start : start + size])
+                    for single, in_batch in zip(alone[start : start + size], outcome.results, strict=True):
+                        assert isinstance(in_batch, RowResult)
+                        if precision == "int8":
+                            assert bit_pattern(in_batch) == bit_pattern(single), (thread_count, size, start)
+                            continue
+                        assert in_batch.active_modules == single.active_modules
+                        assert in_batch.label == single.label
+                        labels = [item.label for item in single.scores]
+                        assert probabilities(in_batch, labels) == pytest.approx(probabilities(single, labels), abs=1e-5)
+                        assert in_batch.flops == single.flops
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("adapters", [1, 3, 50])
@@ -164,8 +202,8 @@ def test_gathered_path_equals_the_one_adapter_path(tmp_path: Path, tiny_base_dir
     for index in range(adapters):
         synthetic_checkpoint(root / f"a{index:02d}", str(tiny_base_dir), labels[index % 3], seed=index)
     repository = scanned(root)
-    single = Engine(repository, tune_malloc=False)
-    gathered = Engine(repository, tune_malloc=False, always_gather=True)
+    single = Described(Engine(repository, tune_malloc=False))
+    gathered = Described(Engine(repository, tune_malloc=False, always_gather=True))
     rng = random.Random(adapters)
     requests = [
         ClassifyRequest(
@@ -193,8 +231,8 @@ def test_router_input_norm_is_per_adapter_in_mixed_batches(tmp_path: Path, tiny_
     synthetic_checkpoint(root / "plain", str(tiny_base_dir), ["neg", "pos"], seed=5)
     synthetic_checkpoint(root / "normed", str(tiny_base_dir), ["neg", "pos"], seed=5, router_input_norm="layer_norm")
     repository = scanned(root)
-    single = Engine(repository, tune_malloc=False)
-    gathered = Engine(repository, tune_malloc=False, always_gather=True)
+    single = Described(Engine(repository, tune_malloc=False))
+    gathered = Described(Engine(repository, tune_malloc=False, always_gather=True))
     texts = [tiny_text(length, seed=length) for length in (1, 3, 6, 9, 14, 20)]
     requests = [ClassifyRequest(texts=[text], adapter=name) for text in texts for name in ("plain", "normed")]
     alone = [single.classify(request)[0] for request in requests]
@@ -261,7 +299,7 @@ def test_torch_counts_exactly_the_flops_the_results_report(tiny_engine: Engine) 
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         outcome = tiny_engine.run_batch(rows)
     attention = sum(row.adapter.flops.attention_per_token_pair * row.tokens**2 for row in rows)
-    reported = sum(result.flops.total for result in outcome.results) - attention
+    reported = sum(map(torch_counted, rows, outcome.results)) - attention
     active = sum(result.active_adapters for result in outcome.results)
     assert 0 < active < 12 * len(rows), "the check needs some gates on and some off"
     per_site = rows[0].adapter.flops.adapter_per_token[0] * rows[0].tokens
@@ -355,7 +393,7 @@ def test_two_encoders_in_one_batch(tmp_path: Path, tiny_dir: Path, tiny_base_dir
     other_base = tmp_path / "other-base"
     shutil.copytree(tiny_base_dir, other_base)
     synthetic_checkpoint(tiny_dir / "elsewhere", str(other_base), ["neg", "pos"], seed=3)
-    engine = Engine(scanned(tiny_dir), tune_malloc=False)
+    engine = Described(Engine(scanned(tiny_dir), tune_malloc=False))
     texts = ["good", "bad plot", "the movie"]
     rows = prepare(engine, ClassifyRequest(texts=texts[:2], adapter="two"))
     rows += prepare(engine, ClassifyRequest(texts=texts[2:], adapter="elsewhere"))
@@ -405,7 +443,7 @@ def rank_routed_engine(tmp_path: Path, tiny_base_dir: Path) -> Engine:
     root = tmp_path / "models"
     synthetic_checkpoint(root / "rad", str(tiny_base_dir), ["neg", "pos"], method="radlora", seed=3)
     synthetic_checkpoint(root / "two", str(tiny_base_dir), ["neg", "pos"], seed=0)
-    return Engine(scanned(root), tune_malloc=False)
+    return Described(Engine(scanned(root), tune_malloc=False))
 
 
 def test_rank_routed_engine_matches_the_training_model_and_reports_ranks(rank_routed_engine: Engine) -> None:
@@ -444,11 +482,9 @@ def test_rank_routed_rows_are_batch_invariant_and_counted_exactly(rank_routed_en
         assert (in_batch.active_modules, in_batch.active_rank) == (single.active_modules, single.active_rank)
         assert probabilities(in_batch, ["neg", "pos"]) == pytest.approx(probabilities(single, ["neg", "pos"]), abs=1e-5)
         assert in_batch.flops == single.flops
-    # torch's count of the mixed batch equals the per-row analytic FLOPs at the ranks each row used
-    # (less the gathered routers' output dot products, 2 x hidden 4 per row and site: elementwise to torch).
+    # torch's count of the mixed batch equals the per-row analytic FLOPs at the ranks each row used.
     attention = sum(row.adapter.flops.attention_per_token_pair * row.tokens**2 for row in rows)
-    router_outputs = 2 * 4 * len(rows) * 12  # 12 sites on the tiny encoder
-    reported = sum(result.flops.total for result in outcome.results) - attention - router_outputs
+    reported = sum(map(torch_counted, rows, outcome.results)) - attention
     per_rank = rows[0].adapter.flops.adapter_per_token_rank[0] * rows[0].tokens
     assert counter.get_total_flops() == pytest.approx(reported, abs=per_rank / 2), "off by one rank of one site"
 
@@ -459,7 +495,7 @@ def test_every_committed_model_is_served_with_its_ranks() -> None:
     use less than the full rank of their active sites, every other method exactly the full rank."""
     committed = Path(__file__).resolve().parents[1] / "models"
     repository = scanned(committed)
-    engine = Engine(repository, tune_malloc=False)
+    engine = Described(Engine(repository, tune_malloc=False))
     texts = sentences(4)
     assert "sst2-radlora" in repository.names()
     for name in repository.names():

@@ -1,4 +1,4 @@
-"""Routing fidelity: shadow dense checks and routing drift (service.fidelity, issue 16)."""
+"""Routing fidelity: shadow dense checks and routing drift (service.fidelity)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import SHARED_DATA, synthetic_checkpoint, tiny_text
+from conftest import SHARED_DATA, Described, synthetic_checkpoint, tiny_text
 
 from cogalora import read_meta
 from service.engine import Engine, PreparedRow
@@ -24,13 +23,13 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(params=["float32", "bfloat16"])
+@pytest.fixture(params=["int8", "float32"])
 def tiny_repository(request: pytest.FixtureRequest, tmp_path: Path, tiny_base_dir: Path) -> ModelRepository:
     root = tmp_path / "models"
     synthetic_checkpoint(root / "two", str(tiny_base_dir), ["neg", "pos"], seed=0)
     synthetic_checkpoint(root / "three", str(tiny_base_dir), ["x", "y", "z"], seed=4)
     synthetic_checkpoint(root / "plain", str(tiny_base_dir), ["neg", "pos"], method="lora", seed=8)
-    repository = ModelRepository(root, dtype=getattr(torch, request.param))
+    repository = ModelRepository(root, precision=request.param)
     assert repository.scan() == {}
     return repository
 
@@ -60,15 +59,15 @@ def eligible(rows: list[PreparedRow]) -> int:
 
 
 def test_shadow_rows_never_change_any_answer(tiny_repository: ModelRepository) -> None:
-    plain = Engine(tiny_repository, tune_malloc=False)
-    shadowed = Engine(tiny_repository, tune_malloc=False, shadow_fraction=1.0)
+    plain = Described(Engine(tiny_repository, tune_malloc=False))
+    shadowed = Described(Engine(tiny_repository, tune_malloc=False, shadow_fraction=1.0))
     rows = mixed_rows(plain)
     expected = plain.run_batch(rows)
     outcome = shadowed.run_batch(rows)
     assert len(outcome.results) == len(rows)
     for got, want in zip(outcome.results, expected.results, strict=True):
         assert isinstance(got, RowResult) and isinstance(want, RowResult)
-        # Exactly, in every dtype: the served rows' forwards are those of a batch without shadows.
+        # Exactly, in every precision: the served rows' forwards are those of a batch without shadows.
         assert got.model_dump() == want.model_dump()
     (stats,) = outcome.stats
     (baseline,) = expected.stats
@@ -80,8 +79,8 @@ def test_shadow_rows_never_change_any_answer(tiny_repository: ModelRepository) -
 
 
 def test_shadow_compares_with_every_gate_forced_on(tiny_repository: ModelRepository) -> None:
-    shadowed = Engine(tiny_repository, tune_malloc=False, shadow_fraction=1.0)
-    dense = Engine(tiny_repository, tune_malloc=False, force_gates="on")
+    shadowed = Described(Engine(tiny_repository, tune_malloc=False, shadow_fraction=1.0))
+    dense = Described(Engine(tiny_repository, tune_malloc=False, force_gates="on"))
     texts = [tiny_text(n, seed=200 + n) for n in range(2, 26)]
     rows = prepare(shadowed, "two", texts)
     outcome = shadowed.run_batch(rows)
@@ -183,7 +182,7 @@ def test_engine_reports_gate_counts_at_the_reference_sites(tmp_path: Path, tiny_
     (directory / "cogalora.json").write_text(json.dumps(meta))
     repository = ModelRepository(tmp_path / "models")
     assert repository.scan() == {}
-    engine = Engine(repository, tune_malloc=False, shadow_fraction=1.0)
+    engine = Described(Engine(repository, tune_malloc=False, shadow_fraction=1.0))
     texts = [tiny_text(n, seed=n) for n in range(1, 9)]
     rows = prepare(engine, "two", texts) + prepare(engine, "two", texts[:3], threshold=0.2)
     outcome = engine.run_batch(rows)
@@ -209,7 +208,7 @@ def test_drift_stays_low_on_dev_data_and_rises_on_another_domain() -> None:
     rows = 400
     repository = ModelRepository(MODELS, max_loaded=2)
     repository.scan()
-    engine = Engine(repository, tune_malloc=False)
+    engine = Described(Engine(repository, tune_malloc=False))
 
     def drift(path: Path) -> float:
         texts = [line.split("\t")[0] for line in path.read_text(encoding="utf-8").splitlines()[1 : rows + 1]]

@@ -191,16 +191,16 @@ def test_admin_load_unload_and_replace(model_dir: Path) -> None:
 def test_an_unexpected_error_in_one_folder_does_not_stop_the_others(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import service.repository as repository_module
+    import service.catalogue as catalogue_module
 
-    real_read_adapter = repository_module.read_adapter
+    real_read_adapter = catalogue_module.read_adapter
 
     def flaky_read_adapter(directory, data=True):
         if Path(directory).name == "beta":
             raise RuntimeError("simulated crash inside a library")
         return real_read_adapter(directory, data)
 
-    monkeypatch.setattr(repository_module, "read_adapter", flaky_read_adapter)
+    monkeypatch.setattr(catalogue_module, "read_adapter", flaky_read_adapter)
     repo = ModelRepository(model_dir)
     failures = repo.scan()
     assert list(failures) == ["beta"] and "simulated crash" in failures["beta"]

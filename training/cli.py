@@ -14,7 +14,7 @@ import torch
 
 from cogalora import CheckpointError, load_model, update_meta
 from cogalora.config import ROUTED_METHODS
-from cogalora.precision import DTYPE_CHOICES, resolve_dtype
+from cogalora.precision import PRECISION_CHOICES, resolve_precision
 from training.calibrate import PICKS, calibrate, format_calibration, parse_taus, tau_grid
 from training.data import Columns, DataError, encode_file
 from training.evaluation import compare_predictions, evaluate, format_table
@@ -134,10 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--json", action="store_true", help="print only the JSON object, no table")
     evaluate_cmd.add_argument(
         "--dtype",
-        choices=DTYPE_CHOICES,
+        choices=PRECISION_CHOICES,
         default="float32",
-        help="precision of encoder, adapters and head (routers stay float32); 'auto': the device's fastest "
-        "native one. Other than float32, the data is also run in float32 and the JSON adds accuracy_float32, "
+        help="precision of encoder, adapters and head (routers stay float32; int8: exact integer products, "
+        "as the service serves by default); 'auto': the device's fastest batch-invariant one. Other than "
+        "float32, the data is also run in float32 and the JSON adds accuracy_float32, "
         "gates_differing_fraction (of (row, site) pairs) and labels_differing",
     )
     _add_runtime(evaluate_cmd)
@@ -238,19 +239,19 @@ def _load(args: argparse.Namespace):
 def _evaluate(args: argparse.Namespace) -> int:
     loaded, dataset, device = _load(args)
     progress = not args.json and sys.stderr.isatty()
-    dtype = resolve_dtype(args.dtype, device)
+    precision = resolve_precision(args.dtype, device)
     reference = None
-    if dtype != torch.float32:
+    if precision.name != "float32":
         reference_metrics, reference = evaluate(
             loaded.model, dataset, args.batch_size, tau=args.tau, device=device, progress=progress
         )
-        loaded.model.cast(dtype)
+        loaded.model.set_precision(precision)
     metrics, predictions = evaluate(
         loaded.model, dataset, args.batch_size, tau=args.tau, device=device, progress=progress
     )
     metrics["tau"] = loaded.meta.tau if args.tau is None else args.tau
     metrics["method"] = loaded.meta.method
-    metrics["dtype"] = str(dtype).removeprefix("torch.")
+    metrics["dtype"] = precision.name
     if reference is not None:
         metrics["accuracy_float32"] = reference_metrics["accuracy"]
         metrics.update(compare_predictions(reference, predictions))

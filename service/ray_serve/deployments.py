@@ -43,10 +43,12 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import CatalogueReader, principal_of
+from service.catalogue import CatalogueReads
+from service.engine_client import EngineClient, LocalTransport
+from service.engine_core import EngineCore
 from service.errors import AdapterConflictError, NotReadyError, QueueFullError, RequestTimeoutError, ServiceError
 from service.keys import Principal
-from service.lifecycle import build_engine, make_batcher
-from service.metrics import AdapterLabels, ServiceMetrics
+from service.metrics import ServiceMetrics, service_metrics
 from service.schemas import AdapterInfo, RowResult
 from service.settings import Settings
 from service.types import ClassifyRequest
@@ -57,6 +59,8 @@ APP_NAME = "cogalora"
 REPLICA_HEADER = "X-Cogalora-Replica"
 #: Extra seconds the ingress waits for a replica beyond the replica's own request timeout (its 504 wins).
 HANDLE_GRACE_S = 5.0
+#: Tries of one request when replicas die under it (then 503).
+REPLICA_ATTEMPTS = 3
 
 
 class RayServeArgs(BaseModel):
@@ -130,9 +134,10 @@ class ClassifierReplica:
         context = serve.get_replica_context()
         self.replica = context.replica_tag
         self.settings = settings
-        self.metrics = ServiceMetrics(AdapterLabels(settings.metrics_adapter_labels))
-        self.repository, engine = await asyncio.to_thread(build_engine, settings, self.metrics)
-        self.batcher = make_batcher(engine, settings, self.metrics)
+        self.metrics = service_metrics(settings)
+        core = await asyncio.to_thread(EngineCore.build, settings, self.metrics)
+        self.repository = core.repository
+        self.batcher = EngineClient(settings, core.repository.catalogue, LocalTransport(core))
         await self.batcher.start()
         self.metrics.bind(
             lambda: float(self.batcher.queue_depth),
@@ -211,7 +216,7 @@ def _serve_metrics(metrics: ServiceMetrics, base_port: int, rank: int) -> str | 
 _ROUTED: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("cogalora_routed", default=None)
 
 
-class CatalogueRepository:
+class CatalogueRepository(CatalogueReads):
     """The repository as the ingress sees it: the scanned catalogue, and what replicas say they hold.
 
     ``resolve`` and ``adapters`` answer exactly as the single-process repository does (same errors);
@@ -222,32 +227,15 @@ class CatalogueRepository:
     """
 
     def __init__(self, settings: Settings) -> None:
-        from service.repository import ModelRepository
+        from service.catalogue import Catalogue
 
-        self.catalogue = ModelRepository(settings.model_dir, max_loaded=settings.max_loaded_adapters)
+        self.catalogue = Catalogue(settings.model_dir)
         self.catalogue.scan()
         self.max_loaded = settings.max_loaded_adapters
         self.replicas: dict[str, ReplicaReport] = {}
 
-    @property
-    def failures(self) -> dict[str, str]:
-        return self.catalogue.failures
-
-    def names(self) -> list[str]:
-        return self.catalogue.names()
-
-    def resolve(self, requested: str | None) -> str:
-        return self.catalogue.resolve(requested)
-
     def loaded_names(self) -> list[str]:
         return sorted({name for report in self.replicas.values() for name in report.loaded})
-
-    def info(self, name: str) -> AdapterInfo:
-        return self.catalogue.info(name).model_copy(update={"loaded": name in self.loaded_names()})
-
-    def adapters(self) -> list[AdapterInfo]:
-        held = set(self.loaded_names())
-        return [info.model_copy(update={"loaded": info.name in held}) for info in self.catalogue.adapters()]
 
     def load(self, name: str, replace: bool = False) -> AdapterInfo:
         raise AdapterConflictError("under Ray Serve adapters load on demand on each replica; redeploy to reload")
@@ -289,16 +277,23 @@ class ReplicaPool:
         return None
 
     async def submit(self, request: ClassifyRequest) -> list[RowResult]:
-        call = self.handle.options(multiplexed_model_id=request.adapter).classify.remote(request)
-        try:
-            answer: ReplicaAnswer = await asyncio.wait_for(call, self.timeout_s)
-        except TimeoutError:
-            call.cancel()
-            raise RequestTimeoutError(f"no replica answered within {self.timeout_s:g} s; retry later") from None
-        except BackPressureError:
-            raise QueueFullError("every replica is at its request limit; retry later", self.retry_after) from None
-        except (RayActorError, DeploymentUnavailableError):
-            raise NotReadyError("no engine replica is available; retry shortly", self.retry_after) from None
+        """The answer of a replica that holds the adapter. Classification is idempotent: when the replica
+        dies under the request (``RayActorError``), it is sent again, to another replica."""
+        for attempt in range(1, REPLICA_ATTEMPTS + 1):
+            call = self.handle.options(multiplexed_model_id=request.adapter).classify.remote(request)
+            try:
+                answer: ReplicaAnswer = await asyncio.wait_for(call, self.timeout_s)
+                break
+            except TimeoutError:
+                call.cancel()
+                raise RequestTimeoutError(f"no replica answered within {self.timeout_s:g} s; retry later") from None
+            except BackPressureError:
+                raise QueueFullError("every replica is at its request limit; retry later", self.retry_after) from None
+            except (RayActorError, DeploymentUnavailableError) as exc:
+                if attempt == REPLICA_ATTEMPTS:
+                    raise NotReadyError("no engine replica is available; retry shortly", self.retry_after) from None
+                log.warning("replica lost under a request (%s); sending it again", type(exc).__name__)
+                await asyncio.sleep(0.2 * attempt)  # lets Ray's router drop the dead replica
         self.repository.record(answer)
         routed = _ROUTED.get()
         if routed is not None:

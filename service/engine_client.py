@@ -1,0 +1,219 @@
+"""The engine as the API process sees it: admission, tokenization, and the engine's numbers named.
+
+:class:`EngineClient` is what the routes submit to (``Service.batcher``). It admits a request (rows
+in flight), tokenizes it on a worker thread, hands the token ids to a transport and turns the
+engine's :class:`~service.types.RowOutput` into wire results with the catalogue's label and site
+names. Two transports:
+
+- :class:`LocalTransport`: the engine (``service.engine_core.EngineCore``) in this process
+  (``engine_process=false``, tests, each Ray Serve replica);
+- :class:`~service.engine_process.ProcessTransport`: the engine in its own process, so that the
+  forward never shares an interpreter (and its GIL) with HTTP, JSON and tokenization.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from cogalora import ALL_MODULE_KINDS
+from cogalora.architectures import site_name
+from service.catalogue import BaseSpec, Catalogue, CatalogueReads, failure_reason
+from service.engine_core import EngineCore
+from service.errors import AdapterLoadError, AdapterUnloadedError, NotReadyError, QueueFullError, RequestTimeoutError
+from service.results import row_result
+from service.schemas import AdapterInfo, RowResult
+from service.settings import Settings
+from service.tokenization import Tokenizers
+from service.types import ClassifyRequest, RowOutput, TokenizedRequest
+
+
+class Transport(Protocol):
+    """How token ids reach an engine and its numbers come back."""
+
+    @property
+    def up(self) -> bool: ...
+    @property
+    def queue_depth(self) -> int: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def classify(self, request: TokenizedRequest) -> list[RowOutput]: ...
+    async def call(self, method: str, *args: Any) -> Any: ...
+
+
+class LocalTransport:
+    """The engine in this process."""
+
+    up = True
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+
+    @property
+    def queue_depth(self) -> int:
+        return self.core.queue_depth
+
+    async def start(self) -> None:
+        await self.core.start()
+
+    async def stop(self) -> None:
+        await self.core.stop()
+
+    async def classify(self, request: TokenizedRequest) -> list[RowOutput]:
+        return await self.core.classify(request)
+
+    async def call(self, method: str, *args: Any) -> Any:
+        return await asyncio.to_thread(self.core.call, method, *args)
+
+
+def encoder_site_names(spec: BaseSpec) -> list[str]:
+    """Every site of a shared encoder, in its order (the encoder carries every module kind)."""
+    return [site_name(layer, kind) for layer in range(spec.num_layers) for kind in ALL_MODULE_KINDS]
+
+
+class EngineClient:
+    """Admission, tokenization and naming in front of a :class:`Transport` (the service's batcher)."""
+
+    def __init__(self, settings: Settings, catalogue: Catalogue, transport: Transport) -> None:
+        self.settings = settings
+        self.catalogue = catalogue
+        self.transport = transport
+        self.tokenizers = Tokenizers()
+        self._in_flight = 0
+        self._tokenizing = 0
+        self._tokenizer_thread: ThreadPoolExecutor | None = None
+        # Rows the engine may hold at once: its queue and the batch it runs.
+        self._capacity = settings.max_queue + settings.max_batch_size
+
+    @property
+    def ready(self) -> bool:
+        return self.transport.up
+
+    @property
+    def queue_depth(self) -> int:
+        """Rows admitted and not running: being tokenized here, or queued in the engine."""
+        return self._tokenizing + self.transport.queue_depth
+
+    async def start(self) -> None:
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cogalora-tokenize")
+        await self.transport.start()
+
+    async def stop(self) -> None:
+        """The engine answers every admitted request, then stops."""
+        await self.transport.stop()
+        if self._tokenizer_thread is not None:
+            self._tokenizer_thread.shutdown(wait=True)
+
+    async def submit(self, request: ClassifyRequest) -> list[RowResult]:
+        """Results in input order; raises the ServiceError of the first failing input."""
+        settings = self.settings
+        if not self.transport.up:
+            raise NotReadyError("the engine is restarting; retry shortly", retry_after=settings.retry_after_s)
+        count = len(request.texts)
+        if self._in_flight + count > self._capacity:
+            raise QueueFullError(
+                f"queue full ({self._in_flight} inputs in flight); retry later", retry_after=settings.retry_after_s
+            )
+        entry = self.catalogue.entry(request.adapter)
+        self._in_flight += count
+        try:
+            async with asyncio.timeout(settings.request_timeout_s):
+                began = time.perf_counter()
+                self._tokenizing += count
+                try:
+                    ids, input_tokens = await asyncio.get_running_loop().run_in_executor(
+                        self._tokenizer_thread,
+                        self.tokenizers.tokenize,
+                        entry.meta.base_model,
+                        list(request.texts),
+                        entry.info.max_length,
+                        request.truncate,
+                        entry.name,
+                    )
+                finally:
+                    self._tokenizing -= count
+                tokenize_seconds = time.perf_counter() - began
+                outputs = await self.transport.classify(
+                    TokenizedRequest(entry.name, ids, input_tokens, request.threshold, request.client)
+                )
+        except AdapterLoadError as exc:  # the engine could not load it: later requests fail fast here
+            self.catalogue.mark_failed(entry.name, failure_reason(entry.name, exc))
+            raise
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"no answer within {settings.request_timeout_s:g} s; the service is overloaded, retry later"
+            ) from None
+        finally:
+            self._in_flight -= count
+        labels, sites = entry.info.labels, encoder_site_names(entry.spec)
+        if any(len(output.probabilities) != len(labels) for output in outputs):
+            raise AdapterUnloadedError(f"adapter {entry.name!r} was replaced while the request waited; retry")
+        results = [row_result(output, labels, sites, entry.info.total_adapters) for output in outputs]
+        for result in results:
+            result.tokenize_seconds = tokenize_seconds
+        return results
+
+
+class RemoteRepository(CatalogueReads):
+    """The resident adapters as the API process sees them when the engine runs in its own process.
+
+    Its own :class:`~service.catalogue.Catalogue` (the same scan as the engine's) answers names and
+    metadata; which adapters are loaded comes from the engine's events; admin changes (``load``,
+    ``unload``) are calls to the engine. Those two are blocking: routes call them on worker threads.
+    """
+
+    def __init__(self, catalogue: Catalogue, max_loaded: int, listener: Any) -> None:
+        self.catalogue = catalogue
+        self.max_loaded = max_loaded
+        self.listener = listener
+        self._loaded: dict[str, None] = {}
+        self._transport: Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self, transport: Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
+
+    # ---- what the engine reports --------------------------------------------------------------
+
+    def on_ready(self, loaded: list[str]) -> None:
+        self._loaded = dict.fromkeys(loaded)
+
+    def on_batch(self, stats) -> None:
+        self.listener.on_batch(stats)
+
+    def on_adapter_loaded(self, name: str, seconds: float) -> None:
+        self._loaded[name] = None
+        self.listener.on_adapter_loaded(name, seconds)
+
+    def on_adapter_evicted(self, name: str) -> None:
+        self._loaded.pop(name, None)
+        self.listener.on_adapter_evicted(name)
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def loaded_names(self) -> list[str]:
+        return list(self._loaded)
+
+    # ---- admin (blocking) ---------------------------------------------------------------------
+
+    def load(self, name: str, replace: bool = False) -> AdapterInfo:
+        self.catalogue.folder(name)
+        try:
+            self._call("load", name, replace)
+        except AdapterLoadError as exc:
+            self.catalogue.mark_failed(name, failure_reason(name, exc))
+            raise
+        self.catalogue.add(name)
+        self._loaded[name] = None
+        return self.info(name)
+
+    def unload(self, name: str) -> None:
+        self._call("unload", name)
+        self.catalogue.remove(name)
+        self._loaded.pop(name, None)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        assert self._transport is not None and self._loop is not None, "attach() the transport first"
+        return asyncio.run_coroutine_threadsafe(self._transport.call(method, *args), self._loop).result()

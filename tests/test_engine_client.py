@@ -1,0 +1,163 @@
+"""The engine client (API process side): admission, tokenization, and the engine in its own process.
+
+The engine process is real here: ``python -m service.engine_process`` started by the client, fed over
+its socket, killed with SIGKILL under traffic and restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import synthetic_checkpoint, tiny_text
+
+from service.catalogue import Catalogue
+from service.engine_client import EngineClient, LocalTransport
+from service.engine_core import EngineCore
+from service.errors import NotReadyError, QueueFullError
+from service.lifecycle import build_components
+from service.metrics import service_metrics
+from service.settings import Settings
+from service.types import ClassifyRequest, RowOutput
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path, tiny_base_dir: Path) -> Path:
+    root = tmp_path / "models"
+    synthetic_checkpoint(root / "two", str(tiny_base_dir), ["neg", "pos"], seed=0)
+    synthetic_checkpoint(root / "rad", str(tiny_base_dir), ["neg", "pos"], method="radlora", seed=3)
+    synthetic_checkpoint(root / "plain", str(tiny_base_dir), ["a", "b", "c"], method="lora", seed=5)
+    return root
+
+
+class HeldTransport:
+    """An engine that answers only when released, with one made-up output per input."""
+
+    up = True
+    queue_depth = 0
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.received: list = []
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def classify(self, request):
+        self.received.append(request)
+        await self.release.wait()
+        return [
+            RowOutput([0.25, 0.75], [0.0, 1.0], [0], [4], (1, 0, 0), len(ids), n)
+            for ids, n in zip(request.ids, request.input_tokens, strict=True)
+        ]
+
+    async def call(self, method, *args):
+        raise AssertionError("not called")
+
+
+async def test_admission_comes_before_tokenization_which_runs_off_the_event_loop(tiny_dir: Path) -> None:
+    settings = Settings(model_dir=tiny_dir, max_queue=3, max_batch_size=1)  # 4 rows in flight at most
+    catalogue = Catalogue(tiny_dir)
+    catalogue.scan()
+    transport = HeldTransport()
+    client = EngineClient(settings, catalogue, transport)
+    tokenizing, release = threading.Event(), threading.Event()
+    tokenized: list[str] = []
+    real_tokenize = client.tokenizers.tokenize
+
+    def slow_tokenize(base_model, texts, limit, truncate, adapter):
+        tokenized.extend(texts)
+        tokenizing.set()
+        assert release.wait(30)
+        return real_tokenize(base_model, texts, limit, truncate, adapter)
+
+    client.tokenizers.tokenize = slow_tokenize
+    await client.start()
+    try:
+        first = asyncio.create_task(client.submit(ClassifyRequest(["good movie", "bad", "the plot"], "two")))
+        assert await asyncio.to_thread(tokenizing.wait, 30)
+        # The event loop is free while "first" tokenizes, and its rows already count as in flight:
+        assert client.queue_depth == 3
+        with pytest.raises(QueueFullError):
+            await client.submit(ClassifyRequest(["d", "e"], "two"))
+        assert tokenized == ["good movie", "bad", "the plot"], "a refused request is never tokenized"
+        release.set()
+        await asyncio.to_thread(lambda: None)
+        while not transport.received:
+            await asyncio.sleep(0.001)
+        transport.release.set()
+        results = await first
+        assert [r.label for r in results] == ["pos"] * 3, "named with the catalogue's labels"
+        assert [r.active_modules for r in results] == [["layer.0.attention.query"]] * 3
+        assert results[0].tokens == len(transport.received[0].ids[0])
+    finally:
+        release.set()
+        transport.release.set()
+        await client.stop()
+
+
+def _answers(results) -> list[tuple]:
+    return [
+        (r.label, [(s.label, s.score) for s in r.scores], r.active_modules, r.active_ranks, r.flops) for r in results
+    ]
+
+
+@pytest.mark.integration
+async def test_the_engine_process_answers_like_the_engine_in_process_and_survives_a_kill(tiny_dir: Path) -> None:
+    """Bit for bit the in-process answers (int8); SIGKILL under traffic: every request that reached the
+    engine is answered by its successor, requests meanwhile get 503 with Retry-After, then it serves again."""
+    texts = [tiny_text(2 + seed % 11, seed=seed) for seed in range(24)]
+    requests = [
+        ClassifyRequest([text], ("two", "rad", "plain")[i % 3], (None, 0.3)[i % 2]) for i, text in enumerate(texts)
+    ]
+    settings = Settings(model_dir=tiny_dir, dtype="int8", preload_adapters=3)
+
+    local_settings = settings.model_copy(update={"engine_process": False})
+    core = await asyncio.to_thread(EngineCore.build, local_settings, None)
+    local = EngineClient(local_settings, core.repository.catalogue, LocalTransport(core))
+    await local.start()
+    try:
+        expected = [_answers(await local.submit(request)) for request in requests]
+    finally:
+        await local.stop()
+
+    metrics = service_metrics(settings)
+    repository, client = await build_components(settings, metrics)
+    await client.start()
+    transport = client.transport
+    try:
+        assert transport.pid is not None and transport.pid != os.getpid()
+        assert sorted(repository.loaded_names()) == ["plain", "rad", "two"]
+        answers = await asyncio.gather(*(client.submit(request) for request in requests))
+        assert [_answers(a) for a in answers] == expected
+        assert metrics.registry.get_sample_value("cogalora_batch_size_count") >= 1, "engine batches reach /metrics"
+
+        burst = [asyncio.create_task(client.submit(request)) for request in requests * 8]
+        while not transport._pending:  # some requests are in the engine
+            await asyncio.sleep(0.001)
+        in_engine = len(transport._pending)
+        os.kill(transport.pid, signal.SIGKILL)
+        outcomes = await asyncio.gather(*burst, return_exceptions=True)
+        answered = [o for o in outcomes if not isinstance(o, Exception)]
+        refused = [o for o in outcomes if isinstance(o, Exception)]
+        assert all(isinstance(o, NotReadyError) and o.retry_after for o in refused), refused[:3]
+        assert len(answered) >= in_engine > 0, "every request the dead engine held is answered by the next one"
+        for outcome, request in zip(outcomes, requests * 8, strict=True):
+            if not isinstance(outcome, Exception):
+                assert _answers(outcome) == expected[requests.index(request)]
+        while not transport.up:
+            await asyncio.sleep(0.05)
+        assert transport.restarts == 1
+        assert [_answers(await client.submit(r)) for r in requests[:6]] == expected[:6]
+    finally:
+        await client.stop()
+    assert transport._process.returncode == 0, "stopped on request, not killed"
