@@ -30,5 +30,7 @@ def runtime(settings: Settings) -> dict[str, Any]:
         "version": VERSION,
         "device": settings.resolved_device(),
         "dtype": settings.resolved_precision().name,
+        "engine_process": settings.engine_process,
+        "engine_lanes": settings.resolved_engine_lanes(),
         "torch_threads": settings.resolved_torch_threads(),
     }

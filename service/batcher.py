@@ -16,7 +16,9 @@ client holding most would displace that client's newest waiting request (answere
 ``queue_full``), rather than being refused: longest queue drop. With one client this is plain first
 in, first out with a bounded queue. A request larger than a batch spans several.
 
-Inference runs on one worker thread, so the event loop keeps accepting requests while a batch runs.
+Inference runs on worker threads, one per lane of the engine (copies of the model; see
+``service.repository.Lanes``), so the event loop keeps accepting requests while batches run, and a
+batch closes whenever a lane is free.
 The clock and the timer are injectable so tests drive ``max_wait_s`` by hand.
 """
 
@@ -119,6 +121,8 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._engine_thread: ThreadPoolExecutor | None = None
+        self._lanes = getattr(engine, "lanes", 1)
+        """Batches that may run at once (the engine's lanes: copies of the model on their own threads)."""
         self._loader_threads: ThreadPoolExecutor | None = None
         self._stopping = False
         self._rows_per_second = 0.0
@@ -151,7 +155,7 @@ class Batcher:
             return
         self._stopping = False
         self._wakeup = asyncio.Event()
-        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cogalora-engine")
+        self._engine_thread = ThreadPoolExecutor(max_workers=self._lanes, thread_name_prefix="cogalora-engine")
         self._loader_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cogalora-load")
         self._task = asyncio.create_task(self._schedule(), name="cogalora-batcher")
 
@@ -291,18 +295,31 @@ class Batcher:
     async def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._wakeup is not None
+        running: set[asyncio.Task] = set()
         while True:
             self._wakeup.clear()
             if not self._queues:
                 if self._stopping and self._admitted_rows == 0:
-                    return
+                    break
+                await self._wakeup.wait()
+                continue
+            if len(running) == self._lanes:  # every lane runs a batch: rows keep queueing for the next one
                 await self._wakeup.wait()
                 continue
             wait = self._time_to_close()
             if wait > 0:
                 await self._wait(wait)
                 continue
-            await self._execute(loop, self._take_batch())
+            # The rows waiting are shared among the idle lanes: closed-loop clients that all wait on one
+            # full batch would otherwise leave the other lanes idle.
+            idle = self._lanes - len(running)
+            batch = self._take_batch(max(1, -(-self._queued_rows // idle)))
+            if not batch:
+                continue
+            task = loop.create_task(self._execute(loop, batch))
+            running.add(task)
+            task.add_done_callback(lambda done: (running.discard(done), self._poke()))
+        await asyncio.gather(*running)
 
     def _fits(self, rows: int, longest: int) -> bool:
         return rows <= self.config.max_batch_size and rows * longest <= self.config.max_batch_tokens
@@ -354,11 +371,14 @@ class Batcher:
             for index in range(pending.next_row, len(pending.rows)):
                 yield pending, index, pending.rows[index]
 
-    def _take_batch(self) -> list[tuple[_Pending, int, PreparedRow]]:
+    def _take_batch(self, limit: int | None = None) -> list[tuple[_Pending, int, PreparedRow]]:
+        """The next batch: rows in the clients' turn, as many as fit (and at most ``limit``)."""
         taken: list[tuple[_Pending, int, PreparedRow]] = []
         longest = 0
         for pending, index, row in self._take_order():
             if taken and not self._fits(len(taken) + 1, max(longest, row.tokens)):
+                break
+            if limit is not None and len(taken) == limit:
                 break
             taken.append((pending, index, row))
             longest = max(longest, row.tokens)

@@ -140,6 +140,11 @@ class Engine:
         if tune_malloc and repository.device.type == "cpu":
             tune_allocator()
 
+    @property
+    def lanes(self) -> int:
+        """Forwards that can run at once (``ModelRepository(lanes=...)``)."""
+        return self.repository.lanes
+
     # ---- preparation --------------------------------------------------------------------------
 
     def tokenize(
@@ -266,8 +271,9 @@ class Engine:
         """One routed forward over ``chunk`` (row positions); fills ``results``, appends the chunk's
         gate counts to ``routing``; returns rows multiplied."""
         began = time.perf_counter()
-        with encoder.lock:
-            # An admin may have unloaded an adapter since run_batch looked: check again under the lock.
+        with encoder.lanes.one() as model:
+            # An admin may have unloaded an adapter since run_batch looked: check again (no slot changes
+            # while a lane runs a forward).
             live = []
             for position in chunk:
                 if self.repository.is_current(rows[position].adapter):
@@ -279,7 +285,7 @@ class Engine:
             ids, mask = _padded([rows[p].input_ids for p in live], encoder.tokenizer.pad_token_id or 0)
             device = encoder.device
             with torch.inference_mode():
-                output = encoder.model(
+                output = model(
                     ids.to(device),
                     mask.to(device),
                     slots=[rows[p].adapter.slot for p in live],

@@ -50,6 +50,7 @@ def build_engine(
         precision=settings.resolved_precision(),
         max_loaded=settings.max_loaded_adapters,
         listener=events,
+        lanes=settings.resolved_engine_lanes(),
     )
     repository.catalogue.scan(recover=owns_model_dir)
     repository.load_encoders()
@@ -60,7 +61,8 @@ def build_engine(
         "engine ready",
         extra={
             "precision": repository.precision.name,
-            "threads": torch.get_num_threads(),
+            "lanes": repository.lanes,
+            "threads_per_lane": torch.get_num_threads(),
             "loaded": repository.loaded_names(),
         },
     )

@@ -26,6 +26,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -62,21 +64,73 @@ class RepositoryListener(Protocol):
     def on_adapter_evicted(self, name: str) -> None: ...
 
 
+class Lanes:
+    """Identical copies of one model, each running one forward at a time (a *lane*).
+
+    Forwards on different lanes run at once (each on its own thread: torch releases the GIL inside
+    its kernels), and a lane is one intra-op thread or a few: no thread ever waits at a barrier for
+    another forward's thread. A slot change (:meth:`every`) waits until no forward runs, holds new
+    ones back meanwhile, and changes every copy, so all lanes always hold the same adapters.
+    """
+
+    def __init__(self, models: list[CoGaLoRAModel]) -> None:
+        self.models = models
+        self._free = list(range(len(models)))
+        self._changing = 0
+        self._cond = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    @contextmanager
+    def one(self) -> Iterator[CoGaLoRAModel]:
+        """A free copy for one forward."""
+        with self._cond:
+            while not self._free or self._changing:
+                self._cond.wait()
+            lane = self._free.pop()
+        try:
+            yield self.models[lane]
+        finally:
+            with self._cond:
+                self._free.append(lane)
+                self._cond.notify_all()
+
+    @contextmanager
+    def every(self) -> Iterator[list[CoGaLoRAModel]]:
+        """Every copy, with no forward running (a slot change)."""
+        with self._cond:
+            self._changing += 1
+            while len(self._free) < len(self.models):
+                self._cond.wait()
+            self._free.clear()
+        try:
+            yield self.models
+        finally:
+            with self._cond:
+                self._changing -= 1
+                self._free = list(range(len(self.models)))
+                self._cond.notify_all()
+
+
 @dataclass
 class SharedEncoder:
-    """One base encoder and the adapters loaded into its slots."""
+    """One base encoder (in one or more lanes) and the adapters loaded into its slots."""
 
     key: str
     """Resolved base-model id or path (adapters with the same key share this encoder)."""
-    model: CoGaLoRAModel
+    lanes: Lanes
     tokenizer: Any
     max_positions: int
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    """Held for every forward and every slot change."""
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
     """Fast tokenizers are not safe to call from two threads at once."""
     slots: dict[int, str] = field(default_factory=dict)
     """slot -> adapter name"""
+
+    @property
+    def model(self) -> CoGaLoRAModel:
+        """The first lane's copy: what describes the adapters (sites, ranks, FLOPs), all copies alike."""
+        return self.lanes.models[0]
 
     @cached_property
     def site_names(self) -> list[str]:
@@ -132,9 +186,12 @@ class ModelRepository(CatalogueReads):
         max_loaded: int = Settings.model_fields["max_loaded_adapters"].default,
         listener: RepositoryListener | None = None,
         catalogue: Catalogue | None = None,
+        lanes: int = 1,
     ) -> None:
-        if max_loaded < 1:
-            raise ValueError(f"max_loaded must be >= 1, got {max_loaded}")
+        """``lanes``: copies of each base encoder, so that that many forwards run at once (:class:`Lanes`)."""
+        if max_loaded < 1 or lanes < 1:
+            raise ValueError(f"max_loaded and lanes must be >= 1, got {max_loaded} and {lanes}")
+        self.lanes = lanes
         self.catalogue = catalogue or Catalogue(model_dir)
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -262,9 +319,10 @@ class ModelRepository(CatalogueReads):
         started = time.perf_counter()
         meta, weights = read_adapter(entry.directory)
         encoder = self._encoder_for(meta)
-        with encoder.lock:
+        with encoder.lanes.every() as models:
             slot = encoder.free_slot()
-            encoder.model.set_adapter(slot, weights, meta.labels, source=entry.name)
+            for model in models:
+                model.set_adapter(slot, weights, meta.labels, source=entry.name)
             encoder.slots[slot] = entry.name
             routed = encoder.model.site_routed(slot)
         reference = meta.activation_reference() or {}
@@ -292,10 +350,11 @@ class ModelRepository(CatalogueReads):
 
     def _release_slot(self, adapter: LoadedAdapter) -> None:
         encoder = adapter.encoder
-        with encoder.lock:
+        with encoder.lanes.every() as models:
             if encoder.slots.get(adapter.slot) == adapter.name:
                 del encoder.slots[adapter.slot]
-                encoder.model.reset_adapter(adapter.slot)
+                for model in models:
+                    model.reset_adapter(adapter.slot)
 
     # ---- encoders -----------------------------------------------------------------------------
 
@@ -322,22 +381,23 @@ class ModelRepository(CatalogueReads):
         config = CoGaLoRAConfig(
             method="cogalora", target_modules=ALL_MODULE_KINDS, head_modules=tuple(meta.head_modules) or None
         )
+        models = []
         try:
             # The encoder's own head width (a local base may ship a classifier); the head is replaced anyway.
             base_config = AutoConfig.from_pretrained(key, trust_remote_code=False)
-            hf_model = load_base_model(meta.base_model, num_labels=base_config.num_labels)
+            for _ in range(self.lanes):
+                model = CoGaLoRAModel(load_base_model(meta.base_model, num_labels=base_config.num_labels), config)
+                model.requires_grad_(False)
+                model.to(self.device).eval()
+                models.append(model.set_precision(self.precision))
             tokenizer = load_tokenizer(meta.base_model)
         except Exception as exc:  # unreadable weights raise the reader's own errors (e.g. SafetensorError)
             raise CheckpointError(f"base model {meta.base_model!r} cannot be loaded ({exc})") from exc
-        model = CoGaLoRAModel(hf_model, config)
-        model.requires_grad_(False)
-        model.to(self.device).eval()
-        model.set_precision(self.precision)
         spec = self.catalogue.spec(meta)
         tokenizer_max = getattr(tokenizer, "model_max_length", spec.max_positions) or spec.max_positions
-        logger.info("loaded base model %s (%d adapter sites)", key, len(model.sites))
+        logger.info("loaded base model %s (%d adapter sites, %d lanes)", key, len(models[0].sites), self.lanes)
         return SharedEncoder(
-            key=key, model=model, tokenizer=tokenizer, max_positions=min(spec.max_positions, tokenizer_max)
+            key=key, lanes=Lanes(models), tokenizer=tokenizer, max_positions=min(spec.max_positions, tokenizer_max)
         )
 
     # ---- admin --------------------------------------------------------------------------------

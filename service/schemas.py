@@ -205,7 +205,9 @@ class ServerInfo(BaseModel):
     state: Literal["loading", "ready", "failed", "draining"]
     device: str = Field(description="Torch device the engine runs on.")
     dtype: str = Field(description="Precision of the encoder and adapters (auto resolved); routers run in float32.")
-    torch_threads: int = Field(description="torch intra-op threads.")
+    engine_lanes: int = Field(description="Copies of the model that run forwards at once.")
+    torch_threads: int = Field(description="torch intra-op threads of each lane.")
+    engine_process: bool = Field(description="Whether the engine runs in a process of its own.")
     adapters: list[str] = Field(description="Servable adapters, loaded in memory or not (empty while loading).")
     loaded: int = Field(description="Adapters in memory now.")
     unavailable: dict[str, str] = Field(description="Checkpoint folders that cannot be served, and why.")

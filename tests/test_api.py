@@ -427,9 +427,13 @@ def test_json_log_lines_carry_extra_fields(capsys):
             root.removeHandler(handler)
 
 
-def test_torch_threads_auto_leaves_one_core_to_the_event_loop(monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
-    assert Settings(torch_threads=0).resolved_torch_threads() == 3
+def test_auto_threads_leave_one_core_to_the_api_process_and_share_the_rest_among_lanes(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert Settings().resolved_engine_lanes() == 2
+    assert Settings().resolved_torch_threads() == 3, "7 cores shared by 2 lanes"
+    assert Settings(engine_lanes=1).resolved_torch_threads() == 7
     assert Settings(torch_threads=2).resolved_torch_threads() == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert (Settings().resolved_engine_lanes(), Settings().resolved_torch_threads()) == (2, 1)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert Settings().resolved_torch_threads() == 1
+    assert (Settings().resolved_engine_lanes(), Settings().resolved_torch_threads()) == (1, 1)

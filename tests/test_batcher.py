@@ -519,3 +519,31 @@ async def test_a_full_queue_makes_room_for_a_smaller_client_by_dropping_the_larg
     finally:
         engine.gate.set()
         await batcher.stop()
+
+
+async def test_an_engine_with_two_lanes_runs_two_batches_at_once() -> None:
+    """While one batch is held in the engine, the next one starts on the second lane (one lane would wait)."""
+    engine = FakeEngine()
+    engine.lanes = 2
+    entered = threading.Semaphore(0)
+    hold = threading.Event()
+    real_run = engine.run_batch
+
+    def held_run(rows):
+        entered.release()
+        assert hold.wait(30)
+        return real_run(rows)
+
+    engine.run_batch = held_run
+    batcher = Batcher(engine, BatcherConfig(max_batch_size=2, max_wait_s=0, max_queue=10))
+    await batcher.start()
+    try:
+        first = asyncio.create_task(batcher.submit(request("a", "b")))
+        second = asyncio.create_task(batcher.submit(request("c", "d")))
+        assert await asyncio.to_thread(entered.acquire, True, 30)
+        assert await asyncio.to_thread(entered.acquire, True, 30), "the second batch started beside the first"
+        hold.set()
+        assert [r.label for r in await first] == ["a", "b"] and [r.label for r in await second] == ["c", "d"]
+    finally:
+        hold.set()
+        await batcher.stop()

@@ -506,3 +506,31 @@ def test_every_committed_model_is_served_with_its_ranks() -> None:
             assert result.active_rank <= 8 * result.active_adapters
             if meta.method != "radlora":
                 assert result.active_rank == 8 * result.active_adapters
+
+
+# ---- lanes: copies of the model running forwards at once -------------------------------------------
+
+
+@pytest.mark.integration
+def test_lanes_run_forwards_at_once_and_give_the_answers_of_one_lane(mixed_minilm_dir: Path) -> None:
+    """Two lanes (two copies of MiniLM, int8) running two batches on two threads: every answer is the bits
+    of the same row alone, and an admin unload waits for running forwards, then reaches both copies."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    one = Described(Engine(scanned(mixed_minilm_dir, precision="int8"), tune_malloc=False))
+    two = Described(Engine(scanned(mixed_minilm_dir, precision="int8", lanes=2), tune_malloc=False))
+    texts = sentences(48)
+    requests = [ClassifyRequest([text], ("sst2", "rad", "peft")[i % 3]) for i, text in enumerate(texts)]
+    alone = [bit_pattern(one.classify(request)[0]) for request in requests]
+    rows = [row for request in requests for row in prepare(two, request)]
+    assert two.lanes == 2 and len(two.repository.encoders()[0].lanes) == 2
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outcomes = list(pool.map(two.run_batch, [rows[:24], rows[24:]] * 3))
+    for k, outcome in enumerate(outcomes):
+        start = 24 * (k % 2)
+        assert [bit_pattern(result) for result in outcome.results] == alone[start : start + 24]
+    lanes = two.repository.encoders()[0].lanes
+    (slot,) = [slot for slot, name in two.repository.encoders()[0].slots.items() if name == "rad"]
+    assert all(any(model.site_present(slot)) for model in lanes.models)
+    two.repository.unload("rad")
+    assert not any(any(model.site_present(slot)) for model in lanes.models), "the unload reached every copy"

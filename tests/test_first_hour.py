@@ -189,7 +189,7 @@ async def test_an_unservable_folder_is_warned_about_listed_and_named_while_the_o
 
 async def test_info_says_the_version_device_dtype_threads_and_adapters(tmp_path):
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
-    settings = Settings(model_dir=tmp_path, dtype="float32", torch_threads=3, api_key="k")
+    settings = Settings(model_dir=tmp_path, dtype="float32", torch_threads=3, engine_lanes=2, api_key="k")
     app = create_app(settings, components=fake_components(["sst2", "agnews"]))
     async with running(app) as client:
         assert_envelope(await client.get("/info"), 401, "unauthorized")  # it names the adapters
@@ -200,6 +200,8 @@ async def test_info_says_the_version_device_dtype_threads_and_adapters(tmp_path)
             "state": "ready",
             "device": "cpu",
             "dtype": "float32",
+            "engine_process": True,
+            "engine_lanes": 2,
             "torch_threads": 3,
             "adapters": ["agnews", "sst2"],
             "loaded": 2,
