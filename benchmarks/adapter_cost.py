@@ -41,16 +41,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def adapter_size(weights) -> dict[str, int]:
     """Parameter counts of one adapter's tensors by role, and their bytes."""
     counts = {"lora": 0, "router": 0, "scale_generator": 0, "head": 0}
+    # Heads that scale the adapter's output (HyperLoRA's generators) are adapter-like, the others router parts.
+    heads = "scale_generator" if weights.variant.heads_train_with_adapter else "router"
     tensors = []
     for lora_A, lora_B in weights.lora.values():
         counts["lora"] += lora_A.numel() + lora_B.numel()
         tensors += [lora_A, lora_B]
     for router in weights.routers.values():
-        parts = [router.w1, router.b1, router.w2, router.b2, router.rank_w, router.rank_b]
-        counts["router"] += sum(part.numel() for part in parts if part is not None)
-        scales = [part for part in (router.scale_w, router.scale_b) if part is not None]
-        counts["scale_generator"] += sum(part.numel() for part in scales)
-        tensors += [part for part in parts + scales if part is not None]
+        gate = [router.w1, router.b1, router.w2, router.b2]
+        counts["router"] += sum(part.numel() for part in gate)
+        counts[heads] += sum(part.numel() for part in router.heads.values())
+        tensors += gate + list(router.heads.values())
     for weight, bias in weights.head.values():
         counts["head"] += weight.numel() + bias.numel()
         tensors += [weight, bias]

@@ -48,12 +48,12 @@ def masked_rank_products():
 
     def masked(self, x, out, route):
         bank = self.banks[route.bank]
-        if bank.rank_set is None or not route.routed:
+        if not route.routed:
             return grouped(self, x, out, route)
         state = self.routing
-        logits, rank_logits = self._route_scores(bank, state.pooled(x), route)
-        choice = rank_logits.argmax(dim=1)
-        ranks = bank.rank_choices[choice]
+        logits, ranks = self._route_scores(bank, state.pooled(x), route)
+        if ranks is None:  # no rank head here
+            return grouped(self, x, out, route)
         active = (logits > route.threshold) & (ranks > 0)
         state.record(self.site.index, logits, active, route.present, torch.where(active, ranks, 0))
         rows = active.nonzero().squeeze(1)
@@ -64,7 +64,8 @@ def masked_rank_products():
         lora_B = bank.lora_B[bank_rows] if isinstance(bank_rows, int) else bank.lora_B.index_select(0, bank_rows)
         selected = x.index_select(0, rows)
         down = selected @ lora_A.transpose(-1, -2)
-        down = down * bank.rank_masks.index_select(0, choice.index_select(0, rows))[:, None, :].to(down.dtype)
+        mask = torch.arange(bank.rank, device=x.device)[None, :] < ranks.index_select(0, rows)[:, None]
+        down = down * mask[:, None, :].to(down.dtype)
         update = (down @ lora_B.transpose(-1, -2)) * bank.output_scale
         out.index_add_(0, rows, update)
         return None

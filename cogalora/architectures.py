@@ -13,13 +13,23 @@ from dataclasses import dataclass
 
 from torch import nn
 
+#: Every module kind an encoder layer offers to adapters, in site order within a layer.
+ALL_MODULE_KINDS: tuple[str, ...] = (
+    "attention.query",
+    "attention.key",
+    "attention.value",
+    "attention.output",
+    "ffn.up",
+    "ffn.down",
+)
+
 
 @dataclass(frozen=True)
 class Architecture:
     """Module naming of one encoder family."""
 
     kinds: dict[str, str]
-    """Module kind -> regex on the module path, with the layer index as group 1."""
+    """Module kind (each of ``ALL_MODULE_KINDS``) -> regex on the module path, with the layer index as group 1."""
 
     head_linears: tuple[str, ...]
     """Linear modules of the sequence-classification head, in forward order."""
@@ -106,6 +116,27 @@ def site_name(layer: int, kind: str) -> str:
     return f"layer.{layer}.{kind}"
 
 
+def parse_site_name(name: str) -> tuple[int, str]:
+    """``layer.0.attention.query`` -> ``(0, "attention.query")``; ``ValueError`` for anything else."""
+    prefix, layer, kind = [*name.split(".", 2), "", ""][:3]
+    if prefix != "layer" or not layer.isdigit() or kind not in ALL_MODULE_KINDS:
+        raise ValueError(f"not a site name: {name!r} (expected layer.<index>.<kind>, kind one of {ALL_MODULE_KINDS})")
+    return int(layer), kind
+
+
+def site_order(name: str) -> tuple[int, int]:
+    """Sort key of a site name: the position of its site in every encoder (layer, then kind)."""
+    layer, kind = parse_site_name(name)
+    return layer, ALL_MODULE_KINDS.index(kind)
+
+
+def site_names(num_layers: int, kinds: tuple[str, ...] | list[str] = ALL_MODULE_KINDS) -> list[str]:
+    """The sites of an encoder of ``num_layers`` layers with adapters on ``kinds``, in site order (the
+    order of :func:`find_sites`: layer by layer, kinds in the order of ``ALL_MODULE_KINDS``)."""
+    ordered = [kind for kind in ALL_MODULE_KINDS if kind in kinds]
+    return [site_name(layer, kind) for layer in range(num_layers) for kind in ordered]
+
+
 def architecture_of(model: nn.Module) -> Architecture:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ARCHITECTURES:
@@ -126,9 +157,9 @@ def find_pooler_linears(model: nn.Module) -> list[str]:
 
 
 def find_sites(model: nn.Module, kinds: tuple[str, ...]) -> list[Site]:
-    """Locate the Linear modules of the requested kinds, ordered by layer then kind."""
+    """Locate the Linear modules of the requested kinds, ordered by layer, then by kind as in ``ALL_MODULE_KINDS``."""
     arch = architecture_of(model)
-    patterns = {kind: re.compile(arch.kinds[kind]) for kind in kinds}
+    patterns = {kind: re.compile(arch.kinds[kind]) for kind in ALL_MODULE_KINDS if kind in kinds}
     found: list[tuple[int, int, str, nn.Linear]] = []
     for path, module in model.named_modules():
         for kind_order, pattern in enumerate(patterns.values()):

@@ -1,4 +1,4 @@
-"""Checkpoint files (DESIGN.md §4): PEFT-compatible adapter + CoGaLoRA routers and metadata.
+"""Checkpoint files: PEFT-compatible adapter + CoGaLoRA routers and metadata.
 
 ::
 
@@ -6,10 +6,11 @@
       adapter_config.json        PEFT LoraConfig (all gates on)
       adapter_model.safetensors  PEFT LoRA weights + head ("modules_to_save")
       cogalora.json              metadata, see CheckpointMeta
-      routers.safetensors        router weights (cogalora and radlora; radlora adds each router's
-                                 rank head, ``<module>.router.rank_w`` [choices, hidden] and ``rank_b``;
-                                 hyperlora each router's scale generator, ``<module>.router.scale_w``
-                                 [rank, d_in] and ``scale_b`` [rank])
+      routers.safetensors        router weights of the routed methods, ``<module>.router.<part>``:
+                                 w1, b1, w2, b2, and the heads of the method's variant
+                                 (``cogalora.variants``): radlora's rank head ``rank_w``
+                                 [choices, hidden] and ``rank_b``, hyperlora's scale generator
+                                 ``scale_w`` [rank, d_in] and ``scale_b`` [rank]
       model.safetensors          full weights (method "full" only; no adapter files)
 
 Only JSON and safetensors are read. Every failure raises :class:`CheckpointError`
@@ -28,7 +29,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from cogalora.config import ALL_MODULE_KINDS, DEFAULT_RANK_SET, ROUTED_METHODS, CoGaLoRAConfig, check_rank_set
+from cogalora.architectures import ALL_MODULE_KINDS
+from cogalora.bank import RouterInputNorm
+from cogalora.config import DEFAULT_RANK_SET, ROUTED_METHODS, CoGaLoRAConfig, Method, check_rank_set, method_variant
+from cogalora.variants import AdapterVariant
 from cogalora.weights import AdapterWeights, RouterWeights
 
 FORMAT_VERSION = 1
@@ -39,8 +43,6 @@ ROUTER_FILE = "routers.safetensors"
 FULL_MODEL_FILE = "model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _ROUTER_PARTS = ("w1", "b1", "w2", "b2")
-_RANK_PARTS = ("rank_w", "rank_b")
-_SCALE_PARTS = ("scale_w", "scale_b")
 
 
 class CheckpointError(ValueError):
@@ -52,7 +54,7 @@ class RouterSpec(BaseModel):
     hidden: int = Field(ge=1)
     activation: Literal["relu"] = "relu"
     pooling: Literal["masked_mean"] = "masked_mean"
-    input_norm: Literal["none", "layer_norm"] = "none"
+    input_norm: RouterInputNorm = "none"
     """Normalisation of the pooled input before the router's first layer (absent in older checkpoints)."""
 
 
@@ -62,7 +64,7 @@ class CheckpointMeta(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="allow")
 
     format_version: int = Field(ge=1, le=FORMAT_VERSION)
-    method: Literal["full", "lora", "galora", "cogalora", "radlora", "hyperlora"]
+    method: Method
     base_model: str = Field(min_length=1)
     labels: list[str] = Field(min_length=2)
     max_length: int = Field(ge=2)
@@ -101,19 +103,27 @@ class CheckpointMeta(BaseModel):
             return _rates(rates)
         return None
 
+    @property
+    def variant(self) -> AdapterVariant:
+        """What the method's routers add to plain gated LoRA (``cogalora.variants``)."""
+        return method_variant(self.method, self.rank_set or DEFAULT_RANK_SET)
+
     def to_config(self) -> CoGaLoRAConfig:
+        optional: dict[str, Any] = {}  # absent here: the config's own defaults
+        if self.router is not None:
+            optional |= {"router_hidden": self.router.hidden, "router_input_norm": self.router.input_norm}
+        if self.rank_set:
+            optional["rank_set"] = tuple(self.rank_set)
         return CoGaLoRAConfig(
             method=self.method,
             rank=self.rank,
             alpha=self.alpha,
             target_modules=tuple(kind for kind in self.target_modules if kind in ALL_MODULE_KINDS),
-            router_hidden=self.router.hidden if self.router else 4,
-            router_input_norm=self.router.input_norm if self.router else "none",
             tau=self.tau,
             sparsity_lambda=self.sparsity_lambda,
-            rank_set=tuple(self.rank_set) if self.rank_set else DEFAULT_RANK_SET,
             rank_lambda=self.rank_lambda,
             head_modules=tuple(self.head_modules) or None,
+            **optional,
         )
 
 
@@ -159,20 +169,18 @@ def save_checkpoint(model, directory: str | Path, meta: CheckpointMeta, slot: in
         _write_json(directory / PEFT_CONFIG_FILE, _peft_config(model, meta, sorted(weights.lora)))
         router_file = directory / ROUTER_FILE
         if weights.routers:
-            parts = _ROUTER_PARTS + (_RANK_PARTS if weights.rank_set is not None else ())
-            parts += _SCALE_PARTS if weights.generated_scales else ()
             router_tensors = {
-                f"{path}.router.{part}": getattr(router, part).contiguous()
+                f"{path}.router.{part}": tensor.contiguous()
                 for path, router in weights.routers.items()
-                for part in parts
+                for part, tensor in router.parts().items()
             }
             save_file(router_tensors, str(router_file), metadata={"format": "pt"})
         elif router_file.exists():
             router_file.unlink()
         present = model.site_present(slot)
         meta = meta.model_copy(update={"sites": [s.name for s, on in zip(model.sites, present, strict=True) if on]})
-        if weights.rank_set is not None:  # the rank choices the routers really have
-            meta = meta.model_copy(update={"rank_set": list(weights.rank_set)})
+        # What the routers' variant really is (e.g. RAD-LoRA's rank choices), whatever the caller wrote.
+        meta = meta.model_copy(update=weights.variant.checkpoint_fields())
     meta = meta.model_copy(update={"head_modules": list(model.head_layers)})
     _write_json(directory / CONFIG_FILE, meta.model_dump(by_alias=True, mode="json"))
     return directory
@@ -349,28 +357,18 @@ def read_adapter(directory: str | Path, data: bool = True) -> tuple[CheckpointMe
             f"{adapter_path}: head output has {None if output is None else output.shape[0]} rows, "
             f"but {CONFIG_FILE} field 'labels' lists {len(meta.labels)}"
         )
-    if meta.method == "radlora":
-        weights.rank_set = tuple(meta.rank_set)  # checked by read_meta
-    weights.generated_scales = meta.method == "hyperlora"
     if meta.method in ROUTED_METHODS:
-        weights.routers = _read_routers(
-            directory / ROUTER_FILE, meta, set(weights.lora), data, weights.rank_set, weights.generated_scales
-        )
+        weights.variant = meta.variant  # its rank set was checked by read_meta
+        weights.routers = _read_routers(directory / ROUTER_FILE, meta, set(weights.lora), data)
     return meta, weights
 
 
-def _read_routers(
-    path: Path,
-    meta: CheckpointMeta,
-    modules: set[str],
-    data: bool,
-    rank_set: tuple[int, ...] | None,
-    generated_scales: bool = False,
-) -> dict[str, RouterWeights]:
+def _read_routers(path: Path, meta: CheckpointMeta, modules: set[str], data: bool) -> dict[str, RouterWeights]:
     if meta.router is None:
         raise CheckpointError(f"{path.parent / CONFIG_FILE}: field 'router': required for method {meta.method!r}")
-    expected_parts = _ROUTER_PARTS + (_RANK_PARTS if rank_set is not None else ())
-    expected_parts += _SCALE_PARTS if generated_scales else ()
+    variant = meta.variant
+    hidden = meta.router.hidden
+    expected_parts = _ROUTER_PARTS + tuple(variant.heads(0, meta.rank, hidden))
     tensors = read_tensors(path, data)
     grouped: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
@@ -381,21 +379,18 @@ def _read_routers(
     if set(grouped) != modules:
         odd = sorted(set(grouped) ^ modules)
         raise CheckpointError(f"{path}: routers and adapter modules differ, e.g. {odd[:3]}")
-    hidden = meta.router.hidden
     routers = {}
     for module, parts in grouped.items():
         if set(parts) != set(expected_parts):
             raise CheckpointError(f"{path}: router of {module!r} lacks {sorted(set(expected_parts) - set(parts))}")
         d_in = parts["w1"].shape[-1]
         expected = {"w1": (hidden, d_in), "b1": (hidden,), "w2": (hidden,), "b2": (1,)}
-        if rank_set is not None:
-            expected |= {"rank_w": (len(rank_set), hidden), "rank_b": (len(rank_set),)}
-        if generated_scales:
-            expected |= {"scale_w": (meta.rank, d_in), "scale_b": (meta.rank,)}
+        expected |= variant.heads(d_in, meta.rank, hidden)
         for part, shape in expected.items():
             if tuple(parts[part].shape) != shape:
                 raise CheckpointError(
                     f"{path}: tensor {module}.router.{part} has shape {tuple(parts[part].shape)}, expected {shape}"
                 )
-        routers[module] = RouterWeights(**parts, input_norm=meta.router.input_norm)
+        core = {part: parts.pop(part) for part in _ROUTER_PARTS}
+        routers[module] = RouterWeights(**core, input_norm=meta.router.input_norm, heads=parts)
     return routers

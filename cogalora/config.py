@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
+from cogalora.architectures import ALL_MODULE_KINDS
 from cogalora.bank import ROUTER_INPUT_NORMS
+from cogalora.variants import PLAIN, AdapterVariant, GeneratedScales, RankRouting
 
 Method = Literal["full", "lora", "galora", "cogalora", "radlora", "hyperlora"]
-METHODS: tuple[str, ...] = ("full", "lora", "galora", "cogalora", "radlora", "hyperlora")
+METHODS: tuple[str, ...] = get_args(Method)
+"""Every fine-tuning method (:attr:`CoGaLoRAConfig.method` explains each)."""
 ROUTED_METHODS: tuple[str, ...] = ("cogalora", "radlora", "hyperlora")
 """Methods whose adapters carry a per-example router."""
+PENALISED_METHODS: tuple[str, ...] = ("galora", *ROUTED_METHODS)
+"""Methods the sparsity penalty (``sparsity_lambda``) applies to."""
+STUDY_METHODS: tuple[str, ...] = ("hyperlora",)
+"""Methods trained and evaluated for study only: the serving engine refuses their checkpoints."""
+SERVED_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "full" and m not in STUDY_METHODS)
+"""Adapter methods the service serves (a ``full`` fine-tune has its own encoder: nothing to share)."""
 
 DEFAULT_RANK_SET: tuple[int, ...] = (0, 2, 4, 8)
 """RAD-LoRA's default rank choices (0: off); each must be at most ``rank``."""
+
+
+def spoken(names: Sequence[str]) -> str:
+    """``("a", "b", "c")`` -> ``"a, b or c"``, for messages that list choices."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def method_variant(method: str, rank_set: Sequence[int] = DEFAULT_RANK_SET) -> AdapterVariant:
+    """What a method's adapters add to plain gated LoRA (``cogalora.variants``)."""
+    if method == "radlora":
+        return RankRouting(tuple(rank_set))
+    if method == "hyperlora":
+        return GeneratedScales()
+    return PLAIN
 
 
 def parse_rank_set(text: str) -> tuple[int, ...]:
@@ -24,7 +49,7 @@ def parse_rank_set(text: str) -> tuple[int, ...]:
         raise ValueError(f"rank set must be comma-separated integers, e.g. '0,2,4,8'; got {text!r}") from None
 
 
-def check_rank_set(rank_set: tuple[int, ...], rank: int) -> tuple[int, ...]:
+def check_rank_set(rank_set: Sequence[int], rank: int) -> tuple[int, ...]:
     """The rank set sorted, or ``ValueError``: distinct values in ``[0, rank]``, at least one above 0."""
     ranks = tuple(sorted(rank_set))
     if len(set(ranks)) != len(ranks) or not ranks or ranks[0] < 0 or ranks[-1] > rank or ranks[-1] < 1:
@@ -32,17 +57,6 @@ def check_rank_set(rank_set: tuple[int, ...], rank: int) -> tuple[int, ...]:
             f"rank set must be distinct ranks in [0, {rank}] with at least one above 0, got {list(rank_set)}"
         )
     return ranks
-
-
-#: Every module kind an encoder layer offers to adapters (see ``cogalora.architectures``).
-ALL_MODULE_KINDS: tuple[str, ...] = (
-    "attention.query",
-    "attention.key",
-    "attention.value",
-    "attention.output",
-    "ffn.up",
-    "ffn.down",
-)
 
 
 @dataclass
@@ -60,7 +74,8 @@ class CoGaLoRAConfig:
     ``radlora``: ``cogalora`` whose router also picks, per example, a rank from ``rank_set`` (nested:
     rank k uses the first k rows of ``A`` and the first k columns of ``B``). ``hyperlora``: ``cogalora``
     whose router also generates, per example, a scale for each of the adapter's rank components:
-    ``B diag(s(x)) A`` with ``s(x) = W_s pool(x) + b_s`` (issue 12's smallest hypernetwork variant)."""
+    ``B diag(s(x)) A`` with ``s(x) = W_s pool(x) + b_s`` (the smallest hypernetwork variant; a study
+    method, see ``STUDY_METHODS``)."""
 
     rank: int = 8
     """LoRA rank r: ``A`` is ``r x d_in``, ``B`` is ``d_out x r``."""
@@ -79,7 +94,7 @@ class CoGaLoRAConfig:
     """Width of the router MLP ``Linear(d_in -> h) -> ReLU -> Linear(h -> 1) -> sigmoid``."""
 
     router_input_norm: str = "none"
-    """How a router reads its mean-pooled input: ``none`` as is (the seed's router), ``layer_norm``
+    """How a router reads its mean-pooled input: ``none`` as is (the original router), ``layer_norm``
     standardised over features first (its norm no longer shrinks with sequence length)."""
 
     router_init_bias: float = 2.0
@@ -120,7 +135,7 @@ class CoGaLoRAConfig:
         if self.rank_lambda < 0:
             raise ValueError(f"rank_lambda must be >= 0, got {self.rank_lambda}")
         if self.method == "radlora":
-            self.rank_set = check_rank_set(tuple(self.rank_set), self.rank)
+            self.rank_set = check_rank_set(self.rank_set, self.rank)
         if self.sparsity_lambda < 0:
             raise ValueError(f"sparsity_lambda must be >= 0, got {self.sparsity_lambda}")
         unknown = [kind for kind in self.target_modules if kind not in ALL_MODULE_KINDS]
@@ -148,6 +163,6 @@ class CoGaLoRAConfig:
         return self.rank_set if self.method == "radlora" else None
 
     @property
-    def generated_scales(self) -> bool:
-        """Whether routers generate per-example scales of the rank components (``hyperlora``)."""
-        return self.method == "hyperlora"
+    def variant(self) -> AdapterVariant:
+        """What the method's adapters add to plain gated LoRA (``cogalora.variants``)."""
+        return method_variant(self.method, self.rank_set)

@@ -2,10 +2,11 @@
 
 Counts matrix products only (2 FLOPs per multiply-add), the convention of
 ``torch.utils.flop_counter.FlopCounterMode``: base encoder Linears, attention
-scores and mixing, the routers (mean pooling as a matvec, then the MLP and,
-for RAD-LoRA, its rank head), the active adapters at the rank each one used (for
-HyperLoRA with the generation of their component scales, counted as adapter work
-since it runs only where the gate is on), and the head. Elementwise work (norms, softmax, activations) is not counted.
+scores and mixing, the routers (mean pooling as a matvec, then the MLP and the
+heads of the adapter's variant, e.g. RAD-LoRA's rank head), the active adapters at
+the rank each one used (with what the variant spends once per active example, e.g.
+HyperLoRA's scale generation, counted as adapter work since it runs only where the
+gate is on), and the head. Elementwise work (norms, softmax, activations) is not counted.
 
 Routers, pooling and the per-adapter output head run as per-row multiply-and-sums (so that a row's
 numbers do not depend on its batch), which torch's counter does not see: ``router`` and
@@ -51,8 +52,8 @@ class FlopModel:
     pooling_per_token: int
     router_per_example: int
     adapter_per_example: tuple[int, ...] = ()
-    """per site: FLOPs an active adapter spends once per example (HyperLoRA's scale generator,
-    ``2 d_in r``); empty when no site has any."""
+    """per site: FLOPs an active adapter spends once per example besides its products
+    (``AdapterVariant.active_flops_per_example``); empty when no site has any."""
     head_output_per_example: int = 0
     """The part of ``head_per_example`` spent in the adapter's own output layer (``2 d labels``)."""
     pooler_adapter_per_example: int = 0
@@ -74,19 +75,14 @@ class FlopModel:
         router_hidden = model.router_hidden(slot)
         adapter, per_rank, per_example_adapter, pooled_groups, router, pooling = [], [], [], set(), 0, 0
         sites = zip(
-            model.sites,
-            model.site_ranks(slot),
-            model.site_routed(slot),
-            model.site_rank_choices(slot),
-            model.site_generated_scales(slot),
-            strict=True,
+            model.sites, model.site_ranks(slot), model.site_routed(slot), model.site_variants(slot), strict=True
         )
-        for site, rank, routed, choices, scaled in sites:
+        for site, rank, routed, variant in sites:
             adapter.append(adapter_flops_per_token(site, rank))
-            per_example_adapter.append(2 * site.in_features * rank if scaled else 0)
+            per_example_adapter.append(variant.active_flops_per_example(site.in_features, rank))
             per_rank.append(adapter_flops_per_token(site, 1) if rank else 0)
             if routed:
-                router += 2 * site.in_features * router_hidden + 2 * router_hidden + 2 * router_hidden * choices
+                router += 2 * site.in_features * router_hidden + 2 * router_hidden + variant.router_flops(router_hidden)
                 if site.input_group not in pooled_groups:
                     pooled_groups.add(site.input_group)
                     pooling += 2 * site.in_features

@@ -13,9 +13,10 @@ from torch import Tensor, nn
 
 from cogalora.architectures import Site
 from cogalora.bank import AdapterBank, _grown
-from cogalora.gates import hard_rank_choice, sampled_warmup_ranks, training_gates, training_rank_choice
+from cogalora.gates import training_gates
 from cogalora.int8 import Int8Linear, quantize_rows
 from cogalora.routing import BankRoute, RoutingState
+from cogalora.variants import PLAIN, AdapterVariant
 
 
 class GatedLoraLinear(nn.Module):
@@ -43,29 +44,13 @@ class GatedLoraLinear(nn.Module):
     # ---- banks ----------------------------------------------------------------------------
 
     def bank_for(
-        self,
-        rank: int,
-        router_hidden: int,
-        fold_scaling: bool = True,
-        rank_set: tuple[int, ...] | None = None,
-        generated_scales: bool = False,
+        self, rank: int, router_hidden: int, fold_scaling: bool = True, variant: AdapterVariant = PLAIN
     ) -> int:
-        """Index of the bank for adapters of ``rank``, rank choices ``rank_set`` and with or without
-        generated component scales (created on first use)."""
-        rank_set = None if rank_set is None else tuple(rank_set)
-        kind = (rank, fold_scaling, rank_set, generated_scales)
+        """Index of the bank for adapters of ``rank`` and ``variant`` (created on first use)."""
         for index, bank in enumerate(self.banks):
-            if (bank.rank, bank.fold_scaling, bank.rank_set, bank.generated_scales) == kind:
+            if (bank.rank, bank.fold_scaling, bank.variant) == (rank, fold_scaling, variant):
                 return index
-        bank = _new_bank(
-            self.base,
-            rank,
-            router_hidden,
-            rank_set=rank_set,
-            generated_scales=generated_scales,
-            fold_scaling=fold_scaling,
-        )
-        self.banks.append(bank)
+        self.banks.append(_new_bank(self.base, rank, router_hidden, variant=variant, fold_scaling=fold_scaling))
         return len(self.banks) - 1
 
     @property
@@ -110,44 +95,41 @@ class GatedLoraLinear(nn.Module):
     def _forward_route(self, x: Tensor, out: Tensor, route: BankRoute) -> None:
         """Hard gates (and ranks) for the rows of one bank; ``B A x`` is added to ``out`` for active rows.
 
-        A rank-routing bank's rows are grouped by their chosen rank: each group runs the products
-        at its own rank (the first k rows of ``A``, columns of ``B``), so the arithmetic executed is
-        the rank each row uses, as the FLOP count says.
+        When the bank's variant picks a rank per row, the rows are grouped by it: each group runs the
+        products at its own rank (the first k rows of ``A``, columns of ``B``), so the arithmetic
+        executed is the rank each row uses, as the FLOP count says.
         """
         state = self.routing
         bank = self.banks[route.bank]
-        choice = None
         if route.routed:
-            logits, rank_logits = self._route_scores(bank, state.pooled(x), route)
+            logits, chosen = self._route_scores(bank, state.pooled(x), route)
             active = logits > route.threshold
-            if rank_logits is not None:
-                choice = bank.rank_choices[hard_rank_choice(rank_logits)]
-                active = active & (choice > 0)
         else:
-            logits = None
+            logits, chosen = None, None
             active = route.threshold < float("inf")
-        ranks = torch.where(active, bank.rank if choice is None else choice, 0)
-        state.record(self.site.index, logits, active, route.present, ranks)
-        if choice is None:
+        ranks = torch.where(active, bank.rank if chosen is None else chosen, 0)
+        if chosen is None:
+            state.record(self.site.index, logits, active, route.present, ranks)
             self._add_active(x, out, route, active, None)
             return
+        state.record(self.site.index, logits, ranks > 0, route.present, ranks)
         for rank in torch.unique(ranks).tolist():
             if rank > 0:
                 self._add_active(x, out, route, ranks == rank, rank)
 
     @staticmethod
-    def _route_scores(bank, pooled: Tensor, route: BankRoute) -> tuple[Tensor, Tensor | None]:
-        """Router outputs of the route's rows; rows of other banks (``present`` false) are not scored:
-        their gate logit is ``-inf`` and their rank logits 0 (both unused: their threshold is ``+inf``)."""
+    def _route_scores(bank: AdapterBank, pooled: Tensor, route: BankRoute) -> tuple[Tensor, Tensor | None]:
+        """Gate logits and chosen ranks of the route's rows; rows of other banks (``present`` false) are not
+        scored: their gate logit is ``-inf`` and their rank 0 (both unused: their threshold is ``+inf``)."""
         if route.present is None:
-            return bank.router(pooled, route.rows)
+            return bank.route(pooled, route.rows)
         members = route.present.nonzero().squeeze(1)
-        logits, rank_logits = bank.router(pooled.index_select(0, members), _subset(route.rows, members))
+        logits, ranks = bank.route(pooled.index_select(0, members), _subset(route.rows, members))
         size = pooled.shape[0]
         logits = logits.new_full((size,), float("-inf")).index_copy_(0, members, logits)
-        if rank_logits is not None:
-            rank_logits = rank_logits.new_zeros(size, rank_logits.shape[1]).index_copy_(0, members, rank_logits)
-        return logits, rank_logits
+        if ranks is not None:
+            ranks = ranks.new_zeros(size).index_copy_(0, members, ranks)
+        return logits, ranks
 
     def _add_active(self, x: Tensor, out: Tensor, route: BankRoute, active: Tensor, rank: int | None) -> None:
         """``out += B A x`` (at ``rank``, default the bank's) for the rows where ``active``; none else."""
@@ -168,20 +150,8 @@ class GatedLoraLinear(nn.Module):
             self._add_active_exact(x, out, route, rows, rank)
             return
         alpha = bank.output_scale
-        scales = None
-        if bank.generated_scales:  # only the active rows' scales are generated: none for rows that are off
-            pooled = self.routing.pooled(x)
-            scales = bank.component_scales(
-                pooled if rows is None else pooled.index_select(0, rows),
-                route.rows if rows is None else _subset(route.rows, rows),
-            )
-        if self.galora_gate is not None:  # only while training GaLoRA: a tensor, so no in-place fusion
-            scale = self.galora_gate * alpha
-            if rows is None:
-                out.add_(bank.delta(x, route.rows) * scale)
-            else:
-                out.index_add_(0, rows, bank.delta(x.index_select(0, rows), _subset(route.rows, rows)) * scale)
-            return
+        bank_rows = route.rows if rows is None else _subset(route.rows, rows)
+        scales = bank.variant.component_scales(bank, self.routing, x, rows, bank_rows)
         if rows is None:
             bank.add_delta(out, x, route.rows, alpha, rank, scales)
             return
@@ -189,7 +159,7 @@ class GatedLoraLinear(nn.Module):
         # back: a row's arithmetic (one rounding of out + alpha B A x) must not depend on whether its
         # batch-mates' gates are on, or half precision loses batch invariance.
         active_out = out.index_select(0, rows)
-        bank.add_delta(active_out, x.index_select(0, rows), _subset(route.rows, rows), alpha, rank, scales)
+        bank.add_delta(active_out, x.index_select(0, rows), bank_rows, alpha, rank, scales)
         out.index_copy_(0, rows, active_out)
 
     def _add_active_exact(
@@ -221,43 +191,26 @@ class GatedLoraLinear(nn.Module):
         With the default straight-through Bernoulli estimator the forward value is the hard 0/1
         sample and the gradient flows to the router through ``p``; a row sampled off contributes
         exactly zero to its adapter's gradient. The ``gumbel`` estimator multiplies by a soft gate.
-        A rank-routing bank also samples a rank per row: ``A x`` is weighted by that choice's mask
-        (ones on its first k components), with the rank head's gradient through the same estimator.
-        With gates forced on (the warm-up) and ``rank_warmup == "sampled"``, it draws each row's rank
-        uniformly from its nonzero rank choices instead, so every nested prefix learns to be an adapter.
+        The bank's variant may weigh ``A x``'s components per row (``cogalora.variants``), e.g. a
+        sampled nested rank's mask, with its own gradient; with gates forced on (the warm-up) it
+        decides without the router's hidden layer.
         """
         (route,) = routes
         bank = self.banks[route.bank]
         row = route.rows
         state = self.routing
-        rank_mask = None
         if route.routed:
-            logits, rank_logits = bank.router(state.pooled(x), row)
+            logits, hidden = bank.gate(state.pooled(x), row)
             probs, hard, gate = training_gates(logits, state.gate_estimator, state.gate_temperature)
-            expected = probs * bank.rank
-            ranks = hard * bank.rank
-            if rank_logits is not None:
-                rank_probs, rank_hard, rank_weights = training_rank_choice(
-                    rank_logits, state.gate_estimator, state.gate_temperature
-                )
-                choices = bank.rank_choices.to(probs.dtype)
-                rank_mask = rank_weights @ bank.rank_masks
-                expected = probs * (rank_probs @ choices)
-                ranks = hard * (rank_hard @ choices)
         else:
-            probs = None
+            probs, hidden = None, None
             hard = gate = torch.ones(x.shape[0], device=x.device, dtype=out.dtype)
-            expected = ranks = hard * bank.rank
-            if bank.rank_set is not None and state.rank_warmup == "sampled":
-                picks = sampled_warmup_ranks(bank.rank_choices, x.shape[0])
-                rank_mask = bank.rank_masks.index_select(0, picks)
-                expected = ranks = bank.rank_choices.index_select(0, picks).to(hard.dtype)
-        if bank.generated_scales:  # HyperLoRA: B diag(s(x)) A, with s generated from the same pooled input
-            scales = bank.component_scales(state.pooled(x), row)
-            rank_mask = scales if rank_mask is None else rank_mask * scales
-        ranks = ranks.round().long()
+        choice = bank.variant.training_choice(bank, state, x, row, hidden)
+        rank = bank.rank if choice.rank is None else choice.rank
+        expected = (hard if probs is None else probs) * (rank if choice.expected_rank is None else choice.expected_rank)
+        ranks = (hard * rank).round().long()
         state.record(self.site.index, probs, ranks > 0, ranks=ranks, expected_ranks=expected)
-        delta = bank.delta(self.dropout(x), row, rank_mask)
+        delta = bank.delta(self.dropout(x), row, choice.weights)
         scale = gate * bank.output_scale
         if self.galora_gate is not None:
             scale = scale * self.galora_gate
@@ -322,11 +275,6 @@ class SlotHead(nn.Module):
     def get_slot(self, slot: int) -> tuple[Tensor, Tensor]:
         row, n = self._slot_rows[slot], self.slot_out_features[slot]
         return self.weight[row, :n].detach().clone(), self.bias[row, :n].detach().clone()
-
-    def slot_parameters(self, slot: int) -> tuple[Tensor, Tensor]:
-        """The live (trainable) weight and bias rows of ``slot``."""
-        row = self._slot_rows[slot]
-        return self.weight[row], self.bias[row]
 
     def _allocate(self) -> int:
         if not self._free:
@@ -469,12 +417,12 @@ class SlotLoraLinear(nn.Module):
         return out
 
 
-def _new_bank(base: nn.Linear | Int8Linear, rank: int, router_hidden: int, **kinds) -> AdapterBank:
+def _new_bank(base: nn.Linear | Int8Linear, rank: int, router_hidden: int, **options) -> AdapterBank:
     """An empty bank for adapters of ``rank`` beside ``base``: on its device, in its precision."""
     integer = isinstance(base, Int8Linear)
     weights = (base.device, torch.float32) if integer else (base.weight.device, base.weight.dtype)
     bank = AdapterBank(
-        base.in_features, base.out_features, rank, router_hidden, device=weights[0], dtype=weights[1], **kinds
+        base.in_features, base.out_features, rank, router_hidden, device=weights[0], dtype=weights[1], **options
     )
     if integer:
         bank.use_integer_products()

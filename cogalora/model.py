@@ -23,6 +23,7 @@ from cogalora.layer import GatedLoraLinear, SlotHead, SlotLoraLinear
 from cogalora.precision import PRECISIONS, Precision, resolve_precision
 from cogalora.routing import ForceGates, RoutingState
 from cogalora.slots import SlotEntry, SlotTable
+from cogalora.variants import PLAIN, AdapterVariant
 from cogalora.weights import AdapterWeights
 
 
@@ -132,13 +133,7 @@ class CoGaLoRAModel(nn.Module):
         for param in self.model.parameters():
             param.requires_grad_(config.method == "full")
         for layer in self.layers:
-            bank_index = layer.bank_for(
-                config.rank,
-                config.router_hidden,
-                fold_scaling=False,
-                rank_set=config.routed_ranks,
-                generated_scales=config.generated_scales,
-            )
+            bank_index = layer.bank_for(config.rank, config.router_hidden, fold_scaling=False, variant=config.variant)
             bank = layer.banks[bank_index]
             row = bank.allocate()
             bank.init_for_training(
@@ -147,7 +142,7 @@ class CoGaLoRAModel(nn.Module):
             self.slot_table.set(0, layer.site.index, SlotEntry(bank_index, row, config.has_routers))
             bank.lora_A.requires_grad_(True)
             bank.lora_B.requires_grad_(True)
-            for name in bank.ROUTER_PARAMETERS:
+            for name in bank.router_parameters:
                 getattr(bank, name).requires_grad_(config.has_routers)
             if config.method == "galora":
                 layer.enable_galora_gate()
@@ -167,6 +162,21 @@ class CoGaLoRAModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [param for param in self.parameters() if param.requires_grad]
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The trainable weights that decide gates and ranks: routers, their rank heads, GaLoRA's gates.
+
+        They train at the router learning rate; a variant's heads that scale the adapter's output
+        (``AdapterVariant.heads_train_with_adapter``) train with the adapter instead.
+        """
+        found = []
+        for layer in self.layers:
+            for bank in layer.banks:
+                names = bank.GATE_ROUTER if bank.variant.heads_train_with_adapter else bank.router_parameters
+                found += [getattr(bank, name) for name in names]
+            if layer.galora_gate is not None:
+                found.append(layer.galora_gate)
+        return [param for param in found if param.requires_grad]
 
     # ---- slots (serving) ------------------------------------------------------------------
 
@@ -201,9 +211,8 @@ class CoGaLoRAModel(nn.Module):
             lora_A, lora_B = weights.lora[path]
             router = weights.routers.get(path)
             hidden = router.w1.shape[0] if router is not None else 1
-            rank_set = weights.rank_set if router is not None else None
-            scaled = router is not None and router.scale_w is not None
-            bank_index = layer.bank_for(lora_A.shape[0], hidden, rank_set=rank_set, generated_scales=scaled)
+            variant = weights.variant if router is not None else PLAIN
+            bank_index = layer.bank_for(lora_A.shape[0], hidden, variant=variant)
             bank = layer.banks[bank_index]
             row = bank.allocate()
             bank.write(row, lora_A.to(bank.lora_A), lora_B.to(bank.lora_B), weights.scaling_at(path), router)
@@ -245,10 +254,8 @@ class CoGaLoRAModel(nn.Module):
             if entry is None:
                 continue
             bank = layer.banks[entry.bank]
-            if bank.rank_set is not None and entry.routed:
-                weights.rank_set = bank.rank_set
-            if bank.generated_scales and entry.routed:
-                weights.generated_scales = True
+            if entry.routed:
+                weights.variant = bank.variant
             lora_A, lora_B, router = bank.read(entry.row, weights.scaling_at(layer.site.module_path))
             weights.lora[layer.site.module_path] = (lora_A, lora_B)
             if router is not None:
@@ -274,17 +281,10 @@ class CoGaLoRAModel(nn.Module):
             for layer, entry in zip(self.layers, self.slot_table.entries(slot), strict=True)
         ]
 
-    def site_rank_choices(self, slot: int = 0) -> list[int]:
-        """How many ranks the slot's router chooses from at each site (0: no rank head, or no adapter)."""
+    def site_variants(self, slot: int = 0) -> list[AdapterVariant]:
+        """The variant of the slot's router at each site (``PLAIN`` where it has no router)."""
         return [
-            len(layer.banks[entry.bank].rank_set or ()) if entry is not None and entry.routed else 0
-            for layer, entry in zip(self.layers, self.slot_table.entries(slot), strict=True)
-        ]
-
-    def site_generated_scales(self, slot: int = 0) -> list[bool]:
-        """Whether the slot's router generates component scales at each site (HyperLoRA)."""
-        return [
-            entry is not None and entry.routed and layer.banks[entry.bank].generated_scales
+            layer.banks[entry.bank].variant if entry is not None and entry.routed else PLAIN
             for layer, entry in zip(self.layers, self.slot_table.entries(slot), strict=True)
         ]
 
@@ -347,7 +347,7 @@ class CoGaLoRAModel(nn.Module):
             (bank, name, getattr(bank, name).data)
             for layer in self.layers
             for bank in layer.banks
-            for name in bank.ROUTER_PARAMETERS
+            for name in bank.router_parameters
         ]
         self.to(dtype)
         for bank, name, data in routers:

@@ -32,7 +32,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
-from cogalora.architectures import ARCHITECTURES, Architecture, find_pooler_linears, find_sites
+from cogalora.architectures import (
+    ALL_MODULE_KINDS,
+    ARCHITECTURES,
+    Architecture,
+    find_pooler_linears,
+    find_sites,
+    site_order,
+)
 from cogalora.base_model import resolve_base_model
 from cogalora.checkpoint import (
     ADAPTER_FILE,
@@ -44,7 +51,6 @@ from cogalora.checkpoint import (
     read_json,
     read_tensors,
 )
-from cogalora.config import ALL_MODULE_KINDS
 from cogalora.weights import AdapterWeights
 
 SIDECAR_FILE = "serving.json"
@@ -158,7 +164,7 @@ def read_peft_folder(directory: str | Path, data: bool = True) -> tuple[Checkpoi
         rank=rank,
         alpha=float(alpha),
         target_modules=[kind for kind in ALL_MODULE_KINDS if kind in kinds],
-        sites=sorted((base.sites[path][0] for path in weights.lora if path in base.sites), key=_site_order),
+        sites=sorted((base.sites[path][0] for path in weights.lora if path in base.sites), key=site_order),
         tau=0.5,
         head_modules=list(base.architecture.head_linears),
         training={"source": "peft", "peft_version": config.get("peft_version")},
@@ -265,11 +271,6 @@ def _base(resolved: str, name: str) -> _Base:
             f"base model {name!r} cannot be found or read here ({exc}); make it available locally (a path, or "
             f'a Hugging Face id in the local cache) or name another one in {SIDECAR_FILE} as "base_model"'
         ) from exc
-
-
-def _site_order(name: str) -> tuple[int, int]:
-    layer, _, kind = name.removeprefix("layer.").partition(".")
-    return int(layer), ALL_MODULE_KINDS.index(kind)
 
 
 # ---- adapter_model.safetensors ---------------------------------------------------------------------

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from cogalora.variants import PLAIN, AdapterVariant
+
 
 @dataclass
 class RouterWeights:
@@ -17,10 +19,12 @@ class RouterWeights:
     b2: Tensor  # [1]
     input_norm: str = "none"
     """How ``pooled`` is normalised before ``w1`` (``cogalora.bank.ROUTER_INPUT_NORMS``); per adapter."""
-    rank_w: Tensor | None = None  # [choices, hidden]: RAD-LoRA's rank head, None for CoGaLoRA
-    rank_b: Tensor | None = None  # [choices]
-    scale_w: Tensor | None = None  # [rank, d_in]: HyperLoRA's generated component scales, None otherwise
-    scale_b: Tensor | None = None  # [rank]
+    heads: dict[str, Tensor] = field(default_factory=dict)
+    """The variant's extra heads by part name (``AdapterVariant.heads``), e.g. RAD-LoRA's ``rank_w``, ``rank_b``."""
+
+    def parts(self) -> dict[str, Tensor]:
+        """Every tensor by the part name a checkpoint gives it (``<module>.router.<part>``)."""
+        return {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2, **self.heads}
 
 
 @dataclass
@@ -36,10 +40,8 @@ class AdapterWeights:
     site_scaling: dict[str, float] = field(default_factory=dict)
     """module path -> its own scaling, where it differs from ``scaling`` (PEFT's ``rank_pattern`` /
     ``alpha_pattern`` give sites their own rank or alpha; rsLoRA scales by ``alpha / sqrt(r)``)."""
-    rank_set: tuple[int, ...] | None = None
-    """RAD-LoRA: the ranks its routers choose from (every router then has ``rank_w``/``rank_b``)."""
-    generated_scales: bool = False
-    """HyperLoRA: every router also generates the rank components' scales (``scale_w``/``scale_b``)."""
+    variant: AdapterVariant = PLAIN
+    """What its routers add to plain gated LoRA (``cogalora.variants``); every router has its heads."""
     lora: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     """module path -> (A ``[r, d_in]``, B ``[d_out, r]``)"""
     routers: dict[str, RouterWeights] = field(default_factory=dict)

@@ -81,8 +81,9 @@ def spread_routers(model: CoGaLoRAModel, factor: float = 40.0, slot: int = 0) ->
             if routed:
                 bank, row = bank_row(model, site, slot)
                 bank.router_w2[row].mul_(factor)
-                rank_w = bank.router_rank_w[row]
-                rank_w.copy_(torch.randn(rank_w.shape, generator=generator) * factor)
+                if hasattr(bank, "router_rank_w"):
+                    rank_w = bank.router_rank_w[row]
+                    rank_w.copy_(torch.randn(rank_w.shape, generator=generator) * factor)
 
 
 def beside_a_cogalora_adapter(model: CoGaLoRAModel):

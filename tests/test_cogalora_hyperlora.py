@@ -1,4 +1,4 @@
-"""HyperLoRA: routers that also generate a scale per rank component, B diag(s(x)) A (issue 12 part 2)."""
+"""HyperLoRA: routers that also generate a scale per rank component, B diag(s(x)) A."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cogalora import CheckpointMeta, CoGaLoRAConfig, FlopModel, save_checkpoint
 from cogalora.checkpoint import read_adapter
+from cogalora.variants import PLAIN, GeneratedScales
 
 
 def hyperlora_model(seed: int = 0, labels=("neg", "pos")):
@@ -59,7 +60,7 @@ def test_a_fresh_adapter_is_plain_lora_and_scales_are_trained():
     plain = copy.deepcopy(model)
     for layer in plain.layers:
         for bank_ in layer.banks:
-            bank_.generated_scales = False  # the same adapter without generated scales
+            bank_.variant = PLAIN  # the same adapter without generated scales
     ids, mask = batch([5, 8, 3], seed=1)
     model.eval(), plain.eval()
     with torch.no_grad():
@@ -85,10 +86,10 @@ def test_each_row_equals_plain_lora_with_its_scaled_matrices():
         with torch.no_grad():
             for site, x in inputs.items():
                 bank, index = bank_row(reference, site)
-                scales = bank.component_scales(x.mean(dim=1), index)[0]
+                scales = bank.variant.scales(bank, x.mean(dim=1), index)[0]
                 scales_differ |= bool((scales - 1).abs().max() > 0.1)
                 bank.lora_A[index].mul_(scales[:, None])  # B diag(s) A = B (diag(s) A)
-                bank.generated_scales = False
+                bank.variant = PLAIN
             expected = reference(row_ids, row_mask)
         assert torch.equal(expected.gates[0], routed.gates[row])
         torch.testing.assert_close(expected.logits[0], routed.logits[row], atol=1e-5, rtol=0)
@@ -152,10 +153,10 @@ def test_checkpoint_round_trip_keeps_the_scale_generators(tmp_path):
     )
     save_checkpoint(model, tmp_path / "hyper", meta)
     weights = model.adapter_weights()
-    assert weights.generated_scales
+    assert weights.variant == GeneratedScales()
     shared = tiny_model(CoGaLoRAConfig(rank=8), seed=2).eval()
     _, loaded = read_adapter(tmp_path / "hyper")
-    assert loaded.generated_scales
+    assert loaded.variant == GeneratedScales()
     shared.set_adapter(0, loaded, ["neg", "pos"])
     ids, mask = batch([6, 10, 3], seed=9)
     with torch.no_grad():

@@ -148,7 +148,7 @@ def test_sampled_rank_warmup_trains_every_nested_rank_and_full_warmup_only_the_f
     ids, mask = batch([5, 9, 3, 7, 6, 8, 4, 10] * 4, seed=7)
     model.train()
     torch.manual_seed(0)
-    assert model.routing.rank_warmup == "sampled"  # the default (docs/results.md, "Issue 12")
+    assert model.routing.rank_warmup == "sampled"  # the default (docs/results.md)
     with torch.no_grad():
         model.routing.rank_warmup = "full"
         full = model(ids, mask, force_gates="on")

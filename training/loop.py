@@ -241,14 +241,10 @@ def pick_device(name: str) -> torch.device:
 def _optimizer(model: CoGaLoRAModel, config: TrainConfig) -> torch.optim.Optimizer:
     lr = config.learning_rate
     router_lr = config.router_lr if config.router_lr is not None else lr
+    gates = {id(param) for param in model.gate_parameters()}
     routers, others = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        # HyperLoRA's scale generators multiply the adapter's output directly: they train at the
-        # adapter's learning rate, not the gates' (a router LR of 1e-2 on 384 inputs moves s by ~1 a step).
-        gate_like = ".router_" in name and ".router_scale_" not in name
-        (routers if gate_like or name.endswith("galora_gate") else others).append(param)
+    for param in model.trainable_parameters():
+        (routers if id(param) in gates else others).append(param)
     groups = [{"params": others, "lr": lr}]
     if routers:
         groups.append({"params": routers, "lr": router_lr})
