@@ -104,6 +104,11 @@ class CheckpointMeta(BaseModel):
         return None
 
     @property
+    def routed_ranks(self) -> list[int] | None:
+        """The rank choices of a rank-routing (``radlora``) adapter; ``None`` for every other method."""
+        return self.variant.checkpoint_fields().get("rank_set")
+
+    @property
     def variant(self) -> AdapterVariant:
         """What the method's routers add to plain gated LoRA (``cogalora.variants``)."""
         return method_variant(self.method, self.rank_set or DEFAULT_RANK_SET)

@@ -1,4 +1,5 @@
-"""The numeric precision a model runs in: ``int8``, ``float32``, ``bfloat16``, ``float16`` or ``auto``.
+"""Where and how a model computes: its device (:func:`resolve_device`) and its numeric precision,
+``int8``, ``float32``, ``bfloat16``, ``float16`` or ``auto``.
 
 - ``int8``: every linear product of the encoder and of the adapters runs on int8 codes with exact
   int32 sums (``cogalora.int8``); activations between the products stay float32. A row's result is
@@ -45,6 +46,13 @@ PRECISIONS: dict[str, Precision] = {
 }
 PRECISION_CHOICES: tuple[str, ...] = ("auto", *PRECISIONS)
 """Every name a user can ask for (settings, command lines)."""
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The torch device ``name`` means: ``auto`` is ``cuda`` when torch sees a GPU, else ``cpu``."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
 
 #: Devices where ``torch._int_mm`` runs.
 _INTEGER_DEVICES = ("cpu", "cuda")

@@ -29,8 +29,8 @@ from service.keys import ANONYMOUS, KeyRing, Principal
 from service.logs import AUDIT_LOGGER
 from service.metrics import ServiceMetrics
 from service.ratelimit import RateLimiter
-from service.schemas import AdapterInfo
 from service.settings import Settings
+from service.types import AdapterDescription
 
 if TYPE_CHECKING:
     from service.lifecycle import Repository
@@ -183,10 +183,10 @@ class ScopedCatalogue:
             raise AdapterRequiredError.among(visible)
         return self._in_scope(requested, self.repository.resolve)
 
-    def info(self, name: str) -> AdapterInfo:
+    def info(self, name: str) -> AdapterDescription:
         return self._in_scope(name, self.repository.info)
 
-    def adapters(self) -> list[AdapterInfo]:
+    def adapters(self) -> list[AdapterDescription]:
         return [info for info in self.repository.adapters() if self.principal.may_use(info.name)]
 
     def loaded_names(self) -> list[str]:

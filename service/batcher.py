@@ -17,7 +17,7 @@ client holding most would displace that client's newest waiting request (answere
 in, first out with a bounded queue. A request larger than a batch spans several.
 
 Inference runs on worker threads, one per lane of the engine (copies of the model; see
-``service.repository.Lanes``), so the event loop keeps accepting requests while batches run, and a
+``service.encoders.Lanes``), so the event loop keeps accepting requests while batches run, and a
 batch closes whenever a lane is free.
 The clock and the timer are injectable so tests drive ``max_wait_s`` by hand.
 """

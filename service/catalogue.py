@@ -19,19 +19,19 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from cogalora import ALL_MODULE_KINDS, CheckpointError, CheckpointMeta, read_adapter, read_meta, resolve_base_model
-from cogalora.architectures import site_name
+from cogalora import CheckpointError, CheckpointMeta, read_adapter, read_meta, resolve_base_model
+from cogalora.architectures import site_names
 from cogalora.checkpoint import CONFIG_FILE, PEFT_CONFIG_FILE, looks_like_checkpoint
+from cogalora.config import SERVED_METHODS, STUDY_METHODS, spoken
 from service.errors import AdapterLoadError, AdapterRequiredError, InvalidRequestError, UnknownAdapterError
-from service.schemas import ADAPTER_NAME_PATTERN, AdapterInfo
+from service.types import AdapterDescription
 from service.uploads import recover_interrupted
 
 logger = logging.getLogger(__name__)
 
+#: Adapter (checkpoint folder) names: no separators, no leading dot, at most 64 characters.
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NAME = re.compile(ADAPTER_NAME_PATTERN)
-
-UNSERVED_METHODS: tuple[str, ...] = ("hyperlora",)
-"""Methods the training side produces for study only: the catalogue refuses them with a clear error."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class CatalogueEntry:
     directory: Path
     meta: CheckpointMeta
     spec: BaseSpec
-    info: AdapterInfo
+    description: AdapterDescription
     error: str | None = None
     """Why its last load failed (its requests fail fast with it until an admin reloads it)."""
 
@@ -148,9 +148,10 @@ class Catalogue:
         with self._lock:
             return sorted(self._entries)
 
-    def infos(self) -> list[AdapterInfo]:
+    def descriptions(self) -> list[AdapterDescription]:
+        """Every servable adapter, by name."""
         with self._lock:
-            return [entry.info for _, entry in sorted(self._entries.items())]
+            return [entry.description for _, entry in sorted(self._entries.items())]
 
     def entry(self, name: str) -> CatalogueEntry:
         """The servable folder ``name``; raises ``AdapterLoadError`` for a folder that cannot be served
@@ -181,17 +182,16 @@ class Catalogue:
         raises ``CheckpointError`` (or what a library raised) naming the file and the field."""
         meta = read_meta(directory)
         config_file = f"{directory.name}/{CONFIG_FILE}"
+        served = spoken(SERVED_METHODS)
         if meta.method == "full":
             raise CheckpointError(
                 f"{config_file}: field 'method': a full fine-tune ('full') carries its own encoder "
-                "weights and cannot share a base model; serve a lora, galora or cogalora checkpoint instead"
+                f"weights and cannot share a base model; serve a {served} checkpoint instead"
             )
-        if meta.method in UNSERVED_METHODS:
+        if meta.method in STUDY_METHODS:
             raise CheckpointError(
-                f"{config_file}: field 'method': {meta.method!r} is a training-side study method "
-                "(the generated-scale hypernetwork variant) that this service does not serve; "
-                "evaluate it with `python -m training evaluate`, or serve a lora, galora, cogalora or "
-                "radlora checkpoint"
+                f"{config_file}: field 'method': {meta.method!r} is a study method that this service does not "
+                f"serve; evaluate it with `python -m training evaluate`, or serve a {served} checkpoint"
             )
         read_adapter(directory, data=False)
         return meta, self.spec(meta)
@@ -204,10 +204,9 @@ class Catalogue:
             meta, spec = self.validate(directory)
         except Exception as exc:  # any failure of one folder is that folder's problem, never the server's
             raise self.failed(name, exc) from exc
-        kinds = [kind for kind in ALL_MODULE_KINDS if kind in meta.target_modules]  # the encoder's site order
-        sites = [site_name(layer, kind) for layer in range(spec.num_layers) for kind in kinds]
+        sites = site_names(spec.num_layers, meta.target_modules)
         present = set(meta.sites or sites)
-        info = AdapterInfo(
+        description = AdapterDescription(
             name=name,
             base_model=meta.base_model,
             method=meta.method,
@@ -218,11 +217,10 @@ class Catalogue:
             sites=sites,
             dropped_sites=[name for name in sites if name not in present],
             rank=meta.rank,
-            rank_set=meta.rank_set if meta.method == "radlora" else None,
-            loaded=False,
+            rank_set=meta.routed_ranks,
             metrics=dict(meta.metrics),
         )
-        entry = CatalogueEntry(name=name, directory=directory, meta=meta, spec=spec, info=info)
+        entry = CatalogueEntry(name=name, directory=directory, meta=meta, spec=spec, description=description)
         with self._lock:
             self._entries[name] = entry
             self._failures.pop(name, None)
@@ -297,7 +295,7 @@ class Catalogue:
 
 class CatalogueReads:
     """The catalogue's reading methods, for a repository built around one (``self.catalogue``): what the
-    routes read, each adapter marked ``loaded`` as the repository's ``loaded_names`` says."""
+    routes read, besides which adapters the repository holds (``loaded_names``)."""
 
     catalogue: Catalogue
 
@@ -321,9 +319,8 @@ class CatalogueReads:
     def validate(self, directory: Path) -> tuple[CheckpointMeta, BaseSpec]:
         return self.catalogue.validate(directory)
 
-    def adapters(self) -> list[AdapterInfo]:
-        loaded = set(self.loaded_names())
-        return [info.model_copy(update={"loaded": info.name in loaded}) for info in self.catalogue.infos()]
+    def adapters(self) -> list[AdapterDescription]:
+        return self.catalogue.descriptions()
 
-    def info(self, name: str) -> AdapterInfo:
-        return self.catalogue.entry(name).info.model_copy(update={"loaded": name in self.loaded_names()})
+    def info(self, name: str) -> AdapterDescription:
+        return self.catalogue.entry(name).description

@@ -26,9 +26,10 @@ from typing import Literal
 
 import torch
 
+from service.encoders import SharedEncoder
 from service.errors import AdapterUnloadedError, InferenceError, ServiceError
 from service.fidelity import ShadowSampler, compare
-from service.repository import LoadedAdapter, ModelRepository, SharedEncoder
+from service.repository import LoadedAdapter, ModelRepository
 from service.tokenization import tokenize_texts
 from service.types import BatchStats, ClassifyRequest, RoutingSample, RowOutput
 

@@ -18,16 +18,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from cogalora import ALL_MODULE_KINDS
-from cogalora.architectures import site_name
-from service.catalogue import BaseSpec, Catalogue, CatalogueReads, failure_reason
+from cogalora.architectures import site_names
+from service.catalogue import Catalogue, CatalogueReads, failure_reason
 from service.engine_core import EngineCore
 from service.errors import AdapterLoadError, AdapterUnloadedError, NotReadyError, QueueFullError, RequestTimeoutError
 from service.results import row_result
-from service.schemas import AdapterInfo, RowResult
+from service.schemas import RowResult
 from service.settings import Settings
 from service.tokenization import Tokenizers
-from service.types import ClassifyRequest, RowOutput, TokenizedRequest
+from service.types import AdapterDescription, ClassifyRequest, RowOutput, TokenizedRequest
 
 
 class Transport(Protocol):
@@ -66,11 +65,6 @@ class LocalTransport:
 
     async def call(self, method: str, *args: Any) -> Any:
         return await asyncio.to_thread(self.core.call, method, *args)
-
-
-def encoder_site_names(spec: BaseSpec) -> list[str]:
-    """Every site of a shared encoder, in its order (the encoder carries every module kind)."""
-    return [site_name(layer, kind) for layer in range(spec.num_layers) for kind in ALL_MODULE_KINDS]
 
 
 class EngineClient:
@@ -128,7 +122,7 @@ class EngineClient:
                         self.tokenizers.tokenize,
                         entry.meta.base_model,
                         list(request.texts),
-                        entry.info.max_length,
+                        entry.description.max_length,
                         request.truncate,
                         entry.name,
                     )
@@ -147,10 +141,12 @@ class EngineClient:
             ) from None
         finally:
             self._in_flight -= count
-        labels, sites = entry.info.labels, encoder_site_names(entry.spec)
+        # A shared encoder carries every module kind: its sites are every site of the base model.
+        description, sites = entry.description, site_names(entry.spec.num_layers)
+        labels = description.labels
         if any(len(output.probabilities) != len(labels) for output in outputs):
             raise AdapterUnloadedError(f"adapter {entry.name!r} was replaced while the request waited; retry")
-        results = [row_result(output, labels, sites, entry.info.total_adapters) for output in outputs]
+        results = [row_result(output, labels, sites, description.total_adapters) for output in outputs]
         for result in results:
             result.tokenize_seconds = tokenize_seconds
         return results
@@ -198,7 +194,7 @@ class RemoteRepository(CatalogueReads):
 
     # ---- admin (blocking) ---------------------------------------------------------------------
 
-    def load(self, name: str, replace: bool = False) -> AdapterInfo:
+    def load(self, name: str, replace: bool = False) -> AdapterDescription:
         self.catalogue.folder(name)
         try:
             self._call("load", name, replace)

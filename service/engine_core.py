@@ -116,9 +116,9 @@ class EngineCore:
     async def classify(self, request: TokenizedRequest) -> list[RowOutput]:
         return await self.batcher.submit(request)
 
-    def call(self, method: str, *args: Any) -> Any:
-        """An admin change of the resident adapters (blocking: run it on a worker thread)."""
+    def call(self, method: str, *args: Any) -> None:
+        """An admin change of the resident adapters (blocking: run it on a worker thread). The caller reads
+        what changed from its own catalogue."""
         if method not in self.ADMIN_METHODS:
             raise ValueError(f"unknown engine call {method!r}")
-        value = getattr(self.repository, method)(*args)
-        return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+        getattr(self.repository, method)(*args)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
 
+from service import metric_definitions as defined
 from service.lifecycle import Service
 from service.metrics import UNKNOWN_ADAPTER
 from service.schemas import AdapterLiveStats, LiveStatsResponse
@@ -101,21 +102,21 @@ class LiveStats:
         old_buckets = _latency_buckets(before)
         recent = {bound: count - old_buckets.get(bound, 0.0) for bound, count in buckets.items()}
         p50, p99 = (histogram_quantile(q, recent) for q in (0.5, 0.99))
-        requests = total(samples, "cogalora_requests_total")
-        codes = by_label(samples, "cogalora_requests_total", "code")
+        requests = total(samples, defined.REQUESTS.series)
+        codes = by_label(samples, defined.REQUESTS.series, "code")
         settings = self.service.settings
         return LiveStatsResponse(
             uptime_s=now - self.started,
             window_s=window,
             requests_total=round(requests),
             errors_total=round(sum(count for code, count in codes.items() if code.isdigit() and int(code) >= 400)),
-            requests_per_s=(requests - total(before, "cogalora_requests_total")) / window,
+            requests_per_s=(requests - total(before, defined.REQUESTS.series)) / window,
             latency_p50_ms=None if p50 is None else p50 * 1000,
             latency_p99_ms=None if p99 is None else p99 * 1000,
-            inflight=round(total(samples, "cogalora_inflight_requests")),
-            queue_depth=round(total(samples, "cogalora_queue_depth")),
-            adapters_loaded=round(total(samples, "cogalora_adapters_loaded")),
-            adapters_available=round(total(samples, "cogalora_adapters_available")),
+            inflight=round(total(samples, defined.INFLIGHT.series)),
+            queue_depth=round(total(samples, defined.QUEUE_DEPTH.series)),
+            adapters_loaded=round(total(samples, defined.ADAPTERS_LOADED.series)),
+            adapters_available=round(total(samples, defined.ADAPTERS_AVAILABLE.series)),
             shadow_fraction=settings.shadow_fraction,
             drift_window=settings.drift_window,
             adapters=_per_adapter(samples),
@@ -137,21 +138,21 @@ class LiveStats:
 def _latency_buckets(samples: Samples) -> dict[float, float]:
     return {
         float(bound): count
-        for bound, count in by_label(samples, "cogalora_request_duration_seconds_bucket", "le").items()
+        for bound, count in by_label(samples, defined.REQUEST_DURATION.bucket, "le").items()
     }
 
 
 def _per_adapter(samples: Samples) -> dict[str, AdapterLiveStats]:
-    inputs = by_label(samples, "cogalora_inputs_total", "adapter")
-    active_sum = by_label(samples, "cogalora_active_adapters_sum", "adapter")
-    active_count = by_label(samples, "cogalora_active_adapters_count", "adapter")
-    rank_sum = by_label(samples, "cogalora_active_rank_sum", "adapter")
-    rank_count = by_label(samples, "cogalora_active_rank_count", "adapter")
-    flops = by_label(samples, "cogalora_adapter_flops_total", "adapter")
-    saved = by_label(samples, "cogalora_adapter_flops_saved_total", "adapter")
-    agree = by_label(samples, "cogalora_shadow_rows_total", "adapter", agreement="agree")
-    checks = by_label(samples, "cogalora_shadow_rows_total", "adapter")
-    drift = by_label(samples, "cogalora_routing_drift", "adapter")
+    inputs = by_label(samples, defined.INPUTS.series, "adapter")
+    active_sum = by_label(samples, defined.ACTIVE_ADAPTERS.sum, "adapter")
+    active_count = by_label(samples, defined.ACTIVE_ADAPTERS.count, "adapter")
+    rank_sum = by_label(samples, defined.ACTIVE_RANK.sum, "adapter")
+    rank_count = by_label(samples, defined.ACTIVE_RANK.count, "adapter")
+    flops = by_label(samples, defined.ADAPTER_FLOPS.series, "adapter")
+    saved = by_label(samples, defined.ADAPTER_FLOPS_SAVED.series, "adapter")
+    agree = by_label(samples, defined.SHADOW_ROWS.series, "adapter", agreement="agree")
+    checks = by_label(samples, defined.SHADOW_ROWS.series, "adapter")
+    drift = by_label(samples, defined.ROUTING_DRIFT.series, "adapter")
     names = sorted((set(inputs) | set(checks) | set(drift)) - {UNKNOWN_ADAPTER})
     return {
         name: AdapterLiveStats(

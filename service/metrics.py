@@ -1,4 +1,4 @@
-"""Prometheus metrics of one app instance (DESIGN.md §7), on a private registry.
+"""Prometheus metrics of one app instance, on a private registry (defined in ``service.metric_definitions``).
 
 Per-adapter labels are what operators ask for, but a thousand adapters times every histogram bucket
 is a cardinality explosion. :class:`AdapterLabels` lets the operator choose
@@ -19,13 +19,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from service import metric_definitions as defined
 from service.fidelity import DriftWindow
-from service.schemas import RowResult
+from service.metric_definitions import Metric
 from service.settings import Settings
 from service.types import BatchStats
 
@@ -33,22 +34,7 @@ UNKNOWN_ADAPTER = "unknown"
 OTHER_ADAPTERS = "other"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-_TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024)
-_ACTIVE_BUCKETS = (0, 1, 2, 4, 6, 8, 12, 16, 24, 36, 48, 72, 96, 144)
-_RANK_BUCKETS = (0, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 288, 576)
-_FLOP_BUCKETS = tuple(float(10**e * m) for e in range(6, 12) for m in (1, 2.5, 5))
-_SCORE_DIFFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-
-
-def split_site(site: str) -> tuple[str, str]:
-    """``layer.0.attention.query`` -> (``"0"``, ``"attention.query"``); anything else -> (``""``, site)."""
-    parts = site.split(".", 2)
-    if len(parts) == 3 and parts[0] == "layer" and parts[1].isdigit():
-        return parts[1], parts[2]
-    return "", site
+_COLLECTORS = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
 
 
 class AdapterLabels:
@@ -111,7 +97,10 @@ def service_metrics(settings: Settings) -> ServiceMetrics:
 class ServiceMetrics:
     """Every ``cogalora_*`` metric; also the engine's BatchListener and the repository's listener."""
 
-    def __init__(self, adapter_labels: AdapterLabels | None = None, drift_window: int = 1000) -> None:
+    def __init__(self, adapter_labels: AdapterLabels | None = None, drift_window: int | None = None) -> None:
+        """``drift_window`` (default: the setting's default): rows per adapter behind the drift gauge; 0 disables it."""
+        if drift_window is None:
+            drift_window = Settings.model_fields["drift_window"].default
         self.registry = CollectorRegistry(auto_describe=True)
         self.drift = DriftWindow(drift_window) if drift_window > 0 else None
         """Per-adapter window of live gate counts behind ``cogalora_routing_drift`` (None: disabled)."""
@@ -119,155 +108,47 @@ class ServiceMetrics:
         self.label.on_dropped = self._drop_adapter
         self._series: dict[str, set[tuple[object, tuple[str, ...]]]] = {}
         self._series_lock = threading.Lock()
-        r = self.registry
-        self.requests = Counter(
-            "cogalora_requests",
-            "Classification requests (/classify, TEI, Open Inference) by adapter and status code.",
-            ["adapter", "code"],
-            registry=r,
-        )
-        self.request_duration = Histogram(
-            "cogalora_request_duration_seconds",
-            "Whole classification request (any protocol), as the server saw it.",
-            ["adapter"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.tokenize_duration = Histogram(
-            "cogalora_tokenize_duration_seconds",
-            "Tokenizing one request's texts (one batched call, off the event loop).",
-            buckets=_FAST_BUCKETS,
-            registry=r,
-        )
-        self.queue_duration = Histogram(
-            "cogalora_queue_duration_seconds",
-            "Time a request's rows waited for a batch (max over its rows).",
-            ["adapter"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.inference_duration = Histogram(
-            "cogalora_inference_duration_seconds",
-            "Engine time of a request's batches (max over its rows).",
-            ["adapter"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = Histogram("cogalora_batch_size", "Rows per engine batch.", buckets=_BATCH_BUCKETS, registry=r)
-        self.batch_duration = Histogram(
-            "cogalora_batch_duration_seconds", "Wall time of one engine batch.", buckets=_LATENCY_BUCKETS, registry=r
-        )
-        self.forwards = Counter("cogalora_forwards", "Routed forwards (one per length chunk of a batch).", registry=r)
-        self.padded_tokens = Counter("cogalora_padded_tokens", "Tokens the forwards ran, padding included.", registry=r)
-        self.real_tokens = Counter("cogalora_real_tokens", "Real (unpadded) tokens the forwards ran.", registry=r)
-        self.adapter_rows = Counter(
-            "cogalora_adapter_rows_multiplied",
-            "(row, site) pairs multiplied by an adapter: the adapter work actually done.",
-            registry=r,
-        )
-        self.input_tokens = Histogram(
-            "cogalora_input_tokens", "Tokens per classified input.", ["adapter"], buckets=_TOKEN_BUCKETS, registry=r
-        )
-        self.inputs = Counter("cogalora_inputs", "Inputs classified.", ["adapter"], registry=r)
-        self.truncated_inputs = Counter(
-            "cogalora_truncated_inputs",
-            "Inputs cut to the adapter's max_length before classification (truncate=true).",
-            ["adapter"],
-            registry=r,
-        )
-        self.active_adapters = Histogram(
-            "cogalora_active_adapters",
-            "Adapter sites that ran, per classified input.",
-            ["adapter"],
-            buckets=_ACTIVE_BUCKETS,
-            registry=r,
-        )
-        self.active_rank = Histogram(
-            "cogalora_active_rank",
-            "Total LoRA rank used per classified input (sum over active sites; RAD-LoRA routes it).",
-            ["adapter"],
-            buckets=_RANK_BUCKETS,
-            registry=r,
-        )
-        self.request_flops = Histogram(
-            "cogalora_request_flops",
-            "Total FLOPs per classified input.",
-            ["adapter"],
-            buckets=_FLOP_BUCKETS,
-            registry=r,
-        )
-        self.adapter_flops = Counter(
-            "cogalora_adapter_flops", "Adapter FLOPs executed (gates on).", ["adapter"], registry=r
-        )
-        self.adapter_flops_saved = Counter(
-            "cogalora_adapter_flops_saved", "Adapter FLOPs skipped because gates were off.", ["adapter"], registry=r
-        )
-        self.module_activations = Counter(
-            "cogalora_module_activations",
-            "Inputs for which an adapter site ran, by layer and module kind.",
-            ["adapter", "layer", "module"],
-            registry=r,
-        )
-        self.shadow_rows = Counter(
-            "cogalora_shadow_rows",
-            "Shadow dense checks: routed rows re-run with every gate on, by whether the labels agreed.",
-            ["adapter", "agreement"],
-            registry=r,
-        )
-        self.shadow_score_difference = Histogram(
-            "cogalora_shadow_score_difference",
-            "|routed - dense| probability of the returned label, per shadow dense check.",
-            ["adapter"],
-            buckets=_SCORE_DIFFERENCE_BUCKETS,
-            registry=r,
-        )
-        self.routing_drift = Gauge(
-            "cogalora_routing_drift",
-            "Mean absolute difference between live per-site activation rates (last drift_window rows at the "
-            "adapter's tau) and the rates its checkpoint measured on dev data.",
-            ["adapter"],
-            registry=r,
-        )
-        self.queue_depth = Gauge("cogalora_queue_depth", "Rows admitted and not running yet.", registry=r)
-        self.queue_capacity = Gauge(
-            "cogalora_queue_capacity", "Rows that may wait (max_queue) before requests are refused.", registry=r
-        )
-        self.inflight = Gauge(
-            "cogalora_inflight_requests", "Classification requests (any protocol) being handled.", registry=r
-        )
-        self.adapters_loaded = Gauge("cogalora_adapters_loaded", "Adapters in memory now.", registry=r)
-        self.adapters_available = Gauge(
-            "cogalora_adapters_available", "Servable adapters in the model repository (loaded or not).", registry=r
-        )
-        self.adapter_loads = Counter("cogalora_adapter_loads", "Adapters loaded into memory.", registry=r)
-        self.adapter_evictions = Counter(
-            "cogalora_adapter_evictions", "Adapters evicted from memory (least recently used).", registry=r
-        )
-        self.key_requests = Counter(
-            "cogalora_key_requests",
-            "Requests to classification and catalogue routes made with a key, by key id (never the key) and "
-            "status code.",
-            ["key_id", "code"],
-            registry=r,
-        )
-        self.key_inputs = Counter("cogalora_key_inputs", "Inputs classified, by key id.", ["key_id"], registry=r)
-        self.key_rate_limited = Counter(
-            "cogalora_key_rate_limited",
-            "Requests refused with 429 by a key's token bucket, by key id and limit (requests, rows).",
-            ["key_id", "limit"],
-            registry=r,
-        )
-        self.key_file_reloads = Counter(
-            "cogalora_key_file_reloads",
-            "Key file reloads (on change or SIGHUP) by outcome: ok, or invalid (the keys in force were kept).",
-            ["outcome"],
-            registry=r,
-        )
-        self.adapter_load_duration = Histogram(
-            "cogalora_adapter_load_duration_seconds",
-            "Reading one adapter's files and loading it onto its shared encoder.",
-            buckets=_FAST_BUCKETS,
-            registry=r,
+        self.requests = self._collector(defined.REQUESTS)
+        self.request_duration = self._collector(defined.REQUEST_DURATION)
+        self.tokenize_duration = self._collector(defined.TOKENIZE_DURATION)
+        self.queue_duration = self._collector(defined.QUEUE_DURATION)
+        self.inference_duration = self._collector(defined.INFERENCE_DURATION)
+        self.inflight = self._collector(defined.INFLIGHT)
+        self.batch_size = self._collector(defined.BATCH_SIZE)
+        self.batch_duration = self._collector(defined.BATCH_DURATION)
+        self.forwards = self._collector(defined.FORWARDS)
+        self.padded_tokens = self._collector(defined.PADDED_TOKENS)
+        self.real_tokens = self._collector(defined.REAL_TOKENS)
+        self.adapter_rows = self._collector(defined.ADAPTER_ROWS)
+        self.queue_depth = self._collector(defined.QUEUE_DEPTH)
+        self.queue_capacity = self._collector(defined.QUEUE_CAPACITY)
+        self.inputs = self._collector(defined.INPUTS)
+        self.input_tokens = self._collector(defined.INPUT_TOKENS)
+        self.truncated_inputs = self._collector(defined.TRUNCATED_INPUTS)
+        self.active_adapters = self._collector(defined.ACTIVE_ADAPTERS)
+        self.active_rank = self._collector(defined.ACTIVE_RANK)
+        self.request_flops = self._collector(defined.REQUEST_FLOPS)
+        self.adapter_flops = self._collector(defined.ADAPTER_FLOPS)
+        self.adapter_flops_saved = self._collector(defined.ADAPTER_FLOPS_SAVED)
+        self.module_activations = self._collector(defined.MODULE_ACTIVATIONS)
+        self.shadow_rows = self._collector(defined.SHADOW_ROWS)
+        self.shadow_score_difference = self._collector(defined.SHADOW_SCORE_DIFFERENCE)
+        self.routing_drift = self._collector(defined.ROUTING_DRIFT)
+        self.adapters_loaded = self._collector(defined.ADAPTERS_LOADED)
+        self.adapters_available = self._collector(defined.ADAPTERS_AVAILABLE)
+        self.adapter_loads = self._collector(defined.ADAPTER_LOADS)
+        self.adapter_evictions = self._collector(defined.ADAPTER_EVICTIONS)
+        self.adapter_load_duration = self._collector(defined.ADAPTER_LOAD_DURATION)
+        self.key_requests = self._collector(defined.KEY_REQUESTS)
+        self.key_inputs = self._collector(defined.KEY_INPUTS)
+        self.key_rate_limited = self._collector(defined.KEY_RATE_LIMITED)
+        self.key_file_reloads = self._collector(defined.KEY_FILE_RELOADS)
+
+    def _collector(self, metric: Metric):
+        """The Prometheus collector of ``metric``, in this instance's registry."""
+        options = {"buckets": metric.buckets} if metric.kind == "histogram" else {}
+        return _COLLECTORS[metric.kind](
+            metric.name, metric.help, list(metric.labels), registry=self.registry, **options
         )
 
     def bind(
@@ -293,15 +174,15 @@ class ServiceMetrics:
         self.adapter_rows.inc(stats.adapter_rows_multiplied)
         for outcome in stats.shadow:
             label = self.label(outcome.adapter)
-            self._labelled(self.shadow_rows, label, "agree" if outcome.agree else "disagree").inc()
-            self._labelled(self.shadow_score_difference, label).observe(outcome.score_difference)
+            self.labelled(self.shadow_rows, label, "agree" if outcome.agree else "disagree").inc()
+            self.labelled(self.shadow_score_difference, label).observe(outcome.score_difference)
         if self.drift is not None:
             for sample in stats.routing:
                 drift = self.drift.add(sample)
                 label = self.label(sample.adapter)
                 # "other" mixes adapters with different references: no single drift to report.
                 if drift is not None and label != OTHER_ADAPTERS:
-                    self._labelled(self.routing_drift, label).set(drift)
+                    self.labelled(self.routing_drift, label).set(drift)
 
     def on_adapter_loaded(self, name: str, seconds: float) -> None:
         self.adapter_loads.inc()
@@ -317,44 +198,12 @@ class ServiceMetrics:
     def observe_request(self, adapter: str, code: int, seconds: float) -> None:
         """One classification call (any protocol) finished with ``code``."""
         label = self.label(adapter)
-        self._labelled(self.requests, label, str(code)).inc()
-        self._labelled(self.request_duration, label).observe(seconds)
+        self.labelled(self.requests, label, str(code)).inc()
+        self.labelled(self.request_duration, label).observe(seconds)
 
-    def observe_results(self, adapter: str, results: Iterable[RowResult]) -> tuple[float, float]:
-        """Record every classified input; returns the request's (queue, inference) seconds, max over rows."""
-        results = list(results)
-        label = self.label(adapter, len(results))
-        queue = inference = tokenize = 0.0
-        inputs = self._labelled(self.inputs, label)
-        truncated = self._labelled(self.truncated_inputs, label)  # the series exists (at 0) from the first input
-        tokens = self._labelled(self.input_tokens, label)
-        active = self._labelled(self.active_adapters, label)
-        rank = self._labelled(self.active_rank, label)
-        flops = self._labelled(self.request_flops, label)
-        adapter_flops = self._labelled(self.adapter_flops, label)
-        saved = self._labelled(self.adapter_flops_saved, label)
-        for row in results:
-            queue = max(queue, row.queue_seconds)
-            inference = max(inference, row.inference_seconds)
-            tokenize = max(tokenize, row.tokenize_seconds)
-            inputs.inc()
-            if row.truncated:
-                truncated.inc()
-            tokens.observe(row.tokens)
-            active.observe(row.active_adapters)
-            rank.observe(row.active_rank)
-            flops.observe(row.flops.total)
-            adapter_flops.inc(max(0.0, row.flops.adapter))
-            saved.inc(max(0.0, row.flops.adapter_saved))
-            for site in row.active_modules:
-                self._labelled(self.module_activations, label, *split_site(site)).inc()
-        self._labelled(self.queue_duration, label).observe(queue)
-        self._labelled(self.inference_duration, label).observe(inference)
-        self.tokenize_duration.observe(tokenize)
-        return queue, inference
-
-    def _labelled(self, metric, label: str, *rest: str):
-        """``metric.labels(label, *rest)``, remembering the series so a dropped adapter can be removed."""
+    def labelled(self, metric, label: str, *rest: str):
+        """``metric.labels(label, *rest)`` of a per-adapter metric (``label``: the adapter's label value, from
+        :attr:`label`), remembering the series so that an adapter that loses its own label can be removed."""
         if self.label.top and label not in (OTHER_ADAPTERS, UNKNOWN_ADAPTER):
             with self._series_lock:
                 self._series.setdefault(label, set()).add((metric, (label, *rest)))

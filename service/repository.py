@@ -7,9 +7,9 @@ requests need:
   :meth:`~ModelRepository.release` unpins it. At most ``max_loaded`` adapters stay in memory:
   loading one more evicts the least recently used adapter that no queued or running row needs.
   When every loaded adapter is pinned, a load waits for a release.
-- Adapters on the same base model live in slots of one :class:`~cogalora.CoGaLoRAModel`; each holds
-  only its own LoRA matrices, routers and head. Slot changes take the encoder's lock, which the
-  engine also holds for a forward, so a forward never sees a slot change half-way.
+- Adapters on the same base model live in slots of one shared encoder (``service.encoders``); each
+  holds only its own LoRA matrices, routers and head. A slot change waits until no forward runs on
+  any of the encoder's lanes, so a forward never sees a slot change half-way.
 - Every load gets a fresh ``generation``: a row prepared for an adapter that an admin unloaded
   meanwhile is detected by the engine and answered with ``AdapterUnloadedError``. A replaced adapter
   (``load(name, replace=True)``) is different: its new weights go into a fresh slot, and rows pinned
@@ -26,33 +26,19 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
-from transformers import AutoConfig
 
-from cogalora import (
-    ALL_MODULE_KINDS,
-    CheckpointError,
-    CheckpointMeta,
-    CoGaLoRAConfig,
-    CoGaLoRAModel,
-    FlopModel,
-    load_base_model,
-    load_tokenizer,
-    read_adapter,
-    resolve_base_model,
-)
+from cogalora import CheckpointMeta, FlopModel, read_adapter, resolve_base_model
 from cogalora.precision import Precision, resolve_precision
 from service.catalogue import Catalogue, CatalogueEntry, CatalogueReads
+from service.encoders import SharedEncoder, load_encoder
 from service.errors import AdapterCapacityError, AdapterConflictError, AdapterLoadError, UnknownAdapterError
-from service.schemas import AdapterInfo
 from service.settings import Settings
+from service.types import AdapterDescription
 
 logger = logging.getLogger(__name__)
 
@@ -62,86 +48,6 @@ class RepositoryListener(Protocol):
 
     def on_adapter_loaded(self, name: str, seconds: float) -> None: ...
     def on_adapter_evicted(self, name: str) -> None: ...
-
-
-class Lanes:
-    """Identical copies of one model, each running one forward at a time (a *lane*).
-
-    Forwards on different lanes run at once (each on its own thread: torch releases the GIL inside
-    its kernels), and a lane is one intra-op thread or a few: no thread ever waits at a barrier for
-    another forward's thread. A slot change (:meth:`every`) waits until no forward runs, holds new
-    ones back meanwhile, and changes every copy, so all lanes always hold the same adapters.
-    """
-
-    def __init__(self, models: list[CoGaLoRAModel]) -> None:
-        self.models = models
-        self._free = list(range(len(models)))
-        self._changing = 0
-        self._cond = threading.Condition()
-
-    def __len__(self) -> int:
-        return len(self.models)
-
-    @contextmanager
-    def one(self) -> Iterator[CoGaLoRAModel]:
-        """A free copy for one forward."""
-        with self._cond:
-            while not self._free or self._changing:
-                self._cond.wait()
-            lane = self._free.pop()
-        try:
-            yield self.models[lane]
-        finally:
-            with self._cond:
-                self._free.append(lane)
-                self._cond.notify_all()
-
-    @contextmanager
-    def every(self) -> Iterator[list[CoGaLoRAModel]]:
-        """Every copy, with no forward running (a slot change)."""
-        with self._cond:
-            self._changing += 1
-            while len(self._free) < len(self.models):
-                self._cond.wait()
-            self._free.clear()
-        try:
-            yield self.models
-        finally:
-            with self._cond:
-                self._changing -= 1
-                self._free = list(range(len(self.models)))
-                self._cond.notify_all()
-
-
-@dataclass
-class SharedEncoder:
-    """One base encoder (in one or more lanes) and the adapters loaded into its slots."""
-
-    key: str
-    """Resolved base-model id or path (adapters with the same key share this encoder)."""
-    lanes: Lanes
-    tokenizer: Any
-    max_positions: int
-    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
-    """Fast tokenizers are not safe to call from two threads at once."""
-    slots: dict[int, str] = field(default_factory=dict)
-    """slot -> adapter name"""
-
-    @property
-    def model(self) -> CoGaLoRAModel:
-        """The first lane's copy: what describes the adapters (sites, ranks, FLOPs), all copies alike."""
-        return self.lanes.models[0]
-
-    @cached_property
-    def site_names(self) -> list[str]:
-        return self.model.site_names
-
-    @cached_property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def free_slot(self) -> int:
-        return next(slot for slot in itertools.count() if slot not in self.slots)
 
 
 @dataclass(eq=False)
@@ -337,7 +243,7 @@ class ModelRepository(CatalogueReads):
             generation=next(self._generations),
             max_length=min(meta.max_length, encoder.max_positions),
             flops=FlopModel.for_slot(encoder.model, slot),
-            total_adapters=entry.info.total_adapters,
+            total_adapters=entry.description.total_adapters,
             routed=any(routed),
             drift_sites=drift_sites,
             drift_reference=tuple(reference[encoder.site_names[index]] for index in drift_sites),
@@ -371,34 +277,11 @@ class ModelRepository(CatalogueReads):
             encoder = self._encoders.get(key)
         if encoder is not None:
             return encoder
-        encoder = self._new_encoder(key, meta)  # slow: outside the lock, so requests keep flowing
+        # Slow: outside the lock, so requests keep flowing.
+        encoder = load_encoder(meta, self.catalogue.spec(meta), self.device, self.precision, self.lanes)
         with self._cond:
             # Two loads may race to create the same encoder: the first one stored wins.
             return self._encoders.setdefault(key, encoder)
-
-    def _new_encoder(self, key: str, meta: CheckpointMeta) -> SharedEncoder:
-        # Every adapter site kind is injected so that adapters with other target modules fit too.
-        config = CoGaLoRAConfig(
-            method="cogalora", target_modules=ALL_MODULE_KINDS, head_modules=tuple(meta.head_modules) or None
-        )
-        models = []
-        try:
-            # The encoder's own head width (a local base may ship a classifier); the head is replaced anyway.
-            base_config = AutoConfig.from_pretrained(key, trust_remote_code=False)
-            for _ in range(self.lanes):
-                model = CoGaLoRAModel(load_base_model(meta.base_model, num_labels=base_config.num_labels), config)
-                model.requires_grad_(False)
-                model.to(self.device).eval()
-                models.append(model.set_precision(self.precision))
-            tokenizer = load_tokenizer(meta.base_model)
-        except Exception as exc:  # unreadable weights raise the reader's own errors (e.g. SafetensorError)
-            raise CheckpointError(f"base model {meta.base_model!r} cannot be loaded ({exc})") from exc
-        spec = self.catalogue.spec(meta)
-        tokenizer_max = getattr(tokenizer, "model_max_length", spec.max_positions) or spec.max_positions
-        logger.info("loaded base model %s (%d adapter sites, %d lanes)", key, len(models[0].sites), self.lanes)
-        return SharedEncoder(
-            key=key, lanes=Lanes(models), tokenizer=tokenizer, max_positions=min(spec.max_positions, tokenizer_max)
-        )
 
     # ---- admin --------------------------------------------------------------------------------
 
@@ -411,7 +294,7 @@ class ModelRepository(CatalogueReads):
                 logger.warning("%s (not served)", exc.message)
         return self.loaded_names()
 
-    def load(self, name: str, replace: bool = False) -> AdapterInfo:
+    def load(self, name: str, replace: bool = False) -> AdapterDescription:
         """Admin: re-read the folder ``model_dir/name`` and load it now.
 
         ``replace``: an adapter of that name already in memory is swapped for the new load (requests

@@ -20,7 +20,8 @@ from service.schemas import ErrorBody
 
 log = logging.getLogger("cogalora.service")
 
-_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 422: "invalid_request"}
+HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 422: "invalid_request"}
+"""The ``error_type`` of the HTTP errors the framework raises itself (no route, wrong method, body limits)."""
 
 
 def short(value: str, limit: int = 64) -> str:
@@ -76,7 +77,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8): a malformed request
             return error_response(422, "malformed request body", "invalid_request")
-        error_type = _ERROR_TYPES.get(exc.status_code, "http_error")
+        error_type = HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
         response = error_response(exc.status_code, str(exc.detail), error_type)
         for key, value in (exc.headers or {}).items():
             response.headers.setdefault(key, value)

@@ -1,4 +1,4 @@
-"""The HTTP routes (DESIGN.md §5). A classification crosses this file once:
+"""The HTTP routes. A classification crosses this file once:
 
 ``POST /classify`` -> body validated by :class:`~service.schemas.ClassifyBody` ->
 :func:`~service.classification.classify_texts` (size limits, adapter resolved by the repository,
@@ -16,15 +16,17 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 
 from service import uploads
 from service.about import NAME, runtime
 from service.auth import AdminOnly, CatalogueReader, scoped
+from service.catalogue import ADAPTER_NAME_PATTERN
 from service.classification import classify_texts, service_of
+from service.errors import InvalidRequestError
 from service.metrics import CONTENT_TYPE
 from service.responses import documented_errors, error_response
 from service.schemas import (
-    ADAPTER_NAME_PATTERN,
     AdapterInfo,
     AdapterSource,
     AdaptersResponse,
@@ -119,9 +121,10 @@ async def info(request: Request) -> ServerInfo:
 async def adapters(request: Request) -> AdaptersResponse:
     repository, _ = service_of(request).require_ready()
     visible = scoped(request, repository)
+    loaded = visible.loaded_names()
     return AdaptersResponse(
-        adapters=visible.adapters(),
-        loaded=len(visible.loaded_names()),
+        adapters=[AdapterInfo.of(description, description.name in loaded) for description in visible.adapters()],
+        loaded=len(loaded),
         max_loaded=repository.max_loaded,
         unavailable=visible.failures(),
     )
@@ -139,10 +142,10 @@ async def load_adapter(name: AdapterName, request: Request) -> AdapterInfo:
     service = service_of(request)
     repository, _ = service.require_ready()
     async with service.admin_lock:
-        loaded = await asyncio.to_thread(repository.load, name)
+        description = await asyncio.to_thread(repository.load, name)
     request.scope["state"]["cogalora"]["adapter"] = name
     log.info("adapter loaded", extra={"adapter": name})
-    return loaded
+    return AdapterInfo.of(description, name in repository.loaded_names())
 
 
 _ARCHIVE_BODY = {"schema": {"type": "string", "format": "binary"}}
@@ -173,12 +176,29 @@ async def install_adapter(
 ) -> Response:
     service = service_of(request)
     repository, _ = service.require_ready()
-    content_type = request.headers.get("content-type", "")
-    installed = await uploads.install(service, repository, name, await request.body(), content_type, replace)
+    body = await request.body()
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
+        source = _adapter_source(body)
+        installed = await uploads.install(
+            service, repository, name, replace, source=source.source, revision=source.revision
+        )
+    else:
+        installed = await uploads.install(service, repository, name, replace, archive=body)
     request.scope["state"]["cogalora"]["adapter"] = name
     log.info("adapter installed", extra={"adapter": name})
     headers = {"X-Adapter-Revision": installed.revision} if installed.revision else None
-    return JSONResponse(installed.info.model_dump(mode="json"), status_code=201, headers=headers)
+    info = AdapterInfo.of(installed.description, name in repository.loaded_names())
+    return JSONResponse(info.model_dump(mode="json"), status_code=201, headers=headers)
+
+
+def _adapter_source(body: bytes) -> AdapterSource:
+    """The JSON body of an install from a hub (422 naming the field when it is not one)."""
+    try:
+        return AdapterSource.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise InvalidRequestError(f"{where}: {first['msg']}"[:200]) from None
 
 
 @router.delete(

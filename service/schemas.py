@@ -1,23 +1,23 @@
-"""What crosses the wire (DESIGN.md §5): request bodies, responses, the error envelope.
+"""What crosses the wire: request bodies, responses, the error envelope.
 
 Each schema is defined once, here, and serves three purposes: validation at the edge, the OpenAPI
-document, and serialization (the engine builds :class:`RowResult` objects and the route serializes
-them with pydantic's Rust serializer). Input limits that depend on the settings are checked by
+document, and serialization (``service.results`` names the engine's plain results as :class:`RowResult`
+objects and the route serializes them with pydantic's Rust serializer). Only the HTTP layer imports
+this module (tests/test_layers.py says which modules that is); what it describes comes from plain
+dataclasses below it (``service.types``). Input limits that depend on the settings are checked by
 :func:`check_texts`, the one place that does.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 from pydantic_core import PydanticCustomError
 
 from service.errors import InvalidRequestError, PayloadTooLargeError
-
-#: Adapter (checkpoint folder) names: no separators, no leading dot, at most 64 characters.
-ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-
+from service.types import AdapterDescription
 
 _JSON_KINDS = {bool: "a boolean", int: "a number", float: "a number", dict: "an object", type(None): "null"}
 
@@ -167,6 +167,11 @@ class AdapterInfo(BaseModel):
     )
     loaded: bool = Field(description="In memory now; otherwise it loads on its first request.")
     metrics: dict[str, Any] = Field(default_factory=dict, description="Training-time metrics from cogalora.json.")
+
+    @classmethod
+    def of(cls, description: AdapterDescription, loaded: bool) -> AdapterInfo:
+        """The catalogue's description of an adapter, and whether it is in memory now."""
+        return cls(**asdict(description), loaded=loaded)
 
 
 class AdaptersResponse(BaseModel):

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cogalora.precision import PRECISION_CHOICES, Precision, resolve_precision
+from cogalora.precision import PRECISION_CHOICES, Precision, resolve_device, resolve_precision
 
 #: The committed model repository: ``<repo>/models`` next to the ``service`` package.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -183,11 +183,7 @@ class Settings(BaseSettings):
 
     def resolved_device(self) -> str:
         """The torch device to use: ``auto`` becomes ``cuda`` when available, else ``cpu``."""
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return str(resolve_device(self.device))
 
     def resolved_engine_lanes(self) -> int:
         """Forwards that run at once (``0`` resolved: 2 on a CPU with at least 2 cores, else 1)."""

@@ -11,8 +11,32 @@ The request path (API process | engine process, see ``service/engine_client.py``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class AdapterDescription:
+    """What the catalogue says of one servable adapter (``GET /adapters`` adds whether it is loaded)."""
+
+    name: str
+    base_model: str
+    method: str
+    labels: list[str]
+    tau: float
+    max_length: int
+    """Longest input in tokens: the checkpoint's, capped by the encoder."""
+    total_adapters: int
+    """Sites of its LoRA configuration (target modules x layers)."""
+    sites: list[str]
+    """Those sites by name, in the encoder's site order."""
+    dropped_sites: list[str]
+    """Sites of the configuration that carry no adapter (pruned after training): always off."""
+    rank: int
+    rank_set: list[int] | None = None
+    """RAD-LoRA: the ranks its routers choose from per input."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """Training-time metrics from ``cogalora.json``."""
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from pydantic import ValidationError
-
 from cogalora.checkpoint import CONFIG_FILE, PEFT_CONFIG_FILE, CheckpointError, looks_like_checkpoint
 from service.errors import (
     AdapterConflictError,
@@ -52,7 +50,7 @@ from service.errors import (
     ServiceError,
     UnknownAdapterError,
 )
-from service.schemas import AdapterInfo, AdapterSource
+from service.types import AdapterDescription
 
 if TYPE_CHECKING:
     from service.lifecycle import Service
@@ -84,43 +82,43 @@ class InstallTarget(Protocol):
     """What an install needs of the repository (``service.repository.ModelRepository``)."""
 
     def validate(self, directory: Path) -> Any: ...
-    def load(self, name: str, replace: bool = False) -> AdapterInfo: ...
+    def load(self, name: str, replace: bool = False) -> AdapterDescription: ...
     def unload(self, name: str) -> None: ...
 
 
 @dataclass(frozen=True)
 class Installed:
-    """The answer of an install: the adapter as the catalogue lists it, and the revision a hub gave."""
+    """The answer of an install: the adapter as the catalogue describes it, and the revision a hub gave."""
 
-    info: AdapterInfo
+    description: AdapterDescription
     revision: str | None = None
 
 
 async def install(
-    service: Service, repository: InstallTarget, name: str, body: bytes, content_type: str, replace: bool
+    service: Service,
+    repository: InstallTarget,
+    name: str,
+    replace: bool,
+    *,
+    archive: bytes | None = None,
+    source: str | None = None,
+    revision: str | None = None,
 ) -> Installed:
-    """Stage, check and install the adapter ``name`` from a request body: an archive, or a JSON
-    :class:`~service.schemas.AdapterSource` naming a hub repository."""
+    """Stage, check and install the adapter ``name`` from an ``archive`` (the bytes of a ``.tar.gz``,
+    ``.tar`` or ``.zip``), or from a hub ``source`` (``hf://org/name``) at ``revision``."""
     installer = Installer(service.settings.model_dir, service.settings.max_upload_bytes)
-    revision = None
-    if content_type.split(";")[0].strip().lower() == "application/json":
-        try:
-            source = AdapterSource.model_validate_json(body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "body"
-            raise InvalidRequestError(f"{where}: {first['msg']}"[:200]) from None
-        staged, revision = await asyncio.to_thread(installer.stage_hub, name, source.source, source.revision)
+    if source is not None:
+        staged, revision = await asyncio.to_thread(installer.stage_hub, name, source, revision)
     else:
-        staged = await asyncio.to_thread(installer.stage_archive, name, body)
+        staged = await asyncio.to_thread(installer.stage_archive, name, archive or b"")
     try:
         await asyncio.to_thread(installer.check, name, staged, repository.validate)
         async with service.admin_lock:
-            info = await asyncio.to_thread(installer.commit, name, staged, replace, repository)
+            description = await asyncio.to_thread(installer.commit, name, staged, replace, repository)
     finally:
         await asyncio.to_thread(installer.discard, staged)
     logger.info("installed adapter %r%s", name, f" (revision {revision})" if revision else "")
-    return Installed(info=info, revision=revision)
+    return Installed(description=description, revision=revision)
 
 
 async def remove(service: Service, repository: InstallTarget, name: str) -> None:
@@ -329,7 +327,7 @@ class Installer:
 
     # ---- installing and removing ----------------------------------------------------------------
 
-    def commit(self, name: str, staged: Path, replace: bool, repository: InstallTarget) -> AdapterInfo:
+    def commit(self, name: str, staged: Path, replace: bool, repository: InstallTarget) -> AdapterDescription:
         """Rename the checked folder to ``name`` (the old one aside when replacing) and load it.
 
         If the load fails, the folders are put back as they were and the old adapter is loaded again.

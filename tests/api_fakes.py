@@ -21,8 +21,8 @@ from service.errors import (
     QueueFullError,
     UnknownAdapterError,
 )
-from service.schemas import AdapterInfo, Flops, LabelScore, RowResult
-from service.types import BatchStats, ClassifyRequest
+from service.schemas import Flops, LabelScore, RowResult
+from service.types import AdapterDescription, BatchStats, ClassifyRequest
 
 SITES = [f"layer.{i}.{kind}" for i in range(2) for kind in ("attention.query", "ffn.down")]
 #: The fake adapters' max_length in tokens (one token per word, plus two special tokens).
@@ -41,8 +41,8 @@ async def running(app: FastAPI, wait_ready: bool = True) -> AsyncIterator[httpx.
             yield client
 
 
-def info(name: str, labels: tuple[str, ...] = ("negative", "positive")) -> AdapterInfo:
-    return AdapterInfo(
+def info(name: str, labels: tuple[str, ...] = ("negative", "positive")) -> AdapterDescription:
+    return AdapterDescription(
         name=name,
         base_model="fake-base",
         method="cogalora",
@@ -50,7 +50,9 @@ def info(name: str, labels: tuple[str, ...] = ("negative", "positive")) -> Adapt
         tau=0.5,
         max_length=FAKE_MAX_LENGTH,
         total_adapters=len(SITES),
-        loaded=True,
+        sites=list(SITES),
+        dropped_sites=[],
+        rank=8,
         metrics={"dev_accuracy": 0.9},
     )
 
@@ -79,15 +81,15 @@ class FakeRepository:
         self.info(requested)
         return requested
 
-    def adapters(self) -> list[AdapterInfo]:
+    def adapters(self) -> list[AdapterDescription]:
         return list(self.loaded.values())
 
-    def info(self, name: str) -> AdapterInfo:
+    def info(self, name: str) -> AdapterDescription:
         if name not in self.loaded:
             raise UnknownAdapterError(f"unknown adapter {name[:64]!r}")
         return self.loaded[name]
 
-    def load(self, name: str) -> AdapterInfo:
+    def load(self, name: str) -> AdapterDescription:
         if name not in self.available:
             raise UnknownAdapterError(f"no checkpoint named {name!r}")
         if name in self.loaded:

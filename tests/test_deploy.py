@@ -53,87 +53,20 @@ def test_dockerfile_cmd_is_the_tested_start_command():
     assert last(instructions, "ENTRYPOINT") is None, "an ENTRYPOINT would change what CMD runs"
 
 
-def test_dockerfile_runs_as_non_root_with_healthcheck():
+def test_every_dockerfile_copy_source_is_in_the_build_context():
+    """What the build would fail on: a COPY source that is missing or excluded by .dockerignore."""
     instructions = dockerfile_instructions()
-    user = last(instructions, "USER")
-    assert user is not None, "the image must switch to an unprivileged USER"
-    name = user.split(":")[0]
-    assert name not in ("root", "0"), user
-    # USER comes after every RUN that needs root, and before the CMD.
-    keywords = [kw for kw, _ in instructions]
-    assert keywords.index("CMD") > max(i for i, kw in enumerate(keywords) if kw == "USER")
-
-    healthcheck = last(instructions, "HEALTHCHECK")
-    assert healthcheck is not None and not healthcheck.upper().startswith("NONE")
-    command = healthcheck[healthcheck.index("CMD") + 3 :].strip()
-    probe = exec_form(command)
-    assert probe[0] == "python" and "urllib" in " ".join(probe) and "/health" in " ".join(probe)
-    assert "curl" not in healthcheck and "wget" not in healthcheck
-
-
-def test_dockerfile_torch_index_models_and_install():
-    instructions = dockerfile_instructions()
-    args = {
-        rest.split("=")[0]: rest.split("=", 1)[1] if "=" in rest else None for kw, rest in instructions if kw == "ARG"
-    }
-    assert args.get("TORCH_VARIANT") == "cpu"
-    assert "download.pytorch.org/whl/" in (args.get("TORCH_INDEX") or "")
-    runs = [rest for kw, rest in instructions if kw == "RUN"]
-    torch_run = next(i for i, run in enumerate(runs) if "torch==" in run)
-    project_run = next(i for i, run in enumerate(runs) if re.search(r"pip install .*--no-deps", run))
-    assert "--index-url" in runs[torch_run] and torch_run < project_run, "torch from its index before the project"
-    assert "--no-index" in runs[project_run], "the project installs from the venv's dependencies alone"
-
-    envs = " ".join(rest for kw, rest in instructions if kw == "ENV")
-    assert "COGALORA_MODEL_DIR=/models" in envs
     copies = [rest.split() for kw, rest in instructions if kw == "COPY" and not rest.startswith("--from=")]
-    assert ["models", "/models"] in copies
-    # Every COPY source exists in the build context (the repository root) and is not dockerignored.
+    assert copies
     ignored = {
         line.strip().rstrip("/")
         for line in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.startswith("#")
     }
-    assert {".venv", ".git"} <= ignored
     for parts in copies:
         for source in [p for p in parts[:-1] if not p.startswith("--")]:
             assert (REPO / source).exists(), f"COPY source {source!r} missing from the build context"
-            assert source not in ignored, f"COPY source {source!r} is excluded by .dockerignore"
-
-
-def stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
-    """The instructions of each build stage (each starts with its FROM)."""
-    found: list[list[tuple[str, str]]] = []
-    for keyword, rest in instructions:
-        if keyword == "FROM":
-            found.append([])
-        if found:
-            found[-1].append((keyword, rest))
-    return found
-
-
-def test_dockerfile_builds_on_any_debian_base_in_a_venv():
-    instructions = dockerfile_instructions()
-    assert dockerfile_args()["BASE_IMAGE"] == "python:3.11-slim"
-    build, runtime = stages(instructions)
-    assert build[0][1].split()[0] == runtime[0][1].split()[0] == "${BASE_IMAGE}"
-    # A venv from python3 (what plain Debian has), first on PATH in both stages, copied whole.
-    assert any(kw == "RUN" and rest.startswith("python3 -m venv /opt/venv") for kw, rest in build)
-    for stage in (build, runtime):
-        assert any(kw == "ENV" and "PATH=/opt/venv/bin:$PATH" in rest for kw, rest in stage)
-    assert ("COPY", "--from=build /opt/venv /opt/venv") in runtime
-
-
-def test_dockerfile_wheelhouse_and_certificates_stay_in_the_build_stage():
-    build, runtime = stages(dockerfile_instructions())
-    copies = {tuple(rest.split()) for kw, rest in build if kw == "COPY"}
-    assert ("docker/wheels/", "/wheels/") in copies
-    assert any(source == "docker/certs/" for source, *_ in copies)
-    runs = " ".join(rest for kw, rest in build if kw == "RUN")
-    assert "update-ca-certificates" in runs and "--no-index" in runs
-    assert any(kw == "ENV" and "PIP_FIND_LINKS=/wheels" in rest for kw, rest in build)
-    runtime_text = " ".join(rest for _, rest in runtime)
-    assert "wheels" not in runtime_text and "certs" not in runtime_text and "PIP_CERT" not in runtime_text
+            assert source.rstrip("/") not in ignored, f"COPY source {source!r} is excluded by .dockerignore"
 
 
 def test_wheelhouse_and_certificates_are_ignored_by_git_but_present():
@@ -180,9 +113,6 @@ def test_compose_config_is_valid_and_complete(compose_config: dict):
 
 def test_compose_takes_images_and_build_args_from_variables():
     raw = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))["services"]
-    assert raw["cogalora"]["image"] == "${COGALORA_IMAGE:-cogalora-serve:latest}"
-    assert raw["prometheus"]["image"] == "${PROMETHEUS_IMAGE:-prom/prometheus:v2.53.2}"
-    assert raw["grafana"]["image"] == "${GRAFANA_IMAGE:-grafana/grafana:11.2.2}"
     # compose repeats the Dockerfile's defaults (1.29 passes an unset variable as ""): they must agree.
     defaults = dockerfile_args()
     for name, value in raw["cogalora"]["build"]["args"].items():
@@ -191,7 +121,12 @@ def test_compose_takes_images_and_build_args_from_variables():
     command = compose_command()
     if command is None:
         pytest.skip("neither docker-compose nor the docker compose plugin is installed")
-    variables = {"COGALORA_IMAGE": "registry.example/cogalora:1", "BASE_IMAGE": "mirror.example/python:3.11-slim"}
+    variables = {
+        "COGALORA_IMAGE": "registry.example/cogalora:1",
+        "PROMETHEUS_IMAGE": "registry.example/prometheus:1",
+        "GRAFANA_IMAGE": "registry.example/grafana:1",
+        "BASE_IMAGE": "mirror.example/python:3.11-slim",
+    }
     done = subprocess.run(
         [*command, "-f", str(COMPOSE_FILE), "config"],
         capture_output=True,
@@ -200,9 +135,10 @@ def test_compose_takes_images_and_build_args_from_variables():
         env={**os.environ, **variables},
     )
     assert done.returncode == 0, done.stderr
-    service = yaml.safe_load(done.stdout)["services"]["cogalora"]
-    assert service["image"] == variables["COGALORA_IMAGE"]
-    assert service["build"]["args"]["BASE_IMAGE"] == variables["BASE_IMAGE"]
+    services = yaml.safe_load(done.stdout)["services"]
+    for name in ("cogalora", "prometheus", "grafana"):
+        assert services[name]["image"] == variables[f"{name.upper()}_IMAGE"], name
+    assert services["cogalora"]["build"]["args"]["BASE_IMAGE"] == variables["BASE_IMAGE"]
 
 
 def test_compose_runs_the_tested_start_command(compose_config: dict):
@@ -265,7 +201,7 @@ def test_scrape_interval_equals_grafana_time_interval():
     global_interval = prometheus["global"]["scrape_interval"]
     job = next(job for job in prometheus["scrape_configs"] if job["job_name"] == "cogalora")
     interval = job.get("scrape_interval", global_interval)
-    assert _seconds(interval) == _seconds(_datasource()["jsonData"]["timeInterval"]) == 5
+    assert _seconds(interval) == _seconds(_datasource()["jsonData"]["timeInterval"])
 
 
 def test_prometheus_and_grafana_point_at_the_compose_services():
@@ -303,7 +239,7 @@ def test_alert_rules_fire_on_synthetic_series():
         assert done.returncode == 0, done.stdout + done.stderr
     tested = set(re.findall(r"alertname: (\w+)", ALERT_TESTS.read_text(encoding="utf-8")))
     defined = set(re.findall(r"- alert: (\w+)", ALERT_RULES.read_text(encoding="utf-8")))
-    assert defined == tested and len(defined) == 5, (defined, tested)
+    assert defined and defined == tested, (defined, tested)
 
 
 def exported_series_names() -> set[str]:
@@ -354,7 +290,6 @@ def dashboard_panels(dashboard: dict) -> list[dict]:
 def test_every_dashboard_panel_uses_the_provisioned_datasource():
     dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
     uid = _datasource()["uid"]
-    assert dashboard["uid"] == "cogalora-serve"
     panels = [panel for panel in dashboard_panels(dashboard) if panel["type"] != "row"]
     assert len(panels) >= 10
     for panel in panels:
@@ -366,33 +301,16 @@ def test_every_dashboard_panel_uses_the_provisioned_datasource():
     variables = dashboard["templating"]["list"]
     adapter = next(v for v in variables if v["name"] == "adapter")
     assert adapter["datasource"]["uid"] == uid
-    assert adapter["definition"] == "label_values(cogalora_requests_total, adapter)"
     ids = [panel["id"] for panel in dashboard_panels(dashboard)]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
 
 
-def test_dashboard_covers_the_required_metrics():
-    text = DASHBOARD.read_text(encoding="utf-8")
-    for metric in (
-        "cogalora_requests_total",
-        "cogalora_request_duration_seconds_bucket",
-        "cogalora_queue_duration_seconds",
-        "cogalora_inference_duration_seconds",
-        "cogalora_batch_size",
-        "cogalora_active_adapters",
-        "cogalora_active_rank_sum",
-        "cogalora_active_rank_bucket",
-        "cogalora_module_activations_total",
-        "cogalora_inputs_total",
-        "cogalora_adapter_flops_total",
-        "cogalora_adapter_flops_saved_total",
-        "cogalora_queue_depth",
-        "cogalora_inflight_requests",
-        "cogalora_shadow_rows_total",
-        "cogalora_shadow_score_difference_bucket",
-        "cogalora_routing_drift",
-    ):
-        assert metric in text, metric
+def test_dashboard_queries_only_metrics_the_service_exports():
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    variables = [variable["definition"] for variable in dashboard["templating"]["list"]]
+    exprs = [target["expr"] for panel in dashboard_panels(dashboard) for target in panel.get("targets", [])]
+    used = {name for expr in exprs + variables for name in re.findall(r"\bcogalora_\w+", expr)}
+    assert used and used <= exported_series_names(), used - exported_series_names()
 
 
 def test_dashboard_json_is_generated_from_its_script():

@@ -156,6 +156,9 @@ def test_server_runs_as_non_root_and_the_healthchecks_pass(stack: Stack):
     assert "0" not in uids, f"the server runs with uid {uids}"
     container = compose.inspect("cogalora")
     assert container["Config"]["User"] not in ("", "root", "0")
+    # The build stage's wheelhouse and proxy certificates stay in that stage: the image ships neither.
+    leftovers = "ls -d /wheels /usr/local/share/ca-certificates/build 2>/dev/null || true"
+    assert compose.run("exec", "-T", "cogalora", "sh", "-c", leftovers, timeout=60).strip() == ""
 
     # compose's healthcheck (/ready) turns the container healthy ...
     def healthy() -> bool:

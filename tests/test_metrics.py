@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN.md §7): exact names, bounded labels, and counts that move by exactly N."""
+"""Prometheus metrics: exact names, bounded labels, and counts that move by exactly N."""
 
 from __future__ import annotations
 
@@ -8,29 +8,10 @@ from collections import Counter
 from api_fakes import fake_components, running
 from prometheus_client.parser import text_string_to_metric_families
 
+from cogalora.architectures import parse_site_name
 from service.app import create_app
-from service.metrics import split_site
+from service.metric_definitions import METRICS
 from service.settings import Settings
-
-EXPECTED = {
-    "cogalora_requests_total": "counter",
-    "cogalora_request_duration_seconds": "histogram",
-    "cogalora_queue_duration_seconds": "histogram",
-    "cogalora_inference_duration_seconds": "histogram",
-    "cogalora_batch_size": "histogram",
-    "cogalora_batch_duration_seconds": "histogram",
-    "cogalora_input_tokens": "histogram",
-    "cogalora_inputs_total": "counter",
-    "cogalora_active_adapters": "histogram",
-    "cogalora_active_rank": "histogram",
-    "cogalora_request_flops": "histogram",
-    "cogalora_adapter_flops_total": "counter",
-    "cogalora_adapter_flops_saved_total": "counter",
-    "cogalora_module_activations_total": "counter",
-    "cogalora_queue_depth": "gauge",
-    "cogalora_inflight_requests": "gauge",
-    "cogalora_adapters_loaded": "gauge",
-}
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -54,20 +35,13 @@ def family_types(text: str) -> dict[str, str]:
     return types
 
 
-def test_split_site():
-    assert split_site("layer.0.attention.query") == ("0", "attention.query")
-    assert split_site("layer.11.ffn.down") == ("11", "ffn.down")
-    assert split_site("classifier") == ("", "classifier")
-
-
-async def test_every_metric_is_exposed_with_its_type(tmp_path):
+async def test_every_defined_metric_is_exposed_with_its_type_and_nothing_else(tmp_path):
     app = create_app(Settings(model_dir=tmp_path), components=fake_components(["sst2"]))
     async with running(app) as client:
         await client.post("/classify", json={"inputs": "good words"})
         text = (await client.get("/metrics")).text
-    types = family_types(text)
-    for name, kind in EXPECTED.items():
-        assert types.get(name) == kind, (name, types.get(name))
+    exposed = {name: kind for name, kind in family_types(text).items() if not name.endswith("_created")}
+    assert exposed == {metric.documented_name: metric.kind for metric in METRICS}
 
 
 async def test_counts_move_by_exactly_n(tmp_path):
@@ -121,8 +95,8 @@ async def test_counts_move_by_exactly_n(tmp_path):
     activations = Counter(site for row in rows for site in row["active_modules"])
     assert activations
     for site, count in activations.items():
-        layer, module = split_site(site)
-        assert moved("cogalora_module_activations_total", adapter="sst2", layer=layer, module=module) == count
+        layer, module = parse_site_name(site)
+        assert moved("cogalora_module_activations_total", adapter="sst2", layer=str(layer), module=module) == count
 
     # bounded labels: a requested-but-unknown adapter never becomes a label value
     adapters = {dict(labels).get("adapter") for (_, labels) in after if dict(labels).get("adapter")}

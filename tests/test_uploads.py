@@ -289,7 +289,7 @@ def test_under_ray_serve_installs_and_deletions_answer_409_and_change_nothing(mo
     service = SimpleNamespace(settings=settings, admin_lock=asyncio.Lock())
     before = tree(model_dir)
     with pytest.raises(AdapterConflictError, match="redeploy"):
-        asyncio.run(uploads.install(service, catalogue, "new", pack(peft_dir), "application/gzip", replace=False))
+        asyncio.run(uploads.install(service, catalogue, "new", False, archive=pack(peft_dir)))
     with pytest.raises(AdapterConflictError, match="redeploy"):
         asyncio.run(uploads.remove(service, catalogue, "alpha"))
     assert tree(model_dir) == before and catalogue.names() == ["alpha"]

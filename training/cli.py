@@ -13,12 +13,12 @@ from typing import get_args, get_type_hints
 import torch
 
 from cogalora import CheckpointError, load_model, update_meta
-from cogalora.config import ROUTED_METHODS
-from cogalora.precision import PRECISION_CHOICES, resolve_precision
+from cogalora.config import ROUTED_METHODS, spoken
+from cogalora.precision import PRECISION_CHOICES, resolve_device, resolve_precision
 from training.calibrate import PICKS, calibrate, format_calibration, parse_taus, tau_grid
 from training.data import Columns, DataError, encode_file
 from training.evaluation import compare_predictions, evaluate, format_table
-from training.loop import TrainConfig, TrainConfigError, pick_device, run_training
+from training.loop import TrainConfig, TrainConfigError, run_training
 from training.plots import plot_tradeoff
 from training.sweep import SweepConfigError, run_sweep
 
@@ -223,7 +223,7 @@ def _train(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     loaded = load_model(args.model, device=device)
     dataset = encode_file(
         args.data,
@@ -304,7 +304,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     loaded, dataset, device = _load(args)
     if loaded.meta.method not in ROUTED_METHODS:
         print(
-            f"error: tau only matters for cogalora and radlora checkpoints, {args.model} is {loaded.meta.method}",
+            f"error: tau only matters for {spoken(ROUTED_METHODS)} checkpoints, {args.model} is {loaded.meta.method}",
             file=sys.stderr,
         )
         return 2

@@ -28,8 +28,9 @@ from cogalora import (
 )
 from cogalora.bank import ROUTER_INPUT_NORMS
 from cogalora.base_model import load_tokenizer
-from cogalora.config import DEFAULT_RANK_SET, ROUTED_METHODS, check_rank_set, parse_rank_set
+from cogalora.config import ROUTED_METHODS, check_rank_set, parse_rank_set, spoken
 from cogalora.gates import DEFAULT_RANK_WARMUP, GATE_ESTIMATORS, RANK_WARMUPS, annealed_temperature
+from cogalora.precision import resolve_device
 from training.data import (
     Columns,
     EncodedDataset,
@@ -45,9 +46,13 @@ from training.distributed import DistributedContext, init_distributed, shutdown_
 from training.evaluation import evaluate, never_fired
 from training.objective import SPARSITY_WEIGHTS, Objective
 
-#: Learning rates that work for each family (DESIGN.md §1: LoRA wants ~1e-4..1e-3, full FT ~2e-5).
+#: Learning rates that work for each family (LoRA wants ~1e-4..1e-3, a full fine-tune ~2e-5).
 DEFAULT_ADAPTER_LR = 5e-4
 DEFAULT_FULL_LR = 3e-5
+
+
+#: The model options' defaults are the library's (``CoGaLoRAConfig``): one home for each.
+MODEL_DEFAULTS = CoGaLoRAConfig()
 
 
 class TrainConfigError(ValueError):
@@ -88,8 +93,8 @@ class TrainConfig:
         "indices into them (default: sorted unique labels of the training data)",
         group="data",
     )
-    rank: int = option(8, "LoRA rank r", group="model")
-    alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)", group="model")
+    rank: int = option(MODEL_DEFAULTS.rank, "LoRA rank r", group="model")
+    alpha: float = option(MODEL_DEFAULTS.alpha, "LoRA alpha (scaling alpha/r)", group="model")
     sparsity_lambda: float = option(
         0.1,
         "sparsity penalty weight (CoGaLoRA: lambda * mean p; GaLoRA: lambda * mean |g|); with "
@@ -97,9 +102,9 @@ class TrainConfig:
         group="routing",
         flag="--lambda",
     )
-    tau: float = option(0.5, "inference gate threshold stored in the checkpoint", group="routing")
+    tau: float = option(MODEL_DEFAULTS.tau, "inference gate threshold stored in the checkpoint", group="routing")
     rank_set: str = option(
-        "0,2,4,8",
+        ",".join(map(str, MODEL_DEFAULTS.rank_set)),
         "RAD-LoRA: comma-separated ranks each router may pick per example (0: off; at most --rank); nested: "
         "rank k uses the first k rows of A and columns of B",
         group="routing",
@@ -132,9 +137,11 @@ class TrainConfig:
     warmup_gates_on_steps: int = option(
         0, "CoGaLoRA: train the first N steps as plain LoRA (all gates on, routers frozen, no penalty)", "routing"
     )
-    router_init_bias: float = option(2.0, "initial router output bias (sigmoid(2) ~ 0.88: mostly on)", "routing")
+    router_init_bias: float = option(
+        MODEL_DEFAULTS.router_init_bias, "initial router output bias (sigmoid(2) ~ 0.88: mostly on)", "routing"
+    )
     router_input_norm: str = option(
-        "none",
+        MODEL_DEFAULTS.router_input_norm,
         "CoGaLoRA: how routers read their mean-pooled input: as is, or standardised over features "
         "(layer_norm: no shrinking with length); stored in the checkpoint",
         "routing",
@@ -183,7 +190,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.target_active_fraction is not None:
             if self.method not in ROUTED_METHODS:
-                raise TrainConfigError("--target-active-fraction needs --method cogalora or radlora")
+                raise TrainConfigError(f"--target-active-fraction needs --method {spoken(ROUTED_METHODS)}")
             if not 0.0 < self.target_active_fraction <= 1.0:
                 raise TrainConfigError(
                     f"--target-active-fraction must lie in (0, 1], got {self.target_active_fraction}"
@@ -232,12 +239,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _optimizer(model: CoGaLoRAModel, config: TrainConfig) -> torch.optim.Optimizer:
     lr = config.learning_rate
     router_lr = config.router_lr if config.router_lr is not None else lr
@@ -279,7 +280,7 @@ def build_model(config: TrainConfig, labels: list[str]) -> CoGaLoRAModel:
         sparsity_lambda=config.sparsity_lambda,
         router_init_bias=config.router_init_bias,
         router_input_norm=config.router_input_norm,
-        rank_set=parse_rank_set(config.rank_set) if config.method == "radlora" else DEFAULT_RANK_SET,
+        rank_set=parse_rank_set(config.rank_set) if config.method == "radlora" else MODEL_DEFAULTS.rank_set,
         rank_lambda=config.rank_lambda,
     )
     model = new_model(config.base_model, model_config, labels)
@@ -309,7 +310,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     """
     if config.threads:
         torch.set_num_threads(config.threads)
-    context, device = init_distributed(pick_device(config.device))
+    context, device = init_distributed(resolve_device(config.device))
     try:
         return _train(config, context, device)
     finally:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-_MARKERS = {"full": "s", "lora": "o", "galora": "^", "cogalora": "D"}
+from cogalora.config import METHODS
+
+_MARKERS = dict(zip(METHODS, "so^Dvx", strict=True))
 
 
 def plot_tradeoff(rows: list[dict], path: str | Path, title: str = "") -> Path:

@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from cogalora.checkpoint import CheckpointError, read_meta
+from cogalora.config import METHODS, PENALISED_METHODS
 from training.loop import TrainConfig, run_training
 from training.plots import plot_tradeoff
 
@@ -129,7 +130,7 @@ def result_row(run: SweepRun, metrics: dict) -> dict:
     return {
         "name": run.name,
         "method": config.method,
-        "lambda": config.sparsity_lambda if config.method in ("galora", "cogalora") else "",
+        "lambda": config.sparsity_lambda if config.method in PENALISED_METHODS else "",
         "lr": config.learning_rate,
         "router_lr": config.router_lr if config.router_lr is not None else "",
         "accuracy": round(metrics["accuracy"], 4),
@@ -172,7 +173,7 @@ def results_markdown(rows: list[dict]) -> str:
 def summary_lines(rows: list[dict]) -> list[str]:
     """Best run per method, and how the sparse CoGaLoRA runs compare with plain LoRA."""
     lines = []
-    for method in ("full", "lora", "galora", "cogalora"):
+    for method in METHODS:
         candidates = [row for row in rows if row["method"] == method]
         if candidates:
             best = max(candidates, key=lambda row: row["accuracy"])

@@ -5,7 +5,8 @@
 
 Every query selects ``adapter=~"$adapter"`` (a multi-value variable with "All" = ``.*``) and is
 written to return data whenever the service has served some traffic in the window: series that
-may legitimately be absent (errors, rejections) fall back to ``or vector(0)``.
+may legitimately be absent (errors, rejections) fall back to ``or vector(0)``. Metric names come from
+``service/metric_definitions.py``, the service's own definitions.
 tests/test_observability.py evaluates every expression against a real Prometheus.
 """
 
@@ -16,6 +17,12 @@ import json
 import sys
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: the metric definitions live in the service package
+
+from service import metric_definitions as M  # noqa: E402
+from service.metric_definitions import Metric  # noqa: E402
+
 DATASOURCE = {"type": "prometheus", "uid": "cogalora-prometheus"}
 DASHBOARD_UID = "cogalora-serve"
 OUTPUT = Path(__file__).resolve().parent / "dashboards" / "cogalora.json"
@@ -24,6 +31,8 @@ A = 'adapter=~"$adapter"'
 RI = "$__rate_interval"
 QUOTED_2XX = '"2.."'
 QUOTED_AGREE = '"agree"'
+#: The adapter variable's values: every adapter the service has answered for.
+ADAPTER_VALUES = f"label_values({M.REQUESTS.series}, adapter)"
 
 
 def rate(metric: str, selector: str = A, window: str = RI) -> str:
@@ -37,8 +46,8 @@ def ratio_of_sums(numerator: str, denominator: str, by: str = "", selector: str 
     return f"sum{group} ({rate(numerator, selector)}) / sum{group} ({rate(denominator, selector)})"
 
 
-def quantile(q: float, histogram: str, selector: str = A, by: str = "le") -> str:
-    return f"histogram_quantile({q}, sum by ({by}) ({rate(histogram + '_bucket', selector)}))"
+def quantile(q: float, histogram: Metric, selector: str = A, by: str = "le") -> str:
+    return f"histogram_quantile({q}, sum by ({by}) ({rate(histogram.bucket, selector)}))"
 
 
 class Layout:
@@ -171,19 +180,19 @@ def build() -> dict:
 
     # ---- overview ------------------------------------------------------------------------
     add(layout.row("Overview"))
-    requests_rate = f"sum({rate('cogalora_requests_total')})"
+    requests_rate = f"sum({rate(M.REQUESTS.series)})"
     add(stat(layout, "Request rate", "POST /classify requests per second.", f"{requests_rate} or vector(0)", "reqps"))
     add(
         stat(
             layout,
             "p99 latency",
             "99th percentile of the whole request as the server saw it.",
-            quantile(0.99, "cogalora_request_duration_seconds"),
+            quantile(0.99, M.REQUEST_DURATION),
             "s",
         )
     )
     error_ratio = (
-        f"(sum({rate('cogalora_requests_total', A + ', code!~' + QUOTED_2XX)}) or vector(0))"
+        f"(sum({rate(M.REQUESTS.series, A + ', code!~' + QUOTED_2XX)}) or vector(0))"
         f" / ({requests_rate} > 0) or vector(0)"
     )
     add(stat(layout, "Error ratio", "Share of requests answered with a non-2xx status.", error_ratio, "percentunit"))
@@ -192,13 +201,13 @@ def build() -> dict:
             layout,
             "Active adapters / input",
             "Mean number of LoRA modules whose gate was on, per classified input.",
-            ratio_of_sums("cogalora_active_adapters_sum", "cogalora_active_adapters_count"),
+            ratio_of_sums(M.ACTIVE_ADAPTERS.sum, M.ACTIVE_ADAPTERS.count),
             "short",
             decimals=2,
         )
     )
-    saved = f"sum({rate('cogalora_adapter_flops_saved_total')})"
-    executed = f"sum({rate('cogalora_adapter_flops_total')})"
+    saved = f"sum({rate(M.ADAPTER_FLOPS_SAVED.series)})"
+    executed = f"sum({rate(M.ADAPTER_FLOPS.series)})"
     add(
         stat(
             layout,
@@ -213,7 +222,7 @@ def build() -> dict:
             layout,
             "Adapters loaded",
             "Adapters loaded and servable.",
-            "max(cogalora_adapters_loaded)",
+            f"max({M.ADAPTERS_LOADED.series})",
             "short",
         )
     )
@@ -225,7 +234,7 @@ def build() -> dict:
             layout,
             "Request rate by status code",
             "POST /classify requests per second, by HTTP status.",
-            [(f"sum by (code) ({rate('cogalora_requests_total')})", "{{code}}")],
+            [(f"sum by (code) ({rate(M.REQUESTS.series)})", "{{code}}")],
             "reqps",
             stack=True,
         )
@@ -236,9 +245,9 @@ def build() -> dict:
             "Latency p50 / p95 / p99",
             "Whole-request latency percentiles (server side), from the request histogram.",
             [
-                (quantile(0.5, "cogalora_request_duration_seconds"), "p50"),
-                (quantile(0.95, "cogalora_request_duration_seconds"), "p95"),
-                (quantile(0.99, "cogalora_request_duration_seconds"), "p99"),
+                (quantile(0.5, M.REQUEST_DURATION), "p50"),
+                (quantile(0.95, M.REQUEST_DURATION), "p95"),
+                (quantile(0.99, M.REQUEST_DURATION), "p99"),
             ],
             "s",
         )
@@ -253,9 +262,9 @@ def build() -> dict:
             "Non-2xx answers per second; 429/503 are queue-full rejections (with Retry-After), "
             "5xx includes them and timeouts (504).",
             [
-                (f"sum({rate('cogalora_requests_total', A + ', ' + errors)}) or vector(0)", "non-2xx"),
-                (f"sum({rate('cogalora_requests_total', A + ', ' + rejected)}) or vector(0)", "rejected 429/503"),
-                (f"sum({rate('cogalora_requests_total', A + ', ' + server)}) or vector(0)", "5xx"),
+                (f"sum({rate(M.REQUESTS.series, A + ', ' + errors)}) or vector(0)", "non-2xx"),
+                (f"sum({rate(M.REQUESTS.series, A + ', ' + rejected)}) or vector(0)", "rejected 429/503"),
+                (f"sum({rate(M.REQUESTS.series, A + ', ' + server)}) or vector(0)", "5xx"),
             ],
             "reqps",
         )
@@ -265,7 +274,7 @@ def build() -> dict:
             layout,
             "Inputs per second by adapter",
             "Classified inputs per second (a request may carry several).",
-            [(f"sum by (adapter) ({rate('cogalora_inputs_total')})", "{{adapter}}")],
+            [(f"sum by (adapter) ({rate(M.INPUTS.series)})", "{{adapter}}")],
             "short",
             stack=True,
         )
@@ -280,17 +289,15 @@ def build() -> dict:
             "Mean and p95 time a request waited for a batch, and spent in the engine.",
             [
                 (
-                    ratio_of_sums("cogalora_queue_duration_seconds_sum", "cogalora_queue_duration_seconds_count"),
+                    ratio_of_sums(M.QUEUE_DURATION.sum, M.QUEUE_DURATION.count),
                     "queue mean",
                 ),
-                (quantile(0.95, "cogalora_queue_duration_seconds"), "queue p95"),
+                (quantile(0.95, M.QUEUE_DURATION), "queue p95"),
                 (
-                    ratio_of_sums(
-                        "cogalora_inference_duration_seconds_sum", "cogalora_inference_duration_seconds_count"
-                    ),
+                    ratio_of_sums(M.INFERENCE_DURATION.sum, M.INFERENCE_DURATION.count),
                     "inference mean",
                 ),
-                (quantile(0.95, "cogalora_inference_duration_seconds"), "inference p95"),
+                (quantile(0.95, M.INFERENCE_DURATION), "inference p95"),
             ],
             "s",
         )
@@ -301,9 +308,9 @@ def build() -> dict:
             "Batch size (rows per engine forward)",
             "Across all adapters: a batch may mix adapters.",
             [
-                (ratio_of_sums("cogalora_batch_size_sum", "cogalora_batch_size_count", selector=""), "mean"),
-                (quantile(0.5, "cogalora_batch_size", selector=""), "p50"),
-                (quantile(0.95, "cogalora_batch_size", selector=""), "p95"),
+                (ratio_of_sums(M.BATCH_SIZE.sum, M.BATCH_SIZE.count, selector=""), "mean"),
+                (quantile(0.5, M.BATCH_SIZE, selector=""), "p50"),
+                (quantile(0.95, M.BATCH_SIZE, selector=""), "p95"),
             ],
             "short",
             width=8,
@@ -315,11 +322,9 @@ def build() -> dict:
             "Engine forwards per second and their duration",
             "Batches per second, and the mean wall time of one forward.",
             [
-                (f"sum({rate('cogalora_batch_duration_seconds_count', '')})", "forwards/s"),
+                (f"sum({rate(M.BATCH_DURATION.count, '')})", "forwards/s"),
                 (
-                    ratio_of_sums(
-                        "cogalora_batch_duration_seconds_sum", "cogalora_batch_duration_seconds_count", selector=""
-                    ),
+                    ratio_of_sums(M.BATCH_DURATION.sum, M.BATCH_DURATION.count, selector=""),
                     "mean forward (s)",
                 ),
             ],
@@ -333,8 +338,8 @@ def build() -> dict:
             "Queue depth and in-flight requests",
             "Rows waiting for a batch, and POST /classify requests being handled (max over each interval).",
             [
-                ("max(max_over_time(cogalora_queue_depth[$__rate_interval]))", "queue depth (rows)"),
-                ("max(max_over_time(cogalora_inflight_requests[$__rate_interval]))", "in-flight requests"),
+                (f"max(max_over_time({M.QUEUE_DEPTH.series}[{RI}]))", "queue depth (rows)"),
+                (f"max(max_over_time({M.INFLIGHT.series}[{RI}]))", "in-flight requests"),
             ],
             "short",
             width=8,
@@ -346,8 +351,8 @@ def build() -> dict:
             "Input tokens per input",
             "Median and p95 tokens per classified input, by adapter.",
             [
-                (quantile(0.5, "cogalora_input_tokens", by="le, adapter"), "{{adapter}} p50"),
-                (quantile(0.95, "cogalora_input_tokens", by="le, adapter"), "{{adapter}} p95"),
+                (quantile(0.5, M.INPUT_TOKENS, by="le, adapter"), "{{adapter}} p50"),
+                (quantile(0.95, M.INPUT_TOKENS, by="le, adapter"), "{{adapter}} p95"),
             ],
             "short",
             width=8,
@@ -360,7 +365,7 @@ def build() -> dict:
             "Mean total FLOPs per classified input (base encoder + routers + active adapters + head).",
             [
                 (
-                    ratio_of_sums("cogalora_request_flops_sum", "cogalora_request_flops_count", by="adapter"),
+                    ratio_of_sums(M.REQUEST_FLOPS.sum, M.REQUEST_FLOPS.count, by="adapter"),
                     "{{adapter}}",
                 )
             ],
@@ -374,7 +379,7 @@ def build() -> dict:
             "Truncated inputs (%)",
             "Share of classified inputs cut to the adapter's max_length (truncate=true), by adapter. The rest of "
             "such an input was never read: a rising share means clients send longer texts than the model takes.",
-            [(ratio_of_sums("cogalora_truncated_inputs_total", "cogalora_inputs_total", by="adapter"), "{{adapter}}")],
+            [(ratio_of_sums(M.TRUNCATED_INPUTS.series, M.INPUTS.series, by="adapter"), "{{adapter}}")],
             "percentunit",
             width=8,
             extra_defaults={"min": 0, "max": 1},
@@ -390,7 +395,7 @@ def build() -> dict:
             "Mean number of LoRA modules that ran per input. Plain LoRA runs all of them.",
             [
                 (
-                    ratio_of_sums("cogalora_active_adapters_sum", "cogalora_active_adapters_count", by="adapter"),
+                    ratio_of_sums(M.ACTIVE_ADAPTERS.sum, M.ACTIVE_ADAPTERS.count, by="adapter"),
                     "{{adapter}}",
                 )
             ],
@@ -401,15 +406,15 @@ def build() -> dict:
         timeseries(
             layout,
             "Total active rank per input (mean, by adapter)",
-            "Sum over sites of the rank each input used (cogalora_active_rank): a RAD-LoRA router picks a rank per "
+            f"Sum over sites of the rank each input used ({M.ACTIVE_RANK.name}): a RAD-LoRA router picks a rank per "
             "site, so this falls below rank x active adapters; for every other method it is exactly that "
             "(288 = 36 sites at rank 8).",
             [
                 (
-                    ratio_of_sums("cogalora_active_rank_sum", "cogalora_active_rank_count", by="adapter"),
+                    ratio_of_sums(M.ACTIVE_RANK.sum, M.ACTIVE_RANK.count, by="adapter"),
                     "{{adapter}}",
                 ),
-                (quantile(0.95, "cogalora_active_rank"), "p95 (all adapters)"),
+                (quantile(0.95, M.ACTIVE_RANK), "p95 (all adapters)"),
             ],
             "short",
         )
@@ -420,7 +425,7 @@ def build() -> dict:
             "heatmap",
             "Active adapters per input (distribution)",
             "How many modules ran per input, over time (histogram buckets; upper bound shown).",
-            [(f"sum by (le) (increase(cogalora_active_adapters_bucket{{{A}}}[{RI}]))", "{{le}}")],
+            [(f"sum by (le) (increase({M.ACTIVE_ADAPTERS.bucket}{{{A}}}[{RI}]))", "{{le}}")],
             fmt="heatmap",
             options={
                 "calculate": False,
@@ -433,8 +438,8 @@ def build() -> dict:
             },
         )
     )
-    activations = f"sum by (layer, module) (increase(cogalora_module_activations_total{{{A}}}[$__range]))"
-    inputs = f"scalar(sum(increase(cogalora_inputs_total{{{A}}}[$__range])))"
+    activations = f"sum by (layer, module) (increase({M.MODULE_ACTIVATIONS.series}{{{A}}}[$__range]))"
+    inputs = f"scalar(sum(increase({M.INPUTS.series}{{{A}}}[$__range])))"
     add(
         panel(
             layout,
@@ -470,8 +475,8 @@ def build() -> dict:
             "Per interval: activations / inputs of each module. Rows are layer and module.",
             [
                 (
-                    f"sum by (layer, module) ({rate('cogalora_module_activations_total')}) / "
-                    f"scalar(sum({rate('cogalora_inputs_total')}))",
+                    f"sum by (layer, module) ({rate(M.MODULE_ACTIVATIONS.series)}) / "
+                    f"scalar(sum({rate(M.INPUTS.series)}))",
                     "L{{layer}} {{module}}",
                 )
             ],
@@ -489,8 +494,7 @@ def build() -> dict:
             "Mean number of a layer's adapter modules that ran per input.",
             [
                 (
-                    f"sum by (layer) ({rate('cogalora_module_activations_total')}) / "
-                    f"scalar(sum({rate('cogalora_inputs_total')}))",
+                    f"sum by (layer) ({rate(M.MODULE_ACTIVATIONS.series)}) / scalar(sum({rate(M.INPUTS.series)}))",
                     "layer {{layer}}",
                 )
             ],
@@ -507,15 +511,15 @@ def build() -> dict:
             "Adapter FLOPs executed vs saved",
             "Adapter FLOPs per second that ran (gate on) and that were skipped (gate off).",
             [
-                (f"sum by (adapter) ({rate('cogalora_adapter_flops_total')})", "{{adapter}} executed"),
-                (f"sum by (adapter) ({rate('cogalora_adapter_flops_saved_total')})", "{{adapter}} saved"),
+                (f"sum by (adapter) ({rate(M.ADAPTER_FLOPS.series)})", "{{adapter}} executed"),
+                (f"sum by (adapter) ({rate(M.ADAPTER_FLOPS_SAVED.series)})", "{{adapter}} saved"),
             ],
             "short",
             stack=True,
         )
     )
-    saved_by = f"sum by (adapter) ({rate('cogalora_adapter_flops_saved_total')})"
-    executed_by = f"sum by (adapter) ({rate('cogalora_adapter_flops_total')})"
+    saved_by = f"sum by (adapter) ({rate(M.ADAPTER_FLOPS_SAVED.series)})"
+    executed_by = f"sum by (adapter) ({rate(M.ADAPTER_FLOPS.series)})"
     add(
         timeseries(
             layout,
@@ -529,7 +533,7 @@ def build() -> dict:
 
     # ---- routing fidelity ----------------------------------------------------------------
     add(layout.row("Routing fidelity"))
-    shadow = "cogalora_shadow_rows_total"
+    shadow = M.SHADOW_ROWS.series
     shadow_total = f"sum by (adapter) ({rate(shadow)})"
     # "or 0 * total": an adapter whose checks all disagreed has no "agree" series, and must read 0.
     agreed = f"(sum by (adapter) ({rate(shadow, A + ', agreement=' + QUOTED_AGREE)}) or 0 * {shadow_total})"
@@ -557,12 +561,10 @@ def build() -> dict:
             "LoRA's (same weights, every gate on). Mean and p95, by adapter.",
             [
                 (
-                    ratio_of_sums(
-                        "cogalora_shadow_score_difference_sum", "cogalora_shadow_score_difference_count", by="adapter"
-                    ),
+                    ratio_of_sums(M.SHADOW_SCORE_DIFFERENCE.sum, M.SHADOW_SCORE_DIFFERENCE.count, by="adapter"),
                     "{{adapter}} mean",
                 ),
-                (quantile(0.95, "cogalora_shadow_score_difference", by="le, adapter"), "{{adapter}} p95"),
+                (quantile(0.95, M.SHADOW_SCORE_DIFFERENCE, by="le, adapter"), "{{adapter}} p95"),
             ],
             "short",
             width=8,
@@ -574,7 +576,7 @@ def build() -> dict:
             "Routing drift",
             "Mean |live - dev| per-site activation rate over the last drift_window rows of each adapter: near 0 "
             "while inputs look like the dev data; the CogaloraRoutingDrift alert fires above 0.05.",
-            [(f"max by (adapter) (cogalora_routing_drift{{{A}}})", "{{adapter}}")],
+            [(f"max by (adapter) ({M.ROUTING_DRIFT.series}{{{A}}})", "{{adapter}}")],
             "short",
             width=8,
             extra_defaults={
@@ -606,10 +608,10 @@ def build() -> dict:
                     "label": "Adapter",
                     "type": "query",
                     "datasource": DATASOURCE,
-                    "definition": "label_values(cogalora_requests_total, adapter)",
+                    "definition": ADAPTER_VALUES,
                     "query": {
                         "qryType": 1,
-                        "query": "label_values(cogalora_requests_total, adapter)",
+                        "query": ADAPTER_VALUES,
                         "refId": "PrometheusVariableQueryEditor-VariableQuery",
                     },
                     "refresh": 2,

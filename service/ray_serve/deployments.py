@@ -49,9 +49,9 @@ from service.engine_core import EngineCore
 from service.errors import AdapterConflictError, NotReadyError, QueueFullError, RequestTimeoutError, ServiceError
 from service.keys import Principal
 from service.metrics import ServiceMetrics, service_metrics
-from service.schemas import AdapterInfo, RowResult
+from service.schemas import RowResult
 from service.settings import Settings
-from service.types import ClassifyRequest
+from service.types import AdapterDescription, ClassifyRequest
 
 log = logging.getLogger("cogalora.service")
 
@@ -237,7 +237,7 @@ class CatalogueRepository(CatalogueReads):
     def loaded_names(self) -> list[str]:
         return sorted({name for report in self.replicas.values() for name in report.loaded})
 
-    def load(self, name: str, replace: bool = False) -> AdapterInfo:
+    def load(self, name: str, replace: bool = False) -> AdapterDescription:
         raise AdapterConflictError("under Ray Serve adapters load on demand on each replica; redeploy to reload")
 
     def unload(self, name: str) -> None:
