@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SKIPPED: sentences not found at {args.data} (pass --data PATH)", file=sys.stderr)
         return 0
     torch.set_num_threads(args.threads)
-    from service.engine import tune_allocator
+    from service.engine_tuning import tune_allocator
 
     tune_allocator()
     if args.adapters:

@@ -1,6 +1,6 @@
 """Who may do what: the request's principal, the admin check, adapter scopes, rate limits, audit lines.
 
-- **Keys** (service/keys.py): ``COGALORA_API_KEY``, ``COGALORA_ADMIN_KEY`` and the entries of
+- **Keys** (service/keys.py, service/keyring.py): ``COGALORA_API_KEY``, ``COGALORA_ADMIN_KEY`` and the entries of
   ``COGALORA_KEY_FILE``. Classification and catalogue routes need one of them once an API key or a
   key file is set; otherwise they are open, and a request without a key is ``anonymous`` (every
   adapter, no rate limit).
@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, TypeVar
 from fastapi import Depends, Request
 
 from service.errors import AdapterRequiredError, ForbiddenError, UnauthorizedError, UnknownAdapterError
-from service.keys import ANONYMOUS, KeyRing, Principal
+from service.keyring import KeyRing
+from service.keys import ANONYMOUS, Principal
 from service.logs import AUDIT_LOGGER
 from service.metrics import ServiceMetrics
 from service.ratelimit import RateLimiter

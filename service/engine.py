@@ -3,7 +3,7 @@
 :meth:`Engine.tokenize` turns the texts of one request into :class:`PreparedRow` objects bound to
 one pinned adapter. :meth:`Engine.run_batch` takes rows of any adapters and thresholds, groups them
 by shared encoder, sorts them by length and cuts the sorted rows into a few length chunks where that
-saves more padded tokens than a forward costs (see :func:`length_chunks`); every chunk is one routed
+saves more padded tokens than a forward costs (``service.engine_tuning``); every chunk is one routed
 forward that mixes adapters and thresholds freely. Results are built from the forward's logits and
 gates: labels, sorted scores, active modules, the total rank they used and the analytic FLOPs of
 each row on its own length (at the rank each site used: RAD-LoRA rows may use less than the adapter's).
@@ -17,9 +17,7 @@ routing-drift gauge.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import sys
 import time
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -27,6 +25,7 @@ from typing import Literal
 import torch
 
 from service.encoders import SharedEncoder
+from service.engine_tuning import chunk_overhead_for, length_chunks, tune_allocator
 from service.errors import AdapterUnloadedError, InferenceError, ServiceError
 from service.fidelity import ShadowSampler, compare
 from service.repository import LoadedAdapter, ModelRepository
@@ -34,12 +33,6 @@ from service.tokenization import tokenize_texts
 from service.types import BatchStats, ClassifyRequest, RoutingSample, RowOutput
 
 logger = logging.getLogger(__name__)
-
-#: Fixed cost of one forward, in padded tokens, when deciding whether to cut a batch by length. Half
-#: precision makes a token cheaper but not the fixed cost (measured on batches of 32 full SST-2
-#: sentences, 2-core EPYC: bf16 served 258 rows/s with 96-160, 234 with 48, 196 without chunks).
-DEFAULT_CHUNK_OVERHEAD_TOKENS = 48
-HALF_PRECISION_CHUNK_OVERHEAD_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -65,52 +58,6 @@ class EngineRun:
     stats: list[BatchStats]
 
 
-def length_chunks(lengths: list[int], overhead_tokens: int) -> list[tuple[int, int]]:
-    """Cut ascending ``lengths`` into contiguous chunks minimising padded tokens + overhead per chunk.
-
-    A chunk of ``n`` rows padded to its longest row ``T`` costs ``n * T + overhead_tokens``. Exact
-    dynamic programme over the distinct lengths (cuts never fall between equal lengths).
-    Returns ``[(start, stop)]`` index ranges.
-    """
-    if not lengths:
-        return []
-    if overhead_tokens < 0:
-        return [(0, len(lengths))]
-    # Ends of runs of equal length: the only useful cut points.
-    ends = [i + 1 for i in range(len(lengths)) if i + 1 == len(lengths) or lengths[i + 1] != lengths[i]]
-    best = [0] + [0] * len(ends)
-    cut = [0] * (len(ends) + 1)
-    starts = [0, *ends]
-    for j in range(1, len(ends) + 1):
-        stop = ends[j - 1]
-        width = lengths[stop - 1]
-        best[j], cut[j] = min((best[i] + (stop - starts[i]) * width + overhead_tokens, i) for i in range(j))
-    chunks = []
-    j = len(ends)
-    while j > 0:
-        i = cut[j]
-        chunks.append((starts[i], ends[j - 1]))
-        j = i
-    return chunks[::-1]
-
-
-def tune_allocator() -> bool:
-    """Stop glibc from returning large activation buffers to the OS after every forward.
-
-    Without this, each forward maps and page-faults fresh memory for its big activations; measured
-    on MiniLM at batch 32 that costs 5-15 % of CPU time. Process-wide; a no-op off glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-        ok = libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30)
-        return bool(ok and libc.mallopt(m_top_pad, 64 << 20))
-    except (OSError, AttributeError):
-        return False
-
-
 class Engine:
     """Runs mixed-adapter batches on the repository's shared encoders."""
 
@@ -131,8 +78,7 @@ class Engine:
         """Use the mixed-batch (gathered) adapter path even for one-adapter batches (tests, benchmarks)."""
         self.split_by_length = split_by_length
         if chunk_overhead_tokens is None:
-            half = repository.precision.half
-            chunk_overhead_tokens = HALF_PRECISION_CHUNK_OVERHEAD_TOKENS if half else DEFAULT_CHUNK_OVERHEAD_TOKENS
+            chunk_overhead_tokens = chunk_overhead_for(repository.precision)
         self.chunk_overhead_tokens = chunk_overhead_tokens
         self.force_gates = force_gates
         """Diagnostics and benchmarks only: every present adapter on ("on") or none ("off")."""

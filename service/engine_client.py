@@ -7,7 +7,7 @@ names. Two transports:
 
 - :class:`LocalTransport`: the engine (``service.engine_core.EngineCore``) in this process
   (``engine_process=false``, tests, each Ray Serve replica);
-- :class:`~service.engine_process.ProcessTransport`: the engine in its own process, so that the
+- :class:`~service.process_transport.ProcessTransport`: the engine in its own process, so that the
   forward never shares an interpreter (and its GIL) with HTTP, JSON and tokenization.
 """
 

@@ -67,7 +67,7 @@ async def build_components(settings: Settings, metrics: ServiceMetrics) -> tuple
     if not settings.engine_process:
         core = await asyncio.to_thread(EngineCore.build, settings, metrics)
         return core.repository, EngineClient(settings, core.repository.catalogue, LocalTransport(core))
-    from service.engine_process import ProcessTransport
+    from service.process_transport import ProcessTransport
 
     catalogue = Catalogue(settings.model_dir)
     await asyncio.to_thread(catalogue.scan)

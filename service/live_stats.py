@@ -136,10 +136,7 @@ class LiveStats:
 
 
 def _latency_buckets(samples: Samples) -> dict[float, float]:
-    return {
-        float(bound): count
-        for bound, count in by_label(samples, defined.REQUEST_DURATION.bucket, "le").items()
-    }
+    return {float(bound): count for bound, count in by_label(samples, defined.REQUEST_DURATION.bucket, "le").items()}
 
 
 def _per_adapter(samples: Samples) -> dict[str, AdapterLiveStats]:

@@ -154,7 +154,7 @@ class Settings(BaseSettings):
     @classmethod
     def _valid_key_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         """Readable, valid, and no key of it repeats a settings key: fail at start, not later."""
-        from service.keys import KeyRing
+        from service.keyring import KeyRing
 
         if value is not None:  # KeyFileError is a ValueError naming the file and the field
             KeyRing(_secret(info.data.get("api_key")), _secret(info.data.get("admin_key")), value)

@@ -13,7 +13,8 @@ from conftest import SHARED_DATA, Described, peft_lora_folder, synthetic_checkpo
 from torch.utils.flop_counter import FlopCounterMode
 
 from cogalora import PACKAGED_MODEL_ID, load_base_model, load_model, read_adapter, resolve_base_model
-from service.engine import Engine, PreparedRow, length_chunks
+from service.engine import Engine, PreparedRow
+from service.engine_tuning import length_chunks
 from service.errors import AdapterUnloadedError, InferenceError, InputTooLongError, UnknownAdapterError
 from service.repository import ModelRepository
 from service.schemas import RowResult

@@ -26,8 +26,9 @@ HTTP_LAYER = {
     "service.engine_client",
     "service.protocols.tei",
     "service.protocols.oip",
-    "service.protocols.oip_tensors",
+    "service.protocols.oip_codec",
     "service.ray_serve.ingress",
+    "service.ray_serve.replica",  # answers the ingress with its EngineClient's named results
 }
 MAX_SERVICE_MODULE_LINES = 350
 
@@ -73,7 +74,7 @@ def test_only_the_http_layer_imports_the_wire_schemas():
     importers = {module for module, path in modules("service").items() if "service.schemas" in imported(path)}
     assert importers, "nothing imports service.schemas: the test reads the wrong files"
     assert importers <= HTTP_LAYER, f"below the HTTP layer: {sorted(importers - HTTP_LAYER)}"
-    assert HTTP_LAYER <= set(modules("service")), f"no such modules: {sorted(HTTP_LAYER - set(modules('service')))}"
+    assert set(modules("service")) >= HTTP_LAYER, f"no such modules: {sorted(HTTP_LAYER - set(modules('service')))}"
 
 
 def test_no_service_module_grows_past_the_size_one_reader_holds_in_mind():

@@ -208,7 +208,7 @@ class FakeReplicas:
 
     @property
     def report(self):
-        from service.ray_serve.deployments import ReplicaReport
+        from service.ray_serve.replica import ReplicaReport
 
         async def remote():
             return ReplicaReport("r1", loaded=["sst2"], metrics_url="http://10.0.0.1:9500/metrics")
@@ -221,7 +221,8 @@ async def test_ingress_routes_by_adapter_and_relays_replica_answers(minilm_model
     from ray.serve.exceptions import BackPressureError
 
     from service.errors import InputTooLongError
-    from service.ray_serve.deployments import Ingress, ReplicaAnswer
+    from service.ray_serve.ingress import Ingress
+    from service.ray_serve.replica import ReplicaAnswer
 
     def answer(request):
         if request.adapter == "agnews":

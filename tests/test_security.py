@@ -18,7 +18,8 @@ from processes import REPO
 
 from service.app import create_app
 from service.errors import RateLimitedError
-from service.keys import KeyFileError, KeyRing, digest, new_entry, read_key_file
+from service.keyring import KeyRing
+from service.keys import KeyFileError, digest, new_entry, read_key_file
 from service.ratelimit import RateLimiter, RateLimits, TokenBucket
 from service.settings import Settings
 

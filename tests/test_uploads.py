@@ -283,9 +283,9 @@ def test_a_replacement_lets_admitted_requests_finish_on_the_old_weights(model_di
 
 
 def test_under_ray_serve_installs_and_deletions_answer_409_and_change_nothing(model_dir, peft_dir):
-    deployments = pytest.importorskip("service.ray_serve.deployments")
+    ingress = pytest.importorskip("service.ray_serve.ingress")
     settings = Settings(model_dir=model_dir)
-    catalogue = deployments.CatalogueRepository(settings)
+    catalogue = ingress.CatalogueRepository(settings)
     service = SimpleNamespace(settings=settings, admin_lock=asyncio.Lock())
     before = tree(model_dir)
     with pytest.raises(AdapterConflictError, match="redeploy"):

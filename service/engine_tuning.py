@@ -1,0 +1,71 @@
+"""How the engine shapes its work for the hardware: length chunks of a batch, and the allocator.
+
+A batch of rows of different lengths is sorted and cut into a few length chunks, one forward each,
+where a cut saves more padded tokens than a forward's fixed cost (:func:`length_chunks`). On glibc,
+large activation buffers are kept instead of returned to the OS after every forward
+(:func:`tune_allocator`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+from cogalora.precision import Precision
+
+#: Fixed cost of one forward, in padded tokens, when deciding whether to cut a batch by length. Half
+#: precision makes a token cheaper but not the fixed cost (measured on batches of 32 full SST-2
+#: sentences, 2-core EPYC: bf16 served 258 rows/s with 96-160, 234 with 48, 196 without chunks).
+DEFAULT_CHUNK_OVERHEAD_TOKENS = 48
+HALF_PRECISION_CHUNK_OVERHEAD_TOKENS = 128
+
+
+def length_chunks(lengths: list[int], overhead_tokens: int) -> list[tuple[int, int]]:
+    """Cut ascending ``lengths`` into contiguous chunks minimising padded tokens + overhead per chunk.
+
+    A chunk of ``n`` rows padded to its longest row ``T`` costs ``n * T + overhead_tokens``. Exact
+    dynamic programme over the distinct lengths (cuts never fall between equal lengths).
+    Returns ``[(start, stop)]`` index ranges.
+    """
+    if not lengths:
+        return []
+    if overhead_tokens < 0:
+        return [(0, len(lengths))]
+    # Ends of runs of equal length: the only useful cut points.
+    ends = [i + 1 for i in range(len(lengths)) if i + 1 == len(lengths) or lengths[i + 1] != lengths[i]]
+    best = [0] + [0] * len(ends)
+    cut = [0] * (len(ends) + 1)
+    starts = [0, *ends]
+    for j in range(1, len(ends) + 1):
+        stop = ends[j - 1]
+        width = lengths[stop - 1]
+        best[j], cut[j] = min((best[i] + (stop - starts[i]) * width + overhead_tokens, i) for i in range(j))
+    chunks = []
+    j = len(ends)
+    while j > 0:
+        i = cut[j]
+        chunks.append((starts[i], ends[j - 1]))
+        j = i
+    return chunks[::-1]
+
+
+def tune_allocator() -> bool:
+    """Stop glibc from returning large activation buffers to the OS after every forward.
+
+    Without this, each forward maps and page-faults fresh memory for its big activations; measured
+    on MiniLM at batch 32 that costs 5-15 % of CPU time. Process-wide; a no-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30)
+        return bool(ok and libc.mallopt(m_top_pad, 64 << 20))
+    except (OSError, AttributeError):
+        return False
+
+
+def chunk_overhead_for(precision: Precision) -> int:
+    """The fixed cost of one forward, in padded tokens, for a model computing in ``precision``."""
+    return HALF_PRECISION_CHUNK_OVERHEAD_TOKENS if precision.half else DEFAULT_CHUNK_OVERHEAD_TOKENS
