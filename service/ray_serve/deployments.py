@@ -9,10 +9,10 @@
 
 - The ingress (``service.ray_serve.ingress``) runs the very app of ``python -m service``
   (``service.app.create_app``) with other components: a ``CatalogueRepository`` (the model
-  directory scanned for metadata, nothing loaded) and a ``ReplicaPool`` in place of the batcher. Validation, keys, adapter scopes,
-  per-key rates, the admin check, body limits, the error envelope and the ``/classify`` response
-  are therefore the single-process ones; ``GET /replicas`` shows each key only its adapters. The
-  key file is read by the ingress (its path must exist where the ingress runs).
+  directory scanned for metadata, nothing loaded) and a ``ReplicaPool`` in place of the batcher.
+  Validation, keys, adapter scopes, per-key rates, the admin check, body limits, the error envelope
+  and the ``/classify`` response are therefore the single-process ones; ``GET /replicas`` shows each
+  key only its adapters. The key file is read by the ingress (its path must exist where it runs).
 - Each :class:`~service.ray_serve.replica.ClassifierReplica` builds the same repository, engine and batcher as the
   single-process service. Its adapter loader is ``@serve.multiplexed`` with
   ``max_num_models_per_replica = max_loaded_adapters``: Ray learns which adapters each replica
