@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from service.results import describe
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 #: (adapter, dev set) pairs: the committed models on the labelled dev files they were chosen on.
@@ -60,7 +62,8 @@ def run_set(engine, adapter_name: str, texts: list[str], batch_size: int, label:
         rows = engine.tokenize(adapter, texts, truncate=True)
         outcome = Outcome([], [], [])
         for start in tqdm(range(0, len(rows), batch_size), desc=label, unit="batch", leave=False, disable=None):
-            for result in engine.run_batch(rows[start : start + batch_size]).results:
+            chunk = rows[start : start + batch_size]
+            for result in map(describe, chunk, engine.run_batch(chunk).results):
                 outcome.labels.append(result.label)
                 modules = set(result.active_modules)
                 outcome.gates.append([name in modules for name in adapter.encoder.site_names])
