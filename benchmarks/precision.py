@@ -30,7 +30,10 @@ DATA = ROOT.parent / "shared" / "data"
 DEFAULT_SETS = (
     ("sst2", DATA / "sst2-sentences" / "dev.tsv"),
     ("sst2", DATA / "sst2" / "dev.tsv"),
+    ("sst2-radlora", DATA / "sst2-sentences" / "dev.tsv"),
+    ("sst2-lora", DATA / "sst2-sentences" / "dev.tsv"),
     ("agnews", DATA / "agnews" / "dev.tsv"),
+    ("agnews-lora", DATA / "agnews" / "dev.tsv"),
 )
 ACCURACY_BUDGET_POINTS = 0.3
 GATE_FLIP_BUDGET = 0.01
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.repository import ModelRepository
     from training.data import read_examples
 
-    sets = [(adapter, path) for adapter, path in DEFAULT_SETS if path.is_file()]
+    sets = [(adapter, path) for adapter, path in DEFAULT_SETS if path.is_file() and (args.model_dir / adapter).is_dir()]
     if not sets:
         print(f"SKIPPED: no dev data under {DATA}", file=sys.stderr)
         return 0
