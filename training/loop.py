@@ -146,7 +146,15 @@ class TrainConfig:
         "flops) by dual ascent on lambda, instead of a fixed lambda",
         "routing",
     )
-    budget_lr: float = option(0.01, "step size of the dual ascent on lambda (--target-active-fraction)", "routing")
+    target_active_rank: float | None = option(
+        None,
+        "RAD-LoRA: train to this expected total active rank per example (the sum over sites of the rank used, 0 where "
+        "off; 288 = 36 sites at rank 8) by dual ascent on --rank-lambda (its starting value), instead of a fixed one",
+        "routing",
+    )
+    budget_lr: float = option(
+        0.01, "step size of the dual ascent on lambda (--target-active-fraction) and --rank-lambda", "routing"
+    )
     sparsity_weights: str = option(
         "sites",
         "CoGaLoRA: what the penalty and the budget count: every site alike, or each site by its adapter FLOPs",
@@ -188,6 +196,11 @@ class TrainConfig:
                 raise TrainConfigError(
                     f"--target-active-fraction must lie in (0, 1], got {self.target_active_fraction}"
                 )
+        if self.target_active_rank is not None:
+            if self.method != "radlora":
+                raise TrainConfigError("--target-active-rank needs --method radlora")
+            if self.target_active_rank <= 0:
+                raise TrainConfigError(f"--target-active-rank must be > 0, got {self.target_active_rank}")
         if self.method == "radlora":
             try:
                 check_rank_set(parse_rank_set(self.rank_set), self.rank)
@@ -293,15 +306,19 @@ def build_model(config: TrainConfig, labels: list[str]) -> CoGaLoRAModel:
 
 
 def build_objective(model: CoGaLoRAModel, config: TrainConfig) -> Objective:
-    return Objective(
-        model,
-        config.sparsity_lambda,
-        sparsity_weights=config.sparsity_weights,
-        target_active_fraction=config.target_active_fraction,
-        budget_lr=config.budget_lr,
-        distill_weight=config.distill_weight,
-        distill_temperature=config.distill_temperature,
-    )
+    try:
+        return Objective(
+            model,
+            config.sparsity_lambda,
+            sparsity_weights=config.sparsity_weights,
+            target_active_fraction=config.target_active_fraction,
+            budget_lr=config.budget_lr,
+            distill_weight=config.distill_weight,
+            distill_temperature=config.distill_temperature,
+            target_active_rank=config.target_active_rank,
+        )
+    except ValueError as exc:
+        raise TrainConfigError(f"--target-active-rank: {exc}") from None
 
 
 def run_training(config: TrainConfig) -> TrainResult:
@@ -342,7 +359,7 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
         model.train()
         bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not show)
         smoothed, correct, seen, active, gate_slots, expected, routed = None, 0, 0, 0.0, 0, 0.0, 0
-        rank_total = 0.0
+        rank_total, expected_rank = 0.0, 0.0
         for global_indices in batches:
             indices = context.shard(global_indices)
             _set_lr(optimizer, step, total_steps, warmup)
@@ -357,7 +374,8 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
             # This shard's share of the global batch: summed over ranks, the gradients and the
             # statistics are those of the whole batch (a single process has share 1).
             share = len(indices) / len(global_indices)
-            local = [0.0] * 7  # loss, correct, rows, active gates, gate slots, expected active * share, ranks
+            # loss, correct, rows, active gates, gate slots, expected active * share, ranks, expected rank * share
+            local = [0.0] * 8
             if indices:
                 batch = collate(train_set, indices).to(device)
                 result = objective.step(model, batch, warming, update_budget=False)
@@ -371,14 +389,15 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
                     float(out.gates.numel()),
                     result.expected_active * share,
                     float(out.ranks.sum()) if out.ranks is not None else 0.0,
+                    result.expected_rank * share,
                 ]
-            value, batch_correct, rows, batch_active, batch_slots, measured, batch_ranks = context.all_reduce_sum(
-                trainable, local
+            value, batch_correct, rows, batch_active, batch_slots, measured, batch_ranks, measured_rank = (
+                context.all_reduce_sum(trainable, local)
             )
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
-            if objective.controller is not None and not warming:
-                objective.controller.update(measured)
+            if not warming:
+                objective.update_budgets(measured, measured_rank)
             step += 1
             smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
             correct += int(batch_correct)
@@ -388,6 +407,7 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
             rank_total += batch_ranks
             if not warming:
                 expected += measured
+                expected_rank += measured_rank
                 routed += 1
             postfix = {"loss": f"{smoothed:.3f}", "acc": f"{correct / seen:.3f}"}
             postfix["active"] = f"{active / max(gate_slots, 1):.2f}"
@@ -395,6 +415,8 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
                 postfix["rank"] = f"{rank_total / max(seen, 1):.1f}"
             if objective.controller is not None:
                 postfix["lambda"] = f"{objective.controller.strength:.3f}"
+            if objective.rank_controller is not None:
+                postfix["rank_lambda"] = f"{objective.rank_controller.strength:.3f}"
             bar.set_postfix(postfix)
             bar.update(1)
         bar.close()
@@ -407,7 +429,13 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
             "train_accuracy": correct / max(seen, 1),
             "train_active_fraction": active / max(gate_slots, 1),
             "train_expected_active": expected / routed if routed else None,
+            "train_expected_active_rank": (
+                expected_rank / routed * len(model.sites) * config.rank
+                if routed and config.method == "radlora"
+                else None
+            ),
             "lambda": objective.controller.strength if objective.controller else None,
+            "rank_lambda": objective.rank_controller.strength if objective.rank_controller else None,
             "dev_accuracy": dev_metrics["accuracy"],
             "dev_active_fraction": dev_metrics["mean_active_fraction"],
             "dev_adapter_flops_fraction": dev_metrics["adapter_flops_fraction"],
@@ -435,6 +463,12 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
             target_active_fraction=config.target_active_fraction,
             budget_error=metrics[achieved_key] - config.target_active_fraction,
             final_lambda=objective.controller.strength,
+        )
+    if objective.rank_controller is not None:
+        metrics.update(
+            target_active_rank=config.target_active_rank,
+            rank_budget_error=metrics["mean_active_rank"] - config.target_active_rank,
+            final_rank_lambda=objective.rank_controller.strength,
         )
     model.to("cpu")
     router = None
