@@ -7,10 +7,11 @@ sweep compares methods on exactly the same code path.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from cogalora import (
 )
 from cogalora.bank import ROUTER_INPUT_NORMS
 from cogalora.base_model import load_tokenizer
+from cogalora.checkpoint import CheckpointError, read_meta
 from cogalora.config import DEFAULT_RANK_SET, ROUTED_METHODS, check_rank_set, parse_rank_set
 from cogalora.gates import DEFAULT_RANK_WARMUP, GATE_ESTIMATORS, RANK_WARMUPS, annealed_temperature
 from training.data import (
@@ -45,6 +47,13 @@ from training.distributed import DistributedContext, init_distributed, shutdown_
 from training.evaluation import evaluate, never_fired
 from training.objective import SPARSITY_WEIGHTS, Objective
 
+log = logging.getLogger(__name__)
+
+#: Which methods an option matters to (``option(methods=...)``); setting it for another one is warned about.
+ADAPTER_METHODS: tuple[str, ...] = tuple(method for method in METHODS if method != "full")
+GATED_METHODS: tuple[str, ...] = ("galora", *ROUTED_METHODS)
+RANK_ROUTED: tuple[str, ...] = ("radlora",)
+
 #: Learning rates that work for each family (DESIGN.md §1: LoRA wants ~1e-4..1e-3, full FT ~2e-5).
 DEFAULT_ADAPTER_LR = 5e-4
 DEFAULT_FULL_LR = 3e-5
@@ -57,8 +66,9 @@ class TrainConfigError(ValueError):
 def option(default: Any = MISSING, help: str = "", group: str = "training", **cli: Any) -> Any:
     """A :class:`TrainConfig` field with what the ``train`` command needs to expose it.
 
-    ``cli`` may hold ``flag`` (default ``--field-name``), ``choices``, and for a boolean that
-    defaults to True, ``off_flag``: the flag that turns it off. The field's default, type and help
+    ``cli`` may hold ``flag`` (default ``--field-name``), ``choices``, for a boolean that
+    defaults to True, ``off_flag``: the flag that turns it off, and ``methods``: the methods the
+    option matters to (default: all). The field's default, type and help
     are the command's (``training.cli`` builds its parser from these fields).
     """
     return field(default=default, metadata={"help": help, "group": group, **cli})
@@ -74,6 +84,9 @@ class TrainConfig:
     train: str = option(help="training data (.tsv, .csv or .jsonl)", group="data")
     dev: str = option(help="dev data, same format (evaluated after every epoch)", group="data")
     output: str = option(help="checkpoint directory to write", group="data")
+    overwrite: bool = option(
+        False, "replace a checkpoint already in --output (default: refuse, e.g. to keep a calibrated model)", "data"
+    )
     method: str = option("cogalora", "fine-tuning method", group="model", choices=METHODS)
     base_model: str = option(PACKAGED_MODEL_ID, "base encoder id or local directory", group="model")
     text_column: str | None = option(
@@ -88,26 +101,31 @@ class TrainConfig:
         "indices into them (default: sorted unique labels of the training data)",
         group="data",
     )
-    rank: int = option(8, "LoRA rank r", group="model")
-    alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)", group="model")
+    rank: int = option(8, "LoRA rank r", group="model", methods=ADAPTER_METHODS)
+    alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)", group="model", methods=ADAPTER_METHODS)
     sparsity_lambda: float = option(
         0.1,
         "sparsity penalty weight (CoGaLoRA: lambda * mean p; GaLoRA: lambda * mean |g|); with "
         "--target-active-fraction the starting value of the controlled lambda",
         group="routing",
         flag="--lambda",
+        methods=GATED_METHODS,
     )
-    tau: float = option(0.5, "inference gate threshold stored in the checkpoint", group="routing")
+    tau: float = option(
+        0.5, "inference gate threshold stored in the checkpoint", group="routing", methods=ROUTED_METHODS
+    )
     rank_set: str = option(
         "0,2,4,8",
         "RAD-LoRA: comma-separated ranks each router may pick per example (0: off; at most --rank); nested: "
         "rank k uses the first k rows of A and columns of B",
         group="routing",
+        methods=RANK_ROUTED,
     )
     rank_lambda: float = option(
         0.0,
         "RAD-LoRA: weight of the rank penalty rank_lambda * mean E[rank] / rank, beside the gate penalty --lambda",
         group="routing",
+        methods=RANK_ROUTED,
     )
     rank_warmup: str = option(
         DEFAULT_RANK_WARMUP,
@@ -115,11 +133,14 @@ class TrainConfig:
         "a rank drawn uniformly from the nonzero ranks of --rank-set (sampled: every nested rank learns as an adapter)",
         group="routing",
         choices=RANK_WARMUPS,
+        methods=RANK_ROUTED,
     )
     lr: float | None = option(
         None, f"learning rate (default {DEFAULT_ADAPTER_LR} for adapter methods, {DEFAULT_FULL_LR} for full)"
     )
-    router_lr: float | None = option(None, "learning rate of routers / GaLoRA gates (default: --lr)")
+    router_lr: float | None = option(
+        None, "learning rate of routers / GaLoRA gates (default: --lr)", methods=GATED_METHODS
+    )
     weight_decay: float = option(0.01, "AdamW weight decay")
     warmup_ratio: float = option(0.06, "fraction of steps of linear LR warm-up")
     epochs: int = option(1, "passes over the training data")
@@ -130,59 +151,78 @@ class TrainConfig:
     max_train_examples: int | None = option(None, "use only the first N training rows", group="data")
     max_dev_examples: int | None = option(None, "use only the first N dev rows", group="data")
     warmup_gates_on_steps: int = option(
-        0, "CoGaLoRA: train the first N steps as plain LoRA (all gates on, routers frozen, no penalty)", "routing"
+        0,
+        "CoGaLoRA: train the first N steps as plain LoRA (all gates on, routers frozen, no penalty)",
+        "routing",
+        methods=GATED_METHODS,
     )
-    router_init_bias: float = option(2.0, "initial router output bias (sigmoid(2) ~ 0.88: mostly on)", "routing")
+    router_init_bias: float = option(
+        2.0, "initial router output bias (sigmoid(2) ~ 0.88: mostly on)", "routing", methods=ROUTED_METHODS
+    )
     router_input_norm: str = option(
         "none",
         "CoGaLoRA: how routers read their mean-pooled input: as is, or standardised over features "
         "(layer_norm: no shrinking with length); stored in the checkpoint",
         "routing",
         choices=ROUTER_INPUT_NORMS,
+        methods=ROUTED_METHODS,
     )
     target_active_fraction: float | None = option(
         None,
         "CoGaLoRA: train to this expected active fraction (of sites, or of adapter FLOPs with --sparsity-weights "
         "flops) by dual ascent on lambda, instead of a fixed lambda",
         "routing",
+        methods=ROUTED_METHODS,
     )
     target_active_rank: float | None = option(
         None,
         "RAD-LoRA: train to this expected total active rank per example (the sum over sites of the rank used, 0 where "
         "off; 288 = 36 sites at rank 8) by dual ascent on --rank-lambda (its starting value), instead of a fixed one",
         "routing",
+        methods=RANK_ROUTED,
     )
     budget_lr: float = option(
-        0.01, "step size of the dual ascent on lambda (--target-active-fraction) and --rank-lambda", "routing"
+        0.01,
+        "step size of the dual ascent on lambda (--target-active-fraction) and --rank-lambda",
+        "routing",
+        methods=ROUTED_METHODS,
     )
     sparsity_weights: str = option(
         "sites",
         "CoGaLoRA: what the penalty and the budget count: every site alike, or each site by its adapter FLOPs",
         "routing",
         choices=SPARSITY_WEIGHTS,
+        methods=ROUTED_METHODS,
     )
     distill_weight: float = option(
         0.0,
         "CoGaLoRA: weight of self-distillation in the routed phase, KL(all-gates-on model || routed model)",
         "routing",
+        methods=ROUTED_METHODS,
     )
-    distill_temperature: float = option(1.0, "softmax temperature of self-distillation", "routing")
+    distill_temperature: float = option(
+        1.0, "softmax temperature of self-distillation", "routing", methods=ROUTED_METHODS
+    )
     gate_estimator: str = option(
         "ste",
         "CoGaLoRA training gates: straight-through Bernoulli (ste) or relaxed Gumbel-sigmoid (gumbel); "
         "inference always uses p > tau",
         "routing",
         choices=GATE_ESTIMATORS,
+        methods=ROUTED_METHODS,
     )
-    gate_temperature: float = option(1.0, "gumbel estimator: temperature at the start of the routed phase", "routing")
+    gate_temperature: float = option(
+        1.0, "gumbel estimator: temperature at the start of the routed phase", "routing", methods=ROUTED_METHODS
+    )
     gate_temperature_end: float = option(
-        0.1, "gumbel estimator: temperature at the end (annealed geometrically)", "routing"
+        0.1, "gumbel estimator: temperature at the end (annealed geometrically)", "routing", methods=ROUTED_METHODS
     )
     drop_never_fired: bool = option(
         True,
         "CoGaLoRA: keep sites whose router never fired on dev (default: drop them, the freezing trick)",
         "routing",
         off_flag="--keep-never-fired",
+        methods=ROUTED_METHODS,
     )
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)", "runtime")
     device: str = option("auto", "'auto' (CUDA when available), 'cpu', 'cuda', ...", "runtime")
@@ -222,6 +262,17 @@ class TrainConfig:
         for name, choices in checks:
             if getattr(self, name) not in choices:
                 raise TrainConfigError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+
+    def ignored_options(self) -> list[str]:
+        """The flags set away from their default that this run's method does not use."""
+        ignored = []
+        for item in fields(self):
+            methods = item.metadata.get("methods")
+            if methods is None or self.method in methods or getattr(self, item.name) == item.default:
+                continue
+            flag = item.metadata.get("flag") or "--" + item.name.replace("_", "-")
+            ignored.append(item.metadata.get("off_flag", flag) if item.default is True else flag)
+        return ignored
 
     @property
     def learning_rate(self) -> float:
@@ -328,6 +379,10 @@ def run_training(config: TrainConfig) -> TrainResult:
     and gradients are summed (``training.distributed``); only rank 0 evaluates, shows progress and
     writes the checkpoint (the other ranks return a result with empty metrics).
     """
+    check_output(config)
+    ignored = config.ignored_options()
+    if ignored:
+        log.warning("--method %s does not use %s: ignored", config.method, ", ".join(ignored))
     if config.threads:
         torch.set_num_threads(config.threads)
     context, device = init_distributed(pick_device(config.device))
@@ -335,6 +390,20 @@ def run_training(config: TrainConfig) -> TrainResult:
         return _train(config, context, device)
     finally:
         shutdown_distributed(context)
+
+
+def check_output(config: TrainConfig) -> None:
+    """Refuse, before any training, to replace a checkpoint in ``config.output`` unless ``overwrite``."""
+    output = Path(config.output)
+    if config.overwrite or not (output / "cogalora.json").exists():
+        return
+    try:
+        meta = read_meta(output)
+        calibration = (meta.model_extra or {}).get("calibration")
+        what = f"a {meta.method} checkpoint" + (f", calibrated to tau {meta.tau:g}" if calibration else "")
+    except CheckpointError:
+        what = "a checkpoint"
+    raise TrainConfigError(f"{output} already holds {what}; pass --overwrite to replace it, or choose another --output")
 
 
 def _train(config: TrainConfig, context: DistributedContext, device: torch.device) -> TrainResult:
