@@ -54,7 +54,7 @@ ADAPTER_METHODS: tuple[str, ...] = tuple(method for method in METHODS if method 
 GATED_METHODS: tuple[str, ...] = ("galora", *ROUTED_METHODS)
 RANK_ROUTED: tuple[str, ...] = ("radlora",)
 
-#: Learning rates that work for each family (DESIGN.md §1: LoRA wants ~1e-4..1e-3, full FT ~2e-5).
+#: Learning rates that work for each family (LoRA wants ~1e-4..1e-3, full fine-tuning ~2e-5).
 DEFAULT_ADAPTER_LR = 5e-4
 DEFAULT_FULL_LR = 3e-5
 
