@@ -180,9 +180,8 @@ def test_the_rank_budget_trains_a_radlora_model_to_its_total_active_rank():
             optimizer.step()
             totals.append(result.expected_rank * len(model.sites) * 4)
         results[target] = (sum(totals[-20:]) / 20, objective)
-    full = 12 * 4  # the tiny encoder: 2 layers x 6 sites at rank 4
-    unbudgeted, free = results[None]
-    assert free.rank_controller is None and unbudgeted > 0.5 * full * 0.88 * 0.5
+    unbudgeted, free = results[None]  # 12 sites at rank 4: at most 48
+    assert free.rank_controller is None and unbudgeted > 3 * 6.0
     late, budgeted = results[6.0]
     assert budgeted.rank_controller is not None and budgeted.rank_controller.strength > 0
     assert abs(late - 6.0) < 2.0, late
