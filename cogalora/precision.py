@@ -47,6 +47,7 @@ PRECISIONS: dict[str, Precision] = {
 PRECISION_CHOICES: tuple[str, ...] = ("auto", *PRECISIONS)
 """Every name a user can ask for (settings, command lines)."""
 
+
 def resolve_device(name: str | torch.device) -> torch.device:
     """The torch device ``name`` means: ``auto`` is ``cuda`` when torch sees a GPU, else ``cpu``."""
     if str(name) == "auto":
