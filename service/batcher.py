@@ -8,13 +8,11 @@ thread; other traffic keeps flowing), then the rows are queued. A batch closes w
 ``max_batch_tokens``, or when its oldest row has waited ``max_wait_s``, or at once while stopping.
 The engine sorts each batch by length and cuts it into length chunks.
 
-Fair between clients (``ClassifyRequest.client``, the key id): each client has its own first-in,
-first-out queue, and batches take one row of each client in turn (the next batch goes on where the
-last one stopped), so a client with a thousand rows waiting does not delay another client's next row
-past the next batch. When the queue is full, a new request of a client that holds less of it than the
-client holding most would displace that client's newest waiting request (answered 503
-``queue_full``), rather than being refused: longest queue drop. With one client this is plain first
-in, first out with a bounded queue. A request larger than a batch spans several.
+Fair between clients (``service.fair_queue``): batches take one row of each client in turn. When the
+queue is full, a new request of a client that holds less of it than the client holding most would
+displace that client's newest waiting request (answered 503 ``queue_full``), rather than being
+refused: longest queue drop. With one client this is plain first in, first out with a bounded queue.
+A request larger than a batch spans several.
 
 Inference runs on worker threads, one per lane of the engine (copies of the model; see
 ``service.encoders.Lanes``), so the event loop keeps accepting requests while batches run, and a
@@ -28,12 +26,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter, OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from service.engine import Engine, EngineRun, PreparedRow
+from service.engine import Engine, EngineRun
 from service.errors import (
     AdapterReplacedError,
     InferenceError,
@@ -43,6 +40,7 @@ from service.errors import (
     ServiceError,
     ShuttingDownError,
 )
+from service.fair_queue import FairQueue, Pending, TakenRow
 from service.repository import LoadedAdapter
 from service.types import BatchListener, RowOutput, TokenizedRequest
 
@@ -73,24 +71,6 @@ class BatcherConfig:
             raise ValueError(f"BatcherConfig.request_timeout_s must be > 0, got {self.request_timeout_s}")
 
 
-@dataclass(eq=False)
-class _Pending:
-    """One queued request: its rows, how many are still queued, its answers so far."""
-
-    rows: list[PreparedRow]
-    future: asyncio.Future
-    enqueued_at: float
-    client: str = ""
-    next_row: int = 0
-    """Rows before this index have been taken into a batch."""
-    results: list[RowOutput | ServiceError | None] = field(default_factory=list)
-    remaining: int = 0
-
-    def __post_init__(self) -> None:
-        self.results = [None] * len(self.rows)
-        self.remaining = len(self.rows)
-
-
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -112,11 +92,7 @@ class Batcher:
         self.listener = listener
         self._clock = clock
         self._sleep = sleep
-        self._queues: OrderedDict[str, deque[_Pending]] = OrderedDict()
-        """Waiting requests per client, first in first out; the order of clients is the order of turns."""
-        self._rows_by_client: Counter[str] = Counter()
-        """Rows admitted and not running yet, per client (queue_depth split by client)."""
-        self._queued_rows = 0
+        self._queue = FairQueue()
         self._admitted_rows = 0
         """Rows of requests admitted but not queued yet (pinning or tokenizing)."""
         self._wakeup: asyncio.Event | None = None
@@ -133,12 +109,12 @@ class Batcher:
     @property
     def queue_depth(self) -> int:
         """Rows admitted and not running yet (including those whose adapter is being pinned)."""
-        return self._queued_rows + self._admitted_rows
+        return self._queue.queued_rows + self._admitted_rows
 
     @property
     def queued_rows(self) -> int:
         """Rows waiting for a batch."""
-        return self._queued_rows
+        return self._queue.queued_rows
 
     @property
     def stopping(self) -> bool:
@@ -188,10 +164,10 @@ class Batcher:
             raise PayloadTooLargeError(f"{count} inputs exceed the queue capacity of {config.max_queue} inputs")
         self._make_room(client, count)
         self._admitted_rows += count
-        self._rows_by_client[client] += count
+        self._queue.hold(client, count)
         admitted = True
         adapter: LoadedAdapter | None = None
-        pending: _Pending | None = None
+        pending: Pending | None = None
         try:
             async with asyncio.timeout(config.request_timeout_s):
                 adapter = await self._pin(request.adapter, request.revision, config.request_timeout_s)
@@ -202,11 +178,10 @@ class Batcher:
                     )
                 rows = self.engine.prepare(adapter, request.ids, request.input_tokens, request.threshold)
                 future = asyncio.get_running_loop().create_future()
-                pending = _Pending(rows, future, self._clock(), client=client)
+                pending = Pending(rows, future, self._clock(), client=client)
                 self._admitted_rows -= count
                 admitted = False
-                self._queues.setdefault(client, deque()).append(pending)
-                self._queued_rows += count
+                self._queue.push(pending)
                 self._poke()
                 return await asyncio.shield(future)
         except TimeoutError:
@@ -216,9 +191,11 @@ class Batcher:
         finally:
             if admitted:
                 self._admitted_rows -= count
-                self._forget_rows(client, count)
+                self._queue.forget(client, count)
             if pending is not None:
-                self._withdraw(pending)
+                if not pending.future.done():
+                    pending.future.cancel()
+                self._queue.withdraw(pending)  # answered or abandoned: its still-queued rows are not run
             if adapter is not None:
                 self.repository.release(adapter)
             self._poke()
@@ -244,12 +221,12 @@ class Batcher:
     def _make_room(self, client: str, count: int) -> None:
         """Admit ``count`` rows of ``client``, displacing requests of the client holding most (else QueueFullError)."""
         while self.queue_depth + count > self.config.max_queue:
-            victim = self._displaceable(client, count)
+            victim = self._queue.displaceable(client, count)
             if victim is None:
                 raise QueueFullError(
                     f"queue full ({self.queue_depth} inputs waiting); retry later", retry_after=self._retry_after()
                 )
-            self._unqueue(victim)
+            self._queue.unqueue(victim)
             victim.future.set_exception(
                 QueueFullError(
                     "queue full: this client held the largest share of the queue and other clients needed room; "
@@ -257,40 +234,6 @@ class Batcher:
                     retry_after=self._retry_after(),
                 )
             )
-
-    def _displaceable(self, client: str, count: int) -> _Pending | None:
-        """The newest not-yet-started request of the client holding most rows, if it holds more than ``client``
-        would with ``count`` more."""
-        others = [other for other in self._queues if other != client]
-        if not others:
-            return None
-        longest = max(others, key=self._rows_by_client.__getitem__)
-        if self._rows_by_client[longest] <= self._rows_by_client[client] + count:
-            return None
-        return next((pending for pending in reversed(self._queues[longest]) if pending.next_row == 0), None)
-
-    def _withdraw(self, pending: _Pending) -> None:
-        """Forget a request that is answered or abandoned: its still-queued rows are not run."""
-        if not pending.future.done():
-            pending.future.cancel()
-        queue = self._queues.get(pending.client)
-        if queue is not None and pending in queue:
-            self._unqueue(pending)
-
-    def _unqueue(self, pending: _Pending) -> None:
-        """Take a waiting request out of its client's queue, with its rows not taken yet."""
-        queue = self._queues[pending.client]
-        queue.remove(pending)
-        if not queue:
-            del self._queues[pending.client]
-        untaken = len(pending.rows) - pending.next_row
-        self._queued_rows -= untaken
-        self._forget_rows(pending.client, untaken)
-
-    def _forget_rows(self, client: str, count: int) -> None:
-        self._rows_by_client[client] -= count
-        if self._rows_by_client[client] <= 0:
-            del self._rows_by_client[client]
 
     def _poke(self) -> None:
         if self._wakeup is not None:
@@ -304,7 +247,7 @@ class Batcher:
         running: set[asyncio.Task] = set()
         while True:
             self._wakeup.clear()
-            if not self._queues:
+            if not self._queue:
                 if self._stopping and self._admitted_rows == 0:
                     break
                 await self._wakeup.wait()
@@ -319,7 +262,7 @@ class Batcher:
             # The rows waiting are shared among the idle lanes: closed-loop clients that all wait on one
             # full batch would otherwise leave the other lanes idle.
             idle = self._lanes - len(running)
-            batch = self._take_batch(max(1, -(-self._queued_rows // idle)))
+            batch = self._queue.take_batch(self._fits, max(1, -(-self._queue.queued_rows // idle)))
             if not batch:
                 continue
             task = loop.create_task(self._execute(loop, batch))
@@ -336,14 +279,13 @@ class Batcher:
             return 0.0
         config = self.config
         rows = longest = 0
-        for _, _, row in self._take_order():
+        for _, _, row in self._queue.take_order():
             if rows and not self._fits(rows + 1, max(longest, row.tokens)):
                 return 0.0  # the next row does not fit: the batch is as full as it gets
             rows, longest = rows + 1, max(longest, row.tokens)
             if rows >= config.max_batch_size or rows * longest >= config.max_batch_tokens:
                 return 0.0
-        oldest = min(queue[0].enqueued_at for queue in self._queues.values())
-        return oldest + config.max_wait_s - self._clock()
+        return self._queue.oldest() + config.max_wait_s - self._clock()
 
     async def _wait(self, seconds: float) -> None:
         """Until ``seconds`` pass (the injected sleep) or something is queued or stopping."""
@@ -358,53 +300,7 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(timer, woken, return_exceptions=True)
 
-    def _take_order(self) -> Iterator[tuple[_Pending, int, PreparedRow]]:
-        """Waiting rows in the order batches take them: one row of each client in turn, first in first out
-        within a client."""
-        turns = [self._waiting_rows(queue) for queue in self._queues.values()]
-        while turns:
-            still_waiting = []
-            for rows in turns:
-                item = next(rows, None)
-                if item is not None:
-                    yield item
-                    still_waiting.append(rows)
-            turns = still_waiting
-
-    @staticmethod
-    def _waiting_rows(queue: deque[_Pending]) -> Iterator[tuple[_Pending, int, PreparedRow]]:
-        for pending in queue:
-            for index in range(pending.next_row, len(pending.rows)):
-                yield pending, index, pending.rows[index]
-
-    def _take_batch(self, limit: int | None = None) -> list[tuple[_Pending, int, PreparedRow]]:
-        """The next batch: rows in the clients' turn, as many as fit (and at most ``limit``)."""
-        taken: list[tuple[_Pending, int, PreparedRow]] = []
-        longest = 0
-        for pending, index, row in self._take_order():
-            if taken and not self._fits(len(taken) + 1, max(longest, row.tokens)):
-                break
-            if limit is not None and len(taken) == limit:
-                break
-            taken.append((pending, index, row))
-            longest = max(longest, row.tokens)
-        for pending, _, _ in taken:  # a request's rows are taken in order, so next_row just advances
-            pending.next_row += 1
-            self._queued_rows -= 1
-            self._forget_rows(pending.client, 1)
-        if taken:  # the next batch goes on with the client after the last one served
-            clients = list(self._queues)
-            for client in clients[: clients.index(taken[-1][0].client) + 1]:
-                self._queues.move_to_end(client)
-        for client in list(self._queues):
-            queue = self._queues[client]
-            while queue and queue[0].next_row == len(queue[0].rows):
-                queue.popleft()
-            if not queue:
-                del self._queues[client]
-        return taken
-
-    async def _execute(self, loop: asyncio.AbstractEventLoop, taken: list[tuple[_Pending, int, PreparedRow]]) -> None:
+    async def _execute(self, loop: asyncio.AbstractEventLoop, taken: list[TakenRow]) -> None:
         rows = [row for _, _, row in taken]
         now = self._clock()
         began = time.perf_counter()

@@ -40,7 +40,7 @@ class FakeRepository:
         self.pins = 0
         self.unloaded = False
 
-    def try_acquire(self, name: str):
+    def try_acquire(self, name: str, revision: str = ""):
         if name != "fake":
             raise UnknownAdapterError(f"adapter {name!r} is not loaded")
         self.pins += 1
