@@ -240,9 +240,7 @@ class Catalogue:
             rank_set=meta.routed_ranks,
             metrics=dict(meta.metrics),
         )
-        return CatalogueEntry(
-            name=name, directory=directory, meta=meta, spec=spec, description=description, revision=revision
-        )
+        return CatalogueEntry(name, directory, meta, spec, description, revision)
 
     def publish(self, entry: CatalogueEntry) -> CatalogueEntry:
         """Offer ``entry`` under its name (replacing the entry read before)."""

@@ -113,6 +113,23 @@ class SharedEncoder:
     def free_slot(self) -> int:
         return next(slot for slot in itertools.count() if slot not in self.slots)
 
+    def install(self, name: str, weights: Any, labels: list[str]) -> tuple[int, list[bool]]:
+        """Put adapter ``name``'s weights into a free slot of every lane; the slot, and which sites it routes."""
+        with self.lanes.every() as models:
+            slot = self.free_slot()
+            for model in models:
+                model.set_adapter(slot, weights, labels, source=name)
+            self.slots[slot] = name
+            return slot, self.model.site_routed(slot)
+
+    def remove(self, slot: int, name: str) -> None:
+        """Empty ``slot`` in every lane, unless another adapter than ``name`` holds it by now."""
+        with self.lanes.every() as models:
+            if self.slots.get(slot) == name:
+                del self.slots[slot]
+                for model in models:
+                    model.reset_adapter(slot)
+
 
 def load_encoder(
     meta: CheckpointMeta, spec: BaseSpec, device: torch.device, precision: Precision, lanes: int

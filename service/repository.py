@@ -182,7 +182,7 @@ class ModelRepository(CatalogueReads):
                     )
                 self._cond.wait(remaining)
         if victim is not None:
-            self._release_slot(victim)
+            victim.encoder.remove(victim.slot, victim.name)
             if self.listener is not None:
                 self.listener.on_adapter_evicted(victim.name)
         self._reap_retired()
@@ -219,7 +219,7 @@ class ModelRepository(CatalogueReads):
             done = [a for a in self._retired if a.pins <= 0 or a.name == name]
             self._retired = [a for a in self._retired if a not in done]
         for adapter in done:
-            self._release_slot(adapter)
+            adapter.encoder.remove(adapter.slot, adapter.name)
 
     def _make_room(self) -> tuple[bool, LoadedAdapter | None]:
         """Room for one more load (under the lock); evicts the least recently used unpinned adapter."""
@@ -236,12 +236,7 @@ class ModelRepository(CatalogueReads):
         started = time.perf_counter()
         meta, weights = read_adapter(entry.directory)
         encoder = self._encoder_for(meta)
-        with encoder.lanes.every() as models:
-            slot = encoder.free_slot()
-            for model in models:
-                model.set_adapter(slot, weights, meta.labels, source=entry.name)
-            encoder.slots[slot] = entry.name
-            routed = encoder.model.site_routed(slot)
+        slot, routed = encoder.install(entry.name, weights, meta.labels)
         reference = meta.activation_reference() or {}
         drift_sites = tuple(
             index for index, name in enumerate(encoder.site_names) if routed[index] and name in reference
@@ -265,14 +260,6 @@ class ModelRepository(CatalogueReads):
         if self.listener is not None:
             self.listener.on_adapter_loaded(entry.name, seconds)
         return adapter
-
-    def _release_slot(self, adapter: LoadedAdapter) -> None:
-        encoder = adapter.encoder
-        with encoder.lanes.every() as models:
-            if encoder.slots.get(adapter.slot) == adapter.name:
-                del encoder.slots[adapter.slot]
-                for model in models:
-                    model.reset_adapter(adapter.slot)
 
     # ---- encoders -----------------------------------------------------------------------------
 
@@ -341,7 +328,7 @@ class ModelRepository(CatalogueReads):
                 old = None
             self._cond.notify_all()
         if old is not None:
-            self._release_slot(old)
+            old.encoder.remove(old.slot, old.name)
         return self.info(name)
 
     def unload(self, name: str) -> None:
@@ -357,6 +344,6 @@ class ModelRepository(CatalogueReads):
             adapter = self._loaded.pop(name, None)
             self._cond.notify_all()
         if adapter is not None:
-            self._release_slot(adapter)
+            adapter.encoder.remove(adapter.slot, adapter.name)
         self._reap_retired(name)
         logger.info("unloaded adapter %r", name)
