@@ -12,7 +12,7 @@ An un-routed adapter (plain LoRA, folded GaLoRA) gets router weights of zero and
 forward pass.
 
 How a router reads its pooled input is a property of the adapter, stored per bank row
-(``ROUTER_INPUT_NORMS``): ``none`` reads the masked mean as it is (the seed's router), ``layer_norm``
+(``ROUTER_INPUT_NORMS``): ``none`` reads the masked mean as it is (the original router), ``layer_norm``
 standardises it first (zero mean, unit variance over features, no affine: ``w1`` learns the scale),
 which removes the shrinking of the mean's norm with sequence length. Rows of different adapters in
 one mixed batch each get their own adapter's choice.
@@ -24,7 +24,7 @@ full-rank adapter serves every choice. In eval a row's rank is the choice of the
 (``argmax``; a tie goes to the first, i.e. the smallest rank).
 
 A *generated-scale* bank (HyperLoRA, ``generated_scales=True``: the smallest honest form of the
-hypernetwork variant of issue 12) keeps each adapter's stored ``A`` and ``B`` and gives every router
+hypernetwork variant) keeps each adapter's stored ``A`` and ``B`` and gives every router
 a third output, one scale per rank component generated from the same pooled input,
 ``s(x) = W_s pool(x) + b_s``, so the update is ``B diag(s(x)) A``: ``A x`` is multiplied by ``s`` per
 row. ``W_s`` starts at zero and ``b_s`` at one, so a fresh adapter is plain LoRA.

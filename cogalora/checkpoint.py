@@ -1,4 +1,4 @@
-"""Checkpoint files (DESIGN.md §4): PEFT-compatible adapter + CoGaLoRA routers and metadata.
+"""Checkpoint files (docs/design.md): PEFT-compatible adapter + CoGaLoRA routers and metadata.
 
 ::
 

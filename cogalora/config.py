@@ -60,7 +60,7 @@ class CoGaLoRAConfig:
     ``radlora``: ``cogalora`` whose router also picks, per example, a rank from ``rank_set`` (nested:
     rank k uses the first k rows of ``A`` and the first k columns of ``B``). ``hyperlora``: ``cogalora``
     whose router also generates, per example, a scale for each of the adapter's rank components:
-    ``B diag(s(x)) A`` with ``s(x) = W_s pool(x) + b_s`` (issue 12's smallest hypernetwork variant)."""
+    ``B diag(s(x)) A`` with ``s(x) = W_s pool(x) + b_s`` (the smallest hypernetwork variant)."""
 
     rank: int = 8
     """LoRA rank r: ``A`` is ``r x d_in``, ``B`` is ``d_out x r``."""
@@ -79,7 +79,7 @@ class CoGaLoRAConfig:
     """Width of the router MLP ``Linear(d_in -> h) -> ReLU -> Linear(h -> 1) -> sigmoid``."""
 
     router_input_norm: str = "none"
-    """How a router reads its mean-pooled input: ``none`` as is (the seed's router), ``layer_norm``
+    """How a router reads its mean-pooled input: ``none`` as is (the original router), ``layer_norm``
     standardised over features first (its norm no longer shrinks with sequence length)."""
 
     router_init_bias: float = 2.0

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one app instance (DESIGN.md §7), on a private registry.
+"""Prometheus metrics of one app instance (docs/service.md), on a private registry.
 
 Per-adapter labels are what operators ask for, but a thousand adapters times every histogram bucket
 is a cardinality explosion. :class:`AdapterLabels` lets the operator choose

@@ -1,4 +1,4 @@
-"""HyperLoRA: routers that also generate a scale per rank component, B diag(s(x)) A (issue 12 part 2)."""
+"""HyperLoRA: routers that also generate a scale per rank component, B diag(s(x)) A."""
 
 from __future__ import annotations
 

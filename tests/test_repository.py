@@ -261,7 +261,7 @@ def test_storage_follows_what_each_adapter_has_and_rows_are_reused(model_dir: Pa
     repo.load("pruned")
     now = [sum(bank.rows_used for bank in layer.banks) for layer in model.layers]
     assert sum(now) - sum(rows_used) == 3, "the pruned adapter stores its 3 sites, not all 12"
-    assert repo.info("pruned").total_adapters == 12, "dropped sites count as off, not as absent (DESIGN.md §5)"
+    assert repo.info("pruned").total_adapters == 12, "dropped sites count as off, not as absent (docs/service.md)"
 
     capacity = [bank.capacity for layer in model.layers for bank in layer.banks]
     repo.unload("alpha")

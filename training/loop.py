@@ -45,7 +45,7 @@ from training.distributed import DistributedContext, init_distributed, shutdown_
 from training.evaluation import evaluate, never_fired
 from training.objective import SPARSITY_WEIGHTS, Objective
 
-#: Learning rates that work for each family (DESIGN.md §1: LoRA wants ~1e-4..1e-3, full FT ~2e-5).
+#: Learning rates that work for each family (LoRA wants ~1e-4..1e-3, full FT ~2e-5).
 DEFAULT_ADAPTER_LR = 5e-4
 DEFAULT_FULL_LR = 3e-5
 
