@@ -210,8 +210,12 @@ def variants(args: argparse.Namespace, sizes: list[int]) -> dict:
         }
         times = interleaved(runners, args.rounds)
         relative = ratios(times, "bare", args.statistic)
-        results = [r for batch_rows in rows for r in one_forward.run_batch(batch_rows).results]
-        active = statistics.fmean(r.active_adapters / r.total_adapters for r in results)
+        outputs = [
+            (row, r)
+            for batch_rows in rows
+            for row, r in zip(batch_rows, one_forward.run_batch(batch_rows).results, strict=True)
+        ]
+        active = statistics.fmean(len(r.active_sites) / row.adapter.total_adapters for row, r in outputs)
         count = size * args.batches
         report["results"].append(
             {

@@ -22,13 +22,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from service.results import describe
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 #: (adapter, dev set) pairs: the committed models on the labelled dev files they were chosen on.
 DEFAULT_SETS = (
     ("sst2", DATA / "sst2-sentences" / "dev.tsv"),
     ("sst2", DATA / "sst2" / "dev.tsv"),
+    ("sst2-radlora", DATA / "sst2-sentences" / "dev.tsv"),
+    ("sst2-lora", DATA / "sst2-sentences" / "dev.tsv"),
     ("agnews", DATA / "agnews" / "dev.tsv"),
+    ("agnews-lora", DATA / "agnews" / "dev.tsv"),
 )
 ACCURACY_BUDGET_POINTS = 0.3
 GATE_FLIP_BUDGET = 0.01
@@ -60,7 +65,8 @@ def run_set(engine, adapter_name: str, texts: list[str], batch_size: int, label:
         rows = engine.tokenize(adapter, texts, truncate=True)
         outcome = Outcome([], [], [])
         for start in tqdm(range(0, len(rows), batch_size), desc=label, unit="batch", leave=False, disable=None):
-            for result in engine.run_batch(rows[start : start + batch_size]).results:
+            chunk = rows[start : start + batch_size]
+            for result in map(describe, chunk, engine.run_batch(chunk).results):
                 outcome.labels.append(result.label)
                 modules = set(result.active_modules)
                 outcome.gates.append([name in modules for name in adapter.encoder.site_names])
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.repository import ModelRepository
     from training.data import read_examples
 
-    sets = [(adapter, path) for adapter, path in DEFAULT_SETS if path.is_file()]
+    sets = [(adapter, path) for adapter, path in DEFAULT_SETS if path.is_file() and (args.model_dir / adapter).is_dir()]
     if not sets:
         print(f"SKIPPED: no dev data under {DATA}", file=sys.stderr)
         return 0

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from cogalora.config import ALL_MODULE_KINDS, DEFAULT_RANK_SET, ROUTED_METHODS, CoGaLoRAConfig, check_rank_set
@@ -138,7 +138,7 @@ def save_checkpoint(model, directory: str | Path, meta: CheckpointMeta, slot: in
             for key in [k for k in state if k.startswith(f"{path}.")]:
                 del state[key]
             state[f"{path}.weight"], state[f"{path}.bias"] = weight.contiguous(), bias.contiguous()
-        save_file(state, str(directory / FULL_MODEL_FILE), metadata={"format": "pt"})
+        _write_tensors(directory / FULL_MODEL_FILE, state)
     else:
         if any(layer.galora_gate is not None for layer in model.gated_layers.values()):
             raise ValueError("GaLoRA gates are not folded yet: call model.finalize_galora() before saving")
@@ -155,7 +155,7 @@ def save_checkpoint(model, directory: str | Path, meta: CheckpointMeta, slot: in
         for path, (weight, bias) in weights.head.items():
             adapter_tensors[f"{_PEFT_PREFIX}{path}.weight"] = weight.contiguous()
             adapter_tensors[f"{_PEFT_PREFIX}{path}.bias"] = bias.contiguous()
-        save_file(adapter_tensors, str(directory / ADAPTER_FILE), metadata={"format": "pt"})
+        _write_tensors(directory / ADAPTER_FILE, adapter_tensors)
         _write_json(directory / PEFT_CONFIG_FILE, _peft_config(model, meta, sorted(weights.lora)))
         router_file = directory / ROUTER_FILE
         if weights.routers:
@@ -166,7 +166,7 @@ def save_checkpoint(model, directory: str | Path, meta: CheckpointMeta, slot: in
                 for path, router in weights.routers.items()
                 for part in parts
             }
-            save_file(router_tensors, str(router_file), metadata={"format": "pt"})
+            _write_tensors(router_file, router_tensors)
         elif router_file.exists():
             router_file.unlink()
         present = model.site_present(slot)
@@ -197,6 +197,13 @@ def _peft_config(model, meta: CheckpointMeta, module_paths: list[str]) -> dict[s
         "use_rslora": False,
         "use_dora": False,
     }
+
+
+def _write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    # Written like any other file (mode 0666 less the umask, so 0644 as a rule), not with safetensors'
+    # save_file, which creates 0600 files: a checkpoint mounted into the service image is read by
+    # another user than the one who trained it.
+    path.write_bytes(save(tensors, metadata={"format": "pt"}))
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

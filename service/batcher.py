@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from service.engine import Engine, EngineRun, PreparedRow
 from service.errors import (
+    AdapterReplacedError,
     InferenceError,
     PayloadTooLargeError,
     QueueFullError,
@@ -193,7 +194,12 @@ class Batcher:
         pending: _Pending | None = None
         try:
             async with asyncio.timeout(config.request_timeout_s):
-                adapter = await self._pin(request.adapter, config.request_timeout_s)
+                adapter = await self._pin(request.adapter, request.revision, config.request_timeout_s)
+                if request.revision and adapter.revision != request.revision:
+                    raise AdapterReplacedError(
+                        f"adapter {request.adapter!r} was replaced while the request was prepared; retry",
+                        retry_after=1.0,
+                    )
                 rows = self.engine.prepare(adapter, request.ids, request.input_tokens, request.threshold)
                 future = asyncio.get_running_loop().create_future()
                 pending = _Pending(rows, future, self._clock(), client=client)
@@ -217,9 +223,9 @@ class Batcher:
                 self.repository.release(adapter)
             self._poke()
 
-    async def _pin(self, name: str, timeout: float) -> LoadedAdapter:
+    async def _pin(self, name: str, revision: str, timeout: float) -> LoadedAdapter:
         """Pin the adapter: at once when it is loaded, else by a loader thread (loading it)."""
-        adapter = self.repository.try_acquire(name)
+        adapter = self.repository.try_acquire(name, revision)
         if adapter is not None:
             return adapter
         job: Future = self._loader_threads.submit(self.repository.acquire, name, timeout)

@@ -13,6 +13,7 @@ unavailable with the reason, never skipped silently. Thread-safe.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -53,8 +54,22 @@ class CatalogueEntry:
     meta: CheckpointMeta
     spec: BaseSpec
     info: AdapterInfo
+    revision: str = ""
+    """Which files it was read from (``folder_revision``): a request tokenized for one revision is never
+    answered by another load's weights (a replacement swapped meanwhile: ``AdapterReplacedError``)."""
     error: str | None = None
     """Why its last load failed (its requests fail fast with it until an admin reloads it)."""
+
+
+def folder_revision(directory: Path) -> str:
+    """A fingerprint of a folder's files (names, sizes, modification times): every process that reads
+    the same folder computes the same one, and an install or replacement (new files) changes it."""
+    digest = hashlib.blake2b(digest_size=8)
+    for path in sorted(directory.iterdir()):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()
 
 
 def check_model_dir(model_dir: Path, allow_empty: bool = False) -> None:
@@ -197,10 +212,15 @@ class Catalogue:
         return meta, self.spec(meta)
 
     def add(self, name: str) -> CatalogueEntry:
-        """(Re)read the folder ``name``; raises ``AdapterLoadError`` (recorded as its failure) when it
-        cannot be served."""
+        """(Re)read the folder ``name`` and offer it; raises ``AdapterLoadError`` (recorded as its failure)
+        when it cannot be served."""
+        return self.publish(self.read(name))
+
+    def read(self, name: str) -> CatalogueEntry:
+        """The entry the folder ``name`` makes, not yet offered (:meth:`publish`); raises like :meth:`add`."""
         directory = self.folder(name)
         try:
+            revision = folder_revision(directory)
             meta, spec = self.validate(directory)
         except Exception as exc:  # any failure of one folder is that folder's problem, never the server's
             raise self.failed(name, exc) from exc
@@ -222,10 +242,13 @@ class Catalogue:
             loaded=False,
             metrics=dict(meta.metrics),
         )
-        entry = CatalogueEntry(name=name, directory=directory, meta=meta, spec=spec, info=info)
+        return CatalogueEntry(name=name, directory=directory, meta=meta, spec=spec, info=info, revision=revision)
+
+    def publish(self, entry: CatalogueEntry) -> CatalogueEntry:
+        """Offer ``entry`` under its name (replacing the entry read before)."""
         with self._lock:
-            self._entries[name] = entry
-            self._failures.pop(name, None)
+            self._entries[entry.name] = entry
+            self._failures.pop(entry.name, None)
         return entry
 
     def failed(self, name: str, exc: Exception) -> AdapterLoadError:

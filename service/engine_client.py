@@ -20,9 +20,9 @@ from typing import Any, Protocol
 
 from cogalora import ALL_MODULE_KINDS
 from cogalora.architectures import site_name
-from service.catalogue import BaseSpec, Catalogue, CatalogueReads, failure_reason
+from service.catalogue import BaseSpec, Catalogue, CatalogueEntry, CatalogueReads, failure_reason
 from service.engine_core import EngineCore
-from service.errors import AdapterLoadError, AdapterUnloadedError, NotReadyError, QueueFullError, RequestTimeoutError
+from service.errors import AdapterLoadError, AdapterReplacedError, NotReadyError, QueueFullError, RequestTimeoutError
 from service.results import row_result
 from service.schemas import AdapterInfo, RowResult
 from service.settings import Settings
@@ -120,24 +120,12 @@ class EngineClient:
         self._in_flight += count
         try:
             async with asyncio.timeout(settings.request_timeout_s):
-                began = time.perf_counter()
-                self._tokenizing += count
                 try:
-                    ids, input_tokens = await asyncio.get_running_loop().run_in_executor(
-                        self._tokenizer_thread,
-                        self.tokenizers.tokenize,
-                        entry.meta.base_model,
-                        list(request.texts),
-                        entry.info.max_length,
-                        request.truncate,
-                        entry.name,
-                    )
-                finally:
-                    self._tokenizing -= count
-                tokenize_seconds = time.perf_counter() - began
-                outputs = await self.transport.classify(
-                    TokenizedRequest(entry.name, ids, input_tokens, request.threshold, request.client)
-                )
+                    outputs, tokenize_seconds = await self._classify(entry, request)
+                except AdapterReplacedError:
+                    # Replaced after this entry was read: read the folder again, tokenize for it, once.
+                    entry = self.catalogue.add(entry.name)
+                    outputs, tokenize_seconds = await self._classify(entry, request)
         except AdapterLoadError as exc:  # the engine could not load it: later requests fail fast here
             self.catalogue.mark_failed(entry.name, failure_reason(entry.name, exc))
             raise
@@ -147,13 +135,32 @@ class EngineClient:
             ) from None
         finally:
             self._in_flight -= count
-        labels, sites = entry.info.labels, encoder_site_names(entry.spec)
-        if any(len(output.probabilities) != len(labels) for output in outputs):
-            raise AdapterUnloadedError(f"adapter {entry.name!r} was replaced while the request waited; retry")
-        results = [row_result(output, labels, sites, entry.info.total_adapters) for output in outputs]
+        sites = encoder_site_names(entry.spec)
+        results = [row_result(output, entry.info.labels, sites, entry.info.total_adapters) for output in outputs]
         for result in results:
             result.tokenize_seconds = tokenize_seconds
         return results
+
+    async def _classify(self, entry: CatalogueEntry, request: ClassifyRequest) -> tuple[list[RowOutput], float]:
+        """The engine's outputs for ``request`` tokenized for ``entry``, and the seconds tokenizing took."""
+        count = len(request.texts)
+        began = time.perf_counter()
+        self._tokenizing += count
+        try:
+            ids, input_tokens = await asyncio.get_running_loop().run_in_executor(
+                self._tokenizer_thread,
+                self.tokenizers.tokenize,
+                entry.meta.base_model,
+                list(request.texts),
+                entry.info.max_length,
+                request.truncate,
+                entry.name,
+            )
+        finally:
+            self._tokenizing -= count
+        tokenize_seconds = time.perf_counter() - began
+        tokenized = TokenizedRequest(entry.name, ids, input_tokens, request.threshold, request.client, entry.revision)
+        return await self.transport.classify(tokenized), tokenize_seconds
 
 
 class RemoteRepository(CatalogueReads):

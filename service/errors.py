@@ -100,6 +100,13 @@ class AdapterUnloadedError(ServiceError):
     error_type = "adapter_unloaded"
 
 
+class AdapterReplacedError(ServiceError):
+    """The adapter's folder was replaced between tokenization and the engine (the API retries once)."""
+
+    status_code = 503
+    error_type = "adapter_replaced"
+
+
 class AdapterLoadError(ServiceError):
     """A checkpoint folder exists but cannot be served (damaged, ``method: full``, wrong base)."""
 

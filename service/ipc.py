@@ -59,6 +59,7 @@ def encode_request(request: TokenizedRequest) -> dict[str, Any]:
         "input_tokens": request.input_tokens,
         "threshold": request.threshold,
         "client": request.client,
+        "revision": request.revision,
     }
 
 
@@ -75,6 +76,7 @@ def decode_request(message: dict[str, Any]) -> TokenizedRequest:
         input_tokens=message["input_tokens"],
         threshold=message["threshold"],
         client=message["client"],
+        revision=message["revision"],
     )
 
 

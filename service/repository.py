@@ -153,6 +153,8 @@ class LoadedAdapter:
     encoder: SharedEncoder
     slot: int
     generation: int
+    revision: str
+    """The catalogue revision (files) it was loaded from."""
     max_length: int
     """The checkpoint's max_length, capped by the encoder's position embeddings."""
     flops: FlopModel
@@ -228,11 +230,20 @@ class ModelRepository(CatalogueReads):
 
     # ---- pinning and loading ------------------------------------------------------------------
 
-    def try_acquire(self, name: str) -> LoadedAdapter | None:
-        """Pin ``name`` if it is in memory (never blocks on a load); None when it must be loaded."""
+    def try_acquire(self, name: str, revision: str = "") -> LoadedAdapter | None:
+        """Pin ``name`` if it is in memory (never blocks on a load); None when it must be loaded.
+
+        ``revision``: the catalogue revision the request was prepared for; a replaced load of that
+        revision that requests still hold is pinned instead of the current one (it finishes on the
+        weights it was tokenized for). The caller compares the pinned load's revision with its own."""
         with self._cond:
             self.catalogue.entry(name)  # raises for unknown names and for a folder whose last load failed
             adapter = self._loaded.get(name)
+            if adapter is not None and revision and adapter.revision != revision:
+                held = [old for old in self._retired if old.name == name and old.revision == revision]
+                if held:
+                    held[0].pins += 1
+                    return held[0]
             if adapter is not None:
                 adapter.pins += 1
                 self._loaded.move_to_end(name)
@@ -335,6 +346,7 @@ class ModelRepository(CatalogueReads):
             encoder=encoder,
             slot=slot,
             generation=next(self._generations),
+            revision=entry.revision,
             max_length=min(meta.max_length, encoder.max_positions),
             flops=FlopModel.for_slot(encoder.model, slot),
             total_adapters=entry.info.total_adapters,
@@ -427,15 +439,18 @@ class ModelRepository(CatalogueReads):
                     f"DELETE /adapters/{name} first, then POST /adapters/{name}"
                 )
             swap = name in self._loaded
-        entry = self.catalogue.add(name)
         if not swap:
+            self.catalogue.add(name)
             self.release(self.acquire(name))
             return self.info(name)
+        entry = self.catalogue.read(name)
         try:  # into a fresh slot, beside the old load, which keeps serving meanwhile
             adapter = self._load(entry)
         except Exception as exc:
             raise self.catalogue.failed(name, exc) from exc
         with self._cond:
+            # The new entry is offered when its weights are: requests never name one and run the other.
+            self.catalogue.publish(entry)
             old = self._loaded.pop(name, None)
             self._loaded[name] = adapter
             if old is not None and old.pins > 0:

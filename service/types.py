@@ -42,6 +42,8 @@ class TokenizedRequest:
     """Per-request tau override; ``None`` uses the adapter's tau."""
     client: str = ""
     """Who sent it (a key id): the batcher shares its queue and its batches fairly between clients."""
+    revision: str = ""
+    """The catalogue revision of the adapter it was tokenized for (empty: whichever is loaded)."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,34 @@ async def test_the_engine_process_answers_like_the_engine_in_process_and_survive
     finally:
         await client.stop()
     assert transport._process.returncode == 0, "stopped on request, not killed"
+
+
+@pytest.mark.integration
+def test_a_dead_engine_makes_the_service_unready_until_its_successor_serves(tiny_dir: Path, start_service) -> None:
+    """Through HTTP: SIGKILL the engine process of a real ``python -m service``: /ready and /classify answer
+    503 not_ready with Retry-After while it restarts, then it answers again, the same bits as before."""
+    import httpx
+    import psutil
+    from processes import API_KEY
+
+    service = start_service(tiny_dir, COGALORA_API_KEY=API_KEY, COGALORA_DTYPE="int8")
+    headers = {"X-API-Key": API_KEY}
+    body = {"inputs": [tiny_text(7, seed=1), tiny_text(3, seed=2)], "adapter": "rad"}
+    with httpx.Client(base_url=service.url, timeout=60, trust_env=False, headers=headers) as client:
+        before = client.post("/classify", json=body).json()
+        (engine,) = psutil.Process(service.proc.pid).children()
+        engine.kill()
+        engine.wait(30)
+        deadline = time.monotonic() + 60
+        while (ready := client.get("/ready")).status_code == 200:  # until the service has noticed
+            assert time.monotonic() < deadline
+        assert ready.status_code == 503 and ready.headers["Retry-After"]
+        refused = client.post("/classify", json=body)
+        assert refused.status_code == 503 and refused.json()["error_type"] == "not_ready", refused.text
+        assert refused.headers["Retry-After"]
+        while client.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline, service.log_tail()
+            time.sleep(0.1)
+        assert client.post("/classify", json=body).json() == before
+        (successor,) = psutil.Process(service.proc.pid).children()
+        assert successor.pid != engine.pid

@@ -179,6 +179,45 @@ def test_ingress_and_replicas_export_metrics(ray_service) -> None:
     assert batches >= 1
 
 
+async def test_a_replica_killed_under_traffic_loses_no_request(ray_service) -> None:
+    """SIGKILL one of the two replicas while 16 clients keep sending: the ingress sends the requests the
+    dead replica held to the other one (classification is idempotent), so every request gets its answer."""
+    import os
+    import signal
+
+    import psutil
+
+    replicas = [p for p in psutil.process_iter(["cmdline"]) if "ClassifierReplica" in " ".join(p.info["cmdline"] or [])]
+    assert len(replicas) == 2, [p.info["cmdline"] for p in replicas]
+    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+    async with httpx.AsyncClient(base_url=ray_service.url, timeout=120, limits=limits, trust_env=False) as client:
+        expected = {
+            adapter: (await client.post("/classify", json={"inputs": TEXTS[0], "adapter": adapter})).json()
+            for adapter in ADAPTERS
+        }
+        sent = 0
+
+        async def worker(k: int) -> list[tuple[str, httpx.Response]]:
+            nonlocal sent
+            got = []
+            for i in range(25):
+                adapter = ADAPTERS[(k + i) % 3]
+                got.append((adapter, await client.post("/classify", json={"inputs": TEXTS[0], "adapter": adapter})))
+                sent += 1
+            return got
+
+        workers = [asyncio.create_task(worker(k)) for k in range(16)]
+        while sent < 40:  # traffic is flowing through both replicas
+            await asyncio.sleep(0.01)
+        os.kill(replicas[0].pid, signal.SIGKILL)
+        answers = [pair for task in await asyncio.gather(*workers) for pair in task]
+    assert len(answers) == 400
+    failed = [(response.status_code, response.text[:200]) for _, response in answers if response.status_code != 200]
+    assert failed == [], failed[:5]
+    for adapter, response in answers:
+        assert response.json()["results"][0]["label"] == expected[adapter]["results"][0]["label"]
+
+
 def test_sigterm_stops_ray_cleanly(ray_service) -> None:
     ray_service.stop(timeout=90)
     assert ray_service.proc.returncode == 0, ray_service.log_tail()

@@ -145,8 +145,10 @@ def test_csv_reader_with_quotes_and_named_columns(tmp_path: Path) -> None:
         writer.writerow(["2", "neg", "bad"])
     examples = read_examples(path, Columns(text="review", label="label"))
     assert [(e.text, e.label) for e in examples] == [('good, "really" good', "pos"), ("bad", "neg")]
-    # Defaults: first column is the text, last the label.
-    assert [(e.text, e.label) for e in read_examples(path)] == [("1", 'good, "really" good'), ("2", "bad")]
+    # No column named text/sentence and two candidates left: an error that says which flag to use, no guess.
+    with pytest.raises(DataError, match=r"has no text column \(text/sentence\); name it with --text-column"):
+        read_examples(path)
+    assert [e.text for e in read_examples(path, Columns(text="review"))] == ['good, "really" good', "bad"]
     with pytest.raises(DataError, match=r"no text column 'body'; the header has \['id', 'label', 'review'\]"):
         read_examples(path, Columns(text="body"))
 
@@ -380,30 +382,48 @@ def test_calibrate_writes_a_tau_meeting_the_target(tiny_base: Path, toy_data, tm
     output = tmp_path / "model"
     assert main(train_argv(tiny_base, train, dev, output, "cogalora", "--lambda", "0.0", "--epochs", "1")) == 0
     capsys.readouterr()
+    # The budget: the sparsest tau of the grid at which some adapter still runs (a tau that switches every
+    # adapter off is never picked), so the budget binds.
+    probe = ["calibrate", "--model", str(output), "--data", str(dev), "--step", "0.1", "--dry-run", "--json"]
+    assert main([*probe, "--target-active-fraction", "1", "--no-progress"]) == 0
+    curve = last_json(capsys.readouterr().out)["points"]
+    target = min(p["active_fraction"] for p in curve if p["mean_active_adapters"] > 0)
+    assert target < 1.0, "the toy model's routers must switch something off somewhere on the grid"
     code = main(
-        ["calibrate", "--model", str(output), "--data", str(dev), "--target-active-fraction", "0.3", "--step", "0.1"]
+        [
+            "calibrate",
+            "--model",
+            str(output),
+            "--data",
+            str(dev),
+            "--target-active-fraction",
+            str(target),
+            "--step",
+            "0.1",
+        ]
     )
     assert code == 0
     payload = last_json(capsys.readouterr().out)
     chosen = payload["chosen"]
-    assert payload["written"] and chosen["active_fraction"] <= 0.3
-    feasible = [p["accuracy"] for p in payload["points"] if p["active_fraction"] <= 0.3]
+    assert payload["written"] and 0 < chosen["active_fraction"] <= target
+    feasible = [p["accuracy"] for p in payload["points"] if 0 < p["active_fraction"] <= target]
     assert chosen["accuracy"] == max(feasible)
     assert read_meta(output).tau == chosen["tau"]
     assert "per_module_activation_rate" not in chosen, "the per-site rates go into cogalora.json, not the output"
     assert main(["evaluate", "--model", str(output), "--data", str(dev), "--json"]) == 0
     evaluated = last_json(capsys.readouterr().out)
-    assert evaluated["mean_active_fraction"] <= 0.3
+    assert evaluated["mean_active_fraction"] <= target + 1e-6
     # The routing-drift reference: the chosen tau's per-site rates, as evaluate measures them there.
     reference = read_meta(output).activation_reference()
     assert reference is not None and set(reference) == set(evaluated["per_module_activation_rate"])
     assert list(reference.values()) == pytest.approx(list(evaluated["per_module_activation_rate"].values()))
 
     # --pick budget: the lowest tau within the budget, whatever the accuracies (no labels needed).
-    budget_argv = ["calibrate", "--model", str(output), "--data", str(dev), "--target-active-fraction", "0.3"]
+    limit = max(target, 0.5)
+    budget_argv = ["calibrate", "--model", str(output), "--data", str(dev), "--target-active-fraction", str(limit)]
     assert main([*budget_argv, "--step", "0.1", "--pick", "budget", "--dry-run", "--json"]) == 0
     budget = last_json(capsys.readouterr().out)
-    within = [p["tau"] for p in budget["points"] if p["active_fraction"] <= 0.3]
+    within = [p["tau"] for p in budget["points"] if 0 < p["active_fraction"] <= limit]
     assert budget["chosen"]["tau"] == min(within) and budget["pick"] == "budget" and not budget["written"]
     assert read_meta(output).tau == chosen["tau"], "a dry run writes nothing"
 

@@ -160,3 +160,36 @@ def test_distillation_in_the_training_step_vanishes_when_every_sampled_gate_is_o
     assert routed.distillation > 100 * max(all_on.distillation, 1e-9)
     routed.loss.backward()
     assert any(bank_row(model, s)[0].router_w1.grad is not None for s in range(len(model.sites)))
+
+
+def test_the_rank_budget_trains_a_radlora_model_to_its_total_active_rank():
+    """``target_active_rank``: dual ascent on rank_lambda until the expected total rank (sum over sites of
+    p * E[k]) is the budget; the fixed-lambda model beside it stays far above."""
+    results = {}
+    for target in (None, 6.0):
+        model = tiny_model(CoGaLoRAConfig(method="radlora", rank=4, rank_set=(0, 2, 4), router_init_bias=2.0))
+        objective = Objective(model, sparsity_lambda=0.0, target_active_rank=target, budget_lr=0.2)
+        torch.manual_seed(0)
+        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=2e-2)
+        model.train()
+        totals = []
+        for step in range(80):
+            result = objective.step(model, toy_batch([5, 9, 3, 7, 6, 8, 4, 2], seed=step), warming=False)
+            optimizer.zero_grad()
+            result.loss.backward()
+            optimizer.step()
+            totals.append(result.expected_rank * len(model.sites) * 4)
+        results[target] = (sum(totals[-20:]) / 20, objective)
+    unbudgeted, free = results[None]  # 12 sites at rank 4: at most 48
+    assert free.rank_controller is None and unbudgeted > 3 * 6.0
+    late, budgeted = results[6.0]
+    assert budgeted.rank_controller is not None and budgeted.rank_controller.strength > 0
+    assert abs(late - 6.0) < 2.0, late
+
+
+def test_the_rank_budget_is_rejected_out_of_range_and_ignored_without_rank_routing():
+    model = tiny_model(CoGaLoRAConfig(method="radlora", rank=4, rank_set=(0, 2, 4)))
+    with pytest.raises(ValueError, match=r"\(0, 48\]"):
+        Objective(model, sparsity_lambda=0.0, target_active_rank=49.0)
+    cogalora = tiny_model(CoGaLoRAConfig(rank=4))
+    assert Objective(cogalora, sparsity_lambda=0.0, target_active_rank=6.0).rank_controller is None

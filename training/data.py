@@ -1,15 +1,18 @@
 """Reading labelled text files and turning them into length-grouped, padded batches.
 
-Three formats, chosen by file suffix: ``.tsv`` and ``.csv`` (a header line, then rows; by
-default the first column is the text and the last the label) and ``.jsonl`` (one object a
-line; by default keys ``text`` and ``label``). Labels in a file may be names or integer
-indices into the label list, so SST-2's ``0``/``1`` map onto ``negative``/``positive``.
+Three formats, chosen by file suffix: ``.tsv`` and ``.csv`` and ``.jsonl`` (one object a line).
+Columns (TSV/CSV) and keys (JSONL) are found by name: the text in ``text`` or ``sentence``, the
+label in ``label``, or the names given with ``--text-column`` / ``--label-column``. Only a file
+without a header line (its first row looks like data) is read by position, the text first and the
+label last. Labels in a file may be names or integer indices into the label list, so SST-2's
+``0``/``1`` map onto ``negative``/``positive``.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,6 +20,13 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+#: Header names (and JSONL keys) read as the text and as the label when no column is named.
+TEXT_NAMES: tuple[str, ...] = ("text", "sentence")
+LABEL_NAMES: tuple[str, ...] = ("label",)
+_HEADER_PROBE_ROWS = 1000
 
 
 class DataError(ValueError):
@@ -63,34 +73,107 @@ def _read_delimited(path: Path, delimiter: str, columns: Columns, limit: int | N
     with path.open(encoding="utf-8", newline="") as handle:
         # QUOTE_NONE for TSV: texts contain quotes that are part of the sentence, never field quoting.
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
-        header = next(reader, None)
-        if not header or len(header) < 2:
-            raise DataError(f"{path}: needs a header line with at least two columns, got {header!r}")
-        text_index = _column_index(path, header, columns.text, default=0, role="text")
-        label_index = _column_index(path, header, columns.label, default=len(header) - 1, role="label")
-        examples = []
-        for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DataError(f"{path}:{line}: expected {len(header)} fields like the header, got {len(row)}")
-            examples.append(RawExample(row[text_index], row[label_index].strip(), line))
-            if limit is not None and len(examples) >= limit:
-                break
+        rows = [(line, row) for line, row in enumerate(csv.reader(handle, delimiter=delimiter, quoting=quoting), 1)]
+    rows = [(line, row) for line, row in rows if row]
+    if not rows:
+        raise DataError(f"{path}: no examples")
+    first_line, first = rows[0]
+    if len(first) < 2:
+        raise DataError(f"{path}:{first_line}: needs at least two columns (a text and a label), got {first!r}")
+    if _is_header(first, rows[1 : 1 + _HEADER_PROBE_ROWS], columns):
+        text_index, label_index = _columns_by_name(path, first, columns)
+        body = rows[1:]
+    elif columns.text or columns.label:
+        raise DataError(f"{path}: columns are named on the command line, but the file has no header line")
+    else:
+        log.warning(
+            "%s: no header line (the first row looks like data); reading the text from the first column and the "
+            "label from the last",
+            path,
+        )
+        text_index, label_index = 0, len(first) - 1
+        body = rows
+    examples = []
+    for line, row in body:
+        if len(row) != len(first):
+            raise DataError(f"{path}:{line}: expected {len(first)} fields like line {first_line}, got {len(row)}")
+        examples.append(RawExample(row[text_index], row[label_index].strip(), line))
+        if limit is not None and len(examples) >= limit:
+            break
     return examples
 
 
-def _column_index(path: Path, header: list[str], name: str | None, default: int, role: str) -> int:
-    if name is None:
-        return default
-    if name in header:
-        return header.index(name)
-    raise DataError(f"{path}: no {role} column {name!r}; the header has {header}")
+def _is_header(first: list[str], following: list[tuple[int, list[str]]], columns: Columns) -> bool:
+    """Whether the first row names the columns: it holds a column asked for or a known name, or else its last
+    field never occurs as a label below it (a data row's label does, in any file of more than a few rows)."""
+    names = {cell.strip().lower() for cell in first}
+    wanted = {name.lower() for name in (columns.text, columns.label) if name}
+    if names & (wanted | set(TEXT_NAMES) | set(LABEL_NAMES)):
+        return True
+    labels = {row[-1].strip() for _, row in following if len(row) == len(first)}
+    return first[-1].strip() not in labels
+
+
+def _columns_by_name(path: Path, header: list[str], columns: Columns) -> tuple[int, int]:
+    """``(text index, label index)`` from the header: the names asked for, else the known ones; a column
+    that is neither is the text or the label only when it is the one column left."""
+    label_index = _find_column(path, header, columns.label, LABEL_NAMES, "label", "--label-column")
+    text_index = _find_column(path, header, columns.text, TEXT_NAMES, "text", "--text-column")
+    if label_index is None and text_index is None:
+        if len(header) != 2:
+            raise DataError(
+                f"{path}: the header {header} names no text ({'/'.join(TEXT_NAMES)}) and no label "
+                f"({'/'.join(LABEL_NAMES)}) column; name them with --text-column and --label-column"
+            )
+        log.warning(
+            "%s: the header %s names no text (%s) and no label (%s) column; reading the text from %r and the label "
+            "from %r by position (name them with --text-column and --label-column)",
+            path, header, "/".join(TEXT_NAMES), "/".join(LABEL_NAMES), header[0], header[1],
+        )  # fmt: skip
+        return 0, 1
+    for role, flag, known in (("label", "--label-column", LABEL_NAMES), ("text", "--text-column", TEXT_NAMES)):
+        found = label_index if role == "label" else text_index
+        if found is not None:
+            continue
+        others = [index for index in range(len(header)) if index not in (label_index, text_index)]
+        if len(others) != 1:
+            raise DataError(
+                f"{path}: the header {header} has no {role} column ({'/'.join(known)}); name it with {flag}"
+            )
+        if role == "label":
+            label_index = others[0]
+        else:
+            text_index = others[0]
+    if text_index == label_index:
+        raise DataError(f"{path}: the text and the label are the same column {header[text_index]!r}")
+    inferred = columns.text is None or columns.label is None
+    if inferred and (text_index, label_index) != (0, len(header) - 1):  # a layout reading by position got wrong
+        log.warning(
+            "%s: the header %s does not put the text first and the label last; reading the text from %r "
+            "(column %d) and the label from %r (column %d), by name",
+            path, header, header[text_index], text_index + 1, header[label_index], label_index + 1,
+        )  # fmt: skip
+    return text_index, label_index
+
+
+def _find_column(
+    path: Path, header: list[str], asked: str | None, known: tuple[str, ...], role: str, flag: str
+) -> int | None:
+    """The index of the column ``asked`` for (an error if absent), else of the one known name present (an error
+    if several are), else None."""
+    if asked is not None:
+        if asked in header:
+            return header.index(asked)
+        raise DataError(f"{path}: no {role} column {asked!r}; the header has {header}")
+    found = [index for index, cell in enumerate(header) if cell.strip().lower() in known]
+    if len(found) > 1:
+        names = ", ".join(repr(header[index]) for index in found)
+        raise DataError(f"{path}: the header has several {role} columns ({names}); choose one with {flag}")
+    return found[0] if found else None
 
 
 def _read_jsonl(path: Path, columns: Columns, limit: int | None) -> list[RawExample]:
-    text_key, label_key = columns.text or "text", columns.label or "label"
+    label_key = columns.label or LABEL_NAMES[0]
     examples = []
     with path.open(encoding="utf-8") as handle:
         for line, content in enumerate(handle, start=1):
@@ -102,6 +185,7 @@ def _read_jsonl(path: Path, columns: Columns, limit: int | None) -> list[RawExam
                 raise DataError(f"{path}:{line}: not valid JSON ({exc.msg})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{line}: expected a JSON object, got {type(record).__name__}")
+            text_key = columns.text or next((name for name in TEXT_NAMES if name in record), TEXT_NAMES[0])
             for key in (text_key, label_key):
                 if key not in record:
                     raise DataError(f"{path}:{line}: no key {key!r}; the object has {sorted(record)}")

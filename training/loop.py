@@ -7,10 +7,11 @@ sweep compares methods on exactly the same code path.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from cogalora import (
 )
 from cogalora.bank import ROUTER_INPUT_NORMS
 from cogalora.base_model import load_tokenizer
+from cogalora.checkpoint import CheckpointError, read_meta
 from cogalora.config import DEFAULT_RANK_SET, ROUTED_METHODS, check_rank_set, parse_rank_set
 from cogalora.gates import DEFAULT_RANK_WARMUP, GATE_ESTIMATORS, RANK_WARMUPS, annealed_temperature
 from training.data import (
@@ -45,7 +47,14 @@ from training.distributed import DistributedContext, init_distributed, shutdown_
 from training.evaluation import evaluate, never_fired
 from training.objective import SPARSITY_WEIGHTS, Objective
 
-#: Learning rates that work for each family (LoRA wants ~1e-4..1e-3, full FT ~2e-5).
+log = logging.getLogger(__name__)
+
+#: Which methods an option matters to (``option(methods=...)``); setting it for another one is warned about.
+ADAPTER_METHODS: tuple[str, ...] = tuple(method for method in METHODS if method != "full")
+GATED_METHODS: tuple[str, ...] = ("galora", *ROUTED_METHODS)
+RANK_ROUTED: tuple[str, ...] = ("radlora",)
+
+#: Learning rates that work for each family (LoRA wants ~1e-4..1e-3, full fine-tuning ~2e-5).
 DEFAULT_ADAPTER_LR = 5e-4
 DEFAULT_FULL_LR = 3e-5
 
@@ -57,8 +66,9 @@ class TrainConfigError(ValueError):
 def option(default: Any = MISSING, help: str = "", group: str = "training", **cli: Any) -> Any:
     """A :class:`TrainConfig` field with what the ``train`` command needs to expose it.
 
-    ``cli`` may hold ``flag`` (default ``--field-name``), ``choices``, and for a boolean that
-    defaults to True, ``off_flag``: the flag that turns it off. The field's default, type and help
+    ``cli`` may hold ``flag`` (default ``--field-name``), ``choices``, for a boolean that
+    defaults to True, ``off_flag``: the flag that turns it off, and ``methods``: the methods the
+    option matters to (default: all). The field's default, type and help
     are the command's (``training.cli`` builds its parser from these fields).
     """
     return field(default=default, metadata={"help": help, "group": group, **cli})
@@ -74,6 +84,9 @@ class TrainConfig:
     train: str = option(help="training data (.tsv, .csv or .jsonl)", group="data")
     dev: str = option(help="dev data, same format (evaluated after every epoch)", group="data")
     output: str = option(help="checkpoint directory to write", group="data")
+    overwrite: bool = option(
+        False, "replace a checkpoint already in --output (default: refuse, e.g. to keep a calibrated model)", "data"
+    )
     method: str = option("cogalora", "fine-tuning method", group="model", choices=METHODS)
     base_model: str = option(PACKAGED_MODEL_ID, "base encoder id or local directory", group="model")
     text_column: str | None = option(
@@ -88,26 +101,31 @@ class TrainConfig:
         "indices into them (default: sorted unique labels of the training data)",
         group="data",
     )
-    rank: int = option(8, "LoRA rank r", group="model")
-    alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)", group="model")
+    rank: int = option(8, "LoRA rank r", group="model", methods=ADAPTER_METHODS)
+    alpha: float = option(16.0, "LoRA alpha (scaling alpha/r)", group="model", methods=ADAPTER_METHODS)
     sparsity_lambda: float = option(
         0.1,
         "sparsity penalty weight (CoGaLoRA: lambda * mean p; GaLoRA: lambda * mean |g|); with "
         "--target-active-fraction the starting value of the controlled lambda",
         group="routing",
         flag="--lambda",
+        methods=GATED_METHODS,
     )
-    tau: float = option(0.5, "inference gate threshold stored in the checkpoint", group="routing")
+    tau: float = option(
+        0.5, "inference gate threshold stored in the checkpoint", group="routing", methods=ROUTED_METHODS
+    )
     rank_set: str = option(
         "0,2,4,8",
         "RAD-LoRA: comma-separated ranks each router may pick per example (0: off; at most --rank); nested: "
         "rank k uses the first k rows of A and columns of B",
         group="routing",
+        methods=RANK_ROUTED,
     )
     rank_lambda: float = option(
         0.0,
         "RAD-LoRA: weight of the rank penalty rank_lambda * mean E[rank] / rank, beside the gate penalty --lambda",
         group="routing",
+        methods=RANK_ROUTED,
     )
     rank_warmup: str = option(
         DEFAULT_RANK_WARMUP,
@@ -115,11 +133,14 @@ class TrainConfig:
         "a rank drawn uniformly from the nonzero ranks of --rank-set (sampled: every nested rank learns as an adapter)",
         group="routing",
         choices=RANK_WARMUPS,
+        methods=RANK_ROUTED,
     )
     lr: float | None = option(
         None, f"learning rate (default {DEFAULT_ADAPTER_LR} for adapter methods, {DEFAULT_FULL_LR} for full)"
     )
-    router_lr: float | None = option(None, "learning rate of routers / GaLoRA gates (default: --lr)")
+    router_lr: float | None = option(
+        None, "learning rate of routers / GaLoRA gates (default: --lr)", methods=GATED_METHODS
+    )
     weight_decay: float = option(0.01, "AdamW weight decay")
     warmup_ratio: float = option(0.06, "fraction of steps of linear LR warm-up")
     epochs: int = option(1, "passes over the training data")
@@ -130,51 +151,78 @@ class TrainConfig:
     max_train_examples: int | None = option(None, "use only the first N training rows", group="data")
     max_dev_examples: int | None = option(None, "use only the first N dev rows", group="data")
     warmup_gates_on_steps: int = option(
-        0, "CoGaLoRA: train the first N steps as plain LoRA (all gates on, routers frozen, no penalty)", "routing"
+        0,
+        "CoGaLoRA: train the first N steps as plain LoRA (all gates on, routers frozen, no penalty)",
+        "routing",
+        methods=GATED_METHODS,
     )
-    router_init_bias: float = option(2.0, "initial router output bias (sigmoid(2) ~ 0.88: mostly on)", "routing")
+    router_init_bias: float = option(
+        2.0, "initial router output bias (sigmoid(2) ~ 0.88: mostly on)", "routing", methods=ROUTED_METHODS
+    )
     router_input_norm: str = option(
         "none",
         "CoGaLoRA: how routers read their mean-pooled input: as is, or standardised over features "
         "(layer_norm: no shrinking with length); stored in the checkpoint",
         "routing",
         choices=ROUTER_INPUT_NORMS,
+        methods=ROUTED_METHODS,
     )
     target_active_fraction: float | None = option(
         None,
         "CoGaLoRA: train to this expected active fraction (of sites, or of adapter FLOPs with --sparsity-weights "
         "flops) by dual ascent on lambda, instead of a fixed lambda",
         "routing",
+        methods=ROUTED_METHODS,
     )
-    budget_lr: float = option(0.01, "step size of the dual ascent on lambda (--target-active-fraction)", "routing")
+    target_active_rank: float | None = option(
+        None,
+        "RAD-LoRA: train to this expected total active rank per example (the sum over sites of the rank used, 0 where "
+        "off; 288 = 36 sites at rank 8) by dual ascent on --rank-lambda (its starting value), instead of a fixed one",
+        "routing",
+        methods=RANK_ROUTED,
+    )
+    budget_lr: float = option(
+        0.01,
+        "step size of the dual ascent on lambda (--target-active-fraction) and --rank-lambda",
+        "routing",
+        methods=ROUTED_METHODS,
+    )
     sparsity_weights: str = option(
         "sites",
         "CoGaLoRA: what the penalty and the budget count: every site alike, or each site by its adapter FLOPs",
         "routing",
         choices=SPARSITY_WEIGHTS,
+        methods=ROUTED_METHODS,
     )
     distill_weight: float = option(
         0.0,
         "CoGaLoRA: weight of self-distillation in the routed phase, KL(all-gates-on model || routed model)",
         "routing",
+        methods=ROUTED_METHODS,
     )
-    distill_temperature: float = option(1.0, "softmax temperature of self-distillation", "routing")
+    distill_temperature: float = option(
+        1.0, "softmax temperature of self-distillation", "routing", methods=ROUTED_METHODS
+    )
     gate_estimator: str = option(
         "ste",
         "CoGaLoRA training gates: straight-through Bernoulli (ste) or relaxed Gumbel-sigmoid (gumbel); "
         "inference always uses p > tau",
         "routing",
         choices=GATE_ESTIMATORS,
+        methods=ROUTED_METHODS,
     )
-    gate_temperature: float = option(1.0, "gumbel estimator: temperature at the start of the routed phase", "routing")
+    gate_temperature: float = option(
+        1.0, "gumbel estimator: temperature at the start of the routed phase", "routing", methods=ROUTED_METHODS
+    )
     gate_temperature_end: float = option(
-        0.1, "gumbel estimator: temperature at the end (annealed geometrically)", "routing"
+        0.1, "gumbel estimator: temperature at the end (annealed geometrically)", "routing", methods=ROUTED_METHODS
     )
     drop_never_fired: bool = option(
         True,
         "CoGaLoRA: keep sites whose router never fired on dev (default: drop them, the freezing trick)",
         "routing",
         off_flag="--keep-never-fired",
+        methods=ROUTED_METHODS,
     )
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)", "runtime")
     device: str = option("auto", "'auto' (CUDA when available), 'cpu', 'cuda', ...", "runtime")
@@ -188,6 +236,11 @@ class TrainConfig:
                 raise TrainConfigError(
                     f"--target-active-fraction must lie in (0, 1], got {self.target_active_fraction}"
                 )
+        if self.target_active_rank is not None:
+            if self.method != "radlora":
+                raise TrainConfigError("--target-active-rank needs --method radlora")
+            if self.target_active_rank <= 0:
+                raise TrainConfigError(f"--target-active-rank must be > 0, got {self.target_active_rank}")
         if self.method == "radlora":
             try:
                 check_rank_set(parse_rank_set(self.rank_set), self.rank)
@@ -209,6 +262,17 @@ class TrainConfig:
         for name, choices in checks:
             if getattr(self, name) not in choices:
                 raise TrainConfigError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+
+    def ignored_options(self) -> list[str]:
+        """The flags set away from their default that this run's method does not use."""
+        ignored = []
+        for item in fields(self):
+            methods = item.metadata.get("methods")
+            if methods is None or self.method in methods or getattr(self, item.name) == item.default:
+                continue
+            flag = item.metadata.get("flag") or "--" + item.name.replace("_", "-")
+            ignored.append(item.metadata.get("off_flag", flag) if item.default is True else flag)
+        return ignored
 
     @property
     def learning_rate(self) -> float:
@@ -293,15 +357,19 @@ def build_model(config: TrainConfig, labels: list[str]) -> CoGaLoRAModel:
 
 
 def build_objective(model: CoGaLoRAModel, config: TrainConfig) -> Objective:
-    return Objective(
-        model,
-        config.sparsity_lambda,
-        sparsity_weights=config.sparsity_weights,
-        target_active_fraction=config.target_active_fraction,
-        budget_lr=config.budget_lr,
-        distill_weight=config.distill_weight,
-        distill_temperature=config.distill_temperature,
-    )
+    try:
+        return Objective(
+            model,
+            config.sparsity_lambda,
+            sparsity_weights=config.sparsity_weights,
+            target_active_fraction=config.target_active_fraction,
+            budget_lr=config.budget_lr,
+            distill_weight=config.distill_weight,
+            distill_temperature=config.distill_temperature,
+            target_active_rank=config.target_active_rank,
+        )
+    except ValueError as exc:
+        raise TrainConfigError(f"--target-active-rank: {exc}") from None
 
 
 def run_training(config: TrainConfig) -> TrainResult:
@@ -311,6 +379,10 @@ def run_training(config: TrainConfig) -> TrainResult:
     and gradients are summed (``training.distributed``); only rank 0 evaluates, shows progress and
     writes the checkpoint (the other ranks return a result with empty metrics).
     """
+    check_output(config)
+    ignored = config.ignored_options()
+    if ignored:
+        log.warning("--method %s does not use %s: ignored", config.method, ", ".join(ignored))
     if config.threads:
         torch.set_num_threads(config.threads)
     context, device = init_distributed(pick_device(config.device))
@@ -318,6 +390,20 @@ def run_training(config: TrainConfig) -> TrainResult:
         return _train(config, context, device)
     finally:
         shutdown_distributed(context)
+
+
+def check_output(config: TrainConfig) -> None:
+    """Refuse, before any training, to replace a checkpoint in ``config.output`` unless ``overwrite``."""
+    output = Path(config.output)
+    if config.overwrite or not (output / "cogalora.json").exists():
+        return
+    try:
+        meta = read_meta(output)
+        calibration = (meta.model_extra or {}).get("calibration")
+        what = f"a {meta.method} checkpoint" + (f", calibrated to tau {meta.tau:g}" if calibration else "")
+    except CheckpointError:
+        what = "a checkpoint"
+    raise TrainConfigError(f"{output} already holds {what}; pass --overwrite to replace it, or choose another --output")
 
 
 def _train(config: TrainConfig, context: DistributedContext, device: torch.device) -> TrainResult:
@@ -342,7 +428,7 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
         model.train()
         bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not show)
         smoothed, correct, seen, active, gate_slots, expected, routed = None, 0, 0, 0.0, 0, 0.0, 0
-        rank_total = 0.0
+        rank_total, expected_rank = 0.0, 0.0
         for global_indices in batches:
             indices = context.shard(global_indices)
             _set_lr(optimizer, step, total_steps, warmup)
@@ -357,7 +443,8 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
             # This shard's share of the global batch: summed over ranks, the gradients and the
             # statistics are those of the whole batch (a single process has share 1).
             share = len(indices) / len(global_indices)
-            local = [0.0] * 7  # loss, correct, rows, active gates, gate slots, expected active * share, ranks
+            # loss, correct, rows, active gates, gate slots, expected active * share, ranks, expected rank * share
+            local = [0.0] * 8
             if indices:
                 batch = collate(train_set, indices).to(device)
                 result = objective.step(model, batch, warming, update_budget=False)
@@ -371,14 +458,15 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
                     float(out.gates.numel()),
                     result.expected_active * share,
                     float(out.ranks.sum()) if out.ranks is not None else 0.0,
+                    result.expected_rank * share,
                 ]
-            value, batch_correct, rows, batch_active, batch_slots, measured, batch_ranks = context.all_reduce_sum(
-                trainable, local
+            value, batch_correct, rows, batch_active, batch_slots, measured, batch_ranks, measured_rank = (
+                context.all_reduce_sum(trainable, local)
             )
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
-            if objective.controller is not None and not warming:
-                objective.controller.update(measured)
+            if not warming:
+                objective.update_budgets(measured, measured_rank)
             step += 1
             smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
             correct += int(batch_correct)
@@ -388,6 +476,7 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
             rank_total += batch_ranks
             if not warming:
                 expected += measured
+                expected_rank += measured_rank
                 routed += 1
             postfix = {"loss": f"{smoothed:.3f}", "acc": f"{correct / seen:.3f}"}
             postfix["active"] = f"{active / max(gate_slots, 1):.2f}"
@@ -395,6 +484,8 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
                 postfix["rank"] = f"{rank_total / max(seen, 1):.1f}"
             if objective.controller is not None:
                 postfix["lambda"] = f"{objective.controller.strength:.3f}"
+            if objective.rank_controller is not None:
+                postfix["rank_lambda"] = f"{objective.rank_controller.strength:.3f}"
             bar.set_postfix(postfix)
             bar.update(1)
         bar.close()
@@ -407,7 +498,13 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
             "train_accuracy": correct / max(seen, 1),
             "train_active_fraction": active / max(gate_slots, 1),
             "train_expected_active": expected / routed if routed else None,
+            "train_expected_active_rank": (
+                expected_rank / routed * len(model.sites) * config.rank
+                if routed and config.method == "radlora"
+                else None
+            ),
             "lambda": objective.controller.strength if objective.controller else None,
+            "rank_lambda": objective.rank_controller.strength if objective.rank_controller else None,
             "dev_accuracy": dev_metrics["accuracy"],
             "dev_active_fraction": dev_metrics["mean_active_fraction"],
             "dev_adapter_flops_fraction": dev_metrics["adapter_flops_fraction"],
@@ -435,6 +532,12 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
             target_active_fraction=config.target_active_fraction,
             budget_error=metrics[achieved_key] - config.target_active_fraction,
             final_lambda=objective.controller.strength,
+        )
+    if objective.rank_controller is not None:
+        metrics.update(
+            target_active_rank=config.target_active_rank,
+            rank_budget_error=metrics["mean_active_rank"] - config.target_active_rank,
+            final_rank_lambda=objective.rank_controller.strength,
         )
     model.to("cpu")
     router = None

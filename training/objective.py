@@ -11,6 +11,11 @@
   under it sees lambda fall to 0 and no penalty, never a push to switch more adapters on.
 - **Rank penalty** (RAD-LoRA, ``--rank-lambda``): ``rank_lambda * mean E[rank] / r_max`` beside the
   gate penalty, ``E[rank] = p * sum_k q_k k`` the rank a row is expected to use at a site.
+- **Rank budget** (RAD-LoRA, ``--target-active-rank R``): the same dual ascent on ``rank_lambda``
+  towards an expected *total* active rank ``R`` per example (the sum over sites of ``E[rank]``;
+  288 = 36 sites at rank 8), measured in the penalty's units: ``c = mean E[rank] / r_max`` against
+  ``R / (sites * r_max)``. Since ``E[rank]`` includes the gate probability, this one budget prices
+  both switching a site off and choosing a smaller rank.
 - **Self-distillation** (``--distill-weight``): the same model with every gate on, in eval mode
   and without gradient, is the teacher; the loss adds ``beta T^2 KL(teacher || routed)`` on
   temperature-``T`` softmaxes, so the routed model is pulled towards the dense one's predictions.
@@ -78,6 +83,13 @@ def dense_teacher_logits(
         model.train(was_training)
 
 
+def expected_rank_fraction(output: RoutedOutput, rank: int) -> float:
+    """The batch's ``mean E[rank] / rank`` over rows and sites: the rank budget's measurement (0 without ranks)."""
+    if output.expected_ranks is None or not output.expected_ranks.numel():
+        return 0.0
+    return float(output.expected_ranks.detach().mean()) / rank
+
+
 @dataclass
 class StepLoss:
     loss: Tensor
@@ -87,6 +99,8 @@ class StepLoss:
     strength: float
     """Lambda applied in this step."""
     distillation: float
+    expected_rank: float = 0.0
+    """RAD-LoRA: the batch's ``mean E[rank] / rank`` (x sites x rank = expected total active rank)."""
 
 
 class Objective:
@@ -101,6 +115,7 @@ class Objective:
         budget_lr: float = 0.01,
         distill_weight: float = 0.0,
         distill_temperature: float = 1.0,
+        target_active_rank: float | None = None,
     ) -> None:
         self.routed = model.config.has_routers
         self.weights = site_cost_weights(model, sparsity_weights) if self.routed else None
@@ -114,6 +129,17 @@ class Objective:
         )
         self.distill_weight = distill_weight if self.routed else 0.0
         self.distill_temperature = distill_temperature
+        self.rank = model.config.rank
+        self.rank_controller = None
+        """Dual ascent on ``rank_lambda`` towards ``--target-active-rank`` (RAD-LoRA only)."""
+        if target_active_rank is not None and model.config.routed_ranks is not None:
+            full = len(model.sites) * self.rank
+            if not 0.0 < target_active_rank <= full:
+                raise ValueError(
+                    f"target active rank must lie in (0, {full}] ({len(model.sites)} sites x rank "
+                    f"{self.rank}), got {target_active_rank}"
+                )
+            self.rank_controller = BudgetController(target_active_rank / full, budget_lr, model.config.rank_lambda)
 
     def step(self, model: CoGaLoRAModel, batch, warming: bool, update_budget: bool = True) -> StepLoss:
         """Forward + loss for one batch; ``warming``: the plain-LoRA warm-up (gates on, no penalty).
@@ -128,7 +154,8 @@ class Objective:
         if warming:
             return StepLoss(loss, output, 1.0, 0.0, 0.0)
         strength = self.controller.strength if self.controller else self.strength
-        loss = loss + model.sparsity_penalty(output, self.weights, strength) + model.rank_penalty(output)
+        rank_strength = self.rank_controller.strength if self.rank_controller else None
+        loss = loss + model.sparsity_penalty(output, self.weights, strength) + model.rank_penalty(output, rank_strength)
         distillation = 0.0
         if self.distill_weight > 0:
             teacher = dense_teacher_logits(model, batch.input_ids, batch.attention_mask, batch.token_type_ids)
@@ -136,6 +163,15 @@ class Objective:
             loss = loss + self.distill_weight * term
             distillation = float(term.detach())
         measured = float(expected_active(output.gate_probs.detach(), self.weights)) if self.routed else 1.0
-        if self.controller and update_budget:
-            self.controller.update(measured)
-        return StepLoss(loss, output, measured, strength, distillation)
+        rank_measured = expected_rank_fraction(output, self.rank)
+        if update_budget:
+            self.update_budgets(measured, rank_measured)
+        return StepLoss(loss, output, measured, strength, distillation, rank_measured)
+
+    def update_budgets(self, active: float, rank: float) -> None:
+        """One dual step of each budget controller, from a (global) batch's expected active fraction and
+        ``mean E[rank] / rank``."""
+        if self.controller is not None:
+            self.controller.update(active)
+        if self.rank_controller is not None:
+            self.rank_controller.update(rank)
