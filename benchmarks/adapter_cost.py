@@ -1,4 +1,4 @@
-"""Cost of trained adapters of any routed method, through the training-side model (issue 12's study).
+"""Cost of trained adapters of any routed method, through the training-side model (the HyperLoRA study).
 
 ``python -m benchmarks.adapter_cost "RAD-LoRA=models/sst2-radlora" "HyperLoRA=runs/sst2s/hyperlora-16k-s0" ...``
 

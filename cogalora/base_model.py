@@ -1,4 +1,4 @@
-"""Finding and loading the frozen base encoder and its tokenizer (DESIGN.md §3)."""
+"""Finding and loading the frozen base encoder and its tokenizer (docs/design.md)."""
 
 from __future__ import annotations
 

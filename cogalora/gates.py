@@ -3,7 +3,7 @@
 Inference never samples: a gate is the hard decision ``p > tau`` (``cogalora.layer``), whatever
 estimator trained the router. In training:
 
-- ``ste`` (the seed's): ``hard ~ Bernoulli(p)``, forward value ``hard``, gradient through ``p``
+- ``ste`` (the default): ``hard ~ Bernoulli(p)``, forward value ``hard``, gradient through ``p``
   (``hard + p - p.detach()``).
 - ``gumbel``: the relaxed Bernoulli (Gumbel-sigmoid, Maddison et al. / Jang et al. 2017):
   ``sigmoid((logit + L) / T)`` with logistic noise ``L``; the forward value is this soft gate, so

@@ -31,8 +31,9 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 py=.venv/bin/python
 $py -m pip install -q --upgrade pip
-# The CPU build of torch 2.13 lies on this workplace's disk; pinning it first keeps pip from
-# resolving a multi-GB CUDA build. Elsewhere pip downloads it from PyPI.
+# torch first, pinned, so that no later dependency resolves another version. pip takes the build
+# its configuration offers: a CPU wheel from a local wheelhouse or index where one is configured
+# (--find-links, --extra-index-url, as on CI), else PyPI's default build.
 $py -m pip install -q "torch==2.13.0"
 if [ "$dev" = 1 ]; then
   $py -m pip install -q -e ".[dev]"

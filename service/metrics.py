@@ -1,4 +1,5 @@
-"""Prometheus metrics of one app instance, on a private registry (defined in ``service.metric_definitions``).
+"""Prometheus metrics of one app instance (docs/service.md), on a private registry (defined in
+``service.metric_definitions``).
 
 Per-adapter labels are what operators ask for, but a thousand adapters times every histogram bucket
 is a cardinality explosion. :class:`AdapterLabels` lets the operator choose

@@ -1,4 +1,4 @@
-"""The HTTP routes. A classification crosses this file once:
+"""The HTTP routes (docs/service.md). A classification crosses this file once:
 
 ``POST /classify`` -> body validated by :class:`~service.schemas.ClassifyBody` ->
 :func:`~service.classification.classify_texts` (size limits, adapter resolved by the repository,

@@ -1,4 +1,4 @@
-"""What crosses the wire: request bodies, responses, the error envelope.
+"""What crosses the wire (docs/service.md): request bodies, responses, the error envelope.
 
 Each schema is defined once, here, and serves three purposes: validation at the edge, the OpenAPI
 document, and serialization (``service.results`` names the engine's plain results as :class:`RowResult`

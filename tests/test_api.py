@@ -1,4 +1,4 @@
-"""HTTP contract of the app (DESIGN.md §5) against a fake engine side: routes, auth, limits, errors."""
+"""HTTP contract of the app (docs/service.md) against a fake engine side: routes, auth, limits, errors."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ is a fake whose firing the test controls.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from conftest import synthetic_checkpoint
 from service.batcher import Batcher, BatcherConfig
 from service.engine import Engine, EngineRun, PreparedRow
 from service.errors import (
+    AdapterReplacedError,
     AdapterUnloadedError,
     InferenceError,
     PayloadTooLargeError,
@@ -36,7 +38,7 @@ class FakeRepository:
     """One adapter, "fake"; counts pins so tests can check every pin is given back."""
 
     def __init__(self) -> None:
-        self.adapter = SimpleNamespace(name="fake")
+        self.adapter = SimpleNamespace(name="fake", revision="r1")
         self.pins = 0
         self.unloaded = False
 
@@ -293,6 +295,17 @@ async def test_unknown_adapter_is_rejected_at_submit(parts) -> None:
     with pytest.raises(UnknownAdapterError):
         await batcher.submit(TokenizedRequest(adapter="nope", ids=[[1, 2]], input_tokens=[2]))
     assert batcher.queue_depth == 0
+
+
+async def test_a_request_prepared_for_another_revision_is_refused_and_gives_its_pin_back(parts) -> None:
+    batcher, engine, *_ = parts
+    stale = dataclasses.replace(request("old"), revision="r0")
+    with pytest.raises(AdapterReplacedError):
+        await batcher.submit(stale)
+    assert engine.repository.pins == 0 and batcher.queue_depth == 0
+    current = [dataclasses.replace(request(text), revision="r1") for text in ("a", "b", "c", "d")]
+    answers = await asyncio.gather(*(batcher.submit(r) for r in current))
+    assert [a[0].label for a in answers] == ["a", "b", "c", "d"] and engine.repository.pins == 0
 
 
 # ---- with the real engine ------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""RAD-LoRA: routers that also pick a nested rank per example (issue 12), on tiny random encoders."""
+"""RAD-LoRA: routers that also pick a nested rank per example, on tiny random encoders."""
 
 from __future__ import annotations
 

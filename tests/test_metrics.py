@@ -1,4 +1,4 @@
-"""Prometheus metrics: exact names, bounded labels, and counts that move by exactly N."""
+"""Prometheus metrics (docs/service.md): exact names, bounded labels, and counts that move by exactly N."""
 
 from __future__ import annotations
 

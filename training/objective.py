@@ -1,6 +1,6 @@
 """The training loss: cross-entropy + sparsity penalty (+ self-distillation), and what steers it.
 
-- **Site cost weights** (``--sparsity-weights``): ``sites`` counts every site alike (the seed's
+- **Site cost weights** (``--sparsity-weights``): ``sites`` counts every site alike (the original
   ``mean p``); ``flops`` weights each site by its adapter FLOPs per token, so the penalty is the
   expected fraction of the adapter's FLOPs (at rank 8 on MiniLM an FFN site costs 2.5 attention
   sites: ``2r(384 + 1536)`` against ``2r(384 + 384)``).
@@ -120,7 +120,7 @@ class Objective:
         self.routed = model.config.has_routers
         self.weights = site_cost_weights(model, sparsity_weights) if self.routed else None
         if sparsity_weights == "sites":
-            self.weights = None  # the plain mean: exactly the seed's penalty
+            self.weights = None  # the plain mean: exactly the original penalty
         self.strength = sparsity_lambda
         self.controller = (
             BudgetController(target_active_fraction, budget_lr, sparsity_lambda)
