@@ -2,7 +2,7 @@
 
 With a padded batch, standard attention reduces over the padded width, so a sentence's numbers
 depend on its longest batch-mate: harmless in float32 (~1e-7), but in bfloat16 the different
-accumulation order moves logits by up to ~5e-4 and breaks batch invariance (docs/design.md).
+accumulation order moves logits by up to ~5e-4 and breaks batch invariance (docs/architecture.md).
 Everything else in a BERT-family encoder works token by token (the Linear products are
 row-invariant), so attention is the only place where padding can leak in.
 

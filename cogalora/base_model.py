@@ -1,4 +1,4 @@
-"""Finding and loading the frozen base encoder and its tokenizer (docs/design.md)."""
+"""Finding and loading the frozen base encoder and its tokenizer (docs/architecture.md)."""
 
 from __future__ import annotations
 

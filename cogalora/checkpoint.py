@@ -1,4 +1,4 @@
-"""Checkpoint files (docs/design.md): PEFT-compatible adapter + CoGaLoRA routers and metadata.
+"""Checkpoint files (docs/architecture.md): PEFT-compatible adapter + CoGaLoRA routers and metadata.
 
 ::
 

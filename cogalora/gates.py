@@ -40,7 +40,7 @@ RANK_WARMUPS: tuple[str, ...] = ("full", "sampled")
 """What a RAD-LoRA adapter trains during the gates-on warm-up: its full rank, or a sampled nested rank."""
 DEFAULT_RANK_WARMUP = "sampled"
 """Sampled: on SST-2 sentences (16k rows, seeds 0 / 1) 86.8 / 85.5 % at total rank 31.5 / 19.8, against
-84.1 / 85.5 % at 47.6 / 55.1 for ``full`` (docs/results.md, "Issue 12")."""
+84.1 / 85.5 % at 47.6 / 55.1 for ``full`` (docs/results.md, "Rank routing")."""
 
 
 def training_gates(logits: Tensor, estimator: str = "ste", temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""The HTTP service (docs/design.md), wired together: ``create_app(settings)``.
+"""The HTTP service (docs/architecture.md), wired together: ``create_app(settings)``.
 
 Where things live: request/response schemas in ``schemas.py``, routes in ``routes.py``, the TEI and
 Open Inference routes in ``protocols/`` (all three share ``classification.py``), the raw ASGI edge

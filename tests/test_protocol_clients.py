@@ -23,7 +23,7 @@ def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}
 
 
-#: Scores of a row alone and in a batch agree to this (batch invariance, docs/design.md); FP32 outputs too.
+#: Scores of a row alone and in a batch agree to this (batch invariance, docs/architecture.md); FP32 outputs too.
 SCORE_TOLERANCE = 1e-5
 
 
