@@ -117,8 +117,9 @@ class EngineClient:
                 try:
                     outputs, tokenize_seconds = await self._classify(entry, request)
                 except AdapterReplacedError:
-                    # Replaced after this entry was read: read the folder again, tokenize for it, once.
-                    entry = self.catalogue.add(entry.name)
+                    # Replaced after this entry was read: read the folder again (off the event loop),
+                    # tokenize for it, once.
+                    entry = await asyncio.to_thread(self.catalogue.add, entry.name)
                     outputs, tokenize_seconds = await self._classify(entry, request)
         except AdapterLoadError as exc:  # the engine could not load it: later requests fail fast here
             self.catalogue.mark_failed(entry.name, failure_reason(entry.name, exc))

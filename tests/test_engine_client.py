@@ -19,7 +19,7 @@ from conftest import synthetic_checkpoint, tiny_text
 from service.catalogue import Catalogue
 from service.engine_client import EngineClient, LocalTransport
 from service.engine_core import EngineCore
-from service.errors import NotReadyError, QueueFullError
+from service.errors import AdapterReplacedError, NotReadyError, QueueFullError
 from service.lifecycle import build_components
 from service.metrics import service_metrics
 from service.settings import Settings
@@ -104,6 +104,35 @@ async def test_admission_comes_before_tokenization_which_runs_off_the_event_loop
         release.set()
         transport.release.set()
         await client.stop()
+
+
+async def test_a_request_tokenized_for_a_replaced_adapter_is_read_again_and_named_by_the_new_one(
+    tiny_dir: Path, tiny_base_dir: Path
+) -> None:
+    catalogue = Catalogue(tiny_dir)
+    catalogue.scan()
+    transport = HeldTransport()
+    transport.release.set()
+    answer = transport.classify
+
+    async def replaced_meanwhile(request):
+        if len(transport.received) == 0:  # the folder is replaced while this request was tokenized
+            transport.received.append(request)
+            synthetic_checkpoint(tiny_dir / "two", str(tiny_base_dir), ["down", "up"], seed=7)
+            raise AdapterReplacedError("replaced")
+        return await answer(request)
+
+    transport.classify = replaced_meanwhile
+    client = EngineClient(Settings(model_dir=tiny_dir), catalogue, transport)
+    await client.start()
+    try:
+        results = await client.submit(ClassifyRequest(["good movie"], "two"))
+    finally:
+        await client.stop()
+    first, second = transport.received
+    assert first.revision and second.revision and first.revision != second.revision
+    assert [r.label for r in results] == ["up"], "named with the labels of the weights that answered"
+    assert catalogue.entry("two").revision == second.revision
 
 
 def _answers(results) -> list[tuple]:
