@@ -366,7 +366,7 @@ def build_objective(model: CoGaLoRAModel, config: TrainConfig) -> Objective:
             target_active_rank=config.target_active_rank,
         )
     except ValueError as exc:
-        raise TrainConfigError(f"--target-active-rank: {exc}") from None
+        raise TrainConfigError(str(exc)) from None  # the message names the option
 
 
 def run_training(config: TrainConfig) -> TrainResult:

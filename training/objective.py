@@ -136,7 +136,7 @@ class Objective:
             full = len(model.sites) * self.rank
             if not 0.0 < target_active_rank <= full:
                 raise ValueError(
-                    f"target active rank must lie in (0, {full}] ({len(model.sites)} sites x rank "
+                    f"--target-active-rank must lie in (0, {full}] ({len(model.sites)} sites x rank "
                     f"{self.rank}), got {target_active_rank}"
                 )
             self.rank_controller = BudgetController(target_active_rank / full, budget_lr, model.config.rank_lambda)
