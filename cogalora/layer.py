@@ -18,6 +18,11 @@ from cogalora.int8 import Int8Linear, quantize_rows
 from cogalora.routing import BankRoute, RoutingState
 from cogalora.variants import PLAIN, AdapterVariant
 
+#: Widest stacked adapter product of a mixed int8 batch, in rank components (``adapters x rank``): every
+#: token multiplies the whole stack, so beyond some width the wasted products cost more than the
+#: kernels, gathers and scatters that stacking saves.
+STACKED_RANK = 64
+
 
 class GatedLoraLinear(nn.Module):
     """``W0 x + g(x) * B A x * (alpha / r)`` for the adapter of each row.
@@ -165,25 +170,40 @@ class GatedLoraLinear(nn.Module):
     def _add_active_exact(
         self, x: Tensor, out: Tensor, route: BankRoute, rows: Tensor | None, rank: int | None
     ) -> None:
-        """``out += B A x`` with exact integer products for the batch rows ``rows`` (``None``: all), one
-        product pair per adapter among them (a row's update never depends on the others)."""
+        """``out += B A x`` with exact integer products for the batch rows ``rows`` (``None``: all); the
+        rows of up to :data:`STACKED_RANK` / rank adapters share one stacked product pair (a row's update
+        never depends on the others: ``AdapterBank.add_delta_exact_stacked``)."""
         bank = self.banks[route.bank]
         tokens = self.routing.quantized(x)
-        width = x.shape[1]
+        flat = out.view(-1, out.shape[-1])
         if isinstance(route.rows, int):
-            groups = [(route.rows, rows)]
+            if rows is None:
+                bank.add_delta_exact(flat, tokens, route.rows, rank)
+                return
+            parts = [(rows, None, None)]
         else:
             members = torch.arange(x.shape[0], device=x.device) if rows is None else rows
-            bank_rows = route.rows.index_select(0, members)
-            groups = [(int(row), members[bank_rows == row]) for row in torch.unique(bank_rows).tolist()]
-        flat = out.view(-1, out.shape[-1])
-        for bank_row, members in groups:
-            if members is None:
-                bank.add_delta_exact(flat, tokens, bank_row, rank)
-                continue
-            update = out.new_zeros(members.shape[0] * width, out.shape[-1])
-            bank.add_delta_exact(update, tokens.select_sequences(members, width), bank_row, rank)
-            out.index_add_(0, members, update.view(members.shape[0], width, -1))
+            adapters, member_adapter = torch.unique(route.rows.index_select(0, members), return_inverse=True)
+            stack = max(1, STACKED_RANK // (bank.rank if rank is None else rank))
+            if adapters.shape[0] <= stack:
+                parts = [(rows, adapters, member_adapter)]
+            else:
+                parts = []
+                for first in range(0, adapters.shape[0], stack):
+                    chosen = ((member_adapter >= first) & (member_adapter < first + stack)).nonzero().squeeze(1)
+                    part_adapter = member_adapter.index_select(0, chosen) - first
+                    parts.append((members.index_select(0, chosen), adapters[first : first + stack], part_adapter))
+        width = x.shape[1]
+        for members, adapters, member_adapter in parts:
+            selected = tokens if members is None else tokens.select_sequences(members, width)
+            update = flat if members is None else out.new_zeros(members.shape[0] * width, out.shape[-1])
+            if adapters is None or adapters.shape[0] == 1:
+                bank_row = route.rows if adapters is None else int(adapters[0])
+                bank.add_delta_exact(update, selected, bank_row, rank)
+            else:
+                bank.add_delta_exact_stacked(update, selected, adapters, member_adapter.repeat_interleave(width), rank)
+            if members is not None:
+                out.index_add_(0, members, update.view(members.shape[0], width, -1))
 
     def _forward_train(self, x: Tensor, out: Tensor, routes: tuple[BankRoute, ...]) -> Tensor:
         """Dense adapter on every row, times a sampled gate (``cogalora.gates``).

@@ -8,7 +8,8 @@ from conftest import randomize_adapter, spread_routers, tiny_model
 from torch import nn
 
 from cogalora import CoGaLoRAConfig
-from cogalora.int8 import Int8Linear, int_matmul, quantize_rows
+from cogalora.bank import AdapterBank
+from cogalora.int8 import Int8Linear, QuantizedRows, int_matmul, quantize_rows
 from cogalora.precision import PRECISION_CHOICES, PRECISIONS, resolve_precision
 
 
@@ -58,6 +59,28 @@ def test_int8_linear_is_close_to_float_and_bitwise_independent_of_the_batch() ->
                     assert torch.equal(batch[row - start], together[row]), (count, size, row)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("rank", [8, 3])
+def test_a_stacked_product_for_many_adapters_gives_each_token_its_own_adapters_bits(rank: int) -> None:
+    """Tokens of five adapters in one stacked product pair: each token's update is the bits of its own
+    adapter's product pair (at the bank's rank and at a nested rank)."""
+    torch.manual_seed(0)
+    bank = AdapterBank(384, 1536, 8, 4, capacity=8)
+    for row in range(8):
+        bank.write(row, torch.randn(8, 384) * 0.1, torch.randn(1536, 8) * 0.1, 2.0, None)
+    bank.use_integer_products()
+    tokens = quantize_rows(torch.randn(40, 384) * 3)
+    rows = torch.tensor([6, 1, 3, 0, 5])
+    token_adapter = torch.randint(0, 5, (40,))
+    start = torch.randn(40, 1536)
+    stacked, separate = start.clone(), start.clone()
+    bank.add_delta_exact_stacked(stacked, tokens, rows, token_adapter, rank)
+    for token in range(40):
+        one = QuantizedRows(*(t[token : token + 1] for t in tokens))
+        bank.add_delta_exact(separate[token : token + 1], one, int(rows[token_adapter[token]]), rank)
+    assert torch.equal(stacked, separate)
+    assert (stacked != start).any(dim=1).all(), "every token got an update"
 
 
 def test_a_model_in_int8_serves_close_to_float32_with_float32_routers() -> None:

@@ -12,6 +12,7 @@ import torch
 from conftest import SHARED_DATA, Described, peft_lora_folder, synthetic_checkpoint, tiny_text, torch_visible_flops
 from torch.utils.flop_counter import FlopCounterMode
 
+import cogalora.layer
 from cogalora import PACKAGED_MODEL_ID, load_base_model, load_model, read_adapter, resolve_base_model
 from service.engine import Engine, PreparedRow
 from service.engine_tuning import length_chunks
@@ -195,14 +196,19 @@ def test_batch_invariance_mixed_adapters_lengths_and_taus(mixed_minilm_dir: Path
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("precision", ["float32", "int8"])
 @pytest.mark.parametrize("adapters", [1, 3, 50])
-def test_gathered_path_equals_the_one_adapter_path(tmp_path: Path, tiny_base_dir: Path, adapters: int) -> None:
-    """Rows of 1, 3 or 50 adapters in one gathered batch: each as it scores alone on its own adapter."""
+def test_gathered_path_equals_the_one_adapter_path(
+    tmp_path: Path, tiny_base_dir: Path, adapters: int, precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of 1, 3 or 50 adapters in one gathered batch: each as it scores alone on its own adapter (in
+    int8 bit for bit, with stacks of two rank-8 adapters: several stacked products per site)."""
+    monkeypatch.setattr(cogalora.layer, "STACKED_RANK", 16)
     root = tmp_path / "models"
     labels = [["neg", "pos"], ["x", "y", "z"], ["p", "q"]]
     for index in range(adapters):
         synthetic_checkpoint(root / f"a{index:02d}", str(tiny_base_dir), labels[index % 3], seed=index)
-    repository = scanned(root)
+    repository = scanned(root, precision=precision)
     single = Described(Engine(repository, tune_malloc=False))
     gathered = Described(Engine(repository, tune_malloc=False, always_gather=True))
     rng = random.Random(adapters)
@@ -220,6 +226,9 @@ def test_gathered_path_equals_the_one_adapter_path(tmp_path: Path, tiny_base_dir
     assert len(gate_patterns) > 1, "the comparison needs varied gates"
     for expected, result in zip(alone, together, strict=True):
         assert isinstance(result, RowResult)
+        if precision == "int8":
+            assert bit_pattern(result) == bit_pattern(expected)
+            continue
         assert result.active_modules == expected.active_modules
         labels = [item.label for item in expected.scores]
         assert probabilities(result, labels) == pytest.approx(probabilities(expected, labels), abs=1e-5)
