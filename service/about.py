@@ -31,6 +31,7 @@ def runtime(settings: Settings) -> dict[str, Any]:
         "device": settings.resolved_device(),
         "dtype": settings.resolved_precision().name,
         "engine_process": settings.engine_process,
+        "engine_processes": settings.resolved_engine_processes() if settings.engine_process else 0,
         "engine_lanes": settings.resolved_engine_lanes(),
         "torch_threads": settings.resolved_torch_threads(),
     }

@@ -67,20 +67,32 @@ async def build_components(settings: Settings, metrics: ServiceMetrics) -> tuple
     if not settings.engine_process:
         core = await asyncio.to_thread(EngineCore.build, settings, metrics)
         return core.repository, EngineClient(settings, core.repository.catalogue, LocalTransport(core))
+    from service.process_pool import ProcessPool
     from service.process_transport import ProcessTransport
 
     catalogue = Catalogue(settings.model_dir)
     await asyncio.to_thread(catalogue.scan)
     repository = RemoteRepository(catalogue, settings.max_loaded_adapters, metrics)
-    transport = ProcessTransport(engine_settings(settings), repository, repository.on_ready)
+    processes = settings.resolved_engine_processes()
+    payload = engine_settings(settings)
+    if processes == 1:
+        transport = ProcessTransport(payload, repository, repository.on_ready)
+    else:
+        transport = ProcessPool(processes, payload, repository, repository.on_ready)
     repository.attach(transport, asyncio.get_running_loop())
     return repository, EngineClient(settings, catalogue, transport)
 
 
 def engine_settings(settings: Settings) -> dict:
-    """The settings the engine process builds from: every field but the secrets (it needs none)."""
+    """The settings each engine process builds from: every field but the secrets (it needs none), with its
+    share of the lanes and the threads resolved for all of them (so processes do not oversubscribe the cores)."""
     secret = {name for name, field in Settings.model_fields.items() if "SecretStr" in str(field.annotation)}
-    return settings.model_dump(mode="json", exclude=secret)
+    payload = settings.model_dump(mode="json", exclude=secret)
+    processes = settings.resolved_engine_processes()
+    payload["engine_lanes"] = max(1, settings.resolved_engine_lanes() // processes)
+    payload["torch_threads"] = settings.resolved_torch_threads()
+    payload["engine_processes"] = 1
+    return payload
 
 
 class Service:

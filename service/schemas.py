@@ -213,6 +213,9 @@ class ServerInfo(BaseModel):
     engine_lanes: int = Field(description="Copies of the model that run forwards at once.")
     torch_threads: int = Field(description="torch intra-op threads of each lane.")
     engine_process: bool = Field(description="Whether the engine runs in a process of its own.")
+    engine_processes: int = Field(
+        description="Engine processes sharing the lanes (0: the engine runs in the API process)."
+    )
     adapters: list[str] = Field(description="Servable adapters, loaded in memory or not (empty while loading).")
     loaded: int = Field(description="Adapters in memory now.")
     unavailable: dict[str, str] = Field(description="Checkpoint folders that cannot be served, and why.")

@@ -91,6 +91,14 @@ class Settings(BaseSettings):
         "barrier), for the memory of a second copy (about 70 MB for MiniLM in int8). 0 = auto: 2 on CPUs with at "
         "least 2 cores, else 1 (1 on GPUs).",
     )
+    engine_processes: int = Field(
+        0,
+        ge=0,
+        description="Engine processes (with engine_process), each with its own batcher and its share of the lanes; "
+        "a request goes to the least busy one, and while one restarts the others serve. Forwards on threads of "
+        "one process take turns at its interpreter lock, so on CPUs one process per lane runs faster (for the "
+        "memory of a second interpreter and model). 0 = auto: one per lane on CPUs, 1 on GPUs.",
+    )
     torch_threads: int = Field(
         0,
         ge=0,
@@ -190,6 +198,13 @@ class Settings(BaseSettings):
         if self.engine_lanes:
             return self.engine_lanes
         return 2 if self.resolved_device() == "cpu" and _cores() >= 2 else 1
+
+    def resolved_engine_processes(self) -> int:
+        """Engine processes to start (``0`` resolved: one per lane on CPUs, 1 on GPUs; at most one per lane)."""
+        lanes = self.resolved_engine_lanes()
+        if self.engine_processes:
+            return min(self.engine_processes, lanes)
+        return lanes if self.resolved_device() == "cpu" else 1
 
     def resolved_torch_threads(self) -> int:
         """Intra-op threads per lane (``0`` resolved: the cores but one, shared among the lanes, at least 1)."""

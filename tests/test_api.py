@@ -437,3 +437,22 @@ def test_auto_threads_leave_one_core_to_the_api_process_and_share_the_rest_among
     assert (Settings().resolved_engine_lanes(), Settings().resolved_torch_threads()) == (2, 1)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert (Settings().resolved_engine_lanes(), Settings().resolved_torch_threads()) == (1, 1)
+
+
+def test_auto_engine_processes_run_one_lane_each_with_the_threads_resolved_for_all(monkeypatch):
+    from service.lifecycle import engine_settings
+
+    def payload(**options) -> tuple[int, int, int]:
+        settings = Settings(**options)
+        built = engine_settings(settings)
+        return settings.resolved_engine_processes(), built["engine_lanes"], built["torch_threads"]
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert payload() == (2, 1, 3), "two processes of one lane, 7 cores shared among the lanes"
+    assert payload(engine_processes=1) == (1, 2, 3), "one process running both lanes"
+    assert payload(engine_lanes=4, engine_processes=2) == (2, 2, 1)
+    assert payload(engine_processes=5) == (2, 1, 3), "never more processes than lanes"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert payload() == (2, 1, 1)
+    assert payload(device="cpu", engine_lanes=1) == (1, 1, 1)
+    assert "api_key" not in engine_settings(Settings(api_key="secret")), "the engine gets no secrets"

@@ -149,7 +149,7 @@ async def test_the_engine_process_answers_like_the_engine_in_process_and_survive
     requests = [
         ClassifyRequest([text], ("two", "rad", "plain")[i % 3], (None, 0.3)[i % 2]) for i, text in enumerate(texts)
     ]
-    settings = Settings(model_dir=tiny_dir, dtype="int8", preload_adapters=3)
+    settings = Settings(model_dir=tiny_dir, dtype="int8", preload_adapters=3, engine_processes=1)
 
     local_settings = settings.model_copy(update={"engine_process": False})
     core = await asyncio.to_thread(EngineCore.build, local_settings, None)
@@ -201,7 +201,7 @@ def test_a_dead_engine_makes_the_service_unready_until_its_successor_serves(tiny
     import psutil
     from processes import API_KEY
 
-    service = start_service(tiny_dir, COGALORA_API_KEY=API_KEY, COGALORA_DTYPE="int8")
+    service = start_service(tiny_dir, COGALORA_API_KEY=API_KEY, COGALORA_DTYPE="int8", COGALORA_ENGINE_PROCESSES="1")
     headers = {"X-API-Key": API_KEY}
     body = {"inputs": [tiny_text(7, seed=1), tiny_text(3, seed=2)], "adapter": "rad"}
     with httpx.Client(base_url=service.url, timeout=60, trust_env=False, headers=headers) as client:
@@ -222,3 +222,81 @@ def test_a_dead_engine_makes_the_service_unready_until_its_successor_serves(tiny
         assert client.post("/classify", json=body).json() == before
         (successor,) = psutil.Process(service.proc.pid).children()
         assert successor.pid != engine.pid
+
+
+@pytest.mark.integration
+async def test_two_engine_processes_share_the_traffic_and_survive_one_being_killed(tiny_dir: Path) -> None:
+    """Two engine processes: both serve, the same bits as one; admin changes reach both; SIGKILL one under
+    traffic and no request fails (the others serve meanwhile, the dead one's requests go to its successor)."""
+    texts = [tiny_text(2 + seed % 11, seed=seed) for seed in range(24)]
+    requests = [
+        ClassifyRequest([text], ("two", "rad", "plain")[i % 3], (None, 0.3)[i % 2]) for i, text in enumerate(texts)
+    ]
+    one = Settings(model_dir=tiny_dir, dtype="int8", preload_adapters=3, engine_lanes=2, engine_processes=1)
+    repository, client = await build_components(one, service_metrics(one))
+    await client.start()
+    try:
+        expected = [_answers(await client.submit(request)) for request in requests]
+    finally:
+        await client.stop()
+
+    settings = one.model_copy(update={"engine_processes": 2, "preload_adapters": 1})
+    repository, client = await build_components(settings, service_metrics(settings))
+    await client.start()
+    pool = client.transport
+    try:
+        assert len(set(pool.pids)) == 2 and os.getpid() not in pool.pids
+        assert repository.loaded_names() == ["plain"], "preloaded in both, reported once"
+        answers = await asyncio.gather(*(client.submit(request) for request in requests * 4))
+        assert [_answers(a) for a in answers] == expected * 4
+        assert sorted(repository.loaded_names()) == ["plain", "rad", "two"]
+        await asyncio.to_thread(repository.unload, "rad")
+        assert sorted(repository.loaded_names()) == ["plain", "two"], "unloaded in both processes"
+        assert all("rad" not in resident for resident in pool._resident)
+        await asyncio.to_thread(repository.load, "rad")
+        assert all("rad" in resident for resident in pool._resident), "loaded in both processes"
+
+        burst = [asyncio.create_task(client.submit(request)) for request in requests * 8]
+        while not all(member._pending for member in pool.members):  # both processes hold requests
+            await asyncio.sleep(0.001)
+        victim = pool.members[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        outcomes = await asyncio.gather(*burst, return_exceptions=True)
+        assert [_answers(o) for o in outcomes] == expected * 8, "no request lost, every answer the same bits"
+        while not victim.up:
+            await asyncio.sleep(0.05)
+        assert victim.restarts == 1 and pool.members[1].restarts == 0
+        assert [_answers(await client.submit(r)) for r in requests[:6]] == expected[:6]
+    finally:
+        await client.stop()
+    assert all(member._process.returncode == 0 for member in pool.members), "stopped on request, not killed"
+
+
+@pytest.mark.integration
+def test_with_two_engine_processes_killing_one_leaves_the_service_ready_and_answering(
+    tiny_dir: Path, start_service
+) -> None:
+    """Through HTTP: SIGKILL one of two engine processes of a real ``python -m service``: every request is
+    still answered (the same bits), /ready stays 200, and a successor takes the dead one's place."""
+    import httpx
+    import psutil
+
+    service = start_service(tiny_dir, COGALORA_DTYPE="int8", COGALORA_ENGINE_LANES="2", COGALORA_ENGINE_PROCESSES="2")
+    body = {"inputs": [tiny_text(7, seed=1), tiny_text(3, seed=2)], "adapter": "rad"}
+    with httpx.Client(base_url=service.url, timeout=60, trust_env=False) as client:
+        before = client.post("/classify", json=body).json()
+        engines = psutil.Process(service.proc.pid).children()
+        assert len(engines) == 2
+        assert client.get("/info").json()["engine_processes"] == 2
+        engines[0].kill()
+        engines[0].wait(30)
+        for _ in range(20):
+            assert client.post("/classify", json=body).json() == before
+            assert client.get("/ready").status_code == 200
+        deadline = time.monotonic() + 60
+        while {p.pid for p in psutil.Process(service.proc.pid).children()} in ({engines[1].pid}, set()):
+            assert time.monotonic() < deadline, service.log_tail()
+            time.sleep(0.1)
+        successors = psutil.Process(service.proc.pid).children()
+        assert len(successors) == 2 and engines[0].pid not in {p.pid for p in successors}
+        assert client.post("/classify", json=body).json() == before

@@ -201,6 +201,7 @@ async def test_info_says_the_version_device_dtype_threads_and_adapters(tmp_path)
             "device": "cpu",
             "dtype": "float32",
             "engine_process": True,
+            "engine_processes": 2,
             "engine_lanes": 2,
             "torch_threads": 3,
             "adapters": ["agnews", "sst2"],
