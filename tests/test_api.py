@@ -367,7 +367,7 @@ def test_settings_defaults_and_cogalora_env(monkeypatch):
         monkeypatch.delenv(key)
     defaults = Settings()
     assert (defaults.host, defaults.port, defaults.max_queue) == ("0.0.0.0", 8000, 1024)
-    assert (defaults.max_batch_size, defaults.max_batch_tokens, defaults.max_wait_ms) == (32, 8192, 5.0)
+    assert (defaults.max_batch_size, defaults.max_batch_tokens, defaults.max_wait_ms) == (32, 8192, 0.0)
     assert (defaults.max_client_batch, defaults.max_input_chars, defaults.max_body_bytes) == (64, 10_000, 1 << 20)
     assert (defaults.request_timeout_s, defaults.device, defaults.torch_threads) == (30.0, "cpu", 0)
     assert (defaults.api_key_value(), defaults.log_format) == (None, "text")
