@@ -201,7 +201,7 @@ class GatedLoraLinear(nn.Module):
                 bank_row = route.rows if adapters is None else int(adapters[0])
                 bank.add_delta_exact(update, selected, bank_row, rank)
             else:
-                bank.add_delta_exact_stacked(update, selected, adapters, member_adapter.repeat_interleave(width), rank)
+                bank.add_delta_exact_stacked(update, selected, adapters, member_adapter, width, rank)
             if members is not None:
                 out.index_add_(0, members, update.view(members.shape[0], width, -1))
 
