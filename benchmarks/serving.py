@@ -55,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="process (the engine in its own process, the default service) and/or inprocess (one process)",
     )
     parser.add_argument("--torch-threads", default="0", help="service torch_threads values, comma-separated")
+    parser.add_argument(
+        "--engine-processes",
+        default="0",
+        help="service engine_processes values, comma-separated (default: 0, auto: one per lane on CPUs)",
+    )
     parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients (default: 32)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per measurement (default: 20)")
     parser.add_argument("--clients", default="wrk,httpx", help="load generators: wrk and/or httpx")
@@ -250,19 +255,22 @@ def main(argv: list[str] | None = None) -> int:
         wrk_script(bodies, script)
         texts_file.write_text("\n".join(sentences) + "\n", encoding="utf-8")
         configs = [
-            (dtype, mode, threads)
+            (dtype, mode, threads, processes)
             for dtype in args.dtypes.split(",")
             for mode in args.modes.split(",")
             for threads in args.torch_threads.split(",")
+            for processes in (args.engine_processes.split(",") if mode == "process" else ["0"])
         ]
-        for dtype, mode, threads in configs:
+        for dtype, mode, threads, processes in configs:
             precision = resolve_precision(dtype).name
             label = f"service {precision}" + (", one process" if mode == "inprocess" else "")
             label += f", torch_threads {threads}" if threads != "0" else ""
+            label += f", {processes} engine process{'es' if processes != '1' else ''}" if processes != "0" else ""
             env = {
                 "COGALORA_DTYPE": dtype,
                 "COGALORA_TORCH_THREADS": threads,
                 "COGALORA_ENGINE_PROCESS": str(mode == "process").lower(),
+                "COGALORA_ENGINE_PROCESSES": processes,
             }
             server = ServiceProcess(args.model_dir, Path(scratch) / "service.log", extra_env=env)
             try:
