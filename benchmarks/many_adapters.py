@@ -2,9 +2,10 @@
 
 A temporary model directory gets ``--folders`` copies of one committed adapter; one service serves
 it. ``wrk`` (``--concurrency`` clients, one full SST-2 sentence per request) first sends every request
-to one adapter, then spreads the same sentences uniformly over ``--used`` adapters (each loaded once
-before its measurement, as in a steady state). Both runs hit the same server, so the ratio is what
-mixing adapters costs; it also reports how long ``/ready`` took with that many folders.
+to one adapter, then spreads the same sentences uniformly over ``--used`` adapters (each loaded into
+every engine process before its measurement, as in a steady state). Both runs hit the same server, so
+the ratio is what mixing adapters costs; it also reports how long ``/ready`` took with that many
+folders.
 
     python -m benchmarks.many_adapters --folders 500 --used 200 --duration 20
 """
@@ -12,6 +13,7 @@ mixing adapters costs; it also reports how long ``/ready`` took with that many f
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import shutil
 import sys
@@ -45,6 +47,18 @@ def name_of(index: int) -> str:
     return f"adapter-{index:04d}"
 
 
+async def load_everywhere(url: str, bodies: list[str]) -> None:
+    """Load each adapter into every engine process, as in a steady state: requests for one adapter sent
+    at once go to different processes (each goes to the one holding the fewest rows)."""
+    headers = {"Content-Type": "application/json"}
+    async with httpx.AsyncClient(timeout=60.0, trust_env=False) as client:
+        processes = max(1, (await client.get(f"{url}/info")).json().get("engine_processes", 1))
+        for body in bodies:
+            await asyncio.gather(
+                *(client.post(f"{url}/classify", content=body, headers=headers) for _ in range(processes))
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.data.is_file():
@@ -74,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                     json.dumps({"inputs": sentences[i % len(sentences)], "adapter": name_of(i % used)})
                     for i in range(count)
                 ]
-                headers = {"Content-Type": "application/json"}
-                with httpx.Client(timeout=60.0, trust_env=False) as client:  # load each adapter once
-                    for body in bodies[:used]:
-                        client.post(f"{server.url}/classify", content=body, headers=headers)
+                asyncio.run(load_everywhere(server.url, bodies[:used]))
                 warm(server.url, bodies[0])
                 script = Path(scratch) / "classify.lua"
                 wrk_script(bodies, script)
