@@ -61,8 +61,7 @@ class BatcherConfig:
     request_timeout_s: float = 30.0
     """From submit to answer (loading, queueing, running); RequestTimeoutError after that."""
     idle_release_s: float | None = 0.5
-    """After this long without a batch, the engine gives its free memory back to the OS
-    (``Engine.release_memory``), once per idle spell; None: never."""
+    """After this long without a batch the engine gives its free memory back to the OS, once; None: never."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
@@ -108,8 +107,8 @@ class Batcher:
         self._loader_threads: ThreadPoolExecutor | None = None
         self._stopping = False
         self._rows_per_second = 0.0
-        self._ran_since_release = False
-        """A batch ran since the engine last gave its free memory back (``idle_release_s``)."""
+        self._release_memory = getattr(engine, "release_memory", None)
+        self._ran_since_release = False  # a batch ran since the engine last gave its free memory back
 
     # ---- state --------------------------------------------------------------------------------
 
@@ -257,10 +256,15 @@ class Batcher:
             if not self._queue:
                 if self._stopping and self._admitted_rows == 0:
                     break
-                if running or not self._ran_since_release or self.config.idle_release_s is None:
+                idle = self.config.idle_release_s
+                if running or not self._ran_since_release or idle is None or self._release_memory is None:
                     await self._wakeup.wait()
-                elif not await self._wait(self.config.idle_release_s):
-                    await self._release_memory(loop)
+                elif not await self._wait(idle):  # idle: the engine gives its free memory back (milliseconds)
+                    self._ran_since_release = False
+                    try:
+                        await loop.run_in_executor(self._engine_thread, self._release_memory)
+                    except Exception:
+                        logger.exception("releasing free memory failed")
                 continue
             if len(running) == self._lanes:  # every lane runs a batch: rows keep queueing for the next one
                 await self._wakeup.wait()
@@ -310,17 +314,6 @@ class Batcher:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(timer, woken, return_exceptions=True)
-
-    async def _release_memory(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The engine gives its free memory back to the OS (on an engine thread: it takes milliseconds)."""
-        self._ran_since_release = False
-        release = getattr(self.engine, "release_memory", None)
-        if release is None:
-            return
-        try:
-            await loop.run_in_executor(self._engine_thread, release)
-        except Exception:
-            logger.exception("releasing free memory failed")
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, taken: list[TakenRow]) -> None:
         self._ran_since_release = True
