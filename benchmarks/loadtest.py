@@ -66,6 +66,8 @@ class LoadTestConfig:
     adapter_mix: list[tuple[str | None, float]] = field(default_factory=lambda: [(None, 1.0)])
     texts: Sequence[str] = SAMPLE_TEXTS
     batch: int = 1
+    batch_max: int | None = None
+    """Inputs per request drawn uniformly from ``batch..batch_max`` (None: always ``batch``)."""
     threshold: float | None = None
     api_key: str | None = None
     timeout: float = 30.0
@@ -87,6 +89,8 @@ class LoadTestConfig:
             raise ValueError("--concurrency must be in [1, 10000]")
         if self.batch < 1:
             raise ValueError("--batch must be >= 1")
+        if self.batch_max is not None and self.batch_max < self.batch:
+            raise ValueError("--batch-max must be >= --batch")
         if self.timeout <= 0:
             raise ValueError("--timeout must be > 0")
         if self.max_inflight < 1:
@@ -325,8 +329,11 @@ class _Plan:
 
     def next(self) -> tuple[str | None, dict[str, Any]]:
         adapter = self.rng.choices(self.names, weights=self.weights)[0]
-        texts = [self.rng.choice(self.config.texts) for _ in range(self.config.batch)]
-        payload: dict[str, Any] = {"inputs": texts[0] if self.config.batch == 1 else texts}
+        size = self.config.batch
+        if self.config.batch_max is not None:
+            size = self.rng.randint(self.config.batch, self.config.batch_max)
+        texts = [self.rng.choice(self.config.texts) for _ in range(size)]
+        payload: dict[str, Any] = {"inputs": texts[0] if self.config.batch_max is None and size == 1 else texts}
         if adapter is not None:
             payload["adapter"] = adapter
         if self.config.threshold is not None:
@@ -577,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--texts", type=Path, default=None, help="text file, one input per line (default: built-in)")
     parser.add_argument("--batch", "-b", type=int, default=1, help="inputs per request")
+    parser.add_argument(
+        "--batch-max", type=int, default=None, help="inputs per request drawn uniformly from --batch..--batch-max"
+    )
     parser.add_argument("--threshold", type=float, default=None, help="per-request gate threshold override")
     parser.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
@@ -606,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
             adapter_mix=parse_adapter_mix(args.adapter_mix),
             texts=read_texts(args.texts) if args.texts else SAMPLE_TEXTS,
             batch=args.batch,
+            batch_max=args.batch_max,
             threshold=args.threshold,
             api_key=args.api_key,
             timeout=args.timeout,

@@ -60,6 +60,8 @@ class BatcherConfig:
     """Rows admitted and not yet running before new requests are refused with QueueFullError."""
     request_timeout_s: float = 30.0
     """From submit to answer (loading, queueing, running); RequestTimeoutError after that."""
+    idle_release_s: float | None = 0.5
+    """After this long without a batch the engine gives its free memory back to the OS, once; None: never."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
@@ -69,6 +71,8 @@ class BatcherConfig:
             raise ValueError(f"BatcherConfig.max_wait_s must be >= 0, got {self.max_wait_s}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"BatcherConfig.request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if self.idle_release_s is not None and self.idle_release_s < 0:
+            raise ValueError(f"BatcherConfig.idle_release_s must be >= 0 or None, got {self.idle_release_s}")
 
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -103,6 +107,8 @@ class Batcher:
         self._loader_threads: ThreadPoolExecutor | None = None
         self._stopping = False
         self._rows_per_second = 0.0
+        self._release_memory = getattr(engine, "release_memory", None)
+        self._ran_since_release = False  # a batch ran since the engine last gave its free memory back
 
     # ---- state --------------------------------------------------------------------------------
 
@@ -250,7 +256,15 @@ class Batcher:
             if not self._queue:
                 if self._stopping and self._admitted_rows == 0:
                     break
-                await self._wakeup.wait()
+                idle = self.config.idle_release_s
+                if running or not self._ran_since_release or idle is None or self._release_memory is None:
+                    await self._wakeup.wait()
+                elif not await self._wait(idle):  # idle: the engine gives its free memory back (milliseconds)
+                    self._ran_since_release = False
+                    try:
+                        await loop.run_in_executor(self._engine_thread, self._release_memory)
+                    except Exception:
+                        logger.exception("releasing free memory failed")
                 continue
             if len(running) == self._lanes:  # every lane runs a batch: rows keep queueing for the next one
                 await self._wakeup.wait()
@@ -287,13 +301,14 @@ class Batcher:
                 return 0.0
         return self._queue.oldest() + config.max_wait_s - self._clock()
 
-    async def _wait(self, seconds: float) -> None:
-        """Until ``seconds`` pass (the injected sleep) or something is queued or stopping."""
+    async def _wait(self, seconds: float) -> bool:
+        """Until ``seconds`` pass (the injected sleep: False) or something is queued or stopping (True)."""
         assert self._wakeup is not None
         timer = asyncio.ensure_future(self._sleep(seconds))
         woken = asyncio.ensure_future(self._wakeup.wait())
         try:
             await asyncio.wait({timer, woken}, return_when=asyncio.FIRST_COMPLETED)
+            return woken.done()
         finally:
             for task in (timer, woken):
                 task.cancel()
@@ -301,6 +316,7 @@ class Batcher:
                 await asyncio.gather(timer, woken, return_exceptions=True)
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, taken: list[TakenRow]) -> None:
+        self._ran_since_release = True
         rows = [row for _, _, row in taken]
         now = self._clock()
         began = time.perf_counter()

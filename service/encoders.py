@@ -1,8 +1,10 @@
 """Shared base encoders: one per base model, in one or more lanes, with the adapters in its slots.
 
 Adapters on the same base model share one :class:`~cogalora.CoGaLoRAModel` (the resident-adapter
-cache, ``service.repository``, decides which adapters are in its slots). A *lane* is an identical
-copy of that model that runs one forward at a time; several lanes run forwards at once.
+cache, ``service.repository``, decides which adapters are in its slots). A *lane* is a copy of that
+model that runs one forward at a time; several lanes run forwards at once. Lanes hold their own
+adapter slots (banks, heads, slot table, routing state) but one copy of the frozen base encoder
+(:func:`share_frozen_base`): a second lane costs its adapters, not a second MiniLM.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from functools import cached_property
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoConfig
 
 from cogalora import (
@@ -34,8 +37,61 @@ from service.catalogue import BaseSpec
 logger = logging.getLogger(__name__)
 
 
+def _per_lane_modules(model: CoGaLoRAModel) -> set[int]:
+    """Ids of the modules of ``model``'s base encoder whose tensors hold adapters: every adapter layer
+    (gated sites, pooler LoRA, heads) and what it owns, except the frozen layer it wraps (``base``)."""
+    per_lane: set[int] = set()
+    for layer in [*model.layers, *model.pooler_layers.values(), *model.head_layers.values()]:
+        frozen = getattr(layer, "base", None)
+        frozen_ids = {id(module) for module in frozen.modules()} if isinstance(frozen, nn.Module) else set()
+        per_lane |= {id(module) for module in layer.modules() if id(module) not in frozen_ids}
+    return per_lane
+
+
+def share_frozen_base(lane: CoGaLoRAModel, like: CoGaLoRAModel) -> int:
+    """Make ``lane`` compute with ``like``'s frozen base tensors (the same objects); return the bytes freed.
+
+    Both models must be built alike (same base, config and precision: call this after
+    ``set_precision``). Only the base encoder's own weights and buffers are shared (embeddings,
+    LayerNorms, the Linear layers under the adapter sites, int8 codes): no adapter write ever reaches
+    them. Adapter banks, heads and the slot table stay per lane, so each lane installs and removes
+    adapters as before. Raises ``ValueError`` when the two models differ in structure.
+    """
+    per_lane = _per_lane_modules(like)
+    freed = 0
+    shared = list(like.model.named_modules(remove_duplicate=False))
+    mine = list(lane.model.named_modules(remove_duplicate=False))
+    if [name for name, _ in shared] != [name for name, _ in mine]:
+        raise ValueError("the lanes' base encoders differ in structure")
+    for (name, source), (_, target) in zip(shared, mine, strict=True):
+        if id(source) in per_lane:
+            continue
+        if type(source) is not type(target):
+            raise ValueError(
+                f"the lanes differ at {name or 'the encoder'}: {type(source).__name__} vs {type(target).__name__}"
+            )
+        for table in ("_parameters", "_buffers"):
+            theirs, ours = getattr(source, table), getattr(target, table)
+            if theirs.keys() != ours.keys():
+                raise ValueError(f"the lanes differ at {name or 'the encoder'}: {sorted(theirs)} vs {sorted(ours)}")
+            for key, tensor in theirs.items():
+                own = ours[key]
+                if tensor is None or own is None or own is tensor:
+                    continue
+                if own.shape != tensor.shape or own.dtype != tensor.dtype or own.device != tensor.device:
+                    raise ValueError(
+                        f"the lanes differ at {name}.{key}: {tuple(own.shape)} {own.dtype} vs "
+                        f"{tuple(tensor.shape)} {tensor.dtype}"
+                    )
+                if own.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr():
+                    freed += own.untyped_storage().nbytes()
+                ours[key] = tensor
+    return freed
+
+
 class Lanes:
-    """Identical copies of one model, each running one forward at a time (a *lane*).
+    """Copies of one model, each running one forward at a time (a *lane*), alike but for storage:
+    they share the frozen base encoder (:func:`share_frozen_base`) and each holds its own adapters.
 
     Forwards on different lanes run at once (each on its own thread: torch releases the GIL inside
     its kernels), and a lane is one intra-op thread or a few: no thread ever waits at a barrier for
@@ -139,7 +195,8 @@ def load_encoder(
     config = CoGaLoRAConfig(
         method="cogalora", target_modules=ALL_MODULE_KINDS, head_modules=tuple(meta.head_modules) or None
     )
-    models = []
+    models: list[CoGaLoRAModel] = []
+    shared = 0
     try:
         # The encoder's own head width (a local base may ship a classifier); the head is replaced anyway.
         base_config = AutoConfig.from_pretrained(spec.key, trust_remote_code=False)
@@ -147,12 +204,21 @@ def load_encoder(
             model = CoGaLoRAModel(load_base_model(meta.base_model, num_labels=base_config.num_labels), config)
             model.requires_grad_(False)
             model.to(device).eval()
-            models.append(model.set_precision(precision))
+            model.set_precision(precision)
+            if models:
+                shared += share_frozen_base(model, like=models[0])
+            models.append(model)
         tokenizer = load_tokenizer(meta.base_model)
     except Exception as exc:  # unreadable weights raise the reader's own errors (e.g. SafetensorError)
         raise CheckpointError(f"base model {meta.base_model!r} cannot be loaded ({exc})") from exc
     tokenizer_max = getattr(tokenizer, "model_max_length", spec.max_positions) or spec.max_positions
-    logger.info("loaded base model %s (%d adapter sites, %d lanes)", spec.key, len(models[0].sites), lanes)
+    logger.info(
+        "loaded base model %s (%d adapter sites, %d lanes sharing its frozen weights: %.0f MB saved)",
+        spec.key,
+        len(models[0].sites),
+        lanes,
+        shared / 1e6,
+    )
     return SharedEncoder(
         key=spec.key, lanes=Lanes(models), tokenizer=tokenizer, max_positions=min(spec.max_positions, tokenizer_max)
     )

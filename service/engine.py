@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from service.encoders import SharedEncoder
-from service.engine_tuning import chunk_overhead_for, length_chunks, tune_allocator
+from service.engine_tuning import chunk_overhead_for, length_chunks, release_free_memory, tune_allocator
 from service.errors import AdapterUnloadedError, InferenceError, ServiceError
 from service.fidelity import ShadowSampler, compare
 from service.repository import LoadedAdapter, ModelRepository
@@ -256,6 +256,14 @@ class Engine:
         if routers:
             routing += _routing_samples([rows[p] for p in live], gate_matrix)
         return output.adapter_rows
+
+    # ---- memory -------------------------------------------------------------------------------
+
+    @staticmethod
+    def release_memory() -> None:
+        """Give the process's free memory back to the OS (``release_free_memory``): after loading, and
+        when no batch has run for a while; the next forward faults in what it needs again."""
+        release_free_memory()
 
     # ---- warm-up ------------------------------------------------------------------------------
 

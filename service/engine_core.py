@@ -57,6 +57,7 @@ def build_engine(
     repository.preload(settings.preload_adapters)
     engine = Engine(repository, shadow_fraction=settings.shadow_fraction)
     engine.warmup()
+    engine.release_memory()  # what loading dropped: e.g. each lane's own copy of the frozen weights
     logger.info(
         "engine ready",
         extra={

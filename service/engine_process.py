@@ -50,6 +50,7 @@ class _ChannelEvents:
 async def serve(socket_path: str) -> int:
     """Connect, build the engine, serve requests until ``stop`` or the socket closes."""
     from service.engine_core import EngineCore
+    from service.engine_tuning import tune_allocator
     from service.logs import configure_logging
     from service.settings import Settings
 
@@ -57,6 +58,8 @@ async def serve(socket_path: str) -> int:
     configure = await ipc.read_message(reader)
     settings = Settings(**configure["settings"])
     configure_logging(settings.log_format, settings.log_level)
+    if settings.resolved_device() == "cpu":
+        tune_allocator()  # before the engine's threads exist, so that they all share one heap
     loop = asyncio.get_running_loop()
     core: EngineCore | None = None
     events = _ChannelEvents(loop, writer, lambda: core.queue_depth if core is not None else 0)

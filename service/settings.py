@@ -94,8 +94,8 @@ class Settings(BaseSettings):
         ge=0,
         description="Copies of the model that run forwards at once, each on its own thread(s). On CPUs two lanes of "
         "one thread use two cores better than one forward on two threads (no thread waits at another forward's "
-        "barrier), for the memory of a second copy (about 70 MB for MiniLM in int8). 0 = auto: 2 on CPUs with at "
-        "least 2 cores, else 1 (1 on GPUs).",
+        "barrier); the lanes share the frozen encoder, so a lane costs its adapters and its forwards' buffers. "
+        "0 = auto: 2 on CPUs with at least 2 cores, else 1 (1 on GPUs).",
     )
     engine_processes: int = Field(
         0,

@@ -560,3 +560,30 @@ async def test_an_engine_with_two_lanes_runs_two_batches_at_once() -> None:
     finally:
         hold.set()
         await batcher.stop()
+
+
+async def test_the_engine_gives_its_free_memory_back_once_per_idle_spell() -> None:
+    """No batch for ``idle_release_s``: the engine releases its free memory, once; traffic postpones it."""
+    engine, timer = FakeEngine(), FakeTimer()
+    releases = threading.Semaphore(0)
+    engine.release_memory = releases.release
+    batcher = Batcher(engine, BatcherConfig(max_batch_size=1, idle_release_s=2.0), sleep=timer.sleep)
+    await batcher.start()
+    try:
+        assert [r.label for r in await batcher.submit(request("a"))] == ["a"]
+        await until(lambda: timer.requests == [2.0])
+        assert not releases.acquire(blocking=False), "not before the idle time has passed"
+        timer.fire()
+        assert await asyncio.to_thread(releases.acquire, True, 30)
+
+        # A request during the idle wait starts the spell again: one release, after its own idle time.
+        assert [r.label for r in await batcher.submit(request("b"))] == ["b"]
+        await until(lambda: len(timer.requests) == 2)
+        assert [r.label for r in await batcher.submit(request("c"))] == ["c"]
+        await until(lambda: len(timer.requests) == 3)
+        assert not releases.acquire(blocking=False)
+        timer.fire()
+        assert await asyncio.to_thread(releases.acquire, True, 30)
+        assert engine.batches == [["a"], ["b"], ["c"]]
+    finally:
+        await batcher.stop()

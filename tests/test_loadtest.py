@@ -18,6 +18,7 @@ from benchmarks.loadtest import (
     REJECTED,
     LoadTestConfig,
     RequestRecord,
+    _Plan,
     build_report,
     check_loopback,
     classify_response,
@@ -27,6 +28,7 @@ from benchmarks.loadtest import (
     read_texts,
     run_load,
 )
+from benchmarks.texts import SAMPLE_TEXTS
 
 # ---- unit tests: statistics and parsing -------------------------------------------------------
 
@@ -132,6 +134,16 @@ def test_loopback_only_and_bounded():
             check_loopback(url)
     with pytest.raises(ValueError, match="bounded"):
         LoadTestConfig().validate()
+
+
+def test_a_batch_range_draws_every_size_in_it_and_always_sends_a_list():
+    plan = _Plan(LoadTestConfig(requests=1, batch=1, batch_max=4, texts=("a", "b")))
+    sizes = [len(plan.next()[1]["inputs"]) for _ in range(400)]
+    assert set(sizes) == {1, 2, 3, 4}
+    assert isinstance(_Plan(LoadTestConfig(requests=1, batch=1, batch_max=1)).next()[1]["inputs"], list)
+    assert _Plan(LoadTestConfig(requests=1)).next()[1]["inputs"] in SAMPLE_TEXTS, "no range: one text, as before"
+    with pytest.raises(ValueError, match="batch-max"):
+        LoadTestConfig(requests=1, batch=3, batch_max=2).validate()
 
 
 def test_read_texts(tmp_path: Path):

@@ -9,8 +9,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import synthetic_checkpoint
+import torch
+from conftest import batch, peft_lora_folder, synthetic_checkpoint, tiny_bert_config
+from transformers import BertForSequenceClassification
 
+from cogalora import ALL_MODULE_KINDS, CoGaLoRAConfig, CoGaLoRAModel
+from service.encoders import share_frozen_base
 from service.errors import (
     AdapterCapacityError,
     AdapterConflictError,
@@ -279,3 +283,78 @@ def test_scan_of_300_folders_loads_only_what_is_asked(tmp_path: Path, tiny_base_
     repo.load_encoders()
     assert repo.preload(16) == names[:16]
     assert repo.acquire(names[299]).name == names[299], "any other adapter loads on demand"
+
+
+# ---- lanes: one frozen encoder, adapters per lane -------------------------------------------------
+
+
+def _tensors(model: CoGaLoRAModel) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+
+def _outputs(model: CoGaLoRAModel, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = batch([5, 9, 3, 12, 7, 9][: len(slots)], seed=4)
+    with torch.inference_mode():
+        output = model(ids, mask, slots=slots, taus=[0.5] * len(slots))
+    return output.logits, output.gates
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_lanes_share_the_frozen_encoder_and_keep_their_own_adapters(
+    model_dir: Path, tiny_base_dir: Path, precision: str
+) -> None:
+    # A PEFT folder over every Linear also puts LoRA on the pooler, outside the gated sites.
+    peft_lora_folder(tiny_base_dir, model_dir / "peft", num_labels=2, r=4, target_modules="all-linear")
+    alone = ModelRepository(model_dir, precision=precision)
+    lanes = ModelRepository(model_dir, precision=precision, lanes=3)
+    for repo in (alone, lanes):
+        repo.scan()
+        for name in repo.names():
+            repo.release(repo.acquire(name))
+    encoder = lanes.encoders()[0]
+    first, *others = encoder.lanes.models
+    heads = tuple(f"model.{path}." for path in first.head_layers)
+
+    def per_lane(name: str) -> bool:
+        return ".banks." in name or name.startswith(heads) or not name.startswith("model.")
+
+    assert any(".banks." in name for name, _ in _tensors(first)) and any(
+        name.startswith("model.") and ".base." in name for name, _ in _tensors(first)
+    )
+    for model in others:
+        assert [name for name, _ in _tensors(model)] == [name for name, _ in _tensors(first)]
+        for (name, mine), (_, theirs) in zip(_tensors(model), _tensors(first), strict=True):
+            assert (mine.data_ptr() == theirs.data_ptr()) != per_lane(name), name
+        embeddings = model.model.get_submodule("bert.embeddings.word_embeddings").weight
+        assert embeddings is first.model.get_submodule("bert.embeddings.word_embeddings").weight
+
+    def answers(repo: ModelRepository, names: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        encoder = repo.encoders()[0]
+        slot_of = {name: slot for slot, name in encoder.slots.items()}
+        slots = [slot_of[names[i % len(names)]] for i in range(6)]
+        return [_outputs(model, slots) for model in encoder.lanes.models]
+
+    def assert_alike(names: list[str]) -> None:
+        (reference,) = answers(alone, names)
+        for logits, gates in answers(lanes, names):
+            assert torch.equal(logits, reference[0]) and torch.equal(gates, reference[1])
+
+    everything = ["alpha", "beta", "plain", "peft"]
+    assert_alike(everything)
+    (beta,) = [slot for slot, name in encoder.slots.items() if name == "beta"]
+    lanes.unload("beta")
+    assert not any(any(model.site_present(beta)) for model in encoder.lanes.models), "removed from every lane"
+    assert_alike(["alpha", "plain", "peft"])
+    lanes.load("beta")
+    assert_alike(everything)
+
+
+def test_lanes_built_differently_are_not_shared() -> None:
+    def serving_model(precision: str) -> CoGaLoRAModel:
+        base = BertForSequenceClassification(tiny_bert_config()).eval()
+        return CoGaLoRAModel(base, CoGaLoRAConfig(target_modules=ALL_MODULE_KINDS)).set_precision(precision)
+
+    like = serving_model("int8")
+    with pytest.raises(ValueError, match="differ"):
+        share_frozen_base(serving_model("float32"), like)
+    assert share_frozen_base(serving_model("int8"), like) > 0
