@@ -1,14 +1,14 @@
-"""Resident memory of the running service under mixed traffic: the API process and the engine process.
+"""Resident memory of the running service under mixed traffic: the API process and the engine processes.
 
 Starts ``python -m service`` on the model directory (default: the committed adapters in models/),
 waits for ``/ready`` and records the resident set size (RSS, from /proc) of the API process and of
-its engine process (its child, ``service.engine_process``); then sends ``--requests`` requests of
-1 to ``--max-inputs`` inputs each, over every adapter the service lists (or ``--adapters``), from
-``--concurrency`` closed-loop clients, sampling both processes every ``--interval`` seconds. It
-reports, per process and for both together, memory right after ready, the peak under traffic, at
+its engine processes (its children, ``service.engine_process``); then sends ``--requests`` requests
+of 1 to ``--max-inputs`` inputs each, over every adapter the service lists (or ``--adapters``), from
+``--concurrency`` closed-loop clients, sampling every process every ``--interval`` seconds. It
+reports, per process and for all together, memory right after ready, the peak under traffic, at
 the last answer and after ``--idle`` seconds without traffic; and the throughput it saw, so that a
 change that saves memory at the cost of speed shows. RSS counts the pages of shared libraries
-(torch's) in each process; PSS divides shared pages among the processes, so the two processes' PSS
+(torch's) in each process; PSS divides shared pages among the processes, so the processes' PSS
 add up to what they take together.
 
     python -m benchmarks.memory --requests 12000 --output runs/memory.json
@@ -97,16 +97,17 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def engine_pid(api_pid: int) -> int | None:
-    """The engine process among ``api_pid``'s children (None: the engine runs inside the API process)."""
+def engine_pids(api_pid: int) -> list[int]:
+    """The engine processes among ``api_pid``'s children (none: the engine runs inside the API process)."""
+    found = []
     for child in children(api_pid):
         try:
             command = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         if ENGINE_MODULE.encode() in command:
-            return child
-    return None
+            found.append(child)
+    return sorted(found)
 
 
 # ---- sampling -------------------------------------------------------------------------------------
@@ -177,9 +178,9 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
         server.wait_ready()
         adapters = args.adapters.split(",") if args.adapters else served_adapters(server.url)
         pids = {"api": server.proc.pid}
-        engine = engine_pid(server.proc.pid)
-        if engine is not None:
-            pids["engine"] = engine
+        engines = engine_pids(server.proc.pid)
+        for index, engine in enumerate(engines):
+            pids["engine" if len(engines) == 1 else f"engine {index + 1}"] = engine
         sampler = Sampler(pids, args.interval)
         ready = sampler.sample()
         config = LoadTestConfig(
