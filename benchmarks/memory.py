@@ -1,15 +1,15 @@
 """Resident memory of the running service under mixed traffic: the API process and the engine processes.
 
 Starts ``python -m service`` on the model directory (default: the committed adapters in models/),
-waits for ``/ready`` and records the resident set size (RSS, from /proc) of the API process and of
-its engine processes (its children, ``service.engine_process``); then sends ``--requests`` requests
-of 1 to ``--max-inputs`` inputs each, over every adapter the service lists (or ``--adapters``), from
-``--concurrency`` closed-loop clients, sampling every process every ``--interval`` seconds. It
-reports, per process and for all together, memory right after ready, the peak under traffic, at
-the last answer and after ``--idle`` seconds without traffic; and the throughput it saw, so that a
-change that saves memory at the cost of speed shows. RSS counts the pages of shared libraries
-(torch's) in each process; PSS divides shared pages among the processes, so the processes' PSS
-add up to what they take together.
+waits for ``/ready`` and records the resident set size (RSS, from /proc) of the API process, of its
+engine processes and of the template they are forked from (``service.engine_launcher``); then
+sends ``--requests`` requests of 1 to ``--max-inputs`` inputs each, over every adapter the service
+lists (or ``--adapters``), from ``--concurrency`` closed-loop clients, sampling every process every
+``--interval`` seconds. It reports, per process and for all together, memory right after ready, the
+peak under traffic, at the last answer and after ``--idle`` seconds without traffic; and the
+throughput it saw, so that a change that saves memory at the cost of speed shows. RSS counts the
+pages of shared libraries (torch's) and of the template in each process; PSS divides shared pages
+among the processes, so the processes' PSS add up to what they take together.
 
     python -m benchmarks.memory --requests 12000 --output runs/memory.json
     python -m benchmarks.memory --requests 2000 --env COGALORA_ENGINE_LANES=1
@@ -30,10 +30,8 @@ from pathlib import Path
 import httpx
 
 from benchmarks.loadtest import LoadTestConfig, run_load
-from benchmarks.processes import REPO, ServiceProcess
+from benchmarks.processes import REPO, ServiceProcess, descendants, engine_pids, parent_pid, process_name
 from benchmarks.texts import SAMPLE_TEXTS
-
-ENGINE_MODULE = "service.engine_process"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,30 +82,6 @@ def memory_mb(pid: int) -> dict[str, float | None]:
         if key in ("Rss", "Pss"):
             found[key.lower()] = int(value.split()[0]) * 1024 / 1e6
     return found
-
-
-def children(pid: int) -> list[int]:
-    """Direct child processes of ``pid`` (every thread's children, from /proc)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found += [int(child) for child in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
-
-
-def engine_pids(api_pid: int) -> list[int]:
-    """The engine processes among ``api_pid``'s children (none: the engine runs inside the API process)."""
-    found = []
-    for child in children(api_pid):
-        try:
-            command = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if ENGINE_MODULE.encode() in command:
-            found.append(child)
-    return sorted(found)
 
 
 # ---- sampling -------------------------------------------------------------------------------------
@@ -181,6 +155,10 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
         engines = engine_pids(server.proc.pid)
         for index, engine in enumerate(engines):
             pids["engine" if len(engines) == 1 else f"engine {index + 1}"] = engine
+        templates = {parent_pid(engine) for engine in engines} - {server.proc.pid}
+        for pid in sorted(set(descendants(server.proc.pid)) - set(engines)):
+            # The template the engines are forked from, and its helper (multiprocessing's resource tracker).
+            pids["engine template" if pid in templates else f"{process_name(pid)} {pid}"] = pid
         sampler = Sampler(pids, args.interval)
         ready = sampler.sample()
         config = LoadTestConfig(

@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from service.engine_launcher import ENGINE_PROCESS_NAME
+
 REPO = Path(__file__).resolve().parents[1]
 
 #: How the Docker image (CMD) and compose start the service; the tests start it the same way.
@@ -38,6 +40,41 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), from /proc (Linux)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
+def process_name(pid: int) -> str | None:
+    """``pid``'s name as ``ps`` shows it (/proc/PID/comm), or None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
+def parent_pid(pid: int) -> int | None:
+    """``pid``'s parent (/proc/PID/stat), or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[1])  # after "pid (name) state"
+
+
+def engine_pids(api_pid: int) -> list[int]:
+    """The engine processes of the service whose API process is ``api_pid`` (none: the engine runs inside it)."""
+    return sorted(pid for pid in descendants(api_pid) if process_name(pid) == ENGINE_PROCESS_NAME)
 
 
 def wait_until(check: Callable[[], Any], timeout: float, interval: float = 0.25, what: str = "condition") -> Any:

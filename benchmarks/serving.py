@@ -11,9 +11,13 @@ request):
    it leaves the two cores to the server) and with this project's httpx load tester; for the
    service also the engine alone, offline, at the batch size it formed under that load (its
    ``cogalora_batch_size``), with the engine's own thread count: what serving costs on top;
-3. with ``--sweep``: the service under open-loop Poisson arrivals at fractions of its maximum
+3. with ``--sweep``: the service under Poisson-like arrivals at fractions of its maximum
    throughput, p50/p99 latency against offered load (``--plot`` writes the PNG), beside the
-   latency of a lone request.
+   latency of a lone request. With ``wrk`` (the default where installed) each of
+   ``--sweep-connections`` connections waits an exponential time (mean connections / rate) before
+   each request: near-Poisson arrivals while few requests are in service, from a client that
+   leaves the two cores to the server; with ``--sweep-client httpx`` the project's load tester
+   sends on a true open-loop schedule, but takes CPU from the server.
 
     python -m benchmarks.serving --duration 20 --sweep --plot runs/latency_vs_load.png \\
         --output runs/serving.json
@@ -66,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-naive", action="store_true", help="skip the naive server")
     parser.add_argument("--sweep", action="store_true", help="open-loop latency against offered load")
     parser.add_argument("--sweep-fractions", default="0.1,0.25,0.5,0.7,0.85,1.0", help="of the measured maximum")
+    parser.add_argument(
+        "--sweep-client", choices=("wrk", "httpx"), default="wrk", help="load generator of the sweep (default: wrk)"
+    )
+    parser.add_argument(
+        "--sweep-connections", type=int, default=128, help="wrk connections of the sweep (default: 128)"
+    )
     parser.add_argument("--plot", type=Path, help="PNG of p50/p99 latency against offered load (with --sweep)")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     return parser.parse_args(argv)
@@ -150,6 +160,17 @@ def run_wrk(url: str, script: Path, concurrency: int, duration: float) -> dict:
     return parse_wrk(completed.stdout)
 
 
+def wrk_open_script(closed: Path, rate: float, connections: int, path: Path) -> None:
+    """``closed`` (a :func:`wrk_script`) with an exponential wait before each request on each connection,
+    mean ``connections / rate``: ``rate`` requests/s in all, near-Poisson while few are in service."""
+    mean_ms = 1000.0 * connections / rate
+    path.write_text(
+        closed.read_text(encoding="utf-8") + "math.randomseed(7)\n"
+        f"delay = function()\n  return math.floor(-math.log(1 - math.random()) * {mean_ms:.3f})\nend\n",
+        encoding="utf-8",
+    )
+
+
 def run_httpx(url: str, adapter: str, texts_file: Path, duration: float, **mode: float) -> dict:
     """The project's load tester in its own process (closed loop: concurrency=N; open loop: rate=R)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as report_file:
@@ -191,19 +212,34 @@ def measure_server(server: ServiceProcess, args, bodies, script, texts_file) -> 
     return results
 
 
-def sweep(server: ServiceProcess, args, texts_file: Path, maximum: float) -> dict:
-    lone = run_httpx(server.url, args.adapter, texts_file, min(args.duration, 10.0), concurrency=1)
+def sweep(server: ServiceProcess, args, script: Path, texts_file: Path, maximum: float) -> dict:
+    client = args.sweep_client if args.sweep_client in args.clients else "httpx"
+    seconds = min(args.duration, 10.0)
+    if client == "wrk":
+        lone = run_wrk(server.url, script, 1, seconds)
+    else:
+        lone = run_httpx(server.url, args.adapter, texts_file, seconds, concurrency=1)
     points = []
     for fraction in [float(f) for f in args.sweep_fractions.split(",")]:
         rate = max(fraction * maximum, 0.5)
-        measured = run_httpx(server.url, args.adapter, texts_file, args.duration, rate=round(rate, 2))
+        if client == "wrk":
+            paced = script.with_name(f"paced-{fraction}.lua")
+            wrk_open_script(script, rate, args.sweep_connections, paced)
+            measured = run_wrk(server.url, paced, args.sweep_connections, args.duration)
+        else:
+            measured = run_httpx(server.url, args.adapter, texts_file, args.duration, rate=round(rate, 2))
         points.append({"fraction": fraction, "offered_per_s": rate, **measured})
         print(
-            f"  open loop {rate:6.1f} req/s ({fraction:.2f} of max): p50 {1000 * measured['latency_s']['p50']:.1f} ms, "
-            f"p99 {1000 * measured['latency_s']['p99']:.1f} ms",
+            f"  offered {rate:6.1f} req/s ({fraction:.2f} of max), answered {measured['requests_per_s']:6.1f}/s: "
+            f"p50 {1000 * measured['latency_s']['p50']:.1f} ms, p99 {1000 * measured['latency_s']['p99']:.1f} ms",
             flush=True,
         )
-    return {"lone_request_latency_s": lone["latency_s"]["p50"], "maximum_per_s": maximum, "points": points}
+    return {
+        "client": client,
+        "lone_request_latency_s": lone["latency_s"]["p50"],
+        "maximum_per_s": maximum,
+        "points": points,
+    }
 
 
 def plot_sweep(result: dict, path: Path, title: str) -> None:
@@ -212,15 +248,15 @@ def plot_sweep(result: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    offered = [p["offered_per_s"] for p in result["points"]]
+    answered = [p["requests_per_s"] for p in result["points"]]
     figure, axis = plt.subplots(figsize=(7, 4.2))
     for key, style in (("p50", "o-"), ("p99", "s-")):
-        axis.plot(offered, [1000 * p["latency_s"][key] for p in result["points"]], style, label=f"{key} latency")
+        axis.plot(answered, [1000 * p["latency_s"][key] for p in result["points"]], style, label=f"{key} latency")
     lone = 1000 * result["lone_request_latency_s"]
     axis.axhline(lone, color="grey", linestyle=":", label=f"lone request ({lone:.0f} ms)")
     axis.axhline(3 * lone, color="grey", linestyle="--", label="3x lone request")
     axis.axvline(result["maximum_per_s"], color="black", linestyle="-.", label="max throughput (wrk, closed loop)")
-    axis.set_xlabel("offered load (requests/s, Poisson arrivals)")
+    axis.set_xlabel(f"load answered (requests/s; Poisson-like arrivals from {result.get('client', 'httpx')})")
     axis.set_ylabel("latency (ms)")
     axis.set_yscale("log")
     axis.set_title(title)
@@ -278,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 measured = {"server": label, **measure_server(server, args, bodies, script, texts_file)}
                 if args.sweep and "sweep" not in report:
                     maximum = measured.get("wrk", measured.get("httpx"))["requests_per_s"]
-                    report["sweep"] = {"server": label, **sweep(server, args, texts_file, maximum)}
+                    report["sweep"] = {"server": label, **sweep(server, args, script, texts_file, maximum)}
             finally:
                 server.stop()
             batch = measured.get("wrk", {}).get("mean_batch_size")
@@ -351,9 +387,10 @@ def print_report(report: dict) -> None:
         lone = result["lone_request_latency_s"]
         half = min(result["points"], key=lambda p: abs(p["fraction"] - 0.5))
         print(
-            f"open loop: lone request {1000 * lone:.0f} ms; at {half['offered_per_s']:.0f} req/s "
-            f"({half['fraction']:.2f} of max) p99 {1000 * half['latency_s']['p99']:.0f} ms = "
-            f"{half['latency_s']['p99'] / lone:.1f}x the lone request"
+            f"latency under load ({result.get('client', 'httpx')}): lone request {1000 * lone:.0f} ms; offered "
+            f"{half['offered_per_s']:.0f} req/s ({half['fraction']:.2f} of max), answered "
+            f"{half['requests_per_s']:.0f}/s: p50 {1000 * half['latency_s']['p50']:.0f} ms, "
+            f"p99 {1000 * half['latency_s']['p99']:.0f} ms = {half['latency_s']['p99'] / lone:.1f}x the lone request"
         )
 
 

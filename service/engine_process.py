@@ -1,10 +1,14 @@
-"""The engine in a process of its own: ``python -m service.engine_process --socket PATH``.
+"""The engine in a process of its own: :func:`run` (the process's target), or by hand
+``python -m service.engine_process --socket PATH``.
 
-The API process (``python -m service``) starts it (``service.process_transport``): it connects to
+The API process (``python -m service``) starts it (``service.engine_launcher``): it connects to
 the API process's Unix socket, receives the settings, builds the
 :class:`~service.engine_core.EngineCore` and then serves messages (``service.ipc``) until told to
 stop or until the socket closes (the API process is gone). The forward then never competes with
 HTTP parsing, JSON and tokenization for one interpreter's lock.
+
+The engine's libraries are imported at the top of this module: the launcher's template process
+imports it once, and every engine process forked from that template shares those pages.
 """
 
 from __future__ import annotations
@@ -12,15 +16,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
+
+# Imported here, not where used: the launcher's template imports this module once (see the docstring).
+import transformers.models.bert.modeling_bert  # noqa: F401  (the encoder architecture the engine builds)
 
 from service import ipc
+from service.engine_core import EngineCore
+from service.engine_tuning import tune_allocator
 from service.errors import InferenceError, ServiceError
+from service.logs import configure_logging
+from service.settings import Settings
 from service.types import BatchStats
 
 log = logging.getLogger("cogalora.engine")
@@ -49,11 +61,6 @@ class _ChannelEvents:
 
 async def serve(socket_path: str) -> int:
     """Connect, build the engine, serve requests until ``stop`` or the socket closes."""
-    from service.engine_core import EngineCore
-    from service.engine_tuning import tune_allocator
-    from service.logs import configure_logging
-    from service.settings import Settings
-
     reader, writer = await asyncio.open_unix_connection(socket_path)
     configure = await ipc.read_message(reader)
     settings = Settings(**configure["settings"])
@@ -128,19 +135,27 @@ async def serve(socket_path: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(socket_path: str) -> NoReturn:
+    """The engine process: serve the API process at ``socket_path`` until it says stop or is gone, then
+    exit with the engine's status."""
+    # What this process inherited from the launcher's template is never collected: left out of the
+    # collector's scans, its pages stay shared with the template instead of being copied here.
+    gc.freeze()
+    # The API process decides when this one stops (it drains first): a Ctrl-C or SIGTERM sent to the
+    # whole process group must not stop the engine under requests it still has to answer.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(asyncio.run(serve(socket_path)))
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
     parser = argparse.ArgumentParser(
         prog="python -m service.engine_process",
         description="The engine process of `python -m service` (started by it; not meant to be run by hand).",
     )
     parser.add_argument("--socket", required=True, help="the API process's Unix socket")
-    args = parser.parse_args(argv)
-    # The API process decides when this one stops (it drains first): a Ctrl-C or SIGTERM sent to the
-    # whole process group must not stop the engine under requests it still has to answer.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    return asyncio.run(serve(args.socket))
+    run(parser.parse_args(argv).socket)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

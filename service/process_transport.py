@@ -1,11 +1,11 @@
 """The API process's side of the engine process: start it, carry requests to it, restart it when it dies.
 
-:class:`ProcessTransport` starts ``python -m service.engine_process`` (``service.engine_process``),
-hands it the settings over a Unix socket and then carries requests and admin calls to it as
-``service.ipc`` messages. If the engine process dies, the requests it held are sent once more to its
-successor (classification is idempotent); meanwhile new requests get 503 ``not_ready`` with
-``Retry-After``. A drain (``stop``) waits for the requests in flight, then asks the engine to finish
-and exit.
+:class:`ProcessTransport` starts an engine process (``service.engine_process``, forked by
+``service.engine_launcher``), hands it the settings over a Unix socket and then carries requests and
+admin calls to it as ``service.ipc`` messages. If the engine process dies, the requests it held are
+sent once more to its successor (classification is idempotent); meanwhile new requests get 503
+``not_ready`` with ``Retry-After``. A drain (``stop``) waits for the requests in flight, then asks
+the engine to finish and exit.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from service import ipc
+from service.engine_launcher import EngineProcess
 from service.errors import NotReadyError, ServiceError
 from service.types import RowOutput, TokenizedRequest
 
@@ -64,7 +64,7 @@ class ProcessTransport:
         self._pending: dict[int, _Pending] = {}
         self._folder: Path | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: EngineProcess | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._connected: asyncio.Future | None = None
         self._reader_task: asyncio.Task | None = None
@@ -93,9 +93,8 @@ class ProcessTransport:
                 writer.close()
 
         self._server = await asyncio.start_unix_server(accept, path=str(path))
-        self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "service.engine_process", "--socket", str(path)
-        )
+        self._process = EngineProcess(str(path))
+        await self._process.start()
         try:
             reader, writer = await self._await_process(self._connected)
             writer.write(ipc.frame({"op": "configure", "settings": self.settings_payload}))

@@ -25,8 +25,10 @@ from benchmarks.processes import (  # noqa: F401 (re-exported for the tests)
     ManagedProcess,
     ServiceAPI,
     ServiceProcess,
+    engine_pids,
     free_port,
     metric_sum,
+    parent_pid,
     service_command,
     wait_until,
 )

@@ -1,7 +1,7 @@
 """The engine client (API process side): admission, tokenization, and the engine in its own process.
 
-The engine process is real here: ``python -m service.engine_process`` started by the client, fed over
-its socket, killed with SIGKILL under traffic and restarted.
+The engine process is real here: forked by the client from the launcher's template, fed over its
+socket, killed with SIGKILL under traffic and restarted.
 """
 
 from __future__ import annotations
@@ -199,14 +199,14 @@ def test_a_dead_engine_makes_the_service_unready_until_its_successor_serves(tiny
     503 not_ready with Retry-After while it restarts, then it answers again, the same bits as before."""
     import httpx
     import psutil
-    from processes import API_KEY
+    from processes import API_KEY, engine_pids
 
     service = start_service(tiny_dir, COGALORA_API_KEY=API_KEY, COGALORA_DTYPE="int8", COGALORA_ENGINE_PROCESSES="1")
     headers = {"X-API-Key": API_KEY}
     body = {"inputs": [tiny_text(7, seed=1), tiny_text(3, seed=2)], "adapter": "rad"}
     with httpx.Client(base_url=service.url, timeout=60, trust_env=False, headers=headers) as client:
         before = client.post("/classify", json=body).json()
-        (engine,) = psutil.Process(service.proc.pid).children()
+        (engine,) = (psutil.Process(pid) for pid in engine_pids(service.proc.pid))
         engine.kill()
         engine.wait(30)
         deadline = time.monotonic() + 60
@@ -220,8 +220,8 @@ def test_a_dead_engine_makes_the_service_unready_until_its_successor_serves(tiny
             assert time.monotonic() < deadline, service.log_tail()
             time.sleep(0.1)
         assert client.post("/classify", json=body).json() == before
-        (successor,) = psutil.Process(service.proc.pid).children()
-        assert successor.pid != engine.pid
+        (successor,) = engine_pids(service.proc.pid)
+        assert successor != engine.pid
 
 
 @pytest.mark.integration
@@ -280,12 +280,13 @@ def test_with_two_engine_processes_killing_one_leaves_the_service_ready_and_answ
     still answered (the same bits), /ready stays 200, and a successor takes the dead one's place."""
     import httpx
     import psutil
+    from processes import engine_pids, parent_pid
 
     service = start_service(tiny_dir, COGALORA_DTYPE="int8", COGALORA_ENGINE_LANES="2", COGALORA_ENGINE_PROCESSES="2")
     body = {"inputs": [tiny_text(7, seed=1), tiny_text(3, seed=2)], "adapter": "rad"}
     with httpx.Client(base_url=service.url, timeout=60, trust_env=False) as client:
         before = client.post("/classify", json=body).json()
-        engines = psutil.Process(service.proc.pid).children()
+        engines = [psutil.Process(pid) for pid in engine_pids(service.proc.pid)]
         assert len(engines) == 2
         assert client.get("/info").json()["engine_processes"] == 2
         engines[0].kill()
@@ -294,9 +295,71 @@ def test_with_two_engine_processes_killing_one_leaves_the_service_ready_and_answ
             assert client.post("/classify", json=body).json() == before
             assert client.get("/ready").status_code == 200
         deadline = time.monotonic() + 60
-        while {p.pid for p in psutil.Process(service.proc.pid).children()} in ({engines[1].pid}, set()):
+        while set(engine_pids(service.proc.pid)) in ({engines[1].pid}, set()):
             assert time.monotonic() < deadline, service.log_tail()
             time.sleep(0.1)
-        successors = psutil.Process(service.proc.pid).children()
-        assert len(successors) == 2 and engines[0].pid not in {p.pid for p in successors}
+        successors = engine_pids(service.proc.pid)
+        assert len(successors) == 2 and engines[0].pid not in successors
+        (template,) = {parent_pid(pid) for pid in successors}
+        assert template != service.proc.pid, "forked from one template process, not started by the API process"
+        for pid in successors:  # what the template imported (torch, transformers) is shared, not copied
+            assert shared_dirty_mb(pid) > 100, shared_dirty_mb(pid)
         assert client.post("/classify", json=body).json() == before
+
+
+def shared_dirty_mb(pid: int) -> float:
+    """Memory of ``pid`` written before a fork and still shared with its parent (MB, /proc smaps_rollup)."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Shared_Dirty:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no Shared_Dirty in /proc/{pid}/smaps_rollup")
+
+
+_LEFT_RUNNING = """
+import asyncio, os, sys, tempfile
+from service.engine_launcher import EngineProcess
+
+held = []  # the engine's connection stays open until this process has exited
+
+async def main():
+    path = os.path.join(tempfile.mkdtemp(), "engine.sock")
+    connected = asyncio.Event()
+    def accept(reader, writer):
+        held.append(writer)
+        connected.set()
+    server = await asyncio.start_unix_server(accept, path=path)
+    held.append(server)
+    engine = EngineProcess(path)
+    await engine.start()
+    await connected.wait()  # the engine waits for its settings, which never come
+    print(engine.pid, flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.integration
+def test_a_process_that_exits_without_stopping_its_engine_kills_it_instead_of_waiting_for_it() -> None:
+    """An engine ignores SIGTERM and stops only when told to or when its socket closes; a process that
+    exits without stopping it (a crash) must neither hang at exit nor leave the engine running."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    repo = Path(__file__).parents[1]
+    command = [sys.executable, "-c", _LEFT_RUNNING]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=repo)
+    assert finished.returncode == 0, finished.stderr
+    pid = int(finished.stdout.split()[0])
+
+    def running() -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 30  # killed at exit; its reaper (the template, or init) may take a moment
+    while running():
+        assert time.monotonic() < deadline, f"engine {pid} outlived the process that started it"
+        time.sleep(0.05)
