@@ -11,13 +11,12 @@ request):
    it leaves the two cores to the server) and with this project's httpx load tester; for the
    service also the engine alone, offline, at the batch size it formed under that load (its
    ``cogalora_batch_size``), with the engine's own thread count: what serving costs on top;
-3. with ``--sweep``: the service under Poisson-like arrivals at fractions of its maximum
+3. with ``--sweep``: the service under open-loop Poisson arrivals at fractions of its maximum
    throughput, p50/p99 latency against offered load (``--plot`` writes the PNG), beside the
-   latency of a lone request. With ``wrk`` (the default where installed) each of
-   ``--sweep-connections`` connections waits an exponential time (mean connections / rate) before
-   each request: near-Poisson arrivals while few requests are in service, from a client that
-   leaves the two cores to the server; with ``--sweep-client httpx`` the project's load tester
-   sends on a true open-loop schedule, but takes CPU from the server.
+   latency of a lone request, both measured by ``benchmarks.open_loop`` (a lean client: tens of
+   microseconds of CPU per request, latency from each request's scheduled arrival) or, with
+   ``--sweep-client httpx``, by the project's load tester (about a millisecond per request, taken
+   from the server on two cores).
 
     python -m benchmarks.serving --duration 20 --sweep --plot runs/latency_vs_load.png \\
         --output runs/serving.json
@@ -26,6 +25,7 @@ request):
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import shutil
@@ -39,6 +39,7 @@ import httpx
 import torch
 
 from benchmarks.baselines import baseline_rates
+from benchmarks.open_loop import run_open_loop, run_sequential
 from benchmarks.processes import ServiceProcess, metric_sum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,10 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", action="store_true", help="open-loop latency against offered load")
     parser.add_argument("--sweep-fractions", default="0.1,0.25,0.5,0.7,0.85,1.0", help="of the measured maximum")
     parser.add_argument(
-        "--sweep-client", choices=("wrk", "httpx"), default="wrk", help="load generator of the sweep (default: wrk)"
-    )
-    parser.add_argument(
-        "--sweep-connections", type=int, default=128, help="wrk connections of the sweep (default: 128)"
+        "--sweep-client",
+        choices=("lean", "httpx"),
+        default="lean",
+        help="open-loop client of the sweep: benchmarks.open_loop (default) or the httpx load tester",
     )
     parser.add_argument("--plot", type=Path, help="PNG of p50/p99 latency against offered load (with --sweep)")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
@@ -160,17 +161,6 @@ def run_wrk(url: str, script: Path, concurrency: int, duration: float) -> dict:
     return parse_wrk(completed.stdout)
 
 
-def wrk_open_script(closed: Path, rate: float, connections: int, path: Path) -> None:
-    """``closed`` (a :func:`wrk_script`) with an exponential wait before each request on each connection,
-    mean ``connections / rate``: ``rate`` requests/s in all, near-Poisson while few are in service."""
-    mean_ms = 1000.0 * connections / rate
-    path.write_text(
-        closed.read_text(encoding="utf-8") + "math.randomseed(7)\n"
-        f"delay = function()\n  return math.floor(-math.log(1 - math.random()) * {mean_ms:.3f})\nend\n",
-        encoding="utf-8",
-    )
-
-
 def run_httpx(url: str, adapter: str, texts_file: Path, duration: float, **mode: float) -> dict:
     """The project's load tester in its own process (closed loop: concurrency=N; open loop: rate=R)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as report_file:
@@ -212,20 +202,18 @@ def measure_server(server: ServiceProcess, args, bodies, script, texts_file) -> 
     return results
 
 
-def sweep(server: ServiceProcess, args, script: Path, texts_file: Path, maximum: float) -> dict:
-    client = args.sweep_client if args.sweep_client in args.clients else "httpx"
+def sweep(server: ServiceProcess, args, bodies: list[str], texts_file: Path, maximum: float) -> dict:
+    client = args.sweep_client
     seconds = min(args.duration, 10.0)
-    if client == "wrk":
-        lone = run_wrk(server.url, script, 1, seconds)
+    if client == "lean":
+        lone = asyncio.run(run_sequential(server.url, "/classify", bodies, seconds)).as_dict()
     else:
         lone = run_httpx(server.url, args.adapter, texts_file, seconds, concurrency=1)
     points = []
     for fraction in [float(f) for f in args.sweep_fractions.split(",")]:
         rate = max(fraction * maximum, 0.5)
-        if client == "wrk":
-            paced = script.with_name(f"paced-{fraction}.lua")
-            wrk_open_script(script, rate, args.sweep_connections, paced)
-            measured = run_wrk(server.url, paced, args.sweep_connections, args.duration)
+        if client == "lean":
+            measured = asyncio.run(run_open_loop(server.url, "/classify", bodies, rate, args.duration)).as_dict()
         else:
             measured = run_httpx(server.url, args.adapter, texts_file, args.duration, rate=round(rate, 2))
         points.append({"fraction": fraction, "offered_per_s": rate, **measured})
@@ -256,7 +244,7 @@ def plot_sweep(result: dict, path: Path, title: str) -> None:
     axis.axhline(lone, color="grey", linestyle=":", label=f"lone request ({lone:.0f} ms)")
     axis.axhline(3 * lone, color="grey", linestyle="--", label="3x lone request")
     axis.axvline(result["maximum_per_s"], color="black", linestyle="-.", label="max throughput (wrk, closed loop)")
-    axis.set_xlabel(f"load answered (requests/s; Poisson-like arrivals from {result.get('client', 'httpx')})")
+    axis.set_xlabel(f"load answered (requests/s; Poisson arrivals, client {result.get('client', 'httpx')})")
     axis.set_ylabel("latency (ms)")
     axis.set_yscale("log")
     axis.set_title(title)
@@ -314,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 measured = {"server": label, **measure_server(server, args, bodies, script, texts_file)}
                 if args.sweep and "sweep" not in report:
                     maximum = measured.get("wrk", measured.get("httpx"))["requests_per_s"]
-                    report["sweep"] = {"server": label, **sweep(server, args, script, texts_file, maximum)}
+                    report["sweep"] = {"server": label, **sweep(server, args, bodies, texts_file, maximum)}
             finally:
                 server.stop()
             batch = measured.get("wrk", {}).get("mean_batch_size")
@@ -341,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     report["servers"] = servers
     print_report(report)
     if args.plot and "sweep" in report:
-        plot_sweep(report["sweep"], args.plot, f"{report['sweep']['server']}: latency against offered load")
+        plot_sweep(report["sweep"], args.plot, f"{report['sweep']['server']}: latency under open-loop load")
         print(f"wrote {args.plot}")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ import transformers.models.bert.modeling_bert  # noqa: F401  (the encoder archit
 
 from service import ipc
 from service.engine_core import EngineCore
-from service.engine_tuning import tune_allocator
+from service.engine_tuning import freeze_startup_objects, tune_allocator
 from service.errors import InferenceError, ServiceError
 from service.logs import configure_logging
 from service.settings import Settings
@@ -79,6 +79,7 @@ async def serve(socket_path: str) -> int:
         await writer.drain()
         writer.close()
         return 1
+    freeze_startup_objects()  # the model's modules and what loading made: never walked by the collector again
     writer.write(ipc.frame({"op": "ready", "loaded": core.repository.loaded_names(), "pid": os.getpid()}))
     tasks: dict[int, asyncio.Task] = {}
     calls: set[asyncio.Task] = set()

@@ -1,16 +1,18 @@
-"""How the engine shapes its work for the hardware: length chunks of a batch, and the allocator.
+"""How the service shapes its work for the hardware: length chunks of a batch, the allocator, the collector.
 
 A batch of rows of different lengths is sorted and cut into a few length chunks, one forward each,
 where a cut saves more padded tokens than a forward's fixed cost (:func:`length_chunks`). On glibc,
 large activation buffers are kept instead of returned to the OS after every forward
 (:func:`tune_allocator`), and what is free goes back to the OS once the engine is idle
-(:func:`release_free_memory`).
+(:func:`release_free_memory`). Once a process has started, what it built is left out of Python's
+cyclic garbage collector (:func:`freeze_startup_objects`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import sys
 
 from cogalora.precision import Precision
@@ -95,6 +97,20 @@ def release_free_memory() -> bool:
         return False
     libc.malloc_trim(0)
     return True
+
+
+def freeze_startup_objects() -> int:
+    """Collect once, then leave every object alive now out of later collections; how many were frozen.
+
+    A process that imported torch, transformers and FastAPI holds about a million objects that live
+    as long as it does. Python's full (oldest-generation) collection walks them all: measured in the
+    API process under 180 requests/s, pauses of 120-170 ms in which no request moves, the largest
+    part of its p99 latency. Frozen, they are no longer walked; objects made later are collected as
+    before. (Garbage at the time of the call is collected first, so none of it is kept for ever.)
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def chunk_overhead_for(precision: Precision) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
 from service.about import runtime
+from service.engine_tuning import freeze_startup_objects
 from service.errors import NotReadyError, ShuttingDownError, some_names
 from service.metrics import ServiceMetrics, service_metrics
 from service.schemas import RowResult
@@ -159,6 +160,7 @@ class Service:
                 "load_seconds": round(time.perf_counter() - started, 3),
             },
         )
+        freeze_startup_objects()
         self.ready_event.set()
 
     def begin_drain(self) -> None:

@@ -477,6 +477,38 @@ def test_the_tuned_allocator_keeps_freed_buffers_until_the_engine_releases_them(
     assert kept - released > 150, "and went back to the OS when released"
 
 
+_COLLECTOR_PROBE = """
+import gc, weakref
+from service.engine_tuning import freeze_startup_objects
+
+class Node:
+    pass
+
+kept = Node()
+first, second = Node(), Node()
+first.other, second.other = second, first  # a reference cycle nothing else holds: garbage
+cycle = weakref.ref(first)
+del first, second
+frozen = freeze_startup_objects()
+later = Node()
+tracked = gc.get_objects()
+print(frozen, cycle() is None, any(o is kept for o in tracked), any(o is later for o in tracked))
+"""
+
+
+def test_freezing_the_startup_objects_collects_garbage_first_and_leaves_later_objects_collectable() -> None:
+    """In a fresh process (freezing is process-wide): the objects alive at the call leave the collector's
+    generations (full collections no longer walk them), cyclic garbage of that moment is collected rather
+    than kept for ever, and objects made afterwards are tracked as before."""
+    probe = subprocess.run([sys.executable, "-c", _COLLECTOR_PROBE], capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    frozen, cycle_collected, kept_tracked, later_tracked = probe.stdout.split()
+    assert int(frozen) > 1000, "the imported modules' objects, at least"
+    assert cycle_collected == "True", "garbage at the call is collected, not frozen"
+    assert kept_tracked == "False", "an object alive at the call is no longer walked"
+    assert later_tracked == "True", "objects made afterwards are collected as before"
+
+
 # ---- RAD-LoRA: ranks routed per row ------------------------------------------------------------
 
 
