@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -561,9 +562,17 @@ def test_two_processes_under_torchrun_train_like_one_with_the_same_global_batch(
         "--log-dir", str(logs), "--tee", "3", "-m", "training",
         *train_argv(tiny_base, train, dev, tmp_path / "two", "lora"), *common,
     ]  # fmt: skip
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    for attempt in range(2):
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
+        # A rank can be aborted inside torch's C++ runtime ("terminate called without an active exception",
+        # SIGABRT: a thread object destroyed while its thread runs; seen once, in a full CI run on 2 cores).
+        # That crash, and only that one, is not this test's subject: the run is made once more from scratch.
+        if done.returncode == 0 or attempt or "terminate called without an active exception" not in done.stderr:
+            break
+        shutil.rmtree(tmp_path / "two", ignore_errors=True)
+        shutil.rmtree(logs, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-4000:]
 
     one, two, half = (load_model(tmp_path / name).model.adapter_weights() for name in ("one", "two", "half"))
