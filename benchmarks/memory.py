@@ -84,6 +84,15 @@ def memory_mb(pid: int) -> dict[str, float | None]:
     return found
 
 
+def helper_name(pid: int) -> str:
+    """A name for a helper process of the service: multiprocessing's resource tracker, or its name and pid."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        command = b""
+    return "resource tracker" if b"resource_tracker" in command else f"{process_name(pid)} {pid}"
+
+
 # ---- sampling -------------------------------------------------------------------------------------
 
 
@@ -158,7 +167,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
         templates = {parent_pid(engine) for engine in engines} - {server.proc.pid}
         for pid in sorted(set(descendants(server.proc.pid)) - set(engines)):
             # The template the engines are forked from, and its helper (multiprocessing's resource tracker).
-            pids["engine template" if pid in templates else f"{process_name(pid)} {pid}"] = pid
+            pids["engine template" if pid in templates else helper_name(pid)] = pid
         sampler = Sampler(pids, args.interval)
         ready = sampler.sample()
         config = LoadTestConfig(
