@@ -13,8 +13,8 @@ request):
    ``cogalora_batch_size``), with the engine's own thread count: what serving costs on top;
 3. with ``--sweep``: the service under open-loop Poisson arrivals at fractions of its maximum
    throughput, p50/p99 latency against offered load (``--plot`` writes the PNG), beside the
-   latency of a lone request, both measured by ``benchmarks.open_loop`` (a lean client: tens of
-   microseconds of CPU per request, latency from each request's scheduled arrival) or, with
+   latency of a lone request, both measured by ``benchmarks.open_loop`` (a lean client: 0.2-0.3 ms
+   of CPU per request, latency from each request's scheduled arrival) or, with
    ``--sweep-client httpx``, by the project's load tester (about a millisecond per request, taken
    from the server on two cores).
 
