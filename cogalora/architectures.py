@@ -37,6 +37,10 @@ class Architecture:
     peft_modules_to_save: tuple[str, ...]
     """How PEFT names the head in ``modules_to_save`` for this family."""
 
+    layer_list: str = r"(^|\.)encoder\.layer$"
+    """Regex on the module path of the ``ModuleList`` of encoder layers (where packed tokens live:
+    ``cogalora.packing``)."""
+
     pooler_linears: tuple[str, ...] = ()
     """Regexes on the module path of Linear layers between the encoder layers and the head (BERT's
     pooler). They are not sites (no router, no gate, one vector per row), but plain LoRA adapters may
@@ -74,6 +78,7 @@ _DISTILBERT = Architecture(
     },
     head_linears=("pre_classifier", "classifier"),
     peft_modules_to_save=("pre_classifier", "classifier"),
+    layer_list=r"(^|\.)transformer\.layer$",
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -154,6 +159,15 @@ def find_pooler_linears(model: nn.Module) -> list[str]:
         for path, module in model.named_modules()
         if isinstance(module, nn.Linear) and any(pattern.search(path) for pattern in patterns)
     ]
+
+
+def find_encoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The encoder layers of ``model``, in order (empty if its layout does not match the architecture's)."""
+    pattern = re.compile(architecture_of(model).layer_list)
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and pattern.search(path):
+            return list(module)
+    return []
 
 
 def find_sites(model: nn.Module, kinds: tuple[str, ...]) -> list[Site]:

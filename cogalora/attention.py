@@ -11,6 +11,10 @@ attention then runs one unmasked scaled-dot-product attention per group over exa
 tokens, so a row computes the same arithmetic alone or in any batch: results are bitwise equal.
 Padded positions get zeros (nothing reads them: pooling and routers mask them out). A batch of
 one length (always at batch 1) is a single unmasked call, cheaper than the masked kernel.
+
+When the forward packs its tokens (``cogalora.packing``: ``[1, N, ...]``, the real tokens only, group
+after group), each group is one contiguous block of ``size x length`` tokens, viewed as ``size``
+sequences: the same call on the same numbers as in the padded layout.
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ class LengthGroup:
     stop: int = 0
     rows: Tensor | None = None
 
+    @property
+    def size(self) -> int:
+        """How many rows have this length."""
+        return self.stop - self.start if self.rows is None else self.rows.shape[0]
+
 
 @dataclass(frozen=True)
 class LengthGroups:
@@ -44,6 +53,10 @@ class LengthGroups:
     order: Tensor | None = None
     """Where each batch row sits when the groups' rows are concatenated in group order; ``None`` when
     that concatenation is already the batch order (rows sorted by length, as the engine sends them)."""
+    lengths: tuple[int, ...] = ()
+    """Each batch row's real length, in batch order."""
+    packed: bool = False
+    """Whether the encoder layers see the batch's tokens packed (``cogalora.packing``), not padded."""
 
     @property
     def in_order(self) -> bool:
@@ -63,13 +76,14 @@ class LengthGroups:
                 groups.append(LengthGroup(length, start=rows[0], stop=rows[-1] + 1))
             else:
                 groups.append(LengthGroup(length, rows=torch.tensor(rows, device=device)))
+        lengths = tuple(lengths)
         concatenated = [row for rows in positions.values() for row in rows]
         if concatenated == sorted(concatenated):
-            return cls(tuple(groups))
+            return cls(tuple(groups), lengths=lengths)
         order = [0] * len(concatenated)
         for position, row in enumerate(concatenated):
             order[row] = position
-        return cls(tuple(groups), torch.tensor(order, device=device))
+        return cls(tuple(groups), torch.tensor(order, device=device), lengths)
 
     @classmethod
     def from_mask(cls, attention_mask: Tensor) -> LengthGroups:
@@ -98,6 +112,8 @@ def length_grouped_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
         )
         return output.transpose(1, 2).contiguous(), None
+    if length_groups.packed:
+        return _packed_attention(query, key, value, length_groups, dropout, scaling), None
     batch, _, width, _ = query.shape
     if len(length_groups.groups) == 1 and length_groups.groups[0].length == width:
         output = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling)
@@ -116,6 +132,24 @@ def length_grouped_attention(
         else:
             output[group.rows, :length] = attended
     return output, None
+
+
+def _packed_attention(
+    query: Tensor, key: Tensor, value: Tensor, length_groups: LengthGroups, dropout: float, scaling: float | None
+) -> Tensor:
+    """``[1, N, H, D]`` attention output for packed ``[1, H, N, D]`` inputs: one call per length group,
+    over the group's block of tokens viewed as ``[size, H, length, D]``."""
+    _, heads, tokens, head_dim = query.shape
+    output = query.new_empty(1, tokens, heads, head_dim)
+    start = 0
+    for group in length_groups.groups:
+        stop = start + group.size * group.length
+        shape = (group.size, group.length)
+        q, k, v = (t[0, :, start:stop].unflatten(1, shape).transpose(0, 1) for t in (query, key, value))
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
+        output[0, start:stop] = attended.transpose(1, 2).flatten(0, 1)
+        start = stop
+    return output
 
 
 def install_length_grouped_attention(base_model: nn.Module) -> bool:

@@ -370,24 +370,22 @@ class AdapterBank(nn.Module):
         out.add_(dequantize(int_matmul(down.values, codes_B.t()), down, scale_B, sum_B, None))
 
     def add_delta_exact_stacked(
-        self, out: Tensor, x: QuantizedRows, rows: Tensor, sequence_adapter: Tensor, width: int, rank: int | None = None
+        self, out: Tensor, x: QuantizedRows, rows: Tensor, token_adapter: Tensor, rank: int | None = None
     ) -> None:
-        """:meth:`add_delta_exact` for sequences of several adapters at once: one product pair in all.
+        """:meth:`add_delta_exact` for tokens of several adapters at once: one product pair in all.
 
-        ``x`` and ``out`` hold ``m`` sequences of ``width`` tokens (``[m * width, d]``); ``rows``
-        (``[g]``): the bank rows of the adapters present; ``sequence_adapter`` (``[m]``): for each
-        sequence, the index into ``rows`` of its adapter. The adapters' ``A`` codes are stacked into one
-        ``[g * rank, d_in]`` matrix and each token keeps only its own block of the product; before
-        ``B`` each token's codes are spread into its own block of a zero ``[n, g * rank]`` matrix, so
-        the stacked ``B`` product adds only zeros from the other blocks. The int32 sums are therefore
-        those of :meth:`add_delta_exact`, and so are the bits: the per-element steps around them are
-        the same operations on the same values (each sequence's scales broadcast over its tokens).
-        The stacking costs ``g`` times the (rank-sized) adapter products, and saves ``g - 1`` pairs of
-        kernels, gathers and scatters.
+        ``x`` and ``out`` hold ``n`` tokens (``[n, d]``); ``rows`` (``[g]``): the bank rows of the adapters
+        present; ``token_adapter`` (``[n]``): for each token, the index into ``rows`` of its adapter. The
+        adapters' ``A`` codes are stacked into one ``[g * rank, d_in]`` matrix and each token keeps only
+        its own block of the product; before ``B`` each token's codes are spread into its own block of a
+        zero ``[n, g * rank]`` matrix, so the stacked ``B`` product adds only zeros from the other
+        blocks. The int32 sums are therefore those of :meth:`add_delta_exact`, and so are the bits: the
+        per-element steps around them are the same operations on the same values (each token's scales
+        gathered from its adapter's). The stacking costs ``g`` times the (rank-sized) adapter products,
+        and saves ``g - 1`` pairs of kernels, gathers and scatters.
         """
         rank = self.rank if rank is None else rank
-        count, sequences = rows.shape[0], sequence_adapter.shape[0]
-        token_adapter = sequence_adapter.repeat_interleave(width)
+        count = rows.shape[0]
         columns = (token_adapter * rank).unsqueeze(1) + torch.arange(rank, device=rows.device)  # [n, rank]
         codes_A = self.codes_A.index_select(0, rows)[:, :rank].reshape(count * rank, self.in_features)
         scale_A = self.scale_A.index_select(0, rows)[:, :rank].index_select(0, token_adapter)
@@ -400,12 +398,5 @@ class AdapterBank(nn.Module):
         scale_B = self.scale_B.index_select(0, rows)
         sum_B = codes_B.sum(dim=2, dtype=torch.int32).float().mul_(scale_B)
         acc = int_matmul(spread, codes_B.transpose(1, 2).reshape(count * rank, self.out_features))
-        per_sequence = QuantizedRows(*(t.view(sequences, width, -1) for t in down))
-        update = dequantize(
-            acc.view(sequences, width, -1),
-            per_sequence,
-            scale_B.index_select(0, sequence_adapter).unsqueeze(1),
-            sum_B.index_select(0, sequence_adapter).unsqueeze(1),
-            None,
-        )
-        out.add_(update.view(out.shape))
+        scale_B, sum_B = scale_B.index_select(0, token_adapter), sum_B.index_select(0, token_adapter)
+        out.add_(dequantize(acc, down, scale_B, sum_B, None))

@@ -46,11 +46,9 @@ class QuantizedRows:
     mid: Tensor
     """``[n, 1]`` float32, the midpoint of each row's range."""
 
-    def select_sequences(self, sequences: Tensor, width: int) -> QuantizedRows:
-        """The token rows of whole sequences: rows are ``[batch * width]`` tokens of ``width`` each."""
-        return QuantizedRows(
-            *(t.view(-1, width, t.shape[-1]).index_select(0, sequences).view(-1, t.shape[-1]) for t in self)
-        )
+    def select(self, rows: Tensor) -> QuantizedRows:
+        """The rows at positions ``rows``."""
+        return QuantizedRows(*(t.index_select(0, rows) for t in self))
 
     def __iter__(self):
         return iter((self.values, self.scale, self.mid))

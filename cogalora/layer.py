@@ -139,7 +139,7 @@ class GatedLoraLinear(nn.Module):
     def _add_active(self, x: Tensor, out: Tensor, route: BankRoute, active: Tensor, rank: int | None) -> None:
         """``out += B A x`` (at ``rank``, default the bank's) for the rows where ``active``; none else."""
         bank = self.banks[route.bank]
-        size = x.shape[0]
+        size = self.routing.batch_size
         if size == 1:
             if not bool(active):
                 return
@@ -172,8 +172,13 @@ class GatedLoraLinear(nn.Module):
     ) -> None:
         """``out += B A x`` with exact integer products for the batch rows ``rows`` (``None``: all); the
         rows of up to :data:`STACKED_RANK` / rank adapters share one stacked product pair (a row's update
-        never depends on the others: ``AdapterBank.add_delta_exact_stacked``)."""
+        never depends on the others: ``AdapterBank.add_delta_exact_stacked``).
+
+        Works on flat tokens, padded or packed (``cogalora.packing``): the rows' tokens are gathered,
+        updated and added back.
+        """
         bank = self.banks[route.bank]
+        layout = self.routing.layout
         tokens = self.routing.quantized(x)
         flat = out.view(-1, out.shape[-1])
         if isinstance(route.rows, int):
@@ -182,7 +187,7 @@ class GatedLoraLinear(nn.Module):
                 return
             parts = [(rows, None, None)]
         else:
-            members = torch.arange(x.shape[0], device=x.device) if rows is None else rows
+            members = torch.arange(layout.batch_size, device=x.device) if rows is None else rows
             adapters, member_adapter = torch.unique(route.rows.index_select(0, members), return_inverse=True)
             stack = max(1, STACKED_RANK // (bank.rank if rank is None else rank))
             if adapters.shape[0] <= stack:
@@ -193,17 +198,21 @@ class GatedLoraLinear(nn.Module):
                     chosen = ((member_adapter >= first) & (member_adapter < first + stack)).nonzero().squeeze(1)
                     part_adapter = member_adapter.index_select(0, chosen) - first
                     parts.append((members.index_select(0, chosen), adapters[first : first + stack], part_adapter))
-        width = x.shape[1]
         for members, adapters, member_adapter in parts:
-            selected = tokens if members is None else tokens.select_sequences(members, width)
-            update = flat if members is None else out.new_zeros(members.shape[0] * width, out.shape[-1])
+            if members is None:
+                index, selected, update = None, tokens, flat
+                token_adapter = None if adapters is None else member_adapter.index_select(0, layout.row_of_token)
+            else:
+                index, counts = layout.tokens_of(members)
+                selected, update = tokens.select(index), out.new_zeros(index.shape[0], out.shape[-1])
+                token_adapter = None if adapters is None else member_adapter.repeat_interleave(counts)
             if adapters is None or adapters.shape[0] == 1:
                 bank_row = route.rows if adapters is None else int(adapters[0])
                 bank.add_delta_exact(update, selected, bank_row, rank)
             else:
-                bank.add_delta_exact_stacked(update, selected, adapters, member_adapter, width, rank)
-            if members is not None:
-                out.index_add_(0, members, update.view(members.shape[0], width, -1))
+                bank.add_delta_exact_stacked(update, selected, adapters, token_adapter, rank)
+            if index is not None:
+                flat.index_add_(0, index, update)
 
     def _forward_train(self, x: Tensor, out: Tensor, routes: tuple[BankRoute, ...]) -> Tensor:
         """Dense adapter on every row, times a sampled gate (``cogalora.gates``).
@@ -432,7 +441,7 @@ class SlotLoraLinear(nn.Module):
                 continue
             where = torch.tensor(positions, device=x.device)
             update = out.new_zeros(len(positions), out.shape[-1])
-            self.banks[index].add_delta_exact(update, rows.select_sequences(where, 1), row)
+            self.banks[index].add_delta_exact(update, rows.select(where), row)
             out.index_add_(0, where, update)
         return out
 

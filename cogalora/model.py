@@ -9,13 +9,13 @@ repository loads many adapters into slots of one such model (``set_adapter`` / `
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
 from torch import Tensor, nn
 
-from cogalora.architectures import Site, architecture_of, find_pooler_linears, find_sites
+from cogalora.architectures import Site, architecture_of, find_encoder_layers, find_pooler_linears, find_sites
 from cogalora.attention import LengthGroups, install_length_grouped_attention
 from cogalora.config import CoGaLoRAConfig
 from cogalora.int8 import Int8Linear
@@ -62,6 +62,11 @@ class CoGaLoRAModel(nn.Module):
         self.architecture = architecture_of(base_model)
         self.length_grouped = install_length_grouped_attention(base_model)
         """Padding-free attention (``cogalora.attention``): batch invariant in every dtype."""
+        encoder_layers = find_encoder_layers(base_model) if self.length_grouped else []
+        self._can_pack = bool(encoder_layers)
+        if encoder_layers:
+            encoder_layers[0].register_forward_pre_hook(self._pack_tokens, with_kwargs=True)
+            encoder_layers[-1].register_forward_hook(self._unpack_tokens)
         self.sites: list[Site] = find_sites(base_model, config.target_modules) if config.has_adapters else []
         self.slot_table = SlotTable(len(self.sites))
         self.routing = RoutingState(self.slot_table)
@@ -101,6 +106,15 @@ class CoGaLoRAModel(nn.Module):
     @property
     def site_names(self) -> list[str]:
         return [site.name for site in self.sites]
+
+    @property
+    def packs_tokens(self) -> bool:
+        """Whether eval forwards hand the encoder layers the real tokens only (``cogalora.packing``).
+
+        With exact integer products: their sites work on flat tokens. (A float model keeps the padded
+        layout: its mixed-adapter products gather per-row matrices over ``[B, T, d]``.)
+        """
+        return self._can_pack and self.precision.integer_products and not self.training
 
     @property
     def output_head(self) -> SlotHead:
@@ -391,6 +405,8 @@ class CoGaLoRAModel(nn.Module):
             else LengthGroups.from_lengths(lengths, attention_mask.device)
         )
         if self.length_grouped:
+            if self.packs_tokens and batch_size > 1:
+                groups = replace(groups, packed=True)
             inputs["length_groups"] = groups
         with self.routing.route(attention_mask, slots, taus, force_gates, self.training, gather, groups) as state:
             logits = self.model(**inputs).logits
@@ -405,6 +421,24 @@ class CoGaLoRAModel(nn.Module):
             ranks=ranks,
             expected_ranks=expected_ranks,
         )
+
+    def _pack_tokens(self, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Before the first encoder layer of a packing forward: ``[B, T, d]`` -> ``[1, N, d]``."""
+        layout = self.routing.packing
+        if layout is None:
+            return None
+        if args:
+            return (layout.pack(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": layout.pack(kwargs["hidden_states"])}
+
+    def _unpack_tokens(self, layer: nn.Module, args: tuple, output: Tensor | tuple) -> Tensor | tuple | None:
+        """After the last encoder layer of a packing forward: ``[1, N, d]`` -> ``[B, T, d]`` (zeros at padding)."""
+        layout = self.routing.packing
+        if layout is None:
+            return None
+        if isinstance(output, tuple):
+            return (layout.unpack(output[0]), *output[1:])
+        return layout.unpack(output)
 
     def sparsity_penalty(
         self, output: RoutedOutput, site_weights: Tensor | None = None, strength: float | None = None

@@ -26,6 +26,7 @@ from torch import Tensor
 from cogalora.attention import LengthGroups
 from cogalora.gates import DEFAULT_RANK_WARMUP
 from cogalora.int8 import QuantizedRows, quantize_rows
+from cogalora.packing import TokenLayout
 from cogalora.slots import SlotTable
 
 ForceGates = Literal["on", "off"] | None
@@ -74,6 +75,21 @@ class RoutingState:
     def num_sites(self) -> int:
         return self.table.num_sites
 
+    @property
+    def batch_size(self) -> int:
+        """Rows of the forward (with packed tokens, not the encoder layers' leading dimension)."""
+        return self._batch_size
+
+    @property
+    def layout(self) -> TokenLayout:
+        """Where each row's tokens sit in the tensors the sites see (``cogalora.packing``)."""
+        return self._layout
+
+    @property
+    def packing(self) -> TokenLayout | None:
+        """The packed layout while a forward that packs its tokens runs, else ``None``."""
+        return self._layout if self.active and self._layout.packed else None
+
     def _reset(self) -> None:
         self.routes: list[tuple[BankRoute, ...]] = [()] * self.table.num_sites
         self.single_slot: int | None = None
@@ -84,6 +100,7 @@ class RoutingState:
         self.training = False
         self._present: Tensor | None = None
         self._lengths: LengthGroups | None = None
+        self._layout: TokenLayout | None = None
         self._device: torch.device | None = None
         self._pooled: dict[int, tuple[Tensor, Tensor]] = {}
         self._quantized: dict[int, tuple[Tensor, QuantizedRows]] = {}
@@ -109,7 +126,8 @@ class RoutingState:
 
         ``gather``: use the per-row gathered products even when every row has the same adapter
         (the path of mixed batches; tests and benchmarks compare the two). ``lengths``: the rows
-        grouped by real length (read from the mask when not given).
+        grouped by real length (read from the mask when not given); when they say ``packed``, the
+        encoder layers see the real tokens only (``cogalora.packing``).
         """
         if self.active:
             raise RuntimeError("a routed forward is already running on this model (forwards are not reentrant)")
@@ -119,6 +137,7 @@ class RoutingState:
         device = attention_mask.device
         self._device = device
         self._lengths = LengthGroups.from_mask(attention_mask) if lengths is None else lengths
+        self._layout = TokenLayout(self._lengths, attention_mask.shape[1], device)
         self._batch_size = len(slots)
         self.slots = slots
         self.training = training
@@ -140,6 +159,7 @@ class RoutingState:
             self._pooled.clear()
             self._quantized.clear()
             self._lengths = None
+            self._layout = None
 
     def _route_single(self, slot: int, thresholds: Tensor, force: ForceGates) -> None:
         if force == "off":
@@ -191,7 +211,8 @@ class RoutingState:
     # ---- what sites call ----------------------------------------------------------------------
 
     def pooled(self, x: Tensor) -> Tensor:
-        """Mean of ``x`` ([B, T, d]) over each row's real tokens, in float32, once per distinct tensor.
+        """Mean of ``x`` ([B, T, d], or [1, N, d] packed) over each row's real tokens, in float32, once per
+        distinct tensor.
 
         Rows are summed per length group over exactly their own tokens: a row's mean is the same
         sum of the same numbers in any batch (a reduction over the padded width would group the
@@ -201,8 +222,14 @@ class RoutingState:
         if cached is not None and cached[0] is x:
             return cached[1]
         means = []
+        start = 0
         for group in self._lengths.groups:
-            rows = x[group.start : group.stop] if group.rows is None else x.index_select(0, group.rows)
+            if self._lengths.packed:
+                stop = start + group.size * group.length
+                rows = x[0, start:stop].unflatten(0, (group.size, group.length))
+                start = stop
+            else:
+                rows = x[group.start : group.stop] if group.rows is None else x.index_select(0, group.rows)
             means.append(rows[:, : group.length].to(torch.float32).sum(dim=1) / group.length)
         pooled = torch.cat(means) if self._lengths.in_order else torch.cat(means).index_select(0, self._lengths.order)
         # Keep a reference to x so that its id cannot be reused by another tensor in this forward.
@@ -210,7 +237,8 @@ class RoutingState:
         return pooled
 
     def quantized(self, x: Tensor) -> QuantizedRows:
-        """``x`` ([B, T, d]) as int8 codes per token (``cogalora.int8``), once per distinct tensor."""
+        """``x`` ([B, T, d], or [1, N, d] packed) as int8 codes per token (``cogalora.int8``), once per
+        distinct tensor."""
         cached = self._quantized.get(id(x))
         if cached is not None and cached[0] is x:
             return cached[1]

@@ -166,7 +166,9 @@ class Engine:
     ) -> BatchStats:
         served = sorted((p for p in positions if p not in shadow_of), key=lambda p: rows[p].tokens)
         shadow = sorted((p for p in positions if p in shadow_of), key=lambda p: rows[p].tokens)
-        overhead = self.chunk_overhead_tokens if self.split_by_length else -1
+        # An encoder that packs its tokens runs no padding: one forward for the whole batch is cheapest.
+        packs = encoder.model.packs_tokens
+        overhead = self.chunk_overhead_tokens if self.split_by_length and not packs else -1
         padded = multiplied = forwards = 0
         seconds = 0.0
         routing: list[RoutingSample] = []
@@ -176,7 +178,7 @@ class Engine:
             lengths = [rows[p].tokens for p in group]
             for start, stop in length_chunks(lengths, overhead):
                 chunk = group[start:stop]
-                padded += lengths[stop - 1] * len(chunk)
+                padded += sum(lengths[start:stop]) if packs else lengths[stop - 1] * len(chunk)
                 forwards += 1
                 began = time.perf_counter()
                 try:

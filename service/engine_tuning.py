@@ -1,7 +1,8 @@
 """How the service shapes its work for the hardware: length chunks of a batch, the allocator, the collector.
 
-A batch of rows of different lengths is sorted and cut into a few length chunks, one forward each,
-where a cut saves more padded tokens than a forward's fixed cost (:func:`length_chunks`). On glibc,
+A batch of rows of different lengths is sorted and, unless the encoder packs its tokens
+(``cogalora.packing``: no padding at all), cut into a few length chunks, one forward each, where a
+cut saves more padded tokens than a forward's fixed cost (:func:`length_chunks`). On glibc,
 large activation buffers are kept instead of returned to the OS after every forward
 (:func:`tune_allocator`), and what is free goes back to the OS once the engine is idle
 (:func:`release_free_memory`). Once a process has started, what it built is left out of Python's

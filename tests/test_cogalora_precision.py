@@ -63,23 +63,24 @@ def test_int8_linear_is_close_to_float_and_bitwise_independent_of_the_batch() ->
 
 @pytest.mark.parametrize("rank", [8, 3])
 def test_a_stacked_product_for_many_adapters_gives_each_token_its_own_adapters_bits(rank: int) -> None:
-    """Ten sequences of five adapters in one stacked product pair: each token's update is the bits of its
-    own adapter's product pair (at the bank's rank and at a nested rank)."""
+    """Forty tokens of five adapters, interleaved, in one stacked product pair: each token's update is the
+    bits of its own adapter's product pair (at the bank's rank and at a nested rank)."""
     torch.manual_seed(0)
     bank = AdapterBank(384, 1536, 8, 4, capacity=8)
     for row in range(8):
         bank.write(row, torch.randn(8, 384) * 0.1, torch.randn(1536, 8) * 0.1, 2.0, None)
     bank.use_integer_products()
-    sequences, width = 10, 4
-    tokens = quantize_rows(torch.randn(sequences * width, 384) * 3)
+    count = 40
+    tokens = quantize_rows(torch.randn(count, 384) * 3)
     rows = torch.tensor([6, 1, 3, 0, 5])
-    sequence_adapter = torch.tensor([0, 1, 2, 3, 4, 4, 2, 0, 1, 3])
-    start = torch.randn(sequences * width, 1536)
+    token_adapter = torch.randint(0, 5, (count,), generator=torch.Generator().manual_seed(1))
+    assert token_adapter.unique().numel() == 5
+    start = torch.randn(count, 1536)
     stacked, separate = start.clone(), start.clone()
-    bank.add_delta_exact_stacked(stacked, tokens, rows, sequence_adapter, width, rank)
-    for token in range(sequences * width):
+    bank.add_delta_exact_stacked(stacked, tokens, rows, token_adapter, rank)
+    for token in range(count):
         one = QuantizedRows(*(t[token : token + 1] for t in tokens))
-        bank_row = int(rows[sequence_adapter[token // width]])
+        bank_row = int(rows[token_adapter[token]])
         bank.add_delta_exact(separate[token : token + 1], one, bank_row, rank)
     assert torch.equal(stacked, separate)
     assert (stacked != start).any(dim=1).all(), "every token got an update"

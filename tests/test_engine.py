@@ -401,6 +401,20 @@ def test_batch_stats(tiny_engine: Engine) -> None:
     assert stats.inference_seconds > 0
 
 
+@pytest.mark.parametrize("precision", ["int8", "float32"])
+def test_an_int8_batch_of_many_lengths_runs_in_one_forward_without_padding(tiny_dir: Path, precision: str) -> None:
+    """int8 packs its tokens (``cogalora.packing``): cutting a batch by length saves nothing there, so it
+    runs whole and pads nothing; float32 pads, and cuts where that saves more than a forward costs."""
+    engine = Described(Engine(scanned(tiny_dir, precision=precision), tune_malloc=False, chunk_overhead_tokens=0))
+    texts = [tiny_text(words, seed=words) for words in (1, 3, 6, 10, 15, 21)]
+    rows = prepare(engine, ClassifyRequest(texts=texts, adapter="two"))
+    (stats,) = engine.run_batch(rows).stats
+    if precision == "int8":
+        assert (stats.forwards, stats.padded_tokens) == (1, stats.real_tokens)
+    else:
+        assert stats.forwards == len({row.tokens for row in rows}) > 1 and stats.padded_tokens == stats.real_tokens
+
+
 def test_two_encoders_in_one_batch(tmp_path: Path, tiny_dir: Path, tiny_base_dir: Path) -> None:
     """Adapters on two different base models share a batch: one forward group each, results in order."""
     other_base = tmp_path / "other-base"

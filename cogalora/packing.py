@@ -1,0 +1,94 @@
+"""Where each row's tokens sit in a forward: padded ``[B, T]`` or packed end to end without padding.
+
+In a padded batch every Linear product, norm and activation of the encoder layers also runs on
+the ``T - length`` padding tokens of each row: served traffic of one sentence per request padded
+about a fifth of its tokens. A *packed* forward hands the encoder layers ``[1, N, d]``: the batch's
+``N`` real tokens, group after group of :class:`~cogalora.attention.LengthGroups` (rows of one length
+side by side), so that attention sees each group as one contiguous block. The embeddings and the
+head still see the padded batch: the first encoder layer packs on entry, the last one unpacks on
+exit (zeros at the padding).
+
+Everything in an encoder layer except attention works token by token, and attention runs the same
+call per length group in both layouts, so a token's numbers are those of the padded forward, bit
+for bit; the tests check it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from cogalora.attention import LengthGroups
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The flat token positions (``[B * T]`` padded, or ``[N]`` packed) of each batch row's real tokens."""
+
+    groups: LengthGroups
+    width: int
+    """The padded width ``T``."""
+    device: torch.device
+
+    @property
+    def packed(self) -> bool:
+        return self.groups.packed
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.groups.lengths)
+
+    @cached_property
+    def row_starts(self) -> Tensor:
+        """``[B]`` long: the flat position of each row's first token."""
+        if not self.packed:
+            return torch.arange(self.batch_size, device=self.device) * self.width
+        starts = [0] * self.batch_size
+        position = 0
+        for group in self.groups.groups:
+            rows = range(group.start, group.stop) if group.rows is None else group.rows.tolist()
+            for row in rows:
+                starts[row] = position
+                position += group.length
+        return torch.tensor(starts, device=self.device)
+
+    @cached_property
+    def lengths(self) -> Tensor:
+        """``[B]`` long: each row's real token count."""
+        return torch.tensor(self.groups.lengths, device=self.device)
+
+    @cached_property
+    def row_of_token(self) -> Tensor:
+        """``[tokens]`` long: the batch row of every flat token (padding tokens included when padded)."""
+        rows = torch.arange(self.batch_size, device=self.device)
+        if not self.packed:
+            return rows.repeat_interleave(self.width)
+        index, counts = self.tokens_of(rows)
+        return torch.empty_like(index).index_copy_(0, index, rows.repeat_interleave(counts, output_size=index.shape[0]))
+
+    def tokens_of(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """The flat positions of the real tokens of batch ``rows`` (row after row), and each row's count."""
+        counts = self.lengths.index_select(0, rows)
+        total = int(counts.sum())
+        first = torch.cumsum(counts, 0) - counts  # where each row's tokens begin in the result
+        offset = (self.row_starts.index_select(0, rows) - first).repeat_interleave(counts, output_size=total)
+        return torch.arange(total, device=self.device) + offset, counts
+
+    @cached_property
+    def padded_index(self) -> Tensor:
+        """Packed only: ``[N]``, the position in the flat padded ``[B * T]`` batch of each packed token."""
+        owners = self.row_of_token
+        within = torch.arange(owners.shape[0], device=self.device) - self.row_starts.index_select(0, owners)
+        return owners * self.width + within
+
+    def pack(self, hidden: Tensor) -> Tensor:
+        """``[B, T, d]`` padded hidden states -> ``[1, N, d]``, the real tokens in packed order."""
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.padded_index).unsqueeze(0)
+
+    def unpack(self, packed: Tensor) -> Tensor:
+        """``[1, N, d]`` -> ``[B, T, d]``, zeros at the padding."""
+        flat = packed.new_zeros(self.batch_size * self.width, packed.shape[-1])
+        return flat.index_copy_(0, self.padded_index, packed[0]).view(self.batch_size, self.width, -1)
