@@ -142,16 +142,14 @@ class EngineClient:
         count = len(request.texts)
         began = time.perf_counter()
         self._tokenizing += count
+        arguments = (entry.meta.base_model, list(request.texts), entry.description.max_length, request.truncate)
         try:
-            ids, input_tokens = await asyncio.get_running_loop().run_in_executor(
-                self._tokenizer_thread,
-                self.tokenizers.tokenize,
-                entry.meta.base_model,
-                list(request.texts),
-                entry.description.max_length,
-                request.truncate,
-                entry.name,
-            )
+            tokenized = self.tokenizers.tokenize_now(*arguments, entry.name)
+            if tokenized is None:
+                tokenized = await asyncio.get_running_loop().run_in_executor(
+                    self._tokenizer_thread, self.tokenizers.tokenize, *arguments, entry.name
+                )
+            ids, input_tokens = tokenized
         finally:
             self._tokenizing -= count
         tokenize_seconds = time.perf_counter() - began

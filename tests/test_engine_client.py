@@ -23,6 +23,7 @@ from service.errors import AdapterReplacedError, NotReadyError, QueueFullError
 from service.lifecycle import build_components
 from service.metrics import service_metrics
 from service.settings import Settings
+from service.tokenization import INLINE_CHARS, Tokenizers
 from service.types import ClassifyRequest, RowOutput
 
 pytestmark = pytest.mark.timeout(300)
@@ -104,6 +105,22 @@ async def test_admission_comes_before_tokenization_which_runs_off_the_event_loop
         release.set()
         transport.release.set()
         await client.stop()
+
+
+def test_a_short_request_is_tokenized_at_once_unless_that_could_block(tiny_base_dir: Path) -> None:
+    """On the calling thread only with the tokenizer loaded and free, for up to INLINE_CHARS characters;
+    the same ids as the tokenizer thread's call."""
+    tokenizers, base = Tokenizers(), str(tiny_base_dir)
+    texts = ["good movie", "the plot " * 30]
+    assert tokenizers.tokenize_now(base, texts, 16, True, "two") is None, "not loaded: loading is slow"
+    expected = tokenizers.tokenize(base, texts, 16, True, "two")
+    assert tokenizers.tokenize_now(base, texts, 16, True, "two") == expected
+    assert expected[1] == [4, 62] and len(expected[0][1]) == 16, "cut to the limit, counted before the cut"
+    long_request = ["good " * (INLINE_CHARS // 5 + 1)]
+    assert tokenizers.tokenize_now(base, long_request, 16, True, "two") is None
+    _, lock = tokenizers._for(base)
+    with lock:  # another thread is tokenizing with it
+        assert tokenizers.tokenize_now(base, texts, 16, True, "two") is None
 
 
 async def test_a_request_tokenized_for_a_replaced_adapter_is_read_again_and_named_by_the_new_one(
