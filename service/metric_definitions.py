@@ -88,7 +88,7 @@ REQUEST_DURATION = Metric(
 TOKENIZE_DURATION = Metric(
     "cogalora_tokenize_duration_seconds",
     "histogram",
-    "Tokenizing one request's texts (one batched call, off the event loop).",
+    "Tokenizing one request's texts (one batched call; a long request off the event loop).",
     buckets=_FAST,
 )
 QUEUE_DURATION = Metric(

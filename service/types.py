@@ -3,7 +3,7 @@
 The request path (API process | engine process, see ``service/engine_client.py``)::
 
     routes.classify            validate the body (schemas.ClassifyBody, check_texts), resolve the adapter
-      -> EngineClient.submit   admission (rows in flight), tokenize off the event loop  -> TokenizedRequest
+      -> EngineClient.submit   admission (rows in flight), tokenize (long requests on a thread) -> TokenizedRequest
       |  Batcher.submit        pin the adapter (loading it if needed), queue the rows
       |  Engine.run_batch      one routed forward per length chunk of a mixed-adapter batch -> RowOutput
       -> results.row_result    labels, scores, site names: the wire RowResult, per input, in input order
