@@ -98,6 +98,11 @@ class EngineProcess:
         return self._process.pid
 
     @property
+    def start_method(self) -> str:
+        """``forkserver`` (forked from the template) or ``spawn`` (where there is no fork server)."""
+        return self._process._start_method
+
+    @property
     def returncode(self) -> int | None:
         """The exit status once it has exited (``-N`` for signal ``N``), else None."""
         return self._process.exitcode if self._exited is not None and self._exited.done() else None

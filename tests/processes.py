@@ -29,6 +29,7 @@ from benchmarks.processes import (  # noqa: F401 (re-exported for the tests)
     free_port,
     metric_sum,
     parent_pid,
+    process_name,
     service_command,
     wait_until,
 )

@@ -7,6 +7,7 @@ socket, killed with SIGKILL under traffic and restarted.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import signal
 import threading
@@ -205,6 +206,42 @@ async def test_the_engine_process_answers_like_the_engine_in_process_and_survive
             await asyncio.sleep(0.05)
         assert transport.restarts == 1
         assert [_answers(await client.submit(r)) for r in requests[:6]] == expected[:6]
+    finally:
+        await client.stop()
+    assert transport._process.returncode == 0, "stopped on request, not killed"
+
+
+@pytest.mark.integration
+async def test_without_a_fork_server_the_engine_is_spawned_and_answers_the_same(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where multiprocessing has no fork server (not Linux or macOS), each engine process is spawned and
+    imports its libraries itself: this process's own child, named like a forked engine, with the answers
+    of the engine in process."""
+    from processes import parent_pid, process_name
+
+    from service.engine_launcher import ENGINE_PROCESS_NAME
+
+    requests = [ClassifyRequest([tiny_text(3 + i, seed=i)], ("two", "rad", "plain")[i % 3]) for i in range(6)]
+    settings = Settings(model_dir=tiny_dir, dtype="int8", preload_adapters=3, engine_processes=1)
+    local_settings = settings.model_copy(update={"engine_process": False})
+    core = await asyncio.to_thread(EngineCore.build, local_settings, None)
+    local = EngineClient(local_settings, core.repository.catalogue, LocalTransport(core))
+    await local.start()
+    try:
+        expected = [_answers(await local.submit(request)) for request in requests]
+    finally:
+        await local.stop()
+
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["fork", "spawn"])
+    _, client = await build_components(settings, service_metrics(settings))
+    await client.start()
+    transport = client.transport
+    try:
+        assert transport._process.start_method == "spawn"
+        assert parent_pid(transport.pid) == os.getpid(), "spawned by this process, not forked by a template"
+        assert process_name(transport.pid) == ENGINE_PROCESS_NAME
+        assert [_answers(await client.submit(request)) for request in requests] == expected
     finally:
         await client.stop()
     assert transport._process.returncode == 0, "stopped on request, not killed"
