@@ -159,6 +159,18 @@ def _answers(results) -> list[tuple]:
     ]
 
 
+async def _answers_in_process(settings: Settings, requests: list[ClassifyRequest]) -> list[list[tuple]]:
+    """What the engine answers to ``requests`` one by one when it runs in this process."""
+    local_settings = settings.model_copy(update={"engine_process": False})
+    core = await asyncio.to_thread(EngineCore.build, local_settings, None)
+    local = EngineClient(local_settings, core.repository.catalogue, LocalTransport(core))
+    await local.start()
+    try:
+        return [_answers(await local.submit(request)) for request in requests]
+    finally:
+        await local.stop()
+
+
 @pytest.mark.integration
 async def test_the_engine_process_answers_like_the_engine_in_process_and_survives_a_kill(tiny_dir: Path) -> None:
     """Bit for bit the in-process answers (int8); SIGKILL under traffic: every request that reached the
@@ -168,15 +180,7 @@ async def test_the_engine_process_answers_like_the_engine_in_process_and_survive
         ClassifyRequest([text], ("two", "rad", "plain")[i % 3], (None, 0.3)[i % 2]) for i, text in enumerate(texts)
     ]
     settings = Settings(model_dir=tiny_dir, dtype="int8", preload_adapters=3, engine_processes=1)
-
-    local_settings = settings.model_copy(update={"engine_process": False})
-    core = await asyncio.to_thread(EngineCore.build, local_settings, None)
-    local = EngineClient(local_settings, core.repository.catalogue, LocalTransport(core))
-    await local.start()
-    try:
-        expected = [_answers(await local.submit(request)) for request in requests]
-    finally:
-        await local.stop()
+    expected = await _answers_in_process(settings, requests)
 
     metrics = service_metrics(settings)
     repository, client = await build_components(settings, metrics)
@@ -224,14 +228,7 @@ async def test_without_a_fork_server_the_engine_is_spawned_and_answers_the_same(
 
     requests = [ClassifyRequest([tiny_text(3 + i, seed=i)], ("two", "rad", "plain")[i % 3]) for i in range(6)]
     settings = Settings(model_dir=tiny_dir, dtype="int8", preload_adapters=3, engine_processes=1)
-    local_settings = settings.model_copy(update={"engine_process": False})
-    core = await asyncio.to_thread(EngineCore.build, local_settings, None)
-    local = EngineClient(local_settings, core.repository.catalogue, LocalTransport(core))
-    await local.start()
-    try:
-        expected = [_answers(await local.submit(request)) for request in requests]
-    finally:
-        await local.stop()
+    expected = await _answers_in_process(settings, requests)
 
     monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["fork", "spawn"])
     _, client = await build_components(settings, service_metrics(settings))
