@@ -199,20 +199,26 @@ class GatedLoraLinear(nn.Module):
                     part_adapter = member_adapter.index_select(0, chosen) - first
                     parts.append((members.index_select(0, chosen), adapters[first : first + stack], part_adapter))
         for members, adapters, member_adapter in parts:
-            if members is None:
-                index, selected, update = None, tokens, flat
-                token_adapter = None if adapters is None else member_adapter.index_select(0, layout.row_of_token)
-            else:
+            if adapters is not None and adapters.shape[0] > 1:
+                # The stacked product takes its tokens adapter after adapter.
+                if members is None:
+                    members = torch.arange(layout.batch_size, device=x.device)
+                order = torch.argsort(member_adapter, stable=True)
+                members, member_adapter = members.index_select(0, order), member_adapter.index_select(0, order)
                 index, counts = layout.tokens_of(members)
-                selected, update = tokens.select(index), out.new_zeros(index.shape[0], out.shape[-1])
-                token_adapter = None if adapters is None else member_adapter.repeat_interleave(counts)
-            if adapters is None or adapters.shape[0] == 1:
-                bank_row = route.rows if adapters is None else int(adapters[0])
-                bank.add_delta_exact(update, selected, bank_row, rank)
-            else:
-                bank.add_delta_exact_stacked(update, selected, adapters, token_adapter, rank)
-            if index is not None:
+                update = out.new_zeros(index.shape[0], out.shape[-1])
+                adapter_tokens = torch.zeros_like(adapters).index_add_(0, member_adapter, counts).tolist()
+                bank.add_delta_exact_stacked(update, tokens.select(index), adapters, adapter_tokens, rank)
                 flat.index_add_(0, index, update)
+                continue
+            bank_row = route.rows if adapters is None else int(adapters[0])
+            if members is None:
+                bank.add_delta_exact(flat, tokens, bank_row, rank)
+                continue
+            index, _ = layout.tokens_of(members)
+            update = out.new_zeros(index.shape[0], out.shape[-1])
+            bank.add_delta_exact(update, tokens.select(index), bank_row, rank)
+            flat.index_add_(0, index, update)
 
     def _forward_train(self, x: Tensor, out: Tensor, routes: tuple[BankRoute, ...]) -> Tensor:
         """Dense adapter on every row, times a sampled gate (``cogalora.gates``).

@@ -78,6 +78,29 @@ class TokenLayout:
         return torch.arange(total, device=self.device) + offset, counts
 
     @cached_property
+    def _real_tokens(self) -> tuple[Tensor | None, Tensor]:
+        """Flat positions of every real token (``None``: all tokens are real) and the row of each."""
+        if self.packed or all(length == self.width for length in self.groups.lengths):
+            return None, self.row_of_token
+        rows = torch.arange(self.batch_size, device=self.device)
+        index, counts = self.tokens_of(rows)
+        return index, rows.repeat_interleave(counts, output_size=index.shape[0])
+
+    def row_sums(self, x: Tensor) -> Tensor:
+        """``[B, d]`` float32: each row's real tokens of ``x`` (``[B, T, d]`` or packed ``[1, N, d]``) summed.
+
+        One ``index_add_`` adds every row's tokens in token order into its own zero row: a row's sum is
+        the same additions in the same order in any batch, padded or packed.
+        """
+        index, owners = self._real_tokens
+        tokens = x.reshape(-1, x.shape[-1])
+        if index is not None:
+            tokens = tokens.index_select(0, index)
+        return tokens.new_zeros(self.batch_size, tokens.shape[-1], dtype=torch.float32).index_add_(
+            0, owners, tokens.to(torch.float32)
+        )
+
+    @cached_property
     def padded_index(self) -> Tensor:
         """Packed only: ``[N]``, the position in the flat padded ``[B * T]`` batch of each packed token."""
         owners = self.row_of_token

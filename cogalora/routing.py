@@ -214,24 +214,14 @@ class RoutingState:
         """Mean of ``x`` ([B, T, d], or [1, N, d] packed) over each row's real tokens, in float32, once per
         distinct tensor.
 
-        Rows are summed per length group over exactly their own tokens: a row's mean is the same
-        sum of the same numbers in any batch (a reduction over the padded width would group the
-        additions by the width, which depends on the batch-mates).
+        Each row's tokens are added in token order into a row of its own (``TokenLayout.row_sums``), so a
+        row's mean is the same sum of the same numbers in any batch (a reduction over the padded width
+        would group the additions by the width, which depends on the batch-mates).
         """
         cached = self._pooled.get(id(x))
         if cached is not None and cached[0] is x:
             return cached[1]
-        means = []
-        start = 0
-        for group in self._lengths.groups:
-            if self._lengths.packed:
-                stop = start + group.size * group.length
-                rows = x[0, start:stop].unflatten(0, (group.size, group.length))
-                start = stop
-            else:
-                rows = x[group.start : group.stop] if group.rows is None else x.index_select(0, group.rows)
-            means.append(rows[:, : group.length].to(torch.float32).sum(dim=1) / group.length)
-        pooled = torch.cat(means) if self._lengths.in_order else torch.cat(means).index_select(0, self._lengths.order)
+        pooled = self._layout.row_sums(x) / self._layout.lengths.unsqueeze(1)
         # Keep a reference to x so that its id cannot be reused by another tensor in this forward.
         self._pooled[id(x)] = (x, pooled)
         return pooled
