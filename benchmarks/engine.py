@@ -8,10 +8,12 @@ the bare encoder on the same batches and padding.
 
   (a) bare          Hugging Face AutoModelForSequenceClassification + the adapter's head
   (b) peft          PEFT LoRA, unmerged (peft.PeftModel.from_pretrained on the checkpoint)
-  (c) engine        the serving engine, CoGaLoRA gates, one padded forward per batch (as (a))
-  (c') engine-split the engine with its length chunking (its own, smaller padding)
-  (d) engine-on     every gate forced on, one padded forward
-  (e) mixed         two adapters alternating rows, one padded forward
+  (c) engine        the serving engine, CoGaLoRA gates, one forward per batch (padded as (a) in
+                    float dtypes; in int8 its encoder layers run the real tokens only, packed)
+  (c') engine-split the engine as it serves: length chunks in float dtypes (its own, smaller
+                    padding); in int8 the same as (c), a packed forward has no padding to cut
+  (d) engine-on     every gate forced on, one forward
+  (e) mixed         two adapters alternating rows, one forward
 
 ``python -m benchmarks.engine --adapters 1,10,100,1000 [--batch-sizes 8,32]``: N copies of one
 adapter (hard links in a temporary model repository, all loaded), traffic spread uniformly so a
@@ -46,7 +48,7 @@ VARIANTS = {
     "bare": "(a) bare encoder + head",
     "peft": "(b) PEFT LoRA unmerged",
     "engine": "(c) engine, CoGaLoRA gates",
-    "engine-split": "(c') engine, length chunks",
+    "engine-split": "(c') engine as served (length chunks or packed)",
     "engine-on": "(d) engine, all gates on",
     "mixed": "(e) engine, two adapters mixed",
 }
