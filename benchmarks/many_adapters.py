@@ -1,11 +1,12 @@
 """Many adapters through HTTP: one adapter's traffic against the same traffic spread over many.
 
 A temporary model directory gets ``--folders`` copies of one committed adapter; one service serves
-it. ``wrk`` (``--concurrency`` clients, one full SST-2 sentence per request) first sends every request
-to one adapter, then spreads the same sentences uniformly over ``--used`` adapters (each loaded into
-every engine process before its measurement, as in a steady state). Both runs hit the same server, so
-the ratio is what mixing adapters costs; it also reports how long ``/ready`` took with that many
-folders.
+it. ``wrk`` (``--concurrency`` clients, one full SST-2 sentence per request) sends every request to
+one adapter, then spreads the same sentences uniformly over ``--used`` adapters (each loaded into
+every engine process before any measurement, as in a steady state), in ``--rounds`` alternating
+rounds, so that a machine whose speed drifts over a minute weighs on both alike. Both hit the same
+server, so the ratio of their request rates is what mixing adapters costs; it also reports how long
+``/ready`` took with that many folders.
 
     python -m benchmarks.many_adapters --folders 500 --used 200 --duration 20
 """
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import httpx
+from tqdm import tqdm
 
 from benchmarks.processes import ServiceProcess
 from benchmarks.serving import DEFAULT_DATA, ROOT, read_sentences, run_wrk, warm, wrk_script
@@ -35,11 +37,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="TSV, sentences in the first column")
     parser.add_argument("--sentences", type=int, default=1000, help="distinct sentences sent in turn")
     parser.add_argument("--concurrency", type=int, default=32, help="wrk connections (default: 32)")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds per measurement (default: 20)")
+    parser.add_argument(
+        "--duration", type=float, default=20.0, help="seconds of traffic for each of the two (default: 20)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="alternating rounds the duration is cut into (default: 4)"
+    )
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if not 1 <= args.used <= args.folders:
         parser.error("--used must lie between 1 and --folders")
+    if args.rounds < 1 or args.duration / args.rounds < 2:
+        parser.error("--rounds must be at least 1, with at least 2 s of --duration each")
     return args
 
 
@@ -57,6 +66,16 @@ async def load_everywhere(url: str, bodies: list[str]) -> None:
             await asyncio.gather(
                 *(client.post(f"{url}/classify", content=body, headers=headers) for _ in range(processes))
             )
+
+
+def merged(measured: list[dict]) -> dict:
+    """Rounds of one ``wrk`` measurement as one: the mean request rate (rounds are equally long), the
+    non-2xx answers summed."""
+    return {
+        "requests_per_s": sum(m["requests_per_s"] for m in measured) / len(measured),
+        "non_2xx": sum(m["non_2xx"] for m in measured),
+        "rounds": measured,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             server.wait_ready()
             ready_s = time.monotonic() - started
-            runs = {}
+            scripts = {}
             for label, used in (("one adapter", 1), (f"{args.used} adapters", args.used)):
                 count = max(len(sentences), used)
                 bodies = [
@@ -89,24 +108,35 @@ def main(argv: list[str] | None = None) -> int:
                     for i in range(count)
                 ]
                 asyncio.run(load_everywhere(server.url, bodies[:used]))
-                warm(server.url, bodies[0])
-                script = Path(scratch) / "classify.lua"
-                wrk_script(bodies, script)
-                runs[label] = run_wrk(server.url, script, args.concurrency, args.duration)
-                print(f"{label}: {runs[label]['requests_per_s']:.1f} req/s", flush=True)
+                scripts[label] = Path(scratch) / f"classify-{used}.lua"
+                wrk_script(bodies, scripts[label])
+            warm(server.url, bodies[0])
+            rounds: dict[str, list[dict]] = {label: [] for label in scripts}
+            for _ in tqdm(range(args.rounds), desc="rounds", unit="round", file=sys.stderr):
+                for label, script in scripts.items():
+                    rounds[label].append(run_wrk(server.url, script, args.concurrency, args.duration / args.rounds))
+            runs = {label: merged(measured) for label, measured in rounds.items()}
+            for label, run in runs.items():
+                print(f"{label}: {run['requests_per_s']:.1f} req/s", flush=True)
         finally:
             server.stop()
     one, many = runs["one adapter"], runs[f"{args.used} adapters"]
+    per_round = [
+        b["requests_per_s"] / a["requests_per_s"]
+        for a, b in zip(rounds["one adapter"], rounds[f"{args.used} adapters"], strict=True)
+    ]
     report = {
         "folders": args.folders,
         "used": args.used,
         "ready_s": round(ready_s, 1),
         "runs": runs,
         "ratio": many["requests_per_s"] / one["requests_per_s"],
+        "round_ratios": per_round,
     }
     print(
         f"{args.folders} folders (/ready after {ready_s:.1f} s); {args.used} adapters at "
-        f"{report['ratio']:.2f}x one adapter; non-2xx: {one['non_2xx']} and {many['non_2xx']}"
+        f"{report['ratio']:.2f}x one adapter (rounds: {', '.join(f'{r:.2f}' for r in per_round)}); "
+        f"non-2xx: {one['non_2xx']} and {many['non_2xx']}"
     )
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

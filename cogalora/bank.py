@@ -370,40 +370,58 @@ class AdapterBank(nn.Module):
         out.add_(dequantize(int_matmul(down.values, codes_B.t()), down, scale_B, sum_B, None))
 
     def add_delta_exact_stacked(
-        self, out: Tensor, x: QuantizedRows, rows: Tensor, adapter_tokens: list[int], rank: int | None = None
+        self,
+        out: Tensor,
+        x: QuantizedRows,
+        rows: Tensor,
+        block_adapters: list[int],
+        block_tokens: list[int],
+        rank: int | None = None,
     ) -> None:
         """:meth:`add_delta_exact` for tokens of several adapters at once: one product pair in all.
 
-        ``x`` and ``out`` hold ``n`` tokens (``[n, d]``), adapter after adapter: the first
-        ``adapter_tokens[0]`` use bank row ``rows[0]``, the next ``adapter_tokens[1]`` row ``rows[1]``, and
-        so on. The adapters' ``A`` codes are stacked into one ``[g * rank, d_in]`` matrix and each token
-        keeps only its own block of the product; before ``B`` each token's codes are spread into its own
-        block of a zero ``[n, g * rank]`` matrix, so the stacked ``B`` product adds only zeros from the
-        other blocks. The int32 sums are therefore those of :meth:`add_delta_exact`, and so are the bits:
-        the per-element steps around them are the same operations on the same values (each adapter's
-        tokens are turned back into floats with its own scales). The stacking costs ``g`` times the
-        (rank-sized) adapter products, and saves ``g - 1`` pairs of kernels.
+        ``x`` and ``out`` hold ``n`` tokens (``[n, d]``) in blocks: block ``i`` is the next
+        ``block_tokens[i]`` tokens, all of the adapter in bank row ``rows[block_adapters[i]]`` (a block is
+        typically one sequence). The adapters' ``A`` codes are stacked into one ``[g * rank, d_in]`` matrix
+        and each token keeps only its own block of the product; before ``B`` each token's codes are
+        spread into its own block of a zero ``[n, g * rank]`` matrix, so the stacked ``B`` product adds
+        only zeros from the other blocks. The int32 sums are therefore those of :meth:`add_delta_exact`,
+        and so are the bits: the per-element steps around them are the same operations on the same
+        values (each block is turned back into floats with its adapter's own scales). The stacking costs
+        ``g`` times the (rank-sized) adapter products, and saves ``g - 1`` pairs of kernels.
         """
         rank = self.rank if rank is None else rank
-        count, tokens = rows.shape[0], x.values.shape[0]
-        sizes = torch.tensor(adapter_tokens, device=rows.device)
-        token_adapter = torch.arange(count, device=rows.device).repeat_interleave(sizes, output_size=tokens)
-        columns = (token_adapter * rank).unsqueeze(1) + torch.arange(rank, device=rows.device)  # [n, rank]
+        count, tokens, device = rows.shape[0], x.values.shape[0], rows.device
+        token_adapter = torch.tensor(block_adapters, device=device).repeat_interleave(
+            torch.tensor(block_tokens, device=device), output_size=tokens
+        )
+        columns = (token_adapter * rank).unsqueeze(1) + torch.arange(rank, device=device)  # [n, rank]
         codes_A = self.codes_A.index_select(0, rows)[:, :rank].reshape(count * rank, self.in_features)
         scale_A = self.scale_A.index_select(0, rows)[:, :rank].index_select(0, token_adapter)
         sum_A = self.sum_A.index_select(0, rows)[:, :rank].index_select(0, token_adapter)
         acc = int_matmul(x.values, codes_A.t()).gather(1, columns)
         down = quantize_rows(dequantize(acc, x, scale_A, sum_A, None))
-        spread = torch.zeros(tokens, count * rank, dtype=torch.int8, device=rows.device)
+        spread = torch.zeros(tokens, count * rank, dtype=torch.int8, device=device)
         spread.scatter_(1, columns, down.values)
         codes_B = self.codes_B.index_select(0, rows)[:, :, :rank]  # [g, d_out, rank]
         scale_B = self.scale_B.index_select(0, rows)
         sum_B = codes_B.sum(dim=2, dtype=torch.int32).float().mul_(scale_B)
         acc = int_matmul(spread, codes_B.transpose(1, 2).reshape(count * rank, self.out_features))
-        start = 0
-        for adapter, size in enumerate(adapter_tokens):
-            stop = start + size
-            if size:
-                part = QuantizedRows(*(t[start:stop] for t in down))
-                out[start:stop].add_(dequantize(acc[start:stop], part, scale_B[adapter], sum_B[adapter], None))
-            start = stop
+        for adapter, start, stop in _runs(block_adapters, block_tokens):
+            part = QuantizedRows(*(t[start:stop] for t in down))
+            out[start:stop].add_(dequantize(acc[start:stop], part, scale_B[adapter], sum_B[adapter], None))
+
+
+def _runs(block_adapters: list[int], block_tokens: list[int]) -> list[tuple[int, int, int]]:
+    """``(adapter, start, stop)`` token ranges of consecutive blocks of one adapter (empty blocks dropped)."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for adapter, size in zip(block_adapters, block_tokens, strict=True):
+        if size == 0:
+            continue
+        if runs and runs[-1][0] == adapter and runs[-1][2] == start:
+            runs[-1] = (adapter, runs[-1][1], start + size)
+        else:
+            runs.append((adapter, start, start + size))
+        start += size
+    return runs

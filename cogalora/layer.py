@@ -200,15 +200,17 @@ class GatedLoraLinear(nn.Module):
                     parts.append((members.index_select(0, chosen), adapters[first : first + stack], part_adapter))
         for members, adapters, member_adapter in parts:
             if adapters is not None and adapters.shape[0] > 1:
-                # The stacked product takes its tokens adapter after adapter.
+                # The stacked product takes its tokens in blocks of one row (one adapter) each.
+                row_adapter = member_adapter.tolist()
                 if members is None:
-                    members = torch.arange(layout.batch_size, device=x.device)
-                order = torch.argsort(member_adapter, stable=True)
-                members, member_adapter = members.index_select(0, order), member_adapter.index_select(0, order)
+                    block_rows, block_tokens = layout.blocks
+                    bank.add_delta_exact_stacked(
+                        flat, tokens, adapters, [row_adapter[row] for row in block_rows], block_tokens, rank
+                    )
+                    continue
                 index, counts = layout.tokens_of(members)
                 update = out.new_zeros(index.shape[0], out.shape[-1])
-                adapter_tokens = torch.zeros_like(adapters).index_add_(0, member_adapter, counts).tolist()
-                bank.add_delta_exact_stacked(update, tokens.select(index), adapters, adapter_tokens, rank)
+                bank.add_delta_exact_stacked(update, tokens.select(index), adapters, row_adapter, counts.tolist(), rank)
                 flat.index_add_(0, index, update)
                 continue
             bank_row = route.rows if adapters is None else int(adapters[0])

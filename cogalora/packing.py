@@ -69,6 +69,15 @@ class TokenLayout:
         index, counts = self.tokens_of(rows)
         return torch.empty_like(index).index_copy_(0, index, rows.repeat_interleave(counts, output_size=index.shape[0]))
 
+    @cached_property
+    def blocks(self) -> tuple[list[int], list[int]]:
+        """The flat tokens as blocks of one row each, in flat order: ``(the row of each block, its token
+        count)``; padded blocks are ``width`` long (padding included), packed ones the row's length."""
+        if not self.packed:
+            return list(range(self.batch_size)), [self.width] * self.batch_size
+        order = sorted(range(self.batch_size), key=self.row_starts.tolist().__getitem__)
+        return order, [self.groups.lengths[row] for row in order]
+
     def tokens_of(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """The flat positions of the real tokens of batch ``rows`` (row after row), and each row's count."""
         counts = self.lengths.index_select(0, rows)

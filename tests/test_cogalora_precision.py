@@ -63,8 +63,8 @@ def test_int8_linear_is_close_to_float_and_bitwise_independent_of_the_batch() ->
 
 @pytest.mark.parametrize("rank", [8, 3])
 def test_a_stacked_product_for_many_adapters_gives_each_token_its_own_adapters_bits(rank: int) -> None:
-    """Forty tokens of five adapters in one stacked product pair: each token's update is the bits of its own
-    adapter's product pair (at the bank's rank and at a nested rank)."""
+    """Forty tokens of five adapters, in blocks that interleave them, in one stacked product pair: each
+    token's update is the bits of its own adapter's product pair (at the bank's rank and a nested one)."""
     torch.manual_seed(0)
     bank = AdapterBank(384, 1536, 8, 4, capacity=8)
     for row in range(8):
@@ -73,11 +73,12 @@ def test_a_stacked_product_for_many_adapters_gives_each_token_its_own_adapters_b
     count = 40
     tokens = quantize_rows(torch.randn(count, 384) * 3)
     rows = torch.tensor([6, 1, 3, 0, 5])
-    adapter_tokens = [9, 1, 14, 0, 16]  # tokens of each adapter, adapter after adapter (one has none)
-    token_adapter = torch.arange(5).repeat_interleave(torch.tensor(adapter_tokens))
+    # Blocks of tokens (sequences), each of one adapter: interleaved, repeated, one empty.
+    block_adapters, block_tokens = [2, 0, 4, 4, 1, 0, 3, 2], [5, 9, 3, 0, 1, 6, 14, 2]
+    token_adapter = torch.tensor(block_adapters).repeat_interleave(torch.tensor(block_tokens))
     start = torch.randn(count, 1536)
     stacked, separate = start.clone(), start.clone()
-    bank.add_delta_exact_stacked(stacked, tokens, rows, adapter_tokens, rank)
+    bank.add_delta_exact_stacked(stacked, tokens, rows, block_adapters, block_tokens, rank)
     for token in range(count):
         one = QuantizedRows(*(t[token : token + 1] for t in tokens))
         bank_row = int(rows[token_adapter[token]])
