@@ -42,17 +42,26 @@ class TokenLayout:
         return len(self.groups.lengths)
 
     @cached_property
+    def blocks(self) -> tuple[list[int], list[int]]:
+        """The flat tokens as blocks of one row each, in flat order: ``(the row of each block, its token
+        count)``; padded blocks are ``width`` long (padding included), packed ones the row's length."""
+        if not self.packed:
+            return list(range(self.batch_size)), [self.width] * self.batch_size
+        order = [
+            row
+            for group in self.groups.groups
+            for row in (range(group.start, group.stop) if group.rows is None else group.rows.tolist())
+        ]
+        return order, [self.groups.lengths[row] for row in order]
+
+    @cached_property
     def row_starts(self) -> Tensor:
         """``[B]`` long: the flat position of each row's first token."""
-        if not self.packed:
-            return torch.arange(self.batch_size, device=self.device) * self.width
         starts = [0] * self.batch_size
         position = 0
-        for group in self.groups.groups:
-            rows = range(group.start, group.stop) if group.rows is None else group.rows.tolist()
-            for row in rows:
-                starts[row] = position
-                position += group.length
+        for row, size in zip(*self.blocks, strict=True):
+            starts[row] = position
+            position += size
         return torch.tensor(starts, device=self.device)
 
     @cached_property
@@ -68,15 +77,6 @@ class TokenLayout:
             return rows.repeat_interleave(self.width)
         index, counts = self.tokens_of(rows)
         return torch.empty_like(index).index_copy_(0, index, rows.repeat_interleave(counts, output_size=index.shape[0]))
-
-    @cached_property
-    def blocks(self) -> tuple[list[int], list[int]]:
-        """The flat tokens as blocks of one row each, in flat order: ``(the row of each block, its token
-        count)``; padded blocks are ``width`` long (padding included), packed ones the row's length."""
-        if not self.packed:
-            return list(range(self.batch_size)), [self.width] * self.batch_size
-        order = sorted(range(self.batch_size), key=self.row_starts.tolist().__getitem__)
-        return order, [self.groups.lengths[row] for row in order]
 
     def tokens_of(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """The flat positions of the real tokens of batch ``rows`` (row after row), and each row's count."""

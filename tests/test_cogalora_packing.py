@@ -25,6 +25,7 @@ def test_a_layout_packs_group_after_group_and_unpacks_with_zeros_at_the_padding(
     real = torch.arange(5)[None, :] < torch.tensor([4, 2, 4, 3])[:, None]
     assert torch.equal(layout.unpack(packed), hidden * real[..., None])
     assert layout.row_of_token.tolist() == [0, 0, 0, 0, 2, 2, 2, 2, 1, 1, 3, 3, 3]
+    assert layout.blocks == ([0, 2, 1, 3], [4, 4, 2, 3])
     index, counts = layout.tokens_of(torch.tensor([2, 1]))
     assert index.tolist() == [4, 5, 6, 7, 8, 9] and counts.tolist() == [4, 2]
 
@@ -32,6 +33,7 @@ def test_a_layout_packs_group_after_group_and_unpacks_with_zeros_at_the_padding(
     index, counts = padded.tokens_of(torch.tensor([2, 1]))
     assert index.tolist() == [10, 11, 12, 13, 5, 6] and counts.tolist() == [4, 2]
     assert padded.row_of_token.tolist() == [row for row in range(4) for _ in range(5)]
+    assert padded.blocks == ([0, 1, 2, 3], [5, 5, 5, 5])
 
 
 def two_adapter_model(precision: str):
