@@ -182,9 +182,6 @@ class GatedLoraLinear(nn.Module):
         tokens = self.routing.quantized(x)
         flat = out.view(-1, out.shape[-1])
         if isinstance(route.rows, int):
-            if rows is None:
-                bank.add_delta_exact(flat, tokens, route.rows, rank)
-                return
             parts = [(rows, None, None)]
         else:
             members = torch.arange(layout.batch_size, device=x.device) if rows is None else rows
@@ -199,27 +196,25 @@ class GatedLoraLinear(nn.Module):
                     part_adapter = member_adapter.index_select(0, chosen) - first
                     parts.append((members.index_select(0, chosen), adapters[first : first + stack], part_adapter))
         for members, adapters, member_adapter in parts:
-            if adapters is not None and adapters.shape[0] > 1:
-                # The stacked product takes its tokens in blocks of one row (one adapter) each.
-                row_adapter = member_adapter.tolist()
-                if members is None:
+            # Several adapters share one stacked product, which takes its tokens in blocks of one row each.
+            stacked = adapters is not None and adapters.shape[0] > 1
+            bank_row = None if stacked else route.rows if adapters is None else int(adapters[0])
+            if members is None:  # every row: the tokens in place
+                if stacked:
                     block_rows, block_tokens = layout.blocks
-                    bank.add_delta_exact_stacked(
-                        flat, tokens, adapters, [row_adapter[row] for row in block_rows], block_tokens, rank
-                    )
-                    continue
-                index, counts = layout.tokens_of(members)
-                update = out.new_zeros(index.shape[0], out.shape[-1])
-                bank.add_delta_exact_stacked(update, tokens.select(index), adapters, row_adapter, counts.tolist(), rank)
-                flat.index_add_(0, index, update)
+                    row_adapter = member_adapter.tolist()
+                    block_adapters = [row_adapter[row] for row in block_rows]
+                    bank.add_delta_exact_stacked(flat, tokens, adapters, block_adapters, block_tokens, rank)
+                else:
+                    bank.add_delta_exact(flat, tokens, bank_row, rank)
                 continue
-            bank_row = route.rows if adapters is None else int(adapters[0])
-            if members is None:
-                bank.add_delta_exact(flat, tokens, bank_row, rank)
-                continue
-            index, _ = layout.tokens_of(members)
+            index, counts = layout.tokens_of(members)
             update = out.new_zeros(index.shape[0], out.shape[-1])
-            bank.add_delta_exact(update, tokens.select(index), bank_row, rank)
+            selected = tokens.select(index)
+            if stacked:
+                bank.add_delta_exact_stacked(update, selected, adapters, member_adapter.tolist(), counts.tolist(), rank)
+            else:
+                bank.add_delta_exact(update, selected, bank_row, rank)
             flat.index_add_(0, index, update)
 
     def _forward_train(self, x: Tensor, out: Tensor, routes: tuple[BankRoute, ...]) -> Tensor:
