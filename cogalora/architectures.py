@@ -25,6 +25,22 @@ ALL_MODULE_KINDS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
+class LayerRecipe:
+    """What one encoder layer computes besides its Linear sites, by module path inside the layer.
+
+    Every supported family computes ``x = norm1(out(attention(q(x), k(x), v(x))) + x)`` then
+    ``x = norm2(down(act(up(x))) + x)``; these name the modules that the lean eval forward
+    (``cogalora.lean_layer``) calls in place of the family's own module tree.
+    """
+
+    self_attention: str
+    """The attention module: its ``attention_head_size`` and ``scaling`` shape the heads."""
+    attention_norm: str
+    activation: str
+    output_norm: str
+
+
+@dataclass(frozen=True)
 class Architecture:
     """Module naming of one encoder family."""
 
@@ -46,6 +62,16 @@ class Architecture:
     pooler). They are not sites (no router, no gate, one vector per row), but plain LoRA adapters may
     adapt them: PEFT's ``all-linear`` and a ``"dense"`` target both reach BERT's pooler."""
 
+    layer_recipe: LayerRecipe | None = None
+    """How an encoder layer computes (``None``: eval forwards run the family's own modules)."""
+
+
+_BERT_LAYER = LayerRecipe(
+    self_attention="attention.self",
+    attention_norm="attention.output.LayerNorm",
+    activation="intermediate.intermediate_act_fn",
+    output_norm="output.LayerNorm",
+)
 
 _BERT_LIKE = Architecture(
     kinds={
@@ -59,12 +85,14 @@ _BERT_LIKE = Architecture(
     head_linears=("classifier",),
     peft_modules_to_save=("classifier",),
     pooler_linears=(r"(^|\.)pooler\.dense$",),
+    layer_recipe=_BERT_LAYER,
 )
 
 _ROBERTA_LIKE = Architecture(
     kinds=_BERT_LIKE.kinds,
     head_linears=("classifier.dense", "classifier.out_proj"),
     peft_modules_to_save=("classifier",),
+    layer_recipe=_BERT_LAYER,
 )
 
 _DISTILBERT = Architecture(
@@ -79,6 +107,12 @@ _DISTILBERT = Architecture(
     head_linears=("pre_classifier", "classifier"),
     peft_modules_to_save=("pre_classifier", "classifier"),
     layer_list=r"(^|\.)transformer\.layer$",
+    layer_recipe=LayerRecipe(
+        self_attention="attention",
+        attention_norm="sa_layer_norm",
+        activation="ffn.activation",
+        output_norm="output_layer_norm",
+    ),
 )
 
 ARCHITECTURES: dict[str, Architecture] = {

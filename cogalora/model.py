@@ -20,6 +20,7 @@ from cogalora.attention import LengthGroups, install_length_grouped_attention
 from cogalora.config import CoGaLoRAConfig
 from cogalora.int8 import Int8Linear
 from cogalora.layer import GatedLoraLinear, SlotHead, SlotLoraLinear
+from cogalora.lean_layer import LeanLayers
 from cogalora.precision import PRECISIONS, Precision, resolve_precision
 from cogalora.routing import ForceGates, RoutingState
 from cogalora.slots import SlotEntry, SlotTable
@@ -100,6 +101,8 @@ class CoGaLoRAModel(nn.Module):
         """slot -> (its scaling, its per-site exceptions): how to unfold ``B`` when reading it back."""
         self.precision: Precision = PRECISIONS["float32"]
         """How the model computes (:meth:`set_precision`)."""
+        self.lean_layers = LeanLayers.install(base_model, self.architecture, encoder_layers)
+        """Eval forwards of the encoder layers without the family's module tree (``cogalora.lean_layer``)."""
 
     # ---- properties -----------------------------------------------------------------------
 
@@ -352,6 +355,8 @@ class CoGaLoRAModel(nn.Module):
             for path, module in list(self.model.named_modules()):
                 if type(module) is nn.Linear:
                     _replace_module(self.model, path, Int8Linear(module))
+            if self.lean_layers is not None:
+                self.lean_layers.bind()
         self.precision = precision
         return self
 
