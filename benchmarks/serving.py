@@ -13,7 +13,8 @@ request):
    ``cogalora_batch_size``), with the engine's own thread count: what serving costs on top;
 3. with ``--sweep``: the service under open-loop Poisson arrivals at fractions of its maximum
    throughput, p50/p99 latency against offered load (``--plot`` writes the PNG), beside the
-   latency of a lone request, both measured by ``benchmarks.open_loop`` (a lean client: 0.2-0.3 ms
+   latency of a lone request (back to back, and 20 ms apart so that each finds the server idle), all
+   measured by ``benchmarks.open_loop`` (a lean client: 0.2-0.3 ms
    of CPU per request, latency from each request's scheduled arrival) or, with
    ``--sweep-client httpx``, by the project's load tester (about a millisecond per request, taken
    from the server on two cores).
@@ -39,7 +40,7 @@ import httpx
 import torch
 
 from benchmarks.baselines import baseline_rates
-from benchmarks.open_loop import run_open_loop, run_sequential
+from benchmarks.open_loop import IDLE_PAUSE_S, run_open_loop, run_sequential
 from benchmarks.processes import ServiceProcess, metric_sum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,8 +206,10 @@ def measure_server(server: ServiceProcess, args, bodies, script, texts_file) -> 
 def sweep(server: ServiceProcess, args, bodies: list[str], texts_file: Path, maximum: float) -> dict:
     client = args.sweep_client
     seconds = min(args.duration, 10.0)
+    idle = None
     if client == "lean":
         lone = asyncio.run(run_sequential(server.url, "/classify", bodies, seconds)).as_dict()
+        idle = asyncio.run(run_sequential(server.url, "/classify", bodies, seconds, IDLE_PAUSE_S)).as_dict()
     else:
         lone = run_httpx(server.url, args.adapter, texts_file, seconds, concurrency=1)
     points = []
@@ -225,6 +228,7 @@ def sweep(server: ServiceProcess, args, bodies: list[str], texts_file: Path, max
     return {
         "client": client,
         "lone_request_latency_s": lone["latency_s"]["p50"],
+        "idle_request_latency_s": None if idle is None else idle["latency_s"]["p50"],
         "maximum_per_s": maximum,
         "points": points,
     }
@@ -241,8 +245,13 @@ def plot_sweep(result: dict, path: Path, title: str) -> None:
     for key, style in (("p50", "o-"), ("p99", "s-")):
         axis.plot(answered, [1000 * p["latency_s"][key] for p in result["points"]], style, label=f"{key} latency")
     lone = 1000 * result["lone_request_latency_s"]
-    axis.axhline(lone, color="grey", linestyle=":", label=f"lone request ({lone:.0f} ms)")
+    axis.axhline(lone, color="grey", linestyle=":", label=f"lone request, back to back ({lone:.0f} ms)")
     axis.axhline(3 * lone, color="grey", linestyle="--", label="3x lone request")
+    idle = result.get("idle_request_latency_s")
+    if idle:
+        axis.axhline(
+            1000 * idle, color="tab:green", linestyle=":", label=f"request on an idle server ({1000 * idle:.0f} ms)"
+        )
     axis.axvline(result["maximum_per_s"], color="black", linestyle="-.", label="max throughput (wrk, closed loop)")
     axis.set_xlabel(f"load answered (requests/s; Poisson arrivals, client {result.get('client', 'httpx')})")
     axis.set_ylabel("latency (ms)")
@@ -380,6 +389,12 @@ def print_report(report: dict) -> None:
             f"{half['requests_per_s']:.0f}/s: p50 {1000 * half['latency_s']['p50']:.0f} ms, "
             f"p99 {1000 * half['latency_s']['p99']:.0f} ms = {half['latency_s']['p99'] / lone:.1f}x the lone request"
         )
+        idle = result.get("idle_request_latency_s")
+        if idle:
+            print(
+                f"a request on an idle server ({1000 * IDLE_PAUSE_S:.0f} ms after the last answer): "
+                f"{1000 * idle:.1f} ms; p99 at half the maximum = {half['latency_s']['p99'] / idle:.1f}x that"
+            )
 
 
 if __name__ == "__main__":

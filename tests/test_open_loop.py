@@ -78,3 +78,10 @@ async def test_one_request_at_a_time_counts_every_answer_and_refusal() -> None:
     assert server.requests == result.answered >= 5
     assert result.non_2xx == server.refused == result.answered // 5
     assert result.errors == 0 and 0 < result.latency_s["p50"] <= result.latency_s["max"]
+
+
+async def test_a_pause_between_requests_is_not_counted_as_latency() -> None:
+    async with LoopbackServer() as server:
+        result = await run_sequential(server.url, "/classify", ["{}"], duration=0.2, pause=0.05)
+    assert 2 <= server.requests == result.answered <= 5, "one request per pause, not back to back"
+    assert result.latency_s["max"] < 0.05, "latency runs from sending to the answer, the pause left out"
