@@ -50,7 +50,7 @@ def attention_calls(model: CoGaLoRAModel) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("precision", ["float32", "int8"])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_eval_forwards_skip_the_family_modules_and_give_its_numbers_bit_for_bit(family: str, precision: str) -> None:
     model = routed_model(family).set_precision(precision)
