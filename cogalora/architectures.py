@@ -204,31 +204,40 @@ def find_encoder_layers(model: nn.Module) -> list[nn.Module]:
     return []
 
 
-def find_sites(model: nn.Module, kinds: tuple[str, ...]) -> list[Site]:
-    """Locate the Linear modules of the requested kinds, ordered by layer, then by kind as in ``ALL_MODULE_KINDS``."""
+def modules_by_kind(
+    model: nn.Module, kinds: tuple[str, ...] = ALL_MODULE_KINDS
+) -> list[tuple[int, str, str, nn.Module]]:
+    """``(layer, kind, path, module)`` of every module whose path names one of ``kinds``, ordered by
+    layer, then by kind as in ``ALL_MODULE_KINDS`` (whatever the module is now: a Linear, or a layer
+    that wraps one)."""
     arch = architecture_of(model)
     patterns = {kind: re.compile(arch.kinds[kind]) for kind in ALL_MODULE_KINDS if kind in kinds}
-    found: list[tuple[int, int, str, nn.Linear]] = []
+    found = []
     for path, module in model.named_modules():
-        for kind_order, pattern in enumerate(patterns.values()):
+        for kind, pattern in patterns.items():
             match = pattern.search(path)
-            if match and isinstance(module, nn.Linear):
-                found.append((int(match.group(1)), kind_order, path, module))
+            if match:
+                found.append((int(match.group(1)), kind, path, module))
+    found.sort(key=lambda item: (item[0], ALL_MODULE_KINDS.index(item[1])))
+    return found
+
+
+def find_sites(model: nn.Module, kinds: tuple[str, ...]) -> list[Site]:
+    """Locate the Linear modules of the requested kinds, ordered by layer, then by kind as in ``ALL_MODULE_KINDS``."""
+    found = [item for item in modules_by_kind(model, kinds) if isinstance(item[3], nn.Linear)]
     if not found:
         raise ValueError(
             f"no target modules {list(kinds)} found in model type "
             f"{model.config.model_type!r}: its module names do not match the expected layout"
         )
-    found.sort(key=lambda item: (item[0], item[1]))
-    kind_names = list(patterns)
     return [
         Site(
             index=i,
             module_path=path,
             layer=layer,
-            kind=kind_names[kind_order],
+            kind=kind,
             in_features=module.in_features,
             out_features=module.out_features,
         )
-        for i, (layer, kind_order, path, module) in enumerate(found)
+        for i, (layer, kind, path, module) in enumerate(found)
     ]

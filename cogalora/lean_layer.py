@@ -12,14 +12,13 @@ Training forwards keep the family's own code (dropout, gradient checkpointing).
 
 from __future__ import annotations
 
-import re
 import types
 from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cogalora.architectures import ALL_MODULE_KINDS, Architecture, LayerRecipe
+from cogalora.architectures import ALL_MODULE_KINDS, Architecture, LayerRecipe, modules_by_kind
 from cogalora.attention import length_grouped_attention
 
 
@@ -62,7 +61,7 @@ class LeanLayers:
         recipe = architecture.layer_recipe
         if recipe is None or not layers:
             return None
-        paths = _linear_paths(model, architecture, layers)
+        paths = _linear_paths(model, layers)
         if paths is None:
             return None
         for layer in layers:
@@ -92,22 +91,16 @@ class LeanLayers:
 _PART_OF_KIND = dict(zip(ALL_MODULE_KINDS, ("query", "key", "value", "output", "up", "down"), strict=True))
 
 
-def _linear_paths(model: nn.Module, architecture: Architecture, layers: list[nn.Module]) -> list[dict[str, str]] | None:
+def _linear_paths(model: nn.Module, layers: list[nn.Module]) -> list[dict[str, str]] | None:
     """Each layer's Linear modules as paths inside the layer, by :class:`_Parts` field; None if one is missing."""
     layer_paths = {id(module): path for path, module in model.named_modules()}
-    found: list[dict[str, str]] = []
-    for index, layer in enumerate(layers):
-        prefix = layer_paths[id(layer)] + "."
-        parts: dict[str, str] = {}
-        for path, _ in layer.named_modules(prefix=prefix[:-1]):
-            for kind, pattern in architecture.kinds.items():
-                match = re.search(pattern, path)
-                if match and int(match.group(1)) == index:
-                    parts[_PART_OF_KIND[kind]] = path[len(prefix) :]
-        if len(parts) != len(ALL_MODULE_KINDS):
+    found: list[dict[str, str]] = [{} for _ in layers]
+    for index, kind, path, _ in modules_by_kind(model):
+        prefix = layer_paths[id(layers[index])] + "." if index < len(layers) else None
+        if prefix is None or not path.startswith(prefix):
             return None
-        found.append(parts)
-    return found
+        found[index][_PART_OF_KIND[kind]] = path[len(prefix) :]
+    return found if all(len(parts) == len(ALL_MODULE_KINDS) for parts in found) else None
 
 
 def _layer_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None, *args, **kwargs):
