@@ -9,12 +9,17 @@ sentence (tokenization is not timed), and reports sentences per second:
 - ``onnxruntime-float32`` / ``onnxruntime-int8``: the model exported to ONNX, and that export
   quantized with ``onnxruntime.quantization.quantize_dynamic`` (int8 weights).
 
+The baselines take turns for ``rounds`` rounds (one pass over the batches each) and each reports
+the median of its rounds: a single short pass moved by up to 30 % between runs of the same machine,
+with the machine's drift landing on whichever baseline ran then.
+
 ONNX Runtime is a benchmark-only dependency (``pip install -e '.[bench]'``); without it its rows are
 skipped with a note.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +30,8 @@ import torch
 
 BATCH = 32
 BATCHES = 10
+#: Timed rounds per baseline (their median is reported).
+ROUNDS = 5
 BASELINES = ("torch-float32", "torch-bfloat16", "torch-int8-dynamic", "onnxruntime-float32", "onnxruntime-int8")
 
 
@@ -41,16 +48,30 @@ def _bare_model(model_dir: Path, adapter: str):
     return model.eval(), load_tokenizer(meta.base_model), meta.max_length
 
 
-def _timed(run: Callable[[dict], object], batches: list[dict]) -> float:
-    run(batches[0])  # warm-up
+def _rate(run: Callable[[dict], object], batches: list[dict]) -> float:
+    """Sentences/s of one pass of ``run`` over ``batches``."""
     began = time.perf_counter()
     for batch in batches:
         run(batch)
     return sum(len(batch["input_ids"]) for batch in batches) / (time.perf_counter() - began)
 
 
-def baseline_rates(model_dir: Path, adapter: str, sentences: list[str], threads: int = 2) -> dict[str, float]:
-    """Sentences/s of every available baseline on the first ``BATCH * BATCHES`` sentences."""
+def _median_rates(runs: dict[str, tuple[Callable[[dict], object], list[dict]]], rounds: int) -> dict[str, float]:
+    """Each of ``runs`` (label -> run and its inputs), warmed up, then timed in turn for ``rounds`` rounds:
+    the median of each label's rounds."""
+    for run, inputs in runs.values():
+        run(inputs[0])
+    rates: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(rounds):
+        for label, (run, inputs) in runs.items():
+            rates[label].append(_rate(run, inputs))
+    return {label: statistics.median(values) for label, values in rates.items()}
+
+
+def baseline_rates(
+    model_dir: Path, adapter: str, sentences: list[str], threads: int = 2, rounds: int = ROUNDS
+) -> dict[str, float]:
+    """Sentences/s of every available baseline on the first ``BATCH * BATCHES`` sentences (median of ``rounds``)."""
     torch.set_num_threads(threads)
     model, tokenizer, max_length = _bare_model(model_dir, adapter)
     texts = sentences[: BATCH * BATCHES]
@@ -58,20 +79,23 @@ def baseline_rates(model_dir: Path, adapter: str, sentences: list[str], threads:
         dict(tokenizer(texts[i : i + BATCH], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
         for i in range(0, len(texts), BATCH)
     ]
-    rates: dict[str, float] = {}
-    with torch.inference_mode():
-        rates["torch-float32"] = _timed(lambda batch: model(**batch), batches)
-        half = _bare_model(model_dir, adapter)[0].to(torch.bfloat16)
-        rates["torch-bfloat16"] = _timed(lambda batch: half(**batch), batches)
-        dynamic = torch.ao.quantization.quantize_dynamic(
-            _bare_model(model_dir, adapter)[0], {torch.nn.Linear}, dtype=torch.qint8
-        )
-        rates["torch-int8-dynamic"] = _timed(lambda batch: dynamic(**batch), batches)
-    rates.update(_onnx_rates(model, batches, threads))
-    return rates
+    half = _bare_model(model_dir, adapter)[0].to(torch.bfloat16)
+    dynamic = torch.ao.quantization.quantize_dynamic(
+        _bare_model(model_dir, adapter)[0], {torch.nn.Linear}, dtype=torch.qint8
+    )
+    runs: dict[str, tuple[Callable[[dict], object], list[dict]]] = {
+        "torch-float32": (lambda batch: model(**batch), batches),
+        "torch-bfloat16": (lambda batch: half(**batch), batches),
+        "torch-int8-dynamic": (lambda batch: dynamic(**batch), batches),
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        runs.update(_onnx_runs(model, batches, threads, Path(scratch)))  # exported outside inference mode
+        with torch.inference_mode():
+            return _median_rates(runs, rounds)
 
 
-def _onnx_rates(model, batches: list[dict], threads: int) -> dict[str, float]:
+def _onnx_runs(model, batches: list[dict], threads: int, scratch: Path) -> dict[str, tuple[Callable, list[dict]]]:
+    """ONNX Runtime sessions of the model exported to ``scratch`` (float32, and int8 dynamic), with their feeds."""
     try:
         import onnxruntime
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -79,30 +103,29 @@ def _onnx_rates(model, batches: list[dict], threads: int) -> dict[str, float]:
         print("note: onnxruntime is not installed (pip install -e '.[bench]'); ONNX rows skipped", file=sys.stderr)
         return {}
     names = ["input_ids", "attention_mask", "token_type_ids"]
-    rates = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        exported, quantized = Path(scratch) / "model.onnx", Path(scratch) / "model-int8.onnx"
-        example = tuple(batches[0][name] for name in names)
-        axes = {name: {0: "batch", 1: "tokens"} for name in names} | {"logits": {0: "batch"}}
-        torch.onnx.export(
-            model,
-            example,
-            str(exported),
-            input_names=names,
-            output_names=["logits"],
-            dynamic_axes=axes,
-            opset_version=17,
-            dynamo=False,
-        )
-        quantize_dynamic(str(exported), str(quantized), weight_type=QuantType.QInt8)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        for label, path in (("onnxruntime-float32", exported), ("onnxruntime-int8", quantized)):
-            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            feeds = [{name: batch[name].numpy() for name in names} for batch in batches]
-            rates[label] = _timed(lambda feed, session=session: session.run(None, feed), feeds)
-    return rates
+    exported, quantized = scratch / "model.onnx", scratch / "model-int8.onnx"
+    example = tuple(batches[0][name] for name in names)
+    axes = {name: {0: "batch", 1: "tokens"} for name in names} | {"logits": {0: "batch"}}
+    torch.onnx.export(
+        model,
+        example,
+        str(exported),
+        input_names=names,
+        output_names=["logits"],
+        dynamic_axes=axes,
+        opset_version=17,
+        dynamo=False,
+    )
+    quantize_dynamic(str(exported), str(quantized), weight_type=QuantType.QInt8)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    feeds = [{name: batch[name].numpy() for name in names} for batch in batches]
+    runs = {}
+    for label, path in (("onnxruntime-float32", exported), ("onnxruntime-int8", quantized)):
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        runs[label] = (lambda feed, session=session: session.run(None, feed), feeds)
+    return runs
 
 
 if __name__ == "__main__":

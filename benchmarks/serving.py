@@ -5,7 +5,8 @@ request):
 
 1. what a user would run instead, offline at batch 32 (``benchmarks.baselines``): the bare encoder
    + head in torch (float32, bfloat16, dynamic int8) and in ONNX Runtime (float32, int8). Torch
-   float32 is the yardstick every throughput is a ratio to;
+   float32 is the yardstick every throughput is a ratio to. Each is the median of five rounds, the
+   baselines taking turns;
 2. each server (the service in each ``--dtypes`` and ``--modes``, then the naive FastAPI + PEFT
    server) under ``--concurrency`` closed-loop clients, measured with ``wrk`` (a C load generator:
    it leaves the two cores to the server) and with this project's httpx load tester; for the
@@ -119,6 +120,31 @@ def mean_batch_size(metrics_before: str, metrics_after: str) -> float:
     return rows / count if count else float("nan")
 
 
+#: The service's own view of a request (histograms of /metrics), in the order a request meets them:
+#: label -> metric. Their means between two scrapes say where the latency of a load went.
+SERVER_SIDE = {
+    "request_ms": "cogalora_request_duration_seconds",
+    "tokenize_ms": "cogalora_tokenize_duration_seconds",
+    "queue_ms": "cogalora_queue_duration_seconds",
+    "engine_ms": "cogalora_inference_duration_seconds",
+    "batch_ms": "cogalora_batch_duration_seconds",
+}
+
+
+def server_side(metrics_before: str, metrics_after: str) -> dict[str, float]:
+    """Means between two /metrics scrapes: a request as the server saw it (whole, tokenizing, queued for a
+    batch, in the engine), the wall time of an engine batch (ms) and its rows."""
+    means = {}
+    for label, name in SERVER_SIDE.items():
+        total, count = (
+            metric_sum(metrics_after, name + part) - metric_sum(metrics_before, name + part)
+            for part in ("_sum", "_count")
+        )
+        means[label] = 1000 * total / count if count else float("nan")
+    means["batch_size"] = mean_batch_size(metrics_before, metrics_after)
+    return means
+
+
 # ---- load generators ----------------------------------------------------------------------------
 
 
@@ -207,31 +233,48 @@ def sweep(server: ServiceProcess, args, bodies: list[str], texts_file: Path, max
     client = args.sweep_client
     seconds = min(args.duration, 10.0)
     idle = None
+    before = server.metrics_text()
     if client == "lean":
         lone = asyncio.run(run_sequential(server.url, "/classify", bodies, seconds)).as_dict()
-        idle = asyncio.run(run_sequential(server.url, "/classify", bodies, seconds, IDLE_PAUSE_S)).as_dict()
     else:
         lone = run_httpx(server.url, args.adapter, texts_file, seconds, concurrency=1)
+    lone_inside = server_side(before, server.metrics_text())
+    print(f"  lone requests, back to back: {describe_server_side(lone_inside)}", flush=True)
+    if client == "lean":
+        idle = asyncio.run(run_sequential(server.url, "/classify", bodies, seconds, IDLE_PAUSE_S)).as_dict()
     points = []
     for fraction in [float(f) for f in args.sweep_fractions.split(",")]:
         rate = max(fraction * maximum, 0.5)
+        before = server.metrics_text()
         if client == "lean":
             measured = asyncio.run(run_open_loop(server.url, "/classify", bodies, rate, args.duration)).as_dict()
         else:
             measured = run_httpx(server.url, args.adapter, texts_file, args.duration, rate=round(rate, 2))
-        points.append({"fraction": fraction, "offered_per_s": rate, **measured})
+        inside = server_side(before, server.metrics_text())
+        points.append({"fraction": fraction, "offered_per_s": rate, **measured, "server_side": inside})
         print(
             f"  offered {rate:6.1f} req/s ({fraction:.2f} of max), answered {measured['requests_per_s']:6.1f}/s: "
-            f"p50 {1000 * measured['latency_s']['p50']:.1f} ms, p99 {1000 * measured['latency_s']['p99']:.1f} ms",
+            f"p50 {1000 * measured['latency_s']['p50']:.1f} ms, p99 {1000 * measured['latency_s']['p99']:.1f} ms; "
+            f"{describe_server_side(inside)}",
             flush=True,
         )
     return {
         "client": client,
         "lone_request_latency_s": lone["latency_s"]["p50"],
         "idle_request_latency_s": None if idle is None else idle["latency_s"]["p50"],
+        "lone_server_side": lone_inside,
         "maximum_per_s": maximum,
         "points": points,
     }
+
+
+def describe_server_side(means: dict[str, float]) -> str:
+    """One line of :func:`server_side`'s means."""
+    return (
+        f"server side, mean per request: {means['request_ms']:.1f} ms = tokenizing {means['tokenize_ms']:.2f} + "
+        f"queued {means['queue_ms']:.1f} + engine {means['engine_ms']:.1f} (+ HTTP and hand-offs); "
+        f"batches of {means['batch_size']:.2f} rows, {means['batch_ms']:.1f} ms each"
+    )
 
 
 def plot_sweep(result: dict, path: Path, title: str) -> None:

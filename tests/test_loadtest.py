@@ -326,3 +326,22 @@ async def test_naive_server_answers_like_the_plain_lora_checkpoint(minilm_model_
         assert result["score"] == max(scores.values()) and scores[result["label"]] == result["score"]
         for index, label in enumerate(loaded.meta.labels):
             assert scores[label] == pytest.approx(float(expected[row, index]), abs=1e-4)
+
+
+@pytest.mark.integration
+async def test_the_serving_benchmark_splits_a_load_s_latency_as_the_server_saw_it(service: ServiceProcess):
+    """``benchmarks.serving.server_side``: between two /metrics scrapes, the mean request's parts (tokenizing,
+    queued for a batch, in the engine) add up to no more than the whole request, batches hold rows."""
+    from benchmarks.open_loop import run_open_loop
+    from benchmarks.serving import server_side
+
+    bodies = [json.dumps({"inputs": text, "adapter": "sst2"}) for text in SAMPLE_TEXTS[:8]]
+    before = service.metrics_text()
+    result = await run_open_loop(service.url, "/classify", bodies, rate=40.0, duration=1.0, seed=3)
+    means = server_side(before, service.metrics_text())
+    assert result.answered > 0 and result.non_2xx == 0
+    assert all(value > 0 for key, value in means.items() if key != "queue_ms"), means  # no NaN: every metric found
+    assert means["queue_ms"] >= 0
+    assert means["tokenize_ms"] + means["queue_ms"] + means["engine_ms"] <= means["request_ms"]
+    assert means["batch_size"] >= 1
+    assert means["request_ms"] / 1000 <= result.latency_s["max"]  # the client waited at least that long
