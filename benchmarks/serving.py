@@ -277,16 +277,27 @@ def describe_server_side(means: dict[str, float]) -> str:
     )
 
 
+#: The parts of a request the second panel of the sweep's plot stacks: ``server_side`` key -> label.
+STACKED_PARTS = {"tokenize_ms": "tokenizing", "queue_ms": "queued for an engine", "engine_ms": "in the engine"}
+
+
 def plot_sweep(result: dict, path: Path, title: str) -> None:
+    """p50 and p99 against the load answered; below, where the mean request's time went at each load (the
+    server's own histograms), when the sweep recorded it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    answered = [p["requests_per_s"] for p in result["points"]]
-    figure, axis = plt.subplots(figsize=(7, 4.2))
+    points = result["points"]
+    split = all("server_side" in p for p in points) and "lone_server_side" in result
+    if split:
+        figure, (axis, parts) = plt.subplots(2, 1, figsize=(7, 7.2), height_ratios=(3, 2))
+    else:
+        figure, axis = plt.subplots(figsize=(7, 4.2))
+    answered = [p["requests_per_s"] for p in points]
     for key, style in (("p50", "o-"), ("p99", "s-")):
-        axis.plot(answered, [1000 * p["latency_s"][key] for p in result["points"]], style, label=f"{key} latency")
+        axis.plot(answered, [1000 * p["latency_s"][key] for p in points], style, label=f"{key} latency")
     lone = 1000 * result["lone_request_latency_s"]
     axis.axhline(lone, color="grey", linestyle=":", label=f"lone request, back to back ({lone:.0f} ms)")
     axis.axhline(3 * lone, color="grey", linestyle="--", label="3x lone request")
@@ -302,9 +313,35 @@ def plot_sweep(result: dict, path: Path, title: str) -> None:
     axis.set_title(title)
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
+    if split:
+        _plot_server_side(parts, [result["lone_server_side"], *(p["server_side"] for p in points)], points)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
+
+
+def _plot_server_side(axis, means: list[dict[str, float]], points: list[dict]) -> None:
+    """Stacked bars: the mean request in the server, split into its parts, for the lone request and each load."""
+    names = ["lone", *(f"{p['fraction']:g}" for p in points)]
+    bottom = [0.0] * len(means)
+    for key, label in STACKED_PARTS.items():
+        heights = [m[key] for m in means]
+        axis.bar(names, heights, bottom=bottom, label=label)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    rest = [max(0.0, m["request_ms"] - b) for m, b in zip(means, bottom, strict=True)]
+    axis.bar(names, rest, bottom=bottom, label="HTTP, hand-offs", color="lightgrey")
+    # The bar at the maximum (queues without bound) would flatten the others: it is cut, its height written.
+    totals = sorted(m["request_ms"] for m in means)
+    top = 1.25 * totals[-2] if len(totals) > 1 and totals[-1] > 2 * totals[-2] else 1.1 * totals[-1]
+    axis.set_ylim(0, top)
+    for index, m in enumerate(means):
+        cut = m["request_ms"] > top
+        label = f"{m['batch_size']:.1f} rows" + (f", {m['request_ms']:.0f} ms (cut)" if cut else "")
+        axis.annotate(label, (index, min(m["request_ms"], top * 0.93)), ha="center", va="bottom", fontsize=7)
+    axis.set_xlabel("load (fraction of the maximum; bar label: mean rows per engine batch)")
+    axis.set_ylabel("mean request in the server (ms)")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3, axis="y")
 
 
 def main(argv: list[str] | None = None) -> int:
