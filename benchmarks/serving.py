@@ -120,8 +120,9 @@ def mean_batch_size(metrics_before: str, metrics_after: str) -> float:
     return rows / count if count else float("nan")
 
 
-#: The service's own view of a request (histograms of /metrics), in the order a request meets them:
-#: label -> metric. Their means between two scrapes say where the latency of a load went.
+#: The service's own view of a request (histograms of /metrics): the whole request, then its parts in
+#: the order it meets them, then the engine's batches; label -> metric. Their means between two scrapes
+#: say where the latency of a load went.
 SERVER_SIDE = {
     "request_ms": "cogalora_request_duration_seconds",
     "tokenize_ms": "cogalora_tokenize_duration_seconds",
