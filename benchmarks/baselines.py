@@ -10,8 +10,9 @@ sentence (tokenization is not timed), and reports sentences per second:
   quantized with ``onnxruntime.quantization.quantize_dynamic`` (int8 weights).
 
 The baselines take turns for ``rounds`` rounds (one pass over the batches each) and each reports
-the median of its rounds: a single short pass moved by up to 30 % between runs of the same machine,
-with the machine's drift landing on whichever baseline ran then.
+the median of its rounds, so that a moment's noise on a shared machine does not land on whichever
+baseline ran then. A machine whose speed drifts between minutes still moves the figures between
+runs: compare ratios within one run.
 
 ONNX Runtime is a benchmark-only dependency (``pip install -e '.[bench]'``); without it its rows are
 skipped with a note.
