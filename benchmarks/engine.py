@@ -14,6 +14,9 @@ the bare encoder on the same batches and padding.
                     padding); in int8 the same as (c), a packed forward has no padding to cut
   (d) engine-on     every gate forced on, one forward
   (e) mixed         two adapters alternating rows, one forward
+  (f) torch-steps   int8 only: (c') with quantizing and dequantizing as torch operations instead of
+                    the compiled C functions (cogalora.int8_kernels; the same bits), where those were
+                    built
 
 ``python -m benchmarks.engine --adapters 1,10,100,1000 [--batch-sizes 8,32]``: N copies of one
 adapter (hard links in a temporary model repository, all loaded), traffic spread uniformly so a
@@ -51,6 +54,7 @@ VARIANTS = {
     "engine-split": "(c') engine as served (length chunks or packed)",
     "engine-on": "(d) engine, all gates on",
     "mixed": "(e) engine, two adapters mixed",
+    "torch-steps": "(f) (c') with int8 steps as torch operations",
 }
 
 
@@ -148,7 +152,7 @@ def machine(args: argparse.Namespace) -> dict:
 def variants(args: argparse.Namespace, sizes: list[int]) -> dict:
     from peft import PeftModel
 
-    from cogalora import load_base_model, read_adapter
+    from cogalora import int8_kernels, load_base_model, read_adapter
     from service.engine import Engine
     from service.repository import ModelRepository
 
@@ -202,6 +206,13 @@ def variants(args: argparse.Namespace, sizes: list[int]) -> dict:
             for batch_rows in prepared:
                 engines[name].run_batch(batch_rows)
 
+        def run_with_torch_steps(prepared):
+            int8_kernels.select("torch")
+            try:
+                run_engine("engine-split", prepared)
+            finally:
+                int8_kernels.select("native")
+
         runners = {
             "bare": lambda: run_hf(bare),
             "peft": lambda: run_hf(peft),
@@ -210,6 +221,8 @@ def variants(args: argparse.Namespace, sizes: list[int]) -> dict:
             "engine-on": lambda rows=rows: run_engine("engine-on", rows),
             "mixed": lambda mixed=mixed: run_engine("mixed", mixed),
         }
+        if precision.integer_products and int8_kernels.kernels() == "native":
+            runners["torch-steps"] = lambda rows=rows: run_with_torch_steps(rows)
         times = interleaved(runners, args.rounds)
         relative = ratios(times, "bare", args.statistic)
         outputs = [
@@ -241,6 +254,8 @@ def print_variants(report: dict) -> None:
     print("| variant | " + " | ".join(f"batch {size}" for size in sizes) + " |")
     print("|---|" + "---|" * len(sizes))
     for name, label in VARIANTS.items():
+        if any(name not in e["variants"] for e in report["results"]):
+            continue
         cells = [
             f"{e['variants'][name]['sentences_per_s']:.0f} ({e['variants'][name]['ratio']:.2f}x)"
             for e in report["results"]

@@ -18,7 +18,9 @@ value never depends on where a tensor of a given batch size happens to be cut in
 among threads. (A fused multiply-add could round once in one path and twice in the other.)
 
 Quantizing a token costs two reductions and one pass; the product costs half of a bfloat16 one on
-CPUs with VNNI (``torch._int_mm`` runs on oneDNN's int8 kernels).
+CPUs with VNNI (``torch._int_mm`` runs on oneDNN's int8 kernels). On the CPU, quantizing and turning
+sums back into floats run as compiled C functions where they were built (``cogalora.int8_kernels``):
+the same operations in one call each, with the same bits as the torch operations below.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cogalora import int8_kernels
 
 #: Half the number of levels of a signed 8-bit integer used for a row's range: ``[-127, 127]``.
 LEVELS = 127.0
@@ -56,6 +60,9 @@ class QuantizedRows:
 
 def quantize_rows(x: Tensor) -> QuantizedRows:
     """Quantize each row of ``x`` (``[n, k]``, any float dtype) on its own."""
+    native = int8_kernels.quantize_rows(x)
+    if native is not None:
+        return QuantizedRows(*native)
     x = x.float()
     hi = x.amax(dim=1, keepdim=True)
     lo = x.amin(dim=1, keepdim=True)
@@ -87,6 +94,9 @@ def dequantize(
     acc: Tensor, rows: QuantizedRows, weight_scale: Tensor, weight_sum: Tensor, bias: Tensor | None
 ) -> Tensor:
     """``mid * weight_sum + scale * weight_scale * acc (+ bias)``: float32 ``[n, out]`` from the int32 sums."""
+    native = int8_kernels.dequantize(acc, rows.scale, rows.mid, weight_scale, weight_sum, bias)
+    if native is not None:
+        return native
     out = acc.float().mul_(rows.scale).mul_(weight_scale)
     if bias is not None:
         out.add_(bias)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from cogalora.int8_kernels import kernels
 from service.settings import Settings
 
 NAME = "cogalora-serve"
@@ -26,10 +27,12 @@ VERSION = package_version()
 
 def runtime(settings: Settings) -> dict[str, Any]:
     """The device, resolved precision and torch threads the engine serves with (``auto`` values resolved)."""
+    device, precision = settings.resolved_device(), settings.resolved_precision()
     return {
         "version": VERSION,
-        "device": settings.resolved_device(),
-        "dtype": settings.resolved_precision().name,
+        "device": device,
+        "dtype": precision.name,
+        "int8_kernels": kernels(settings.int8_kernels) if precision.integer_products and device == "cpu" else None,
         "engine_process": settings.engine_process,
         "engine_processes": settings.resolved_engine_processes() if settings.engine_process else 0,
         "engine_lanes": settings.resolved_engine_lanes(),

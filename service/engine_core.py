@@ -43,7 +43,10 @@ def build_engine(
     """
     import torch
 
+    from cogalora import int8_kernels
+
     torch.set_num_threads(engine_threads(settings.resolved_torch_threads()))
+    kernels = int8_kernels.select(settings.int8_kernels)
     repository = ModelRepository(
         settings.model_dir,
         device=settings.resolved_device(),
@@ -62,6 +65,7 @@ def build_engine(
         "engine ready",
         extra={
             "precision": repository.precision.name,
+            "int8_kernels": kernels,
             "lanes": repository.lanes,
             "threads_per_lane": torch.get_num_threads(),
             "loaded": repository.loaded_names(),

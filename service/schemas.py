@@ -210,6 +210,11 @@ class ServerInfo(BaseModel):
     state: Literal["loading", "ready", "failed", "draining"]
     device: str = Field(description="Torch device the engine runs on.")
     dtype: str = Field(description="Precision of the encoder and adapters (auto resolved); routers run in float32.")
+    int8_kernels: Literal["native", "torch"] | None = Field(
+        None,
+        description="int8 on the CPU: whether quantizing and dequantizing run as the compiled C functions "
+        "(native) or as torch operations (torch; same results, slower). Null for other dtypes and devices.",
+    )
     engine_lanes: int = Field(description="Copies of the model that run forwards at once.")
     torch_threads: int = Field(description="torch intra-op threads of each lane.")
     engine_process: bool = Field(description="Whether the engine runs in a process of its own.")

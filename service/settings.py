@@ -83,6 +83,12 @@ class Settings(BaseSettings):
         'bfloat16/float16 are half precision (not bitwise batch invariant). "auto": int8 on CPU and CUDA, '
         "else float32. Routers always decide in float32 (python -m benchmarks.precision measures the accuracy).",
     )
+    int8_kernels: Literal["native", "torch"] = Field(
+        "native",
+        description="int8 on the CPU: quantize and dequantize token rows with the compiled C functions (native, "
+        "where the install could build them) or with torch operations (torch). Same results either way; "
+        "native cuts a one-sentence forward by about a tenth.",
+    )
     engine_process: bool = Field(
         True,
         description="Run the model in an engine process of its own, fed through a local socket: HTTP, JSON and "

@@ -200,6 +200,7 @@ async def test_info_says_the_version_device_dtype_threads_and_adapters(tmp_path)
             "state": "ready",
             "device": "cpu",
             "dtype": "float32",
+            "int8_kernels": None,
             "engine_process": True,
             "engine_processes": 2,
             "engine_lanes": 2,
@@ -210,6 +211,15 @@ async def test_info_says_the_version_device_dtype_threads_and_adapters(tmp_path)
         }
         assert (await client.get("/v2")).json()["version"] == project
         assert (await client.get("/openapi.json")).json()["info"]["version"] == project
+
+
+@pytest.mark.parametrize("asked", ["native", "torch"])
+async def test_info_says_what_runs_int8_s_per_token_steps(tmp_path, asked):
+    settings = Settings(model_dir=tmp_path, dtype="int8", device="cpu", int8_kernels=asked)
+    async with running(create_app(settings, components=fake_components(["sst2"]))) as client:
+        shown = (await client.get("/info")).json()["int8_kernels"]
+    built = (REPO / "cogalora").glob("_int8_rows*")
+    assert shown == ("native" if asked == "native" and any(built) else "torch")
 
 
 # ---- errors a user can act on ---------------------------------------------------------------------

@@ -1,0 +1,141 @@
+"""The compiled per-token int8 steps (``cogalora/int8_rows.c``) give the torch path's bits, where they apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import synthetic_checkpoint
+from test_engine import scanned, sentences
+
+from cogalora import PACKAGED_MODEL_ID, int8_kernels
+from cogalora.int8 import QuantizedRows, dequantize, int_matmul, quantize_rows, quantize_weight
+from service.engine import Engine
+
+pytestmark = [
+    pytest.mark.skipif(
+        int8_kernels.kernels() != "native", reason="cogalora/int8_rows.c was not built (no C compiler at install)"
+    ),
+    # One torch thread: the compiled steps take tensors of any size (with more, torch takes the large ones).
+    pytest.mark.usefixtures("one_torch_thread"),
+]
+
+
+@pytest.fixture
+def torch_path(monkeypatch: pytest.MonkeyPatch):
+    """Runs a function with the compiled steps switched off: the reference."""
+
+    def run(function, *args):
+        with monkeypatch.context() as patched:
+            patched.setattr(int8_kernels, "_library", None)
+            return function(*args)
+
+    return run
+
+
+def rows_to_quantize(n: int, k: int, seed: int) -> torch.Tensor:
+    """Rows of very different ranges, and the awkward ones: constant, all zero, one-signed, one huge value."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=generator) * torch.logspace(-3, 3, n)[:, None]
+    special = [torch.full((k,), 2.5), torch.zeros(k), torch.rand(k, generator=generator) + 1.0, -torch.rand(k)]
+    for row, values in zip(range(0, n, 2), special, strict=False):
+        x[row] = values
+    if n > 9 and k > 1:
+        x[9, k // 2] = 1e6
+    return x
+
+
+@pytest.mark.parametrize("k", [1, 15, 16, 17, 384, 1536])
+def test_quantizing_gives_the_torch_path_s_bits(torch_path, k: int) -> None:
+    # 3,000 rows of 384: enough values that a quotient one ulp off would round to another code somewhere.
+    for n, seed in [(1, 0), (3, 1), (12, 2), (100, 3), *([(3000, 4)] if k == 384 else [])]:
+        x = rows_to_quantize(n, k, seed)
+        native, reference = quantize_rows(x), torch_path(quantize_rows, x)
+        for name, got, expected in zip(("values", "scale", "mid"), native, reference, strict=True):
+            assert got.dtype == expected.dtype and got.shape == expected.shape, name
+            assert torch.equal(got, expected), (name, n, k, (got != expected).sum().item())
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_dequantizing_gives_the_torch_path_s_bits(torch_path, with_bias: bool) -> None:
+    generator = torch.Generator().manual_seed(4)
+    x = rows_to_quantize(37, 384, seed=5)
+    rows = quantize_rows(x)
+    codes, weight_scale, weight_sum = quantize_weight(torch.randn(96, 384, generator=generator))
+    bias = torch.randn(96, generator=generator) if with_bias else None
+    acc = int_matmul(rows.values, codes.t())
+    native = dequantize(acc, rows, weight_scale, weight_sum, bias)
+    assert torch.equal(native, torch_path(dequantize, acc, rows, weight_scale, weight_sum, bias))
+    # One weight row per token (the stacked adapter products), as cogalora.bank passes them.
+    per_token_scale = torch.rand(37, 96, generator=generator) * 0.01
+    per_token_sum = torch.randn(37, 96, generator=generator)
+    native = dequantize(acc, rows, per_token_scale, per_token_sum, None)
+    assert torch.equal(native, torch_path(dequantize, acc, rows, per_token_scale, per_token_sum, None))
+
+
+def test_inputs_the_compiled_steps_do_not_take_run_on_torch_with_the_same_result(torch_path) -> None:
+    x = rows_to_quantize(8, 64, seed=6)
+    strided = x.t().contiguous().t()  # the same values, not contiguous
+    assert int8_kernels.quantize_rows(strided) is None
+    assert int8_kernels.quantize_rows(x.bfloat16()) is None
+    assert int8_kernels.quantize_rows(x) is not None
+    for a, b in zip(quantize_rows(strided), torch_path(quantize_rows, x), strict=True):
+        assert torch.equal(a, b)
+    rows = quantize_rows(x)
+    acc = torch.randint(-5000, 5000, (8, 16), dtype=torch.int32)
+    scale, total = torch.rand(16), torch.randn(16)
+    assert int8_kernels.dequantize(acc, rows.scale, rows.mid, scale, total[:8], None) is None, "mismatched shape"
+    assert int8_kernels.dequantize(acc.long(), rows.scale, rows.mid, scale, total, None) is None
+    transposed = QuantizedRows(rows.values, rows.scale, rows.mid)
+    expected = torch_path(dequantize, acc, rows, scale, total, None)
+    assert torch.equal(dequantize(acc.t().contiguous().t(), transposed, scale, total, None), expected)
+
+
+def test_large_rows_are_quantized_on_torch_s_threads_when_it_has_several() -> None:
+    x = rows_to_quantize(400, 384, seed=7)
+    assert x.numel() > int8_kernels.SINGLE_THREAD_ELEMENTS
+    acc = torch.randint(-5000, 5000, (400, 384), dtype=torch.int32)
+    rows, scale, total = quantize_rows(x), torch.rand(384), torch.randn(384)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert int8_kernels.quantize_rows(x) is None, "two threads: torch's kernels"
+        assert int8_kernels.dequantize(acc, rows.scale, rows.mid, scale, total, None) is not None, "the C loop"
+        torch.set_num_threads(1)
+        assert int8_kernels.quantize_rows(x) is not None, "one thread: the C loop"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_select_switches_the_process_and_says_what_runs() -> None:
+    try:
+        assert int8_kernels.select("torch") == "torch"
+        assert int8_kernels.quantize_rows(torch.ones(2, 4)) is None
+        assert int8_kernels.select("native") == "native"
+        assert int8_kernels.quantize_rows(torch.ones(2, 4)) is not None
+    finally:
+        int8_kernels.select("native")
+
+
+@pytest.mark.integration
+def test_the_engine_answers_the_same_bits_with_either_kernels(tmp_path) -> None:
+    """Real MiniLM, a routed and a plain adapter, sentences alone and in a batch: scores and gates equal."""
+    synthetic_checkpoint(tmp_path / "sst2", PACKAGED_MODEL_ID, ["negative", "positive"], seed=0)
+    synthetic_checkpoint(tmp_path / "plain", PACKAGED_MODEL_ID, ["negative", "positive"], method="lora", seed=20)
+    engine = Engine(scanned(tmp_path, precision="int8"), tune_malloc=False)
+    texts = sentences(12)
+    answers = {}
+    try:
+        for kernels in ("torch", "native"):
+            int8_kernels.select(kernels)
+            runs = []
+            for adapter in ("sst2", "plain"):
+                loaded = engine.repository.acquire(adapter)
+                runs += [engine.run_batch(engine.tokenize(loaded, texts))]
+                runs += [engine.run_batch(engine.tokenize(loaded, [text])) for text in texts[:4]]
+                engine.repository.release(loaded)
+            rows = [row for run in runs for row in run.results]
+            answers[kernels] = [(row.probabilities, row.logits, row.active_sites, row.active_ranks) for row in rows]
+    finally:
+        int8_kernels.select("native")
+    assert answers["native"] == answers["torch"]
+    assert any(sites for _, _, sites, _ in answers["native"]), "some adapters ran"
