@@ -282,9 +282,9 @@ def describe_server_side(means: dict[str, float]) -> str:
 STACKED_PARTS = {"tokenize_ms": "tokenizing", "queue_ms": "queued for an engine", "engine_ms": "in the engine"}
 
 
-def plot_sweep(result: dict, path: Path, title: str) -> None:
+def plot_sweep(result: dict, path: Path, title: str):
     """p50 and p99 against the load answered; below, where the mean request's time went at each load (the
-    server's own histograms), when the sweep recorded it."""
+    server's own histograms), when the sweep recorded it. Saved to ``path``; returns the matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -319,6 +319,7 @@ def plot_sweep(result: dict, path: Path, title: str) -> None:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
+    return figure
 
 
 def _plot_server_side(axis, means: list[dict[str, float]], points: list[dict]) -> None:
