@@ -40,4 +40,8 @@ if [ "$dev" = 1 ]; then
 else
   $py -m pip install -q -e .
 fi
-echo "setup: done ($($py -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"
+# "int8 steps native": cogalora/int8_rows.c was compiled; "torch": no C compiler was found, and int8's
+# per-token steps run as torch operations (same results, slower).
+echo "setup: done ($($py -c 'import torch, transformers
+from cogalora.int8_kernels import kernels
+print("torch", torch.__version__, "transformers", transformers.__version__, "int8 steps", kernels())'))"
