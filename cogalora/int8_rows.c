@@ -1,11 +1,12 @@
 /*
- * The per-token steps around an exact integer product, each in one pass over memory.
+ * The per-token steps around an exact integer product, each in one call.
  *
  * cogalora/int8.py computes the same thing with torch operations: about a dozen small kernel calls
  * per quantization and half a dozen per dequantization, each paying Python and dispatch overhead
  * that, on the few tokens of one sentence, costs more than the arithmetic. These two functions do
- * the same IEEE operations on the same values in the same order, one element at a time, so their
- * results are the same bits as the torch path (tests/test_int8_kernels.py checks it): every step
+ * the same IEEE operations on the same values in the same order, one element at a time, so for
+ * finite inputs their results are the same bits as the torch path (tests/test_int8_kernels.py checks
+ * it; a row holding a NaN has no meaningful codes in either path, and they may differ): every step
  * is a single correctly rounded operation (compare, add, subtract, multiply, divide, round to
  * nearest even, convert), and nothing is contracted into a fused multiply-add (built with
  * -ffp-contract=off) or reassociated (no -ffast-math). The build (setup.py) is optional: without a
