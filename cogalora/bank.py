@@ -387,7 +387,8 @@ class AdapterBank(nn.Module):
         spread into its own block of a zero ``[n, g * rank]`` matrix, so the stacked ``B`` product adds
         only zeros from the other blocks. The int32 sums are therefore those of :meth:`add_delta_exact`,
         and so are the bits: the per-element steps around them are the same operations on the same
-        values (each block is turned back into floats with its adapter's own scales). The stacking costs
+        values (each token is turned back into floats with its adapter's own scales, picked by
+        ``weight_rows``). The stacking costs
         ``g`` times the (rank-sized) adapter products, and saves ``g - 1`` pairs of kernels.
         """
         rank = self.rank if rank is None else rank
@@ -397,31 +398,14 @@ class AdapterBank(nn.Module):
         )
         columns = (token_adapter * rank).unsqueeze(1) + torch.arange(rank, device=device)  # [n, rank]
         codes_A = self.codes_A.index_select(0, rows)[:, :rank].reshape(count * rank, self.in_features)
-        scale_A = self.scale_A.index_select(0, rows)[:, :rank].index_select(0, token_adapter)
-        sum_A = self.sum_A.index_select(0, rows)[:, :rank].index_select(0, token_adapter)
+        scale_A = self.scale_A.index_select(0, rows)[:, :rank].contiguous()  # [g, rank]
+        sum_A = self.sum_A.index_select(0, rows)[:, :rank].contiguous()
         acc = int_matmul(x.values, codes_A.t()).gather(1, columns)
-        down = quantize_rows(dequantize(acc, x, scale_A, sum_A, None))
+        down = quantize_rows(dequantize(acc, x, scale_A, sum_A, None, weight_rows=token_adapter))
         spread = torch.zeros(tokens, count * rank, dtype=torch.int8, device=device)
         spread.scatter_(1, columns, down.values)
         codes_B = self.codes_B.index_select(0, rows)[:, :, :rank]  # [g, d_out, rank]
         scale_B = self.scale_B.index_select(0, rows)
         sum_B = codes_B.sum(dim=2, dtype=torch.int32).float().mul_(scale_B)
         acc = int_matmul(spread, codes_B.transpose(1, 2).reshape(count * rank, self.out_features))
-        for adapter, start, stop in _runs(block_adapters, block_tokens):
-            part = QuantizedRows(*(t[start:stop] for t in down))
-            out[start:stop].add_(dequantize(acc[start:stop], part, scale_B[adapter], sum_B[adapter], None))
-
-
-def _runs(block_adapters: list[int], block_tokens: list[int]) -> list[tuple[int, int, int]]:
-    """``(adapter, start, stop)`` token ranges of consecutive blocks of one adapter (empty blocks dropped)."""
-    runs: list[tuple[int, int, int]] = []
-    start = 0
-    for adapter, size in zip(block_adapters, block_tokens, strict=True):
-        if size == 0:
-            continue
-        if runs and runs[-1][0] == adapter and runs[-1][2] == start:
-            runs[-1] = (adapter, runs[-1][1], start + size)
-        else:
-            runs.append((adapter, start, start + size))
-        start += size
-    return runs
+        out.add_(dequantize(acc, down, scale_B, sum_B, None, weight_rows=token_adapter))

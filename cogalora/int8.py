@@ -91,12 +91,23 @@ def int_matmul(a: Tensor, b: Tensor) -> Tensor:
 
 
 def dequantize(
-    acc: Tensor, rows: QuantizedRows, weight_scale: Tensor, weight_sum: Tensor, bias: Tensor | None
+    acc: Tensor,
+    rows: QuantizedRows,
+    weight_scale: Tensor,
+    weight_sum: Tensor,
+    bias: Tensor | None,
+    weight_rows: Tensor | None = None,
 ) -> Tensor:
-    """``mid * weight_sum + scale * weight_scale * acc (+ bias)``: float32 ``[n, out]`` from the int32 sums."""
-    native = int8_kernels.dequantize(acc, rows.scale, rows.mid, weight_scale, weight_sum, bias)
+    """``mid * weight_sum + scale * weight_scale * acc (+ bias)``: float32 ``[n, out]`` from the int32 sums.
+
+    ``weight_scale`` and ``weight_sum``: ``[out]`` for every row, ``[n, out]`` one per row, or ``[g, out]`` with
+    ``weight_rows`` (``[n]``, int64), the one each row takes (tokens of several adapters, each its own scales).
+    """
+    native = int8_kernels.dequantize(acc, rows.scale, rows.mid, weight_scale, weight_sum, bias, weight_rows)
     if native is not None:
         return native
+    if weight_rows is not None:
+        weight_scale, weight_sum = weight_scale.index_select(0, weight_rows), weight_sum.index_select(0, weight_rows)
     out = acc.float().mul_(rows.scale).mul_(weight_scale)
     if bias is not None:
         out.add_(bias)

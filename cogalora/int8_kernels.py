@@ -49,8 +49,7 @@ def _load() -> ctypes.CDLL | None:
     library = ctypes.CDLL(str(path))
     library.cogalora_quantize_rows.argtypes = [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER]
     library.cogalora_quantize_rows.restype = None
-    library.cogalora_dequantize.argtypes = [_POINTER, _SIZE, _SIZE, *[_POINTER] * 3, _SIZE, _POINTER, _SIZE]
-    library.cogalora_dequantize.argtypes += [_POINTER, _POINTER]
+    library.cogalora_dequantize.argtypes = [_POINTER, _SIZE, _SIZE, *[_POINTER] * 5, _SIZE, _POINTER, _POINTER]
     library.cogalora_dequantize.restype = None
     return library
 
@@ -90,11 +89,18 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
 
 
 def dequantize(
-    acc: Tensor, scale: Tensor, mid: Tensor, weight_scale: Tensor, weight_sum: Tensor, bias: Tensor | None
+    acc: Tensor,
+    scale: Tensor,
+    mid: Tensor,
+    weight_scale: Tensor,
+    weight_sum: Tensor,
+    bias: Tensor | None,
+    weight_rows: Tensor | None = None,
 ) -> Tensor | None:
     """:func:`cogalora.int8.dequantize` for int32 ``acc`` ``[n, m]``, or None.
 
-    ``scale`` and ``mid``: ``[n, 1]``; ``weight_scale`` and ``weight_sum``: ``[m]`` or ``[n, m]``; ``bias``: ``[m]``.
+    ``scale`` and ``mid``: ``[n, 1]``; ``bias``: ``[m]``. ``weight_scale`` and ``weight_sum``: ``[m]`` (one row
+    for all), ``[n, m]`` (one per row), or ``[g, m]`` with ``weight_rows`` (int64 ``[n]``: the row each takes).
     """
     if acc.dtype != torch.int32 or acc.dim() != 2:
         return None
@@ -102,8 +108,20 @@ def dequantize(
     floats = (scale, mid, weight_scale, weight_sum) if bias is None else (scale, mid, weight_scale, weight_sum, bias)
     if any(t.dtype != torch.float32 for t in floats) or scale.numel() != n or mid.numel() != n:
         return None
-    strides = [_row_stride(w, n, m) for w in (weight_scale, weight_sum)]
-    if None in strides or (bias is not None and bias.shape != (m,)) or not _applies(acc, *floats):
+    if weight_scale.shape != weight_sum.shape or (bias is not None and bias.shape != (m,)):
+        return None
+    indexed = () if weight_rows is None else (weight_rows,)
+    if weight_rows is not None:
+        if weight_rows.dtype != torch.int64 or weight_rows.shape != (n,) or weight_scale.dim() != 2:
+            return None
+        step = 0
+    elif weight_scale.shape == (m,):
+        step = 0
+    elif weight_scale.shape == (n, m):
+        step = 1
+    else:
+        return None
+    if weight_scale.shape[-1] != m or not _applies(acc, *floats, *indexed):
         return None
     out = torch.empty((n, m))
     _library.cogalora_dequantize(
@@ -113,19 +131,10 @@ def dequantize(
         scale.data_ptr(),
         mid.data_ptr(),
         weight_scale.data_ptr(),
-        strides[0],
         weight_sum.data_ptr(),
-        strides[1],
+        None if weight_rows is None else weight_rows.data_ptr(),
+        step,
         None if bias is None else bias.data_ptr(),
         out.data_ptr(),
     )
     return out
-
-
-def _row_stride(weights: Tensor, n: int, m: int) -> int | None:
-    """0 for one row ``[m]`` shared by all rows, ``m`` for ``[n, m]``; None for another shape."""
-    if weights.shape == (m,):
-        return 0
-    if weights.shape == (n, m):
-        return m
-    return None

@@ -71,17 +71,19 @@ void cogalora_quantize_rows(const float *x, int64_t n, int64_t k, int8_t *codes,
 
 /*
  * float32 [n, m] from int32 sums: out = ((acc * row_scale) * weight_scale + bias) + row_mid * weight_sum.
- * weight_scale and weight_sum are one row shared by every row (stride 0) or one row per row (stride m);
- * bias may be NULL.
+ * Row i takes row k of weight_scale and weight_sum ([*, m] each): k = weight_row[i] when weight_row is
+ * given (each token its adapter's scales), else k = i * weight_step (weight_step 0: one row for all,
+ * 1: one row per row). bias may be NULL.
  */
 VECTOR_CLONES
 void cogalora_dequantize(const int32_t *acc, int64_t n, int64_t m, const float *row_scale, const float *row_mid,
-                         const float *weight_scale, int64_t weight_scale_stride, const float *weight_sum,
-                         int64_t weight_sum_stride, const float *bias, float *out) {
+                         const float *weight_scale, const float *weight_sum, const int64_t *weight_row,
+                         int64_t weight_step, const float *bias, float *out) {
     for (int64_t i = 0; i < n; i++) {
+        const int64_t k = weight_row ? weight_row[i] : i * weight_step;
         const int32_t *a = acc + i * m;
-        const float *w_scale = weight_scale + i * weight_scale_stride;
-        const float *w_sum = weight_sum + i * weight_sum_stride;
+        const float *w_scale = weight_scale + k * m;
+        const float *w_sum = weight_sum + k * m;
         const float s = row_scale[i], mid = row_mid[i];
         float *o = out + i * m;
         if (bias) {

@@ -72,6 +72,20 @@ def test_dequantizing_gives_the_torch_path_s_bits(torch_path, with_bias: bool) -
     assert torch.equal(native, torch_path(dequantize, acc, rows, per_token_scale, per_token_sum, None))
 
 
+def test_dequantizing_tokens_of_several_adapters_each_with_its_own_scales(torch_path) -> None:
+    """``weight_rows``: each token takes its adapter's row of ``[g, out]`` scales (the stacked adapter products)."""
+    generator = torch.Generator().manual_seed(8)
+    rows = quantize_rows(rows_to_quantize(30, 64, seed=9))
+    acc = torch.randint(-20000, 20000, (30, 24), dtype=torch.int32, generator=generator)
+    scale, total = torch.rand(5, 24, generator=generator) * 0.01, torch.randn(5, 24, generator=generator)
+    token_adapter = torch.tensor([3] * 7 + [0] * 9 + [4] * 2 + [1] * 12)
+    native = dequantize(acc, rows, scale, total, None, weight_rows=token_adapter)
+    assert torch.equal(native, torch_path(dequantize, acc, rows, scale, total, None, token_adapter))
+    per_token = dequantize(acc, rows, scale[token_adapter], total[token_adapter], None)
+    assert torch.equal(native, per_token), "the same as copying each token's scales"
+    assert int8_kernels.dequantize(acc, rows.scale, rows.mid, scale, total, None, token_adapter.int()) is None
+
+
 def test_inputs_the_compiled_steps_do_not_take_run_on_torch_with_the_same_result(torch_path) -> None:
     x = rows_to_quantize(8, 64, seed=6)
     strided = x.t().contiguous().t()  # the same values, not contiguous
