@@ -7,8 +7,9 @@ dispatch costs more than their arithmetic. The C functions do each in one call, 
 (``python -m benchmarks.engine --dtype int8 --threads 1``, variant (f)). :func:`quantize_rows` and
 :func:`dequantize` return None where they do not apply, and the caller runs the torch path:
 
-- the library was not built (no C compiler at install time), or :func:`select` chose ``torch``;
-- the tensors are not contiguous float32 / int32 on the CPU;
+- the library was not built (no C compiler at install time), was built from another version of the C
+  file (an editable install not rebuilt since), or :func:`select` chose ``torch``;
+- the tensors are not contiguous, not on the CPU, or not of the dtypes the C functions take;
 - quantizing only: torch runs with several threads and the tensor is large. The C loops use one
   thread, torch's kernels all of them; from about 170 rows of 384 values two torch threads quantize
   faster (dequantizing, the C loop stays faster than two threads at every size measured, up to 1,000
@@ -18,6 +19,7 @@ dispatch costs more than their arithmetic. The C functions do each in one call, 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.machinery
 import logging
 from pathlib import Path
@@ -34,6 +36,7 @@ Kernels = Literal["native", "torch"]
 SINGLE_THREAD_ELEMENTS = 1 << 16
 
 _LIBRARY_STEM = "_int8_rows"
+SOURCE_NAME = "int8_rows.c"
 _POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
 
 
@@ -47,11 +50,31 @@ def _load() -> ctypes.CDLL | None:
         log.info("cogalora/int8_rows.c was not built (no C compiler at install?): int8 steps run as torch operations")
         return None
     library = ctypes.CDLL(str(path))
+    if not built_from(library, here / SOURCE_NAME):
+        log.warning(
+            "%s was built from another version of cogalora/int8_rows.c: int8 steps run as torch operations "
+            "until the project is installed again (pip install -e .)",
+            path.name,
+        )
+        return None
     library.cogalora_quantize_rows.argtypes = [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER]
     library.cogalora_quantize_rows.restype = None
     library.cogalora_dequantize.argtypes = [_POINTER, _SIZE, _SIZE, *[_POINTER] * 5, _SIZE, _POINTER, _POINTER]
     library.cogalora_dequantize.restype = None
     return library
+
+
+def built_from(library: ctypes.CDLL, source: Path) -> bool:
+    """Whether ``library`` was built from ``source`` as it is now (setup.py compiles the digest in); True
+    when the source is not there to compare (an installed wheel)."""
+    try:
+        digest = library.cogalora_source_digest
+    except AttributeError:  # built before the digest existed
+        return False
+    if not source.is_file():
+        return True
+    digest.restype = ctypes.c_char_p
+    return digest().decode() == hashlib.sha256(source.read_bytes()).hexdigest()[:16]
 
 
 _built = _load()

@@ -21,6 +21,13 @@
 #define LEVELS 127.0
 #define TINY 1e-30f
 
+/* The digest of this file the build saw (setup.py): the loader checks it against the file beside it. */
+#ifndef COGALORA_SOURCE_DIGEST
+#define COGALORA_SOURCE_DIGEST "unknown"
+#endif
+
+const char *cogalora_source_digest(void) { return COGALORA_SOURCE_DIGEST; }
+
 /* Independent running maxima and minima per row: the compiler turns them into vector registers. */
 #define LANES 16
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import synthetic_checkpoint
@@ -118,6 +121,17 @@ def test_large_rows_are_quantized_on_torch_s_threads_when_it_has_several() -> No
         assert int8_kernels.quantize_rows(x) is not None, "one thread: the C loop"
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_library_built_from_another_version_of_the_source_is_refused(tmp_path) -> None:
+    """An editable install whose C file moved on without a rebuild must not run the old functions."""
+    library, source = int8_kernels._built, Path(int8_kernels.__file__).with_name(int8_kernels.SOURCE_NAME)
+    assert int8_kernels.built_from(library, source), "this checkout's library matches its source"
+    edited = tmp_path / "int8_rows.c"
+    edited.write_bytes(source.read_bytes() + b"\n/* edited */\n")
+    assert not int8_kernels.built_from(library, edited)
+    assert int8_kernels.built_from(library, tmp_path / "absent.c"), "an installed wheel ships no source to compare"
+    assert not int8_kernels.built_from(ctypes.CDLL(None), source), "a library without a digest is too old"
 
 
 def test_select_switches_the_process_and_says_what_runs() -> None:
