@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 from pydantic_core import PydanticCustomError
 
+from cogalora.int8_kernels import Kernels
 from service.errors import InvalidRequestError, PayloadTooLargeError
 from service.types import AdapterDescription
 
@@ -210,7 +211,7 @@ class ServerInfo(BaseModel):
     state: Literal["loading", "ready", "failed", "draining"]
     device: str = Field(description="Torch device the engine runs on.")
     dtype: str = Field(description="Precision of the encoder and adapters (auto resolved); routers run in float32.")
-    int8_kernels: Literal["native", "torch"] | None = Field(
+    int8_kernels: Kernels | None = Field(
         None,
         description="int8 on the CPU: whether quantizing and dequantizing run as the compiled C functions "
         "(native) or as torch operations (torch; same results, slower). Null for other dtypes and devices.",

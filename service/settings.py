@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cogalora.int8_kernels import Kernels
 from cogalora.precision import PRECISION_CHOICES, Precision, resolve_device, resolve_precision
 
 #: The committed model repository: ``<repo>/models`` next to the ``service`` package.
@@ -83,7 +84,7 @@ class Settings(BaseSettings):
         'bfloat16/float16 are half precision (not bitwise batch invariant). "auto": int8 on CPU and CUDA, '
         "else float32. Routers always decide in float32 (python -m benchmarks.precision measures the accuracy).",
     )
-    int8_kernels: Literal["native", "torch"] = Field(
+    int8_kernels: Kernels = Field(
         "native",
         description="int8 on the CPU: quantize and dequantize token rows with the compiled C functions (native, "
         "where the install could build them) or with torch operations (torch). Same results either way; "
