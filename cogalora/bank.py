@@ -388,8 +388,8 @@ class AdapterBank(nn.Module):
         only zeros from the other blocks. The int32 sums are therefore those of :meth:`add_delta_exact`,
         and so are the bits: the per-element steps around them are the same operations on the same
         values (each token is turned back into floats with its adapter's own scales, picked by
-        ``weight_rows``). The stacking costs
-        ``g`` times the (rank-sized) adapter products, and saves ``g - 1`` pairs of kernels.
+        ``weight_rows``). The stacking costs ``g`` times the (rank-sized) adapter products, and saves
+        ``g - 1`` pairs of kernels.
         """
         rank = self.rank if rank is None else rank
         count, tokens, device = rows.shape[0], x.values.shape[0], rows.device

@@ -59,8 +59,9 @@ def _load() -> ctypes.CDLL | None:
         return None
     library.cogalora_quantize_rows.argtypes = [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _POINTER]
     library.cogalora_quantize_rows.restype = None
-    library.cogalora_dequantize.argtypes = [_POINTER, _SIZE, _SIZE, *[_POINTER] * 5, _SIZE, _POINTER, _POINTER]
-    library.cogalora_dequantize.restype = None
+    library.cogalora_dequantize.argtypes = [_POINTER, _SIZE, _SIZE, *[_POINTER] * 4, _SIZE, _POINTER, _SIZE]
+    library.cogalora_dequantize.argtypes += [_POINTER, _POINTER]
+    library.cogalora_dequantize.restype = ctypes.c_int
     return library
 
 
@@ -133,21 +134,18 @@ def dequantize(
         return None
     if weight_scale.shape != weight_sum.shape or (bias is not None and bias.shape != (m,)):
         return None
-    indexed = () if weight_rows is None else (weight_rows,)
-    if weight_rows is not None:
+    if weight_rows is not None:  # [g, m], the row each takes
         if weight_rows.dtype != torch.int64 or weight_rows.shape != (n,) or weight_scale.dim() != 2:
             return None
-        step = 0
-    elif weight_scale.shape == (m,):
-        step = 0
-    elif weight_scale.shape == (n, m):
-        step = 1
+        step, indexed = 0, (weight_rows,)
+    elif weight_scale.shape in ((m,), (n, m)):  # one row for all, or one per row
+        step, indexed = int(weight_scale.dim() == 2), ()
     else:
         return None
     if weight_scale.shape[-1] != m or not _applies(acc, *floats, *indexed):
         return None
     out = torch.empty((n, m))
-    _library.cogalora_dequantize(
+    status = _library.cogalora_dequantize(
         acc.data_ptr(),
         n,
         m,
@@ -155,9 +153,10 @@ def dequantize(
         mid.data_ptr(),
         weight_scale.data_ptr(),
         weight_sum.data_ptr(),
+        weight_scale.shape[0] if weight_scale.dim() == 2 else 1,
         None if weight_rows is None else weight_rows.data_ptr(),
         step,
         None if bias is None else bias.data_ptr(),
         out.data_ptr(),
     )
-    return out
+    return out if status == 0 else None  # an index out of range: the torch path raises

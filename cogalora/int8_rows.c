@@ -78,16 +78,18 @@ void cogalora_quantize_rows(const float *x, int64_t n, int64_t k, int8_t *codes,
 
 /*
  * float32 [n, m] from int32 sums: out = ((acc * row_scale) * weight_scale + bias) + row_mid * weight_sum.
- * Row i takes row k of weight_scale and weight_sum ([*, m] each): k = weight_row[i] when weight_row is
- * given (each token its adapter's scales), else k = i * weight_step (weight_step 0: one row for all,
- * 1: one row per row). bias may be NULL.
+ * Row i takes row k of weight_scale and weight_sum ([weight_rows, m] each): k = weight_row[i] when
+ * weight_row is given (each token its adapter's scales), else k = i * weight_step (weight_step 0: one
+ * row for all, 1: one row per row). bias may be NULL. Returns 0, or -1 (out unfinished) when an index
+ * of weight_row is outside [0, weight_rows): the caller then runs the torch path, which raises.
  */
 VECTOR_CLONES
-void cogalora_dequantize(const int32_t *acc, int64_t n, int64_t m, const float *row_scale, const float *row_mid,
-                         const float *weight_scale, const float *weight_sum, const int64_t *weight_row,
-                         int64_t weight_step, const float *bias, float *out) {
+int cogalora_dequantize(const int32_t *acc, int64_t n, int64_t m, const float *row_scale, const float *row_mid,
+                        const float *weight_scale, const float *weight_sum, int64_t weight_rows,
+                        const int64_t *weight_row, int64_t weight_step, const float *bias, float *out) {
     for (int64_t i = 0; i < n; i++) {
         const int64_t k = weight_row ? weight_row[i] : i * weight_step;
+        if (k < 0 || k >= weight_rows) return -1;
         const int32_t *a = acc + i * m;
         const float *w_scale = weight_scale + k * m;
         const float *w_sum = weight_sum + k * m;
@@ -99,4 +101,5 @@ void cogalora_dequantize(const int32_t *acc, int64_t n, int64_t m, const float *
             for (int64_t j = 0; j < m; j++) o[j] = ((float)a[j] * s * w_scale[j]) + mid * w_sum[j];
         }
     }
+    return 0;
 }

@@ -87,6 +87,11 @@ def test_dequantizing_tokens_of_several_adapters_each_with_its_own_scales(torch_
     per_token = dequantize(acc, rows, scale[token_adapter], total[token_adapter], None)
     assert torch.equal(native, per_token), "the same as copying each token's scales"
     assert int8_kernels.dequantize(acc, rows.scale, rows.mid, scale, total, None, token_adapter.int()) is None
+    outside = token_adapter.clone()
+    outside[20] = 5  # scales have rows 0..4: no read past them; the torch path raises
+    assert int8_kernels.dequantize(acc, rows.scale, rows.mid, scale, total, None, outside) is None
+    with pytest.raises(IndexError):
+        dequantize(acc, rows, scale, total, None, weight_rows=outside)
 
 
 def test_inputs_the_compiled_steps_do_not_take_run_on_torch_with_the_same_result(torch_path) -> None:
