@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cogalora import int8_kernels
 from cogalora.int8 import QuantizedRows, dequantize, int_matmul, quantize_rows, quantize_weight
 from cogalora.rowwise import row_dot, row_matvec, rows_of
 from cogalora.variants import PLAIN, AdapterVariant
@@ -195,7 +196,8 @@ class AdapterBank(nn.Module):
         self.register_buffer("codes_A", torch.zeros(capacity, rank, self.in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale_A", torch.zeros(capacity, rank, device=device))
         self.register_buffer("sum_A", torch.zeros(capacity, rank, device=device))
-        self.register_buffer("codes_B", torch.zeros(capacity, out_features, rank, dtype=torch.int8, device=device))
+        # B's codes transposed ([rank, d_out] per row): the layout the up product reads, row after row.
+        self.register_buffer("codes_B", torch.zeros(capacity, rank, out_features, dtype=torch.int8, device=device))
         self.register_buffer("scale_B", torch.zeros(capacity, out_features, device=device))
         self.integer = True
         for row in range(capacity):
@@ -203,7 +205,8 @@ class AdapterBank(nn.Module):
 
     def _quantize_row(self, row: int) -> None:
         self.codes_A[row], self.scale_A[row], self.sum_A[row] = quantize_weight(self.lora_A[row])
-        self.codes_B[row], self.scale_B[row], _ = quantize_weight(self.lora_B[row])
+        codes_B, self.scale_B[row], _ = quantize_weight(self.lora_B[row])
+        self.codes_B[row] = codes_B.t()
 
     # ---- rows ---------------------------------------------------------------------------------
 
@@ -353,21 +356,44 @@ class AdapterBank(nn.Module):
             down = down * scales[:, None, :]
         torch.baddbmm(out, down, lora_B.index_select(0, rows).transpose(1, 2), alpha=alpha, out=out)
 
-    def add_delta_exact(self, out: Tensor, x: QuantizedRows, row: int, rank: int | None = None) -> None:
+    def add_delta_exact(
+        self, out: Tensor, x: QuantizedRows, row: int, rank: int | None = None, tokens: Tensor | None = None
+    ) -> None:
         """``out += B A x`` for the token rows of ``x`` (``[n, d_in]`` int8 codes) and ``out`` (``[n, d_out]``).
 
         Both products are exact integer sums (``A x`` is quantized per token again before ``B``), so a
         token's update is the same bits whatever other rows run beside it. Serving banks fold
-        ``alpha / r`` into ``B``, so nothing else multiplies it. ``rank``: nested rank.
+        ``alpha / r`` into ``B``, so nothing else multiplies it. ``rank``: nested rank. ``tokens`` ([t],
+        int64): update only those token rows (the others' gates are off).
+
+        On the CPU the whole step is one compiled call where it was built (``int8_kernels.add_delta``,
+        the same bits); else the torch operations below.
         """
         rank = self.rank if rank is None else rank
-        codes_A = self.codes_A[row, :rank]
-        down = dequantize(int_matmul(x.values, codes_A.t()), x, self.scale_A[row, :rank], self.sum_A[row, :rank], None)
-        down = quantize_rows(down)
-        codes_B = self.codes_B[row, :, :rank]
-        scale_B = self.scale_B[row]
-        sum_B = codes_B.sum(dim=1, dtype=torch.int32).float().mul_(scale_B)
-        out.add_(dequantize(int_matmul(down.values, codes_B.t()), down, scale_B, sum_B, None))
+        if int8_kernels.add_delta(out, tuple(x), self._integer_buffers(), row, rank, tokens):
+            return
+        if tokens is not None:
+            update = out.new_zeros(tokens.shape[0], out.shape[-1])
+            self.add_delta_exact(update, x.select(tokens), row, rank)
+            out.index_add_(0, tokens, update)
+            return
+        codes_A, scale_A, sum_A = self.codes_A[row, :rank], self.scale_A[row, :rank], self.sum_A[row, :rank]
+        down = quantize_rows(dequantize(int_matmul(x.values, codes_A.t()), x, scale_A, sum_A, None))
+        codes_B, scale_B = self.codes_B[row, :rank], self.scale_B[row]
+        sum_B = codes_B.sum(dim=0, dtype=torch.int32).float().mul_(scale_B)
+        out.add_(dequantize(int_matmul(down.values, codes_B), down, scale_B, sum_B, None))
+
+    def add_delta_exact_per_token(
+        self, out: Tensor, x: QuantizedRows, token_rows: Tensor, tokens: Tensor | None, rank: int | None = None
+    ) -> bool:
+        """:meth:`add_delta_exact` for tokens of several adapters, each with its own (``token_rows``, one
+        bank row per updated token), as one compiled call; False where that call does not apply, and then
+        the caller stacks the products instead (:meth:`add_delta_exact_stacked`, the same bits)."""
+        rank = self.rank if rank is None else rank
+        return int8_kernels.add_delta(out, tuple(x), self._integer_buffers(), token_rows, rank, tokens)
+
+    def _integer_buffers(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return self.codes_A, self.scale_A, self.sum_A, self.codes_B, self.scale_B
 
     def add_delta_exact_stacked(
         self,
@@ -404,8 +430,8 @@ class AdapterBank(nn.Module):
         down = quantize_rows(dequantize(acc, x, scale_A, sum_A, None, weight_rows=token_adapter))
         spread = torch.zeros(tokens, count * rank, dtype=torch.int8, device=device)
         spread.scatter_(1, columns, down.values)
-        codes_B = self.codes_B.index_select(0, rows)[:, :, :rank]  # [g, d_out, rank]
+        codes_B = self.codes_B.index_select(0, rows)[:, :rank]  # [g, rank, d_out]
         scale_B = self.scale_B.index_select(0, rows)
-        sum_B = codes_B.sum(dim=2, dtype=torch.int32).float().mul_(scale_B)
-        acc = int_matmul(spread, codes_B.transpose(1, 2).reshape(count * rank, self.out_features))
+        sum_B = codes_B.sum(dim=1, dtype=torch.int32).float().mul_(scale_B)
+        acc = int_matmul(spread, codes_B.reshape(count * rank, self.out_features))
         out.add_(dequantize(acc, down, scale_B, sum_B, None, weight_rows=token_adapter))

@@ -1,19 +1,23 @@
-"""The compiled per-token steps of :mod:`cogalora.int8` (``cogalora/int8_rows.c``), where they apply.
+"""The compiled per-token steps of the int8 forward (``cogalora/int8_rows.c``), where they apply.
 
-A one-sentence forward quantizes token rows about 36 times and turns int32 sums back into floats
-about 50 times; in torch operations each costs 6-11 kernel calls on a few dozen rows, and their
+A one-sentence forward quantizes token rows about 36 times, turns int32 sums back into floats about
+50 times, runs an adapter's product pair at each site whose gate is on and pools each routed site's
+input for its router; in torch operations each costs 6-15 kernel calls on a few dozen rows, and their
 dispatch costs more than their arithmetic. The C functions do each in one call, with the same bits
-(see the C file): an int8 forward of one sentence runs about 10 % faster, one of 32 about 13 %
-(``python -m benchmarks.engine --dtype int8 --threads 1``, variant (f)). :func:`quantize_rows` and
-:func:`dequantize` return None where they do not apply, and the caller runs the torch path:
+(see the C file): :func:`quantize_rows`, :func:`dequantize`, :func:`add_delta` (the whole adapter step,
+each token with its own adapter, so a mixed batch needs no stacked products) and :func:`row_means`
+(the routers' input). With them an int8 forward of one sentence runs about a fifth faster than with
+torch operations, one of 32 about a sixth (``python -m benchmarks.engine --dtype int8 --threads 1``,
+variant (f)). Each returns None (or False) where it does not apply, and the caller runs the torch path:
 
 - the library was not built (no C compiler at install time), was built from another version of the C
   file (an editable install not rebuilt since), or :func:`select` chose ``torch``;
-- the tensors are not contiguous, not on the CPU, or not of the dtypes the C functions take;
-- quantizing only: torch runs with several threads and the tensor is large. The C loops use one
-  thread, torch's kernels all of them; from about 170 rows of 384 values two torch threads quantize
-  faster (dequantizing, the C loop stays faster than two threads at every size measured, up to 1,000
-  rows of 1,536). The results are the same bits either way, so the choice is free.
+- the tensors are not contiguous, not on the CPU, or not of the dtypes the C functions take; an index
+  is out of range (the torch path then raises); pooling while autograd records (training);
+- quantizing and adapter steps only: torch runs with several threads and the tensors are large. The C
+  loops use one thread, torch's kernels all of them; from about 170 rows of 384 values two torch
+  threads quantize faster (dequantizing, the C loop stays faster than two threads at every size
+  measured, up to 1,000 rows of 1,536). The results are the same bits either way, so the choice is free.
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ def _load() -> ctypes.CDLL | None:
     library.cogalora_dequantize.argtypes = [_POINTER, _SIZE, _SIZE, *[_POINTER] * 4, _SIZE, _POINTER, _SIZE]
     library.cogalora_dequantize.argtypes += [_POINTER, _POINTER]
     library.cogalora_dequantize.restype = ctypes.c_int
+    library.cogalora_add_delta.argtypes = [*[_POINTER] * 3, _SIZE, _SIZE, _POINTER, _SIZE, _POINTER, _SIZE, _SIZE]
+    library.cogalora_add_delta.argtypes += [*[_POINTER] * 3, _SIZE, _SIZE, _POINTER, _POINTER, _SIZE, _POINTER]
+    library.cogalora_add_delta.restype = ctypes.c_int
+    library.cogalora_row_means.argtypes = [_POINTER, _SIZE, _SIZE, _POINTER, _POINTER, _SIZE, _POINTER, _SIZE, _POINTER]
+    library.cogalora_row_means.restype = ctypes.c_int
     return library
 
 
@@ -160,3 +169,93 @@ def dequantize(
         out.data_ptr(),
     )
     return out if status == 0 else None  # an index out of range: the torch path raises
+
+
+def add_delta(
+    out: Tensor,
+    x: tuple[Tensor, Tensor, Tensor],
+    bank: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+    rows: int | Tensor,
+    rank: int,
+    tokens: Tensor | None,
+) -> bool:
+    """:meth:`cogalora.bank.AdapterBank.add_delta_exact` in one call: ``out[t] += B q(A x[t])`` in place.
+
+    ``x``: ``(codes [n, k] int8, scale [n, 1], mid [n, 1])``; ``tokens`` (int64 ``[t]``, or None: every
+    row) the token rows to update. ``bank``: ``(codes_A [c, r, k], scale_A [c, r], sum_A [c, r], codes_B
+    [c, r, m], scale_B [c, m])``, ``codes_B`` being B's codes transposed; the first ``rank`` of the ``r``
+    components are used. ``rows``: the bank row of every token (``int``) or of each (int64, one per
+    updated token). False (``out`` untouched) where it does not apply: the caller runs the torch path.
+    """
+    codes, scale, mid = x
+    codes_A, scale_A, sum_A, codes_B, scale_B = bank
+    if codes.dtype != torch.int8 or codes_A.dtype != torch.int8 or codes_B.dtype != torch.int8 or codes.dim() != 2:
+        return False
+    n, k = codes.shape
+    capacity, stride, m = codes_B.shape
+    floats = (out, scale, mid, scale_A, sum_A, scale_B)
+    if any(t.dtype != torch.float32 for t in floats) or out.shape != (n, m) or scale.numel() != n or mid.numel() != n:
+        return False
+    if codes_A.shape != (capacity, stride, k) or not scale_A.shape == sum_A.shape == (capacity, stride):
+        return False
+    if scale_B.shape != (capacity, m) or not 1 <= rank <= stride:
+        return False
+    count = n if tokens is None else tokens.shape[0]
+    per_token = () if isinstance(rows, int) else (rows,)
+    indexed = per_token if tokens is None else (*per_token, tokens)
+    if any(t.dtype != torch.int64 or t.shape != (count,) for t in indexed):
+        return False
+    if count * k * rank > SINGLE_THREAD_ELEMENTS * 16 and torch.get_num_threads() > 1:
+        return False
+    if not _applies(*floats, codes, codes_A, codes_B, *indexed):
+        return False
+    status = _library.cogalora_add_delta(
+        codes.data_ptr(),
+        scale.data_ptr(),
+        mid.data_ptr(),
+        n,
+        k,
+        None if tokens is None else tokens.data_ptr(),
+        count,
+        None if per_token == () else rows.data_ptr(),
+        rows if per_token == () else 0,
+        capacity,
+        codes_A.data_ptr(),
+        scale_A.data_ptr(),
+        sum_A.data_ptr(),
+        stride,
+        rank,
+        codes_B.data_ptr(),
+        scale_B.data_ptr(),
+        m,
+        out.data_ptr(),
+    )
+    return status == 0
+
+
+def row_means(x: Tensor, index: Tensor | None, owners: Tensor, lengths: Tensor) -> Tensor | None:
+    """``TokenLayout.row_sums(x) / lengths``: each batch row's mean token, from float32 ``x`` ``[rows, d]``,
+    the tokens ``index`` (int64, or None: every row of ``x``) and the batch row of each (``owners``), or
+    None where it does not apply (also while autograd records: training pools with torch)."""
+    if x.dtype != torch.float32 or x.dim() != 2 or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    count = x.shape[0] if index is None else index.shape[0]
+    integers = (owners, lengths) if index is None else (owners, lengths, index)
+    if any(t.dtype != torch.int64 or t.dim() != 1 for t in integers) or owners.shape[0] != count:
+        return None
+    if not _applies(x, *integers):
+        return None
+    batch, d = lengths.shape[0], x.shape[1]
+    out = torch.empty((batch, d))
+    status = _library.cogalora_row_means(
+        x.data_ptr(),
+        x.shape[0],
+        d,
+        None if index is None else index.data_ptr(),
+        owners.data_ptr(),
+        count,
+        lengths.data_ptr(),
+        batch,
+        out.data_ptr(),
+    )
+    return out if status == 0 else None

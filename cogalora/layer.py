@@ -170,51 +170,55 @@ class GatedLoraLinear(nn.Module):
     def _add_active_exact(
         self, x: Tensor, out: Tensor, route: BankRoute, rows: Tensor | None, rank: int | None
     ) -> None:
-        """``out += B A x`` with exact integer products for the batch rows ``rows`` (``None``: all); the
-        rows of up to :data:`STACKED_RANK` / rank adapters share one stacked product pair (a row's update
-        never depends on the others: ``AdapterBank.add_delta_exact_stacked``).
+        """``out += B A x`` with exact integer products for the batch rows ``rows`` (``None``: all).
 
-        Works on flat tokens, padded or packed (``cogalora.packing``): the rows' tokens are gathered,
-        updated and added back.
+        Works on flat tokens, padded or packed (``cogalora.packing``), each token with its row's adapter.
+        On the CPU one compiled call updates every token with its own adapter; elsewhere the rows of up
+        to :data:`STACKED_RANK` / rank adapters share one stacked product pair. A token's update never
+        depends on the others either way, and both give the same bits
+        (``AdapterBank.add_delta_exact_per_token``, ``AdapterBank.add_delta_exact_stacked``).
         """
         bank = self.banks[route.bank]
         layout = self.routing.layout
         tokens = self.routing.quantized(x)
         flat = out.view(-1, out.shape[-1])
+        index, counts = (None, None) if rows is None else layout.tokens_of(rows)
         if isinstance(route.rows, int):
-            parts = [(rows, None, None)]
+            bank.add_delta_exact(flat, tokens, route.rows, rank, tokens=index)
+            return
+        if rows is None:
+            token_rows = route.rows.index_select(0, layout.row_of_token)
         else:
-            members = torch.arange(layout.batch_size, device=x.device) if rows is None else rows
-            adapters, member_adapter = torch.unique(route.rows.index_select(0, members), return_inverse=True)
-            stack = max(1, STACKED_RANK // (bank.rank if rank is None else rank))
-            if adapters.shape[0] <= stack:
-                parts = [(rows, adapters, member_adapter)]
-            else:
-                parts = []
-                for first in range(0, adapters.shape[0], stack):
-                    chosen = ((member_adapter >= first) & (member_adapter < first + stack)).nonzero().squeeze(1)
-                    part_adapter = member_adapter.index_select(0, chosen) - first
-                    parts.append((members.index_select(0, chosen), adapters[first : first + stack], part_adapter))
+            token_rows = route.rows.index_select(0, rows).repeat_interleave(counts, output_size=index.shape[0])
+        if bank.add_delta_exact_per_token(flat, tokens, token_rows, index, rank):
+            return
+        members = torch.arange(layout.batch_size, device=x.device) if rows is None else rows
+        adapters, member_adapter = torch.unique(route.rows.index_select(0, members), return_inverse=True)
+        stack = max(1, STACKED_RANK // (bank.rank if rank is None else rank))
+        if adapters.shape[0] <= stack:
+            parts = [(rows, adapters, member_adapter)]
+        else:
+            parts = []
+            for first in range(0, adapters.shape[0], stack):
+                chosen = ((member_adapter >= first) & (member_adapter < first + stack)).nonzero().squeeze(1)
+                part_adapter = member_adapter.index_select(0, chosen) - first
+                parts.append((members.index_select(0, chosen), adapters[first : first + stack], part_adapter))
         for members, adapters, member_adapter in parts:
             # Several adapters share one stacked product, which takes its tokens in blocks of one row each.
-            stacked = adapters is not None and adapters.shape[0] > 1
-            bank_row = None if stacked else route.rows if adapters is None else int(adapters[0])
+            if adapters.shape[0] == 1:
+                part_index = None if members is None else layout.tokens_of(members)[0]
+                bank.add_delta_exact(flat, tokens, int(adapters[0]), rank, tokens=part_index)
+                continue
             if members is None:  # every row: the tokens in place
-                if stacked:
-                    block_rows, block_tokens = layout.blocks
-                    row_adapter = member_adapter.tolist()
-                    block_adapters = [row_adapter[row] for row in block_rows]
-                    bank.add_delta_exact_stacked(flat, tokens, adapters, block_adapters, block_tokens, rank)
-                else:
-                    bank.add_delta_exact(flat, tokens, bank_row, rank)
+                block_rows, block_tokens = layout.blocks
+                row_adapter = member_adapter.tolist()
+                block_adapters = [row_adapter[row] for row in block_rows]
+                bank.add_delta_exact_stacked(flat, tokens, adapters, block_adapters, block_tokens, rank)
                 continue
             index, counts = layout.tokens_of(members)
             update = out.new_zeros(index.shape[0], out.shape[-1])
             selected = tokens.select(index)
-            if stacked:
-                bank.add_delta_exact_stacked(update, selected, adapters, member_adapter.tolist(), counts.tolist(), rank)
-            else:
-                bank.add_delta_exact(update, selected, bank_row, rank)
+            bank.add_delta_exact_stacked(update, selected, adapters, member_adapter.tolist(), counts.tolist(), rank)
             flat.index_add_(0, index, update)
 
     def _forward_train(self, x: Tensor, out: Tensor, routes: tuple[BankRoute, ...]) -> Tensor:

@@ -21,6 +21,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from cogalora import int8_kernels
 from cogalora.attention import LengthGroups
 
 
@@ -108,6 +109,13 @@ class TokenLayout:
         return tokens.new_zeros(self.batch_size, tokens.shape[-1], dtype=torch.float32).index_add_(
             0, owners, tokens.to(torch.float32)
         )
+
+    def row_means(self, x: Tensor) -> Tensor:
+        """``[B, d]`` float32: each row's mean real token, :meth:`row_sums` divided by the row's length
+        (one compiled call on the CPU where it was built, ``int8_kernels.row_means``: the same bits)."""
+        index, owners = self._real_tokens
+        means = int8_kernels.row_means(x.reshape(-1, x.shape[-1]), index, owners, self.lengths)
+        return self.row_sums(x) / self.lengths.unsqueeze(1) if means is None else means
 
     @cached_property
     def padded_index(self) -> Tensor:

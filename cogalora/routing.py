@@ -221,7 +221,7 @@ class RoutingState:
         cached = self._pooled.get(id(x))
         if cached is not None and cached[0] is x:
             return cached[1]
-        pooled = self._layout.row_sums(x) / self._layout.lengths.unsqueeze(1)
+        pooled = self._layout.row_means(x)
         # Keep a reference to x so that its id cannot be reused by another tensor in this forward.
         self._pooled[id(x)] = (x, pooled)
         return pooled

@@ -11,7 +11,10 @@ from conftest import synthetic_checkpoint
 from test_engine import scanned, sentences
 
 from cogalora import PACKAGED_MODEL_ID, int8_kernels
+from cogalora.attention import LengthGroups
+from cogalora.bank import AdapterBank
 from cogalora.int8 import QuantizedRows, dequantize, int_matmul, quantize_rows, quantize_weight
+from cogalora.packing import TokenLayout
 from service.engine import Engine
 
 pytestmark = [
@@ -92,6 +95,80 @@ def test_dequantizing_tokens_of_several_adapters_each_with_its_own_scales(torch_
     assert int8_kernels.dequantize(acc, rows.scale, rows.mid, scale, total, None, outside) is None
     with pytest.raises(IndexError):
         dequantize(acc, rows, scale, total, None, weight_rows=outside)
+
+
+def serving_bank(d_in: int, d_out: int, seed: int) -> AdapterBank:
+    """Six adapters of rank 8 with int8 codes, as the engine holds them."""
+    generator = torch.Generator().manual_seed(seed)
+    bank = AdapterBank(d_in, d_out, 8, 4, capacity=6)
+    for row in range(6):
+        lora_A = torch.randn(8, d_in, generator=generator) * 0.1
+        bank.write(row, lora_A, torch.randn(d_out, 8, generator=generator) * 0.1, 2.0, None)
+    bank.use_integer_products()
+    return bank
+
+
+@pytest.mark.parametrize(("d_in", "d_out"), [(384, 1536), (1536, 384), (24, 40)])
+@pytest.mark.parametrize("rank", [8, 3])
+def test_the_adapter_step_gives_the_torch_path_s_bits(torch_path, d_in: int, d_out: int, rank: int) -> None:
+    """``out += B q(A x)`` in one compiled call: every token, some tokens, one adapter or one per token."""
+    bank = serving_bank(d_in, d_out, seed=d_in + rank)
+    x = quantize_rows(rows_to_quantize(37, d_in, seed=9))
+    start = torch.randn(37, d_out, generator=torch.Generator().manual_seed(10))
+    some = torch.tensor([0, 3, 4, 5, 17, 36])
+
+    def step(*args):
+        out = start.clone()
+        bank.add_delta_exact(out, x, *args)
+        return out
+
+    for args in [(2, rank), (5, rank, some)]:
+        native = step(*args)
+        assert torch.equal(native, torch_path(step, *args)), args
+        asked = torch.isin(torch.arange(37), some) if len(args) == 3 else torch.ones(37, dtype=torch.bool)
+        asked[2] = False  # an all-zero token: A x = 0, nothing to add
+        assert torch.equal((native != start).any(dim=1), asked), "the tokens asked for, and only those"
+    # One adapter per token: each token's update is its own adapter's, bit for bit.
+    token_rows = torch.tensor([4, 0, 0, 2, 5, 1])
+    native = start.clone()
+    assert bank.add_delta_exact_per_token(native, x, token_rows, some, rank)
+    reference = start.clone()
+    for token, row in zip(some.tolist(), token_rows.tolist(), strict=True):
+        torch_path(bank.add_delta_exact, reference, x, row, rank, torch.tensor([token]))
+    assert torch.equal(native, reference)
+
+
+def test_the_adapter_step_refuses_tokens_and_bank_rows_out_of_range(torch_path) -> None:
+    bank = serving_bank(24, 40, seed=3)
+    x = quantize_rows(rows_to_quantize(5, 24, seed=4))
+    out = torch.zeros(5, 40)
+    buffers = bank._integer_buffers()
+    assert not int8_kernels.add_delta(out, tuple(x), buffers, 6, 8, None), "bank row 6 of 6"
+    assert not int8_kernels.add_delta(out, tuple(x), buffers, 1, 8, torch.tensor([0, 5])), "token 5 of 5"
+    assert not int8_kernels.add_delta(out, tuple(x), buffers, torch.tensor([0, -1]), 8, torch.tensor([0, 1]))
+    assert not int8_kernels.add_delta(out, tuple(x), buffers, 1, 9, None), "rank 9 of a rank-8 bank"
+    assert torch.equal(out, torch.zeros(5, 40)), "nothing written"
+    with pytest.raises(IndexError):  # the torch path, where the call falls back to, says what is wrong
+        bank.add_delta_exact(out, x, 6, 8)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_mean_tokens_of_each_row_give_the_torch_path_s_bits(torch_path, packed: bool) -> None:
+    """The routers' input: each row's tokens summed in token order, then divided by its length."""
+    lengths = [3, 7, 7, 12, 1, 30, 2]
+    groups = LengthGroups.from_lengths(lengths)
+    groups = LengthGroups(groups.groups, groups.order, groups.lengths, packed=packed)
+    layout = TokenLayout(groups, max(lengths), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(11)
+    shape = (1, sum(lengths), 384) if packed else (len(lengths), max(lengths), 384)
+    x = torch.randn(shape, generator=generator) * torch.logspace(-3, 4, 384)
+    native = layout.row_means(x)
+    assert torch.equal(native, torch_path(layout.row_means, x))
+    assert torch.allclose(native[4], x.reshape(-1, 384)[layout.tokens_of(torch.tensor([4]))[0]][0])
+    owners = layout.row_of_token
+    assert int8_kernels.row_means(x.reshape(-1, 384), None, owners + 1, layout.lengths) is None, "an owner out of range"
+    trained = x.clone().requires_grad_()
+    assert int8_kernels.row_means(trained.reshape(-1, 384), None, owners, layout.lengths) is None, "autograd: torch"
 
 
 def test_inputs_the_compiled_steps_do_not_take_run_on_torch_with_the_same_result(torch_path) -> None:
