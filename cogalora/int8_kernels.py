@@ -6,18 +6,20 @@ input for its router; in torch operations each costs 6-15 kernel calls on a few 
 dispatch costs more than their arithmetic. The C functions do each in one call, with the same bits
 (see the C file): :func:`quantize_rows`, :func:`dequantize`, :func:`add_delta` (the whole adapter step,
 each token with its own adapter, so a mixed batch needs no stacked products) and :func:`row_means`
-(the routers' input). With them an int8 forward of one sentence runs about a fifth faster than with
-torch operations, one of 32 about a sixth (``python -m benchmarks.engine --dtype int8 --threads 1``,
+(the routers' input). With them an int8 forward runs about 1.2x as fast as with torch operations
+at batches of 1, 8 and 32 sentences (``python -m benchmarks.engine --dtype int8 --threads 1``,
 variant (f)). Each returns None (or False) where it does not apply, and the caller runs the torch path:
 
 - the library was not built (no C compiler at install time), was built from another version of the C
   file (an editable install not rebuilt since), or :func:`select` chose ``torch``;
 - the tensors are not contiguous, not on the CPU, or not of the dtypes the C functions take; an index
   is out of range (the torch path then raises); pooling while autograd records (training);
-- quantizing and adapter steps only: torch runs with several threads and the tensors are large. The C
-  loops use one thread, torch's kernels all of them; from about 170 rows of 384 values two torch
-  threads quantize faster (dequantizing, the C loop stays faster than two threads at every size
-  measured, up to 1,000 rows of 1,536). The results are the same bits either way, so the choice is free.
+- quantizing only: torch runs with several threads and the tensor is large. The C loops use one
+  thread, torch's kernels all of them; from about 170 rows of 384 values two torch threads quantize
+  faster (dequantizing, the C loop stays faster than two threads at every size measured, up to 1,000
+  rows of 1,536);
+- one adapter's step over many tokens (:data:`ONE_ADAPTER_ELEMENTS`), where torch's two integer products
+  are faster. The results are the same bits either way, so the choice is free.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ Kernels = Literal["native", "torch"]
 
 #: Above this many elements, and with more than one torch thread, torch's threaded kernels quantize faster.
 SINGLE_THREAD_ELEMENTS = 1 << 16
+#: Above this many input values (tokens x d_in), one adapter's step runs faster as torch's two integer
+#: products (oneDNN's int8 kernels) than as the C loop: from about 170 tokens of 1,536 values or 600 of 384,
+#: with one or two threads. Tokens of several adapters have no such alternative (the stacked products
+#: took longer than the C loop at every size measured, up to 1,600 tokens).
+ONE_ADAPTER_ELEMENTS = 1 << 18
 
 _LIBRARY_STEM = "_int8_rows"
 SOURCE_NAME = "int8_rows.c"
@@ -205,7 +212,7 @@ def add_delta(
     indexed = per_token if tokens is None else (*per_token, tokens)
     if any(t.dtype != torch.int64 or t.shape != (count,) for t in indexed):
         return False
-    if count * k * rank > SINGLE_THREAD_ELEMENTS * 16 and torch.get_num_threads() > 1:
+    if per_token == () and count * k > ONE_ADAPTER_ELEMENTS:
         return False
     if not _applies(*floats, codes, codes_A, codes_B, *indexed):
         return False

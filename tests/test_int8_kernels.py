@@ -152,6 +152,24 @@ def test_the_adapter_step_refuses_tokens_and_bank_rows_out_of_range(torch_path) 
         bank.add_delta_exact(out, x, 6, 8)
 
 
+def test_one_adapter_over_many_tokens_runs_torch_s_products_and_several_adapters_stay_compiled(torch_path) -> None:
+    bank = serving_bank(1536, 384, seed=12)
+    tokens = int8_kernels.ONE_ADAPTER_ELEMENTS // 1536 + 1
+    x = quantize_rows(rows_to_quantize(tokens, 1536, seed=13))
+    out = torch.zeros(tokens, 384)
+    assert not int8_kernels.add_delta(out, tuple(x), bank._integer_buffers(), 3, 8, None), "one adapter: torch"
+    token_rows = torch.arange(tokens) % 6
+    assert int8_kernels.add_delta(out, tuple(x), bank._integer_buffers(), token_rows, 8, None), "several: C"
+    fewer = QuantizedRows(*(t[: tokens - 1] for t in x))
+    assert int8_kernels.add_delta(out[: tokens - 1], tuple(fewer), bank._integer_buffers(), 3, 8, None), "at the limit"
+    reference = torch.zeros(tokens, 384)
+    for row in range(6):
+        torch_path(bank.add_delta_exact, reference, x, row, 8, (token_rows == row).nonzero().squeeze(1))
+    native = torch.zeros(tokens, 384)
+    assert bank.add_delta_exact_per_token(native, x, token_rows, None)
+    assert torch.equal(native, reference)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_mean_tokens_of_each_row_give_the_torch_path_s_bits(torch_path, packed: bool) -> None:
     """The routers' input: each row's tokens summed in token order, then divided by its length."""
@@ -242,6 +260,12 @@ def test_the_engine_answers_the_same_bits_with_either_kernels(tmp_path) -> None:
                 loaded = engine.repository.acquire(adapter)
                 runs += [engine.run_batch(engine.tokenize(loaded, texts))]
                 runs += [engine.run_batch(engine.tokenize(loaded, [text])) for text in texts[:4]]
+                engine.repository.release(loaded)
+            # Rows of both adapters in one batch: the tokens of several adapters at each site.
+            both = [engine.repository.acquire(adapter) for adapter in ("sst2", "plain")]
+            mixed = [row for i, text in enumerate(texts) for row in engine.tokenize(both[i % 2], [text])]
+            runs += [engine.run_batch(mixed)]
+            for loaded in both:
                 engine.repository.release(loaded)
             rows = [row for run in runs for row in run.results]
             answers[kernels] = [(row.probabilities, row.logits, row.active_sites, row.active_ranks) for row in rows]
