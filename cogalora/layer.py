@@ -81,7 +81,7 @@ class GatedLoraLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         state = self.routing
         if self.integer:
-            # q, k and v read one tensor: it is quantized once per forward (cached by the routing state).
+            # q, k and v read one tensor: the routing state quantizes it once for the three.
             rows = state.quantized(x) if state.active else quantize_rows(x.reshape(-1, x.shape[-1]))
             out = self.base.forward_quantized(rows, x.shape[:-1])
         else:

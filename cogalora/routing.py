@@ -102,8 +102,11 @@ class RoutingState:
         self._lengths: LengthGroups | None = None
         self._layout: TokenLayout | None = None
         self._device: torch.device | None = None
-        self._pooled: dict[int, tuple[Tensor, Tensor]] = {}
-        self._quantized: dict[int, tuple[Tensor, QuantizedRows]] = {}
+        # The last input pooled and quantized, with its results. One each, not one per site: sites that
+        # read one tensor (q, k and v) run one after another, and holding every site's input to the end
+        # of the forward kept each layer's activations alive (about 13 KB per token per layer in int8).
+        self._pooled: tuple[Tensor, Tensor] | None = None
+        self._quantized: tuple[Tensor, QuantizedRows] | None = None
         self._records: dict[int, tuple[Tensor | None, Tensor]] = {}
         self._ranks: dict[int, Tensor] = {}
         self._expected_ranks: dict[int, Tensor] = {}
@@ -156,8 +159,8 @@ class RoutingState:
             yield self
         finally:
             self.active = False
-            self._pooled.clear()
-            self._quantized.clear()
+            self._pooled = None
+            self._quantized = None
             self._lengths = None
             self._layout = None
 
@@ -212,28 +215,25 @@ class RoutingState:
 
     def pooled(self, x: Tensor) -> Tensor:
         """Mean of ``x`` ([B, T, d], or [1, N, d] packed) over each row's real tokens, in float32, once per
-        distinct tensor.
+        tensor read by consecutive sites.
 
         Each row's tokens are added in token order into a row of its own (``TokenLayout.row_sums``), so a
         row's mean is the same sum of the same numbers in any batch (a reduction over the padded width
         would group the additions by the width, which depends on the batch-mates).
         """
-        cached = self._pooled.get(id(x))
-        if cached is not None and cached[0] is x:
-            return cached[1]
+        if self._pooled is not None and self._pooled[0] is x:
+            return self._pooled[1]
         pooled = self._layout.row_means(x)
-        # Keep a reference to x so that its id cannot be reused by another tensor in this forward.
-        self._pooled[id(x)] = (x, pooled)
+        self._pooled = (x, pooled)
         return pooled
 
     def quantized(self, x: Tensor) -> QuantizedRows:
         """``x`` ([B, T, d], or [1, N, d] packed) as int8 codes per token (``cogalora.int8``), once per
-        distinct tensor."""
-        cached = self._quantized.get(id(x))
-        if cached is not None and cached[0] is x:
-            return cached[1]
+        tensor read by consecutive sites."""
+        if self._quantized is not None and self._quantized[0] is x:
+            return self._quantized[1]
         rows = quantize_rows(x.reshape(-1, x.shape[-1]))
-        self._quantized[id(x)] = (x, rows)
+        self._quantized = (x, rows)
         return rows
 
     def record(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -82,3 +83,34 @@ def test_int8_packs_its_tokens_and_every_row_keeps_its_bits_alone(precision: str
             assert torch.equal(together.logits[row, :labels], single.logits[0, :labels]), row
         else:
             assert torch.allclose(together.logits[row, :labels], single.logits[0, :labels], rtol=0, atol=1e-5), row
+
+
+def test_a_forward_lets_each_layers_activations_go_when_the_layer_is_done() -> None:
+    """The routing state reuses a site's quantized and pooled input only for the sites right after it (q, k
+    and v read one tensor): by the time the last layer runs, no input of the first layer's sites is alive.
+    Holding them all to the end of the forward kept every layer's activations in memory at once."""
+    model = two_adapter_model("int8")
+    lengths, slots, taus = [9, 2, 17, 5], [0, 1, 1, 0], [0.5, 0.3, 0.5, 0.2]
+    ids, mask = batch(lengths, seed=4)
+    first_layer_inputs: list[weakref.ref] = []
+    alive_in_last_layer: list[int] = []
+    last_layer = max(site.site.layer for site in model.layers)
+
+    def watch(site, args) -> None:
+        if site.site.layer == 0:
+            first_layer_inputs.append(weakref.ref(args[0]))
+        elif site.site.layer == last_layer:
+            alive_in_last_layer.append(sum(ref() is not None for ref in first_layer_inputs))
+
+    hooks = [site.register_forward_pre_hook(watch) for site in model.layers]
+    try:
+        with torch.inference_mode():
+            output = model(ids, mask, slots=slots, taus=taus)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert output.gates.any(), "adapters ran: their steps read the cached inputs"
+    assert len(first_layer_inputs) == 6 and alive_in_last_layer
+    # The state keeps the last input it quantized until a site reads another: the first layer's last one, at
+    # most, until the last layer's first site quantizes its own.
+    assert max(alive_in_last_layer) <= 1 and alive_in_last_layer[-1] == 0
