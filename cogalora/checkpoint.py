@@ -266,16 +266,30 @@ def _validate_meta(data: dict[str, Any], path: Path) -> CheckpointMeta:
 
 
 def read_tensors(path: Path, data: bool = True) -> dict[str, Tensor]:
-    """The tensors of a safetensors file; ``data=False``: shape-only ``meta`` tensors from its header."""
+    """The tensors of a safetensors file; ``data=False``: shape-only ``meta`` tensors from its header.
+
+    Read with their data, floating-point tensors must be finite: weights holding a NaN or an infinity (a
+    training run that diverged, a damaged export) would answer every input they touch with NaN scores
+    and arbitrary labels, so they are refused here, naming the tensor.
+    """
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
-        if data:
-            return load_file(str(path))
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()}  # noqa: SIM118
+        if not data:
+            with safe_open(str(path), framework="pt") as handle:
+                return {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in handle.keys()}  # noqa: SIM118
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point():
+            bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{path}: tensor {key!r} holds {bad} of {tensor.numel()} values that are not finite (NaN or "
+                    "infinity)"
+                )
+    return tensors
 
 
 def read_full_weights(directory: str | Path) -> dict[str, Tensor]:

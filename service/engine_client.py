@@ -178,8 +178,11 @@ class RemoteRepository(CatalogueReads):
 
     # ---- what the engine reports --------------------------------------------------------------
 
-    def on_ready(self, loaded: list[str]) -> None:
+    def on_ready(self, loaded: list[str], unavailable: dict[str, str]) -> None:
+        """The engine (re)started holding ``loaded``; the adapters in ``unavailable`` failed to load there."""
         self._loaded = dict.fromkeys(loaded)
+        for name, reason in unavailable.items():
+            self.catalogue.mark_failed(name, reason)
 
     def on_batch(self, stats) -> None:
         self.listener.on_batch(stats)

@@ -80,7 +80,10 @@ async def serve(socket_path: str) -> int:
         writer.close()
         return 1
     freeze_startup_objects()  # the model's modules and what loading made: never walked by the collector again
-    writer.write(ipc.frame({"op": "ready", "loaded": core.repository.loaded_names(), "pid": os.getpid()}))
+    # What failed to load at start (weights that cannot be read, or not finite) shows in the API process's
+    # listings from the start, not only after a request has asked for it.
+    ready = {"loaded": core.repository.loaded_names(), "unavailable": core.repository.failures, "pid": os.getpid()}
+    writer.write(ipc.frame({"op": "ready", **ready}))
     tasks: dict[int, asyncio.Task] = {}
     calls: set[asyncio.Task] = set()
 

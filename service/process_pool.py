@@ -43,8 +43,8 @@ class _MemberEvents:
         if self.pool._set_resident(self.index, name, False):
             self.pool.events.on_adapter_evicted(name)
 
-    def on_ready(self, loaded: list[str]) -> None:
-        self.pool._member_ready(self.index, loaded)
+    def on_ready(self, loaded: list[str], unavailable: dict[str, str]) -> None:
+        self.pool._member_ready(self.index, loaded, unavailable)
 
 
 class ProcessPool:
@@ -52,7 +52,7 @@ class ProcessPool:
 
     def __init__(self, count: int, settings_payload: dict[str, Any], events: Any, on_ready: Any) -> None:
         """``events`` and ``on_ready`` as for :class:`ProcessTransport`; ``on_ready`` gets the adapters
-        resident in any process whenever one (re)starts."""
+        resident in any process whenever one (re)starts, and those that one could not load."""
         self.events = events
         self.on_ready = on_ready
         self._resident: list[set[str]] = [set() for _ in range(count)]
@@ -130,9 +130,9 @@ class ProcessPool:
             return True
         return False
 
-    def _member_ready(self, index: int, loaded: list[str]) -> None:
+    def _member_ready(self, index: int, loaded: list[str], unavailable: dict[str, str]) -> None:
         for name in list(self._resident[index]):
             self._set_resident(index, name, False)
         for name in loaded:
             self._set_resident(index, name, True)
-        self.on_ready(sorted(self._holders))
+        self.on_ready(sorted(self._holders), unavailable)

@@ -50,10 +50,12 @@ class _Pending:
 class ProcessTransport:
     """Starts the engine process, carries requests to it, restarts it when it dies."""
 
-    def __init__(self, settings_payload: dict[str, Any], events: Any, on_ready: Callable[[list[str]], None]) -> None:
+    def __init__(
+        self, settings_payload: dict[str, Any], events: Any, on_ready: Callable[[list[str], dict[str, str]], None]
+    ) -> None:
         """``settings_payload``: the settings the engine builds from (JSON-ready); ``events``: receives
         ``on_batch``/``on_adapter_loaded``/``on_adapter_evicted``; ``on_ready``: the adapters the engine
-        holds whenever it (re)starts."""
+        holds whenever it (re)starts, and those it could not load (name -> reason)."""
         self.settings_payload = settings_payload
         self.events = events
         self.on_ready = on_ready
@@ -112,7 +114,7 @@ class ProcessTransport:
             raise EngineStartError(message.get("reason", "the engine process failed to start"))
         self._writer = writer
         self.pid = message["pid"]
-        self.on_ready(message["loaded"])
+        self.on_ready(message["loaded"], message["unavailable"])
         self._reader_task = asyncio.create_task(self._read(reader), name="cogalora-engine-reader")
         self.up = True
 

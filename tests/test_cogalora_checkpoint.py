@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,25 @@ def test_not_json_and_wrong_shapes_are_reported(tiny_base_dir, tmp_path):
     save_file(tensors, str(tmp_path / "d" / ADAPTER_FILE))
     with pytest.raises(CheckpointError, match=r"shapes .* base model needs"):
         load_model(tmp_path / "d")
+
+
+@pytest.mark.parametrize(("file", "bad_value"), [(ADAPTER_FILE, float("nan")), (ROUTER_FILE, float("-inf"))])
+def test_weights_that_are_not_finite_are_refused_naming_the_tensor(tiny_base_dir, tmp_path, file, bad_value):
+    """A NaN or an infinity in an adapter's or a router's weights would answer with NaN scores: refused on
+    reading, with the file, the tensor and the count; the same file read as headers only (a scan) passes."""
+    from safetensors.torch import load_file, save_file
+
+    _save(tiny_base_dir, tmp_path / "c")
+    path = tmp_path / "c" / file
+    tensors = load_file(str(path))
+    key = sorted(tensors)[0]
+    tensors[key].view(-1)[:3] = bad_value
+    save_file(tensors, str(path))
+    with pytest.raises(
+        CheckpointError, match=rf"{file}: tensor '{re.escape(key)}' holds 3 of \d+ values that are not finite"
+    ):
+        read_adapter(tmp_path / "c")
+    read_adapter(tmp_path / "c", data=False)
 
 
 def test_only_safetensors_and_json_are_read(tiny_base_dir, tmp_path):

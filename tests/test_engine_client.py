@@ -215,6 +215,31 @@ async def test_the_engine_process_answers_like_the_engine_in_process_and_survive
     assert transport._process.returncode == 0, "stopped on request, not killed"
 
 
+async def test_what_the_engine_processes_fail_to_load_at_start_is_listed_before_any_request(tiny_dir: Path) -> None:
+    """An adapter whose weights hold a NaN passes the API process's header-only scan, then fails its preload in
+    the engine processes: the API process lists it as unavailable, with the reason, as soon as it is ready."""
+    from safetensors.torch import load_file, save_file
+
+    from service.errors import AdapterLoadError
+
+    weights = tiny_dir / "rad" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors[next(key for key in sorted(tensors) if "lora_A" in key)][0, 0] = float("nan")
+    save_file(tensors, str(weights))
+    settings = Settings(model_dir=tiny_dir, dtype="int8", preload_adapters=3, engine_processes=2)
+    repository, client = await build_components(settings, service_metrics(settings))
+    await client.start()
+    try:
+        assert sorted(repository.failures) == ["rad"]
+        assert "values that are not finite" in repository.failures["rad"]
+        assert sorted(repository.loaded_names()) == ["plain", "two"]
+        with pytest.raises(AdapterLoadError, match="not finite"):
+            await client.submit(ClassifyRequest([tiny_text(4)], "rad"))
+        assert len(await client.submit(ClassifyRequest([tiny_text(4)], "two"))) == 1
+    finally:
+        await client.stop()
+
+
 @pytest.mark.integration
 async def test_without_a_fork_server_the_engine_is_spawned_and_answers_the_same(
     tiny_dir: Path, monkeypatch: pytest.MonkeyPatch

@@ -132,6 +132,25 @@ def test_weights_damaged_after_the_scan_fail_their_own_requests_only(model_dir: 
     assert repo.loaded_names() == ["alpha", "plain"]
 
 
+def test_an_adapter_whose_weights_hold_a_nan_is_refused_and_the_others_serve(model_dir: Path) -> None:
+    """A NaN in the weights passes the header-only scan, then fails its load (422, naming the tensor) instead
+    of answering every routed input with NaN scores and an arbitrary label."""
+    from safetensors.torch import load_file, save_file
+
+    weights = model_dir / "beta" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = next(key for key in sorted(tensors) if "lora_B" in key)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(weights))
+    repo = ModelRepository(model_dir)
+    assert "beta" not in repo.scan()
+    with pytest.raises(AdapterLoadError, match=rf"beta.*{key}.*1 of \d+ values that are not finite") as failure:
+        repo.acquire("beta")
+    assert failure.value.status_code == 422 and str(model_dir) not in failure.value.message
+    assert "beta" in repo.failures
+    assert repo.acquire("alpha").name == "alpha"
+
+
 @pytest.mark.parametrize("name", ["../alpha", "alpha/../beta", ".hidden", "", "a" * 65, "a b", "/etc", "al\x00pha"])
 def test_bad_names_are_rejected(model_dir: Path, name: str) -> None:
     repo = ModelRepository(model_dir)

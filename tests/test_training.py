@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -316,6 +317,20 @@ def test_train_flags_are_the_config_fields_with_their_defaults(tmp_path: Path, c
     assert "--target-active-fraction must lie in (0, 1]" in capsys.readouterr().err
     assert main([*required, "--method", "lora", "--target-active-fraction", "0.3"]) == 2
     assert "needs --method cogalora" in capsys.readouterr().err
+
+
+def test_a_run_whose_loss_stops_being_finite_stops_with_a_clear_error_and_saves_nothing(
+    tiny_base: Path, toy_data, tmp_path: Path, capsys
+) -> None:
+    train, dev = toy_data
+    output = tmp_path / "model"
+    argv = train_argv(tiny_base, train, dev, output, "lora", "--epochs", "1")
+    argv[argv.index("--lr") + 1] = "1e30"  # each step moves the weights by ~1e30: logits overflow
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert re.search(r"the training loss became (nan|inf|-inf) at step \d+ \(epoch 1\)", error), error
+    assert "Lower the learning rate (--lr, now 1e+30)" in error
+    assert not output.exists() or not any(output.iterdir())
 
 
 def test_training_is_deterministic_given_the_seed(tiny_base: Path, toy_data, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from training.calibrate import PICKS, Budget, calibrate, format_calibration, par
 from training.comparison import ModelSpec, format_comparison, group_summaries
 from training.data import Columns, DataError, encode_file
 from training.evaluation import compare_predictions, evaluate, format_table
-from training.loop import TrainConfig, TrainConfigError, run_training
+from training.loop import TrainConfig, TrainConfigError, TrainingDivergedError, run_training
 from training.plots import AXES, DEFAULT_AXES, plot_tradeoff
 from training.sweep import SweepConfigError, run_sweep
 
@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _show_warnings()
     try:
         return _COMMANDS[args.command](args)
-    except (DataError, CheckpointError, SweepConfigError, TrainConfigError) as exc:
+    except (DataError, CheckpointError, SweepConfigError, TrainConfigError, TrainingDivergedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

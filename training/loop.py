@@ -67,6 +67,10 @@ class TrainConfigError(ValueError):
     """A training option out of its range; the message names the option."""
 
 
+class TrainingDivergedError(ValueError):
+    """The training loss stopped being a finite number: the weights are no longer usable."""
+
+
 def option(default: Any = MISSING, help: str = "", group: str = "training", **cli: Any) -> Any:
     """A :class:`TrainConfig` field with what the ``train`` command needs to expose it.
 
@@ -460,6 +464,12 @@ def _train(config: TrainConfig, context: DistributedContext, device: torch.devic
             value, batch_correct, rows, batch_active, batch_slots, measured, batch_ranks, measured_rank = (
                 context.all_reduce_sum(trainable, local)
             )
+            if not math.isfinite(value):  # every rank reads the same sum: all stop together
+                bar.close()
+                raise TrainingDivergedError(
+                    f"the training loss became {value} at step {step + 1} (epoch {epoch + 1}); nothing was saved. "
+                    f"Lower the learning rate (--lr, now {config.learning_rate:g}) and train again"
+                )
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             if not warming:
