@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
@@ -41,6 +42,26 @@ class LayerRecipe:
 
 
 @dataclass(frozen=True)
+class ClassifierRecipe:
+    """What a sequence classifier of the family computes around its encoder layers, by module path in the
+    classifier: ``embeddings`` on the token ids (and the token types, where ``token_types``), the encoder
+    layers, then the head. ``head`` says how the head reads the last hidden states ``h``:
+
+    - ``"pooler"``: ``classifier(pooler(h))`` (BERT);
+    - ``"sequence"``: ``classifier(h)``, the head module taking the first token itself (RoBERTa);
+    - ``"first_token"``: ``classifier(relu(pre_classifier(h[:, 0])))`` (DistilBERT).
+
+    The family's dropout modules between them are left out: the lean forward runs in eval only, where they
+    return their input. (``cogalora.lean_layer`` calls these in place of the family's model-level forward.)
+    """
+
+    embeddings: str
+    head: Literal["pooler", "sequence", "first_token"]
+    pooler: str | None = None
+    token_types: bool = True
+
+
+@dataclass(frozen=True)
 class Architecture:
     """Module naming of one encoder family."""
 
@@ -64,6 +85,9 @@ class Architecture:
 
     layer_recipe: LayerRecipe | None = None
     """How an encoder layer computes (``None``: eval forwards run the family's own modules)."""
+    classifier_recipe: ClassifierRecipe | None = None
+    """What the sequence classifier computes around its layers (``None``: eval forwards run the family's own
+    model-level forward)."""
 
 
 _BERT_LAYER = LayerRecipe(
@@ -86,6 +110,7 @@ _BERT_LIKE = Architecture(
     peft_modules_to_save=("classifier",),
     pooler_linears=(r"(^|\.)pooler\.dense$",),
     layer_recipe=_BERT_LAYER,
+    classifier_recipe=ClassifierRecipe(embeddings="bert.embeddings", head="pooler", pooler="bert.pooler"),
 )
 
 _ROBERTA_LIKE = Architecture(
@@ -93,6 +118,7 @@ _ROBERTA_LIKE = Architecture(
     head_linears=("classifier.dense", "classifier.out_proj"),
     peft_modules_to_save=("classifier",),
     layer_recipe=_BERT_LAYER,
+    classifier_recipe=ClassifierRecipe(embeddings="roberta.embeddings", head="sequence"),
 )
 
 _DISTILBERT = Architecture(
@@ -113,6 +139,7 @@ _DISTILBERT = Architecture(
         activation="ffn.activation",
         output_norm="output_layer_norm",
     ),
+    classifier_recipe=ClassifierRecipe(embeddings="distilbert.embeddings", head="first_token", token_types=False),
 )
 
 ARCHITECTURES: dict[str, Architecture] = {

@@ -8,6 +8,11 @@ its :class:`~cogalora.architectures.LayerRecipe` says, calling the same Linear m
 included), the same attention function and the same norms and activation, in the same order on the
 same tensors: the numbers are those of the family's forward, bit for bit (the tests check it).
 Training forwards keep the family's own code (dropout, gradient checkpointing).
+
+Around the layers, :class:`LeanClassifier` does the same for the model-level forward: embeddings, the
+layers, the head, as the family's :class:`~cogalora.architectures.ClassifierRecipe` says, without the
+decorators, output records and the four-dimensional attention mask (which the length-grouped attention
+never reads) of the family's forward: about 5 % of a one-sentence int8 forward on MiniLM.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from __future__ import annotations
 import types
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cogalora.architectures import ALL_MODULE_KINDS, Architecture, LayerRecipe, modules_by_kind
-from cogalora.attention import length_grouped_attention
+from cogalora.architectures import ALL_MODULE_KINDS, Architecture, ClassifierRecipe, LayerRecipe, modules_by_kind
+from cogalora.attention import LengthGroups, length_grouped_attention
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,50 @@ class LeanLayers:
                 head_size=attention.attention_head_size,
                 scaling=attention.scaling,
             )
+
+
+class LeanClassifier:
+    """The eval forward of a whole sequence classifier around its lean layers (see the module docstring).
+
+    The layers are called as modules, so the model's hooks on them (packing tokens before the first,
+    unpacking after the last: ``cogalora.model``) run as in the family's forward.
+    """
+
+    def __init__(self, model: nn.Module, recipe: ClassifierRecipe, layers: list[nn.Module]) -> None:
+        self.recipe = recipe
+        self.layers = layers
+        self.embeddings = model.get_submodule(recipe.embeddings)
+        self.pooler = None if recipe.pooler is None else model.get_submodule(recipe.pooler)
+        self.pre_classifier = model.get_submodule("pre_classifier") if recipe.head == "first_token" else None
+        self.classifier = model.get_submodule("classifier")
+
+    @classmethod
+    def install(cls, model: nn.Module, architecture: Architecture, layers: list[nn.Module]) -> LeanClassifier | None:
+        """The lean forward of ``model`` (a sequence classifier of the family, ``layers`` its encoder layers),
+        or None if the family has no recipe or the model lacks one of the recipe's modules."""
+        recipe = architecture.classifier_recipe
+        if recipe is None or not layers:
+            return None
+        try:
+            return cls(model, recipe, layers)
+        except AttributeError:  # another head (a base encoder without one, a custom class)
+            return None
+
+    def logits(self, input_ids: Tensor, token_type_ids: Tensor | None, length_groups: LengthGroups) -> Tensor:
+        """The classifier's logits for ``input_ids`` ``[B, T]``; every row's attention over its own tokens
+        (``length_groups``), so no attention mask is needed."""
+        if self.recipe.token_types:
+            hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        else:
+            hidden = self.embeddings(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, None, length_groups=length_groups)
+        head = self.recipe.head
+        if head == "pooler":
+            return self.classifier(self.pooler(hidden))
+        if head == "sequence":
+            return self.classifier(hidden)
+        return self.classifier(torch.relu(self.pre_classifier(hidden[:, 0])))
 
 
 #: Module kind -> the field of :class:`_Parts` it fills.

@@ -20,7 +20,7 @@ from cogalora.attention import LengthGroups, install_length_grouped_attention
 from cogalora.config import CoGaLoRAConfig
 from cogalora.int8 import Int8Linear
 from cogalora.layer import GatedLoraLinear, SlotHead, SlotLoraLinear
-from cogalora.lean_layer import LeanLayers
+from cogalora.lean_layer import LeanClassifier, LeanLayers
 from cogalora.precision import PRECISIONS, Precision, resolve_precision
 from cogalora.routing import ForceGates, RoutingState
 from cogalora.slots import SlotEntry, SlotTable
@@ -103,6 +103,11 @@ class CoGaLoRAModel(nn.Module):
         """How the model computes (:meth:`set_precision`)."""
         self.lean_layers = LeanLayers.install(base_model, self.architecture, encoder_layers)
         """Eval forwards of the encoder layers without the family's module tree (``cogalora.lean_layer``)."""
+        self.lean_classifier = (
+            LeanClassifier.install(base_model, self.architecture, encoder_layers) if self.lean_layers else None
+        )
+        """The eval forward around those layers, without the family's model-level forward (the same switch:
+        ``lean_layers.enabled``)."""
 
     # ---- properties -----------------------------------------------------------------------
 
@@ -413,8 +418,12 @@ class CoGaLoRAModel(nn.Module):
             if self.packs_tokens and batch_size > 1:
                 groups = replace(groups, packed=True)
             inputs["length_groups"] = groups
+        lean = self.lean_classifier is not None and self.lean_layers.enabled and not self.training
         with self.routing.route(attention_mask, slots, taus, force_gates, self.training, gather, groups) as state:
-            logits = self.model(**inputs).logits
+            if lean:
+                logits = self.lean_classifier.logits(input_ids, token_type_ids, groups)
+            else:
+                logits = self.model(**inputs).logits
             gate_probs, gates = state.collect()
             ranks, expected_ranks = state.collect_ranks()
             adapter_rows = state.adapter_rows

@@ -55,15 +55,20 @@ def attention_calls(model: CoGaLoRAModel) -> list[int]:
 def test_eval_forwards_skip_the_family_modules_and_give_its_numbers_bit_for_bit(family: str, precision: str) -> None:
     model = routed_model(family).set_precision(precision)
     assert model.lean_layers is not None, f"{family} has a layer recipe"
+    assert model.lean_classifier is not None, f"{family} has a classifier recipe"
     calls = attention_calls(model)
+    top_calls = [0]  # calls into the family's model-level forward
+    model.model.register_forward_pre_hook(lambda *_: top_calls.__setitem__(0, top_calls[0] + 1))
     ids, mask = batch([7, 2, 11, 7, 4], vocab=70, seed=2)  # unsorted, one repeated length
     taus = [0.5, 0.3, 0.5, 0.7, 0.5]
     with torch.inference_mode():
         lean = model(ids, mask, taus=taus)
         assert calls[0] == 0, "an eval forward went through the family's attention modules"
+        assert top_calls[0] == 0, "an eval forward went through the family's model-level forward"
         model.lean_layers.enabled = False
         family_forward = model(ids, mask, taus=taus)
         assert calls[0] == 2, "with the lean forward off, each of the two layers runs its attention module"
+        assert top_calls[0] == 1
     assert lean.gates.any() and not lean.gates.all(), "needs a mix of gates on and off"
     assert torch.equal(lean.logits, family_forward.logits)
     assert torch.equal(lean.gates, family_forward.gates)
@@ -97,3 +102,20 @@ def test_eager_attention_models_keep_the_family_forward() -> None:
     torch.manual_seed(0)
     model = CoGaLoRAModel(BertForSequenceClassification(tiny_bert_config(2)).eval(), CoGaLoRAConfig(rank=4))
     assert model.lean_layers is None
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_token_types_reach_the_embeddings_of_the_lean_forward(family: str) -> None:
+    model = routed_model(family).set_precision("int8")
+    ids, mask = batch([6, 3, 9], vocab=60, seed=5)
+    token_types = (torch.arange(ids.shape[1]) >= 2).long().expand_as(ids).contiguous()
+    if family == "roberta":  # RoBERTa has one token type: the embeddings must still receive what is given
+        token_types = torch.zeros_like(ids)
+    with torch.inference_mode():
+        lean = model(ids, mask, token_types)
+        without = model(ids, mask)
+        model.lean_layers.enabled = False
+        family_forward = model(ids, mask, token_types)
+    assert torch.equal(lean.logits, family_forward.logits)
+    if family == "bert":
+        assert not torch.equal(lean.logits, without.logits), "the token types change BERT's answer"
