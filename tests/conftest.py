@@ -181,6 +181,19 @@ def synthetic_checkpoint(
     return save_checkpoint(model, directory, meta)
 
 
+def poison_weights(path: Path, part: str = "", value: float = float("nan"), count: int = 1) -> str:
+    """Write ``value`` into the first ``count`` entries of the first tensor of the safetensors file ``path``
+    whose name contains ``part`` (any, by default), as a diverged training run or a damaged export would;
+    returns that tensor's name."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    key = next(key for key in sorted(tensors) if part in key)
+    tensors[key].view(-1)[:count] = value
+    save_file(tensors, str(path))
+    return key
+
+
 def peft_lora_folder(base: str | Path, directory: Path, num_labels: int = 3, seed: int = 0, **lora):
     """A plain PEFT LoRA sequence classifier saved by PEFT's own ``save_pretrained`` (what users bring),
     with random non-zero ``lora_B`` (fresh LoRA has B = 0); returns the PeftModel in eval mode.

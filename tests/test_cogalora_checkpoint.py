@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import batch, randomize_adapter
+from conftest import batch, poison_weights, randomize_adapter
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
@@ -148,14 +148,8 @@ def test_not_json_and_wrong_shapes_are_reported(tiny_base_dir, tmp_path):
 def test_weights_that_are_not_finite_are_refused_naming_the_tensor(tiny_base_dir, tmp_path, file, bad_value):
     """A NaN or an infinity in an adapter's or a router's weights would answer with NaN scores: refused on
     reading, with the file, the tensor and the count; the same file read as headers only (a scan) passes."""
-    from safetensors.torch import load_file, save_file
-
     _save(tiny_base_dir, tmp_path / "c")
-    path = tmp_path / "c" / file
-    tensors = load_file(str(path))
-    key = sorted(tensors)[0]
-    tensors[key].view(-1)[:3] = bad_value
-    save_file(tensors, str(path))
+    key = poison_weights(tmp_path / "c" / file, value=bad_value, count=3)
     with pytest.raises(
         CheckpointError, match=rf"{file}: tensor '{re.escape(key)}' holds 3 of \d+ values that are not finite"
     ):

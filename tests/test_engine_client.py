@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import synthetic_checkpoint, tiny_text
+from conftest import poison_weights, synthetic_checkpoint, tiny_text
 
 from service.catalogue import Catalogue
 from service.engine_client import EngineClient, LocalTransport
@@ -218,14 +218,9 @@ async def test_the_engine_process_answers_like_the_engine_in_process_and_survive
 async def test_what_the_engine_processes_fail_to_load_at_start_is_listed_before_any_request(tiny_dir: Path) -> None:
     """An adapter whose weights hold a NaN passes the API process's header-only scan, then fails its preload in
     the engine processes: the API process lists it as unavailable, with the reason, as soon as it is ready."""
-    from safetensors.torch import load_file, save_file
-
     from service.errors import AdapterLoadError
 
-    weights = tiny_dir / "rad" / "adapter_model.safetensors"
-    tensors = load_file(str(weights))
-    tensors[next(key for key in sorted(tensors) if "lora_A" in key)][0, 0] = float("nan")
-    save_file(tensors, str(weights))
+    poison_weights(tiny_dir / "rad" / "adapter_model.safetensors", "lora_A")
     settings = Settings(model_dir=tiny_dir, dtype="int8", preload_adapters=3, engine_processes=2)
     repository, client = await build_components(settings, service_metrics(settings))
     await client.start()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import batch, peft_lora_folder, synthetic_checkpoint, tiny_bert_config
+from conftest import batch, peft_lora_folder, poison_weights, synthetic_checkpoint, tiny_bert_config
 from transformers import BertForSequenceClassification
 
 from cogalora import ALL_MODULE_KINDS, CoGaLoRAConfig, CoGaLoRAModel
@@ -135,13 +135,7 @@ def test_weights_damaged_after_the_scan_fail_their_own_requests_only(model_dir: 
 def test_an_adapter_whose_weights_hold_a_nan_is_refused_and_the_others_serve(model_dir: Path) -> None:
     """A NaN in the weights passes the header-only scan, then fails its load (422, naming the tensor) instead
     of answering every routed input with NaN scores and an arbitrary label."""
-    from safetensors.torch import load_file, save_file
-
-    weights = model_dir / "beta" / "adapter_model.safetensors"
-    tensors = load_file(str(weights))
-    key = next(key for key in sorted(tensors) if "lora_B" in key)
-    tensors[key][0, 0] = float("nan")
-    save_file(tensors, str(weights))
+    key = poison_weights(model_dir / "beta" / "adapter_model.safetensors", "lora_B")
     repo = ModelRepository(model_dir)
     assert "beta" not in repo.scan()
     with pytest.raises(AdapterLoadError, match=rf"beta.*{key}.*1 of \d+ values that are not finite") as failure:
